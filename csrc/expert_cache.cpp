@@ -1,0 +1,385 @@
+#include "expert_cache.h"
+
+#include <algorithm>
+#include <chrono>
+#include <stdexcept>
+
+#include "errors.h"
+
+namespace moeedge {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string bytes_str(uint64_t n) { return std::to_string(n) + " bytes"; }
+
+}  // namespace
+
+ExpertPin::ExpertPin(std::shared_ptr<ExpertCache> cache, std::shared_ptr<CacheEntry> entry, uint64_t nbytes)
+    : cache_(std::move(cache)), entry_(std::move(entry)), slab_(entry_->slab), nbytes_(nbytes) {}
+
+ExpertPin::~ExpertPin() { cache_->unpin(entry_.get()); }
+
+std::shared_ptr<ExpertCache> ExpertCache::create(std::shared_ptr<const ExpertStore> store, uint64_t budget_bytes,
+                                                 const std::string& policy, int io_threads) {
+  if (!store) throw std::invalid_argument("ExpertCache needs an ExpertStore");
+  if (budget_bytes == 0) throw std::invalid_argument("budget_bytes must be positive");
+  if (io_threads < 1 || io_threads > 64)
+    throw std::invalid_argument("io_threads must be between 1 and 64, got " + std::to_string(io_threads));
+  std::shared_ptr<ExpertCache> cache(new ExpertCache(std::move(store), budget_bytes, parse_policy(policy)));
+  cache->start(io_threads);
+  return cache;
+}
+
+ExpertCache::ExpertCache(std::shared_ptr<const ExpertStore> store, uint64_t budget_bytes, Policy policy)
+    : store_(std::move(store)), policy_(policy), budget_bytes_(budget_bytes) {
+  stats_.budget_bytes = budget_bytes;
+}
+
+ExpertCache::~ExpertCache() { close(); }
+
+void ExpertCache::start(int io_threads) {
+  n_threads_ = io_threads;
+  for (int i = 0; i < io_threads; ++i) threads_.emplace_back([this] { io_loop(); });
+}
+
+void ExpertCache::close() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    closed_ = true;
+    // Demand reads not yet started fail their waiters; reads in flight finish.
+    for (auto& e : demand_) {
+      e->state = Entry::State::Failed;
+      e->error = std::make_exception_ptr(std::runtime_error(
+          "the expert cache was closed before " + describe_key(e->key) + " was read"));
+      entries_.erase(e->key);
+      stats_.resident_bytes -= e->reserved_bytes;
+      e->reserved_bytes = 0;
+    }
+    demand_.clear();
+    stats_.prefetch_cancelled += prefetch_queue_.size();
+    prefetch_queue_.clear();
+    queued_.clear();
+  }
+  work_cv_.notify_all();
+  done_cv_.notify_all();
+  std::lock_guard<std::mutex> join_lk(join_mu_);
+  for (auto& t : threads_)
+    if (t.joinable()) t.join();
+}
+
+void ExpertCache::io_loop() {
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    work_cv_.wait(lk, [&] { return closed_ || !demand_.empty() || !prefetch_queue_.empty(); });
+    if (closed_) return;
+    Freed freed;
+    std::shared_ptr<Entry> e;
+    if (!demand_.empty()) {
+      e = demand_.front();
+      demand_.pop_front();
+    } else {
+      e = next_prefetch(freed);
+    }
+    if (!freed.empty()) {  // give evicted pages back outside the lock
+      lk.unlock();
+      freed.clear();
+      lk.lock();
+    }
+    if (e) load(e, lk);
+  }
+}
+
+std::shared_ptr<CacheEntry> ExpertCache::next_prefetch(Freed& freed) {
+  while (!prefetch_queue_.empty()) {
+    auto it = prefetch_queue_.begin();
+    uint64_t key = it->second;
+    queued_.erase(key);
+    prefetch_queue_.erase(it);
+    if (entries_.count(key)) continue;  // loaded on demand meanwhile
+    uint64_t slot = store_->slot_bytes(key);
+    Room room;
+    try {
+      room = make_room(slot, freed);
+    } catch (const BudgetError&) {
+      room = Room::WaitForLoads;
+    }
+    if (room != Room::Made) {  // a prefetch never waits for room: it is only a guess
+      ++stats_.prefetch_dropped;
+      continue;
+    }
+    auto e = std::make_shared<Entry>();
+    e->key = key;
+    e->prefetched = true;
+    reserve(e, slot);
+    entries_[key] = e;
+    return e;
+  }
+  return nullptr;
+}
+
+void ExpertCache::load(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk) {
+  e->state = Entry::State::Loading;
+  const uint64_t key = e->key, slot = e->reserved_bytes;
+  lk.unlock();
+  std::shared_ptr<Slab> slab;
+  uint64_t from_disk = 0;
+  std::exception_ptr error;
+  try {
+    slab = std::make_shared<Slab>(slot);
+    from_disk = store_->read(key, slab->data());
+    slab->trim(store_->nbytes(key));  // O_DIRECT staging room is no longer needed
+  } catch (...) {
+    error = std::current_exception();
+  }
+  lk.lock();
+  if (error) {
+    e->state = Entry::State::Failed;
+    e->error = error;
+    ++stats_.io_errors;
+    auto it = entries_.find(key);
+    if (it != entries_.end() && it->second == e) entries_.erase(it);
+    stats_.resident_bytes -= e->reserved_bytes;
+    e->reserved_bytes = 0;
+  } else {
+    e->slab = std::move(slab);
+    stats_.bytes_read += from_disk;
+    stats_.resident_bytes -= e->reserved_bytes - e->slab->bytes();
+    e->reserved_bytes = e->slab->bytes();
+    if (!e->used) e->last_use = ++tick_;  // a landed prefetch counts as recent
+    e->state = Entry::State::Ready;
+  }
+  done_cv_.notify_all();
+}
+
+void ExpertCache::check_fits(uint64_t key, uint64_t slot) const {
+  if (slot > budget_bytes_)
+    throw BudgetError(describe_key(key) + " needs " + bytes_str(slot) + " (page padding included), more than the whole budget of " +
+                      bytes_str(budget_bytes_));
+}
+
+void ExpertCache::reserve(const std::shared_ptr<Entry>& e, uint64_t bytes) {
+  e->reserved_bytes = bytes;
+  stats_.resident_bytes += bytes;
+  if (stats_.resident_bytes > stats_.peak_resident_bytes) stats_.peak_resident_bytes = stats_.resident_bytes;
+}
+
+ExpertCache::Room ExpertCache::make_room(uint64_t bytes, Freed& freed) {
+  if (stats_.resident_bytes + bytes <= budget_bytes_) return Room::Made;
+  uint64_t evictable = 0, held = 0, in_use = 0;
+  bool loads_in_flight = false;
+  for (const auto& kv : entries_) {
+    const Entry& e = *kv.second;
+    if (e.state == Entry::State::Ready && e.pins == 0) {
+      evictable += e.reserved_bytes;
+    } else {
+      held += e.reserved_bytes;
+      ++in_use;
+      loads_in_flight |= e.pins == 0;  // a prefetch being read: room once it lands
+    }
+  }
+  if (stats_.resident_bytes - evictable + bytes > budget_bytes_) {
+    if (loads_in_flight) return Room::WaitForLoads;
+    throw BudgetError("budget too small for the working set: " + bytes_str(bytes) + " more are needed but " +
+                      bytes_str(held) + " of the " + bytes_str(budget_bytes_) + " budget are pinned or being read (" +
+                      std::to_string(in_use) + " experts in use)");
+  }
+  while (stats_.resident_bytes + bytes > budget_bytes_) evict(pick_victim(), freed);
+  return Room::Made;
+}
+
+CacheEntry* ExpertCache::pick_victim() {
+  Entry* best = nullptr;
+  EvictionRank best_rank{};
+  for (const auto& kv : entries_) {
+    Entry* e = kv.second.get();
+    if (e->state != Entry::State::Ready || e->pins != 0) continue;
+    auto u = uses_.find(e->key);
+    auto s = scores_.find(e->key);
+    EvictionRank rank{e->last_use, u == uses_.end() ? 0 : u->second, s == scores_.end() ? 0.0 : s->second};
+    if (!best || evict_before(policy_, rank, best_rank)) {
+      best = e;
+      best_rank = rank;
+    }
+  }
+  return best;
+}
+
+void ExpertCache::evict(Entry* e, Freed& freed) {
+  if (!e) throw std::logic_error("moeedge: no evictable entry although room was counted");
+  freed.push_back(std::move(e->slab));
+  stats_.resident_bytes -= e->reserved_bytes;
+  ++stats_.evictions;
+  if (e->prefetched && !e->used) {
+    ++stats_.prefetch_wasted;
+    stats_.prefetch_wasted_bytes += e->reserved_bytes;
+  }
+  entries_.erase(e->key);
+}
+
+void ExpertCache::unpin(Entry* e) {
+  std::lock_guard<std::mutex> lk(mu_);
+  --e->pins;
+}
+
+std::unique_ptr<ExpertPin> ExpertCache::get(uint64_t key) {
+  const auto t0 = Clock::now();
+  Freed freed;  // declared before the lock: evicted pages are unmapped after it is released
+  std::unique_lock<std::mutex> lk(mu_);
+  if (closed_) throw std::runtime_error("the expert cache is closed");
+  const uint64_t slot = store_->slot_bytes(key);
+  check_fits(key, slot);
+
+  std::shared_ptr<Entry> e;
+  bool waited = false;
+  for (;;) {
+    auto it = entries_.find(key);
+    if (it != entries_.end()) {
+      e = it->second;
+      break;
+    }
+    if (make_room(slot, freed) == Room::Made) {
+      e = std::make_shared<Entry>();
+      e->key = key;
+      reserve(e, slot);
+      entries_[key] = e;
+      auto q = queued_.find(key);
+      if (q != queued_.end()) {  // its prefetch had not started: read it now, on demand
+        prefetch_queue_.erase(q->second);
+        queued_.erase(q);
+        ++stats_.prefetch_late;
+      }
+      demand_.push_back(e);
+      work_cv_.notify_one();
+      break;
+    }
+    done_cv_.wait(lk);  // a prefetch being read frees room once it lands
+    waited = true;
+    if (closed_) throw std::runtime_error("the expert cache is closed");
+  }
+
+  ++uses_[key];
+  e->last_use = ++tick_;
+  ++e->pins;
+  const bool ready = e->state == Entry::State::Ready;
+  ++(ready ? stats_.hits : stats_.misses);
+  if (e->prefetched && !e->used) ++stats_.prefetch_hits;
+  e->used = true;
+  if (!ready) {
+    done_cv_.wait(lk, [&] { return e->state == Entry::State::Ready || e->state == Entry::State::Failed; });
+    waited = true;
+  }
+  if (waited) stats_.wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+  if (e->state == Entry::State::Failed) {
+    --e->pins;
+    std::rethrow_exception(e->error);
+  }
+  return std::make_unique<ExpertPin>(shared_from_this(), e, store_->nbytes(key));
+}
+
+size_t ExpertCache::prefetch(const std::vector<uint64_t>& keys, int64_t priority) {
+  std::unique_lock<std::mutex> lk(mu_);
+  if (closed_) throw std::runtime_error("the expert cache is closed");
+  for (uint64_t key : keys) check_fits(key, store_->slot_bytes(key));
+  size_t queued = 0;
+  for (uint64_t key : keys) {
+    if (entries_.count(key)) continue;
+    auto q = queued_.find(key);
+    if (q != queued_.end()) {
+      if (-priority < q->second->first.first) {  // raise its priority, keep one queue entry
+        prefetch_queue_.erase(q->second);
+        q->second = prefetch_queue_.emplace(std::make_pair(-priority, seq_++), key).first;
+      }
+      continue;
+    }
+    queued_[key] = prefetch_queue_.emplace(std::make_pair(-priority, seq_++), key).first;
+    ++queued;
+  }
+  stats_.prefetch_issued += queued;
+  lk.unlock();
+  if (queued) work_cv_.notify_all();
+  return queued;
+}
+
+size_t ExpertCache::cancel_prefetches(const std::vector<uint64_t>* keys) {
+  std::lock_guard<std::mutex> lk(mu_);
+  size_t n = 0;
+  if (!keys) {
+    n = prefetch_queue_.size();
+    prefetch_queue_.clear();
+    queued_.clear();
+  } else {
+    for (uint64_t key : *keys) {
+      auto q = queued_.find(key);
+      if (q == queued_.end()) continue;
+      prefetch_queue_.erase(q->second);
+      queued_.erase(q);
+      ++n;
+    }
+  }
+  stats_.prefetch_cancelled += n;
+  return n;
+}
+
+void ExpertCache::set_budget(uint64_t budget_bytes) {
+  if (budget_bytes == 0) throw std::invalid_argument("budget_bytes must be positive");
+  Freed freed;
+  std::lock_guard<std::mutex> lk(mu_);
+  uint64_t held = 0;
+  for (const auto& kv : entries_)
+    if (kv.second->pins > 0 || kv.second->state != Entry::State::Ready) held += kv.second->reserved_bytes;
+  if (held > budget_bytes)
+    throw BudgetError("cannot shrink the budget to " + bytes_str(budget_bytes) + ": " + bytes_str(held) +
+                      " are pinned or being read; the budget stays at " + bytes_str(budget_bytes_));
+  budget_bytes_ = budget_bytes;
+  stats_.budget_bytes = budget_bytes;
+  while (stats_.resident_bytes > budget_bytes_) evict(pick_victim(), freed);
+}
+
+void ExpertCache::set_scores(const std::vector<std::pair<uint64_t, double>>& scores) {
+  std::lock_guard<std::mutex> lk(mu_);
+  for (const auto& [key, score] : scores) scores_[key] = score;
+}
+
+bool ExpertCache::contains(uint64_t key) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = entries_.find(key);
+  return it != entries_.end() && it->second->state == Entry::State::Ready;
+}
+
+std::vector<uint64_t> ExpertCache::resident_keys() const {
+  std::vector<uint64_t> keys;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (const auto& kv : entries_)
+      if (kv.second->state == Entry::State::Ready) keys.push_back(kv.first);
+  }
+  std::sort(keys.begin(), keys.end());
+  return keys;
+}
+
+CacheStats ExpertCache::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  CacheStats s = stats_;
+  for (const auto& kv : entries_) {
+    if (kv.second->pins > 0) s.pinned_bytes += kv.second->reserved_bytes;
+    if (kv.second->state == Entry::State::Ready) ++s.n_resident;
+  }
+  return s;
+}
+
+void ExpertCache::reset_stats() {
+  std::lock_guard<std::mutex> lk(mu_);
+  CacheStats fresh;
+  fresh.resident_bytes = fresh.peak_resident_bytes = stats_.resident_bytes;
+  fresh.budget_bytes = budget_bytes_;
+  stats_ = fresh;
+}
+
+uint64_t ExpertCache::budget_bytes() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return budget_bytes_;
+}
+
+}  // namespace moeedge

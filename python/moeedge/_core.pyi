@@ -1,0 +1,133 @@
+"""moeedge._core: the native expert engine. It knows bytes, not models.
+
+An expert key is one int, ``layer << 32 | expert`` (see ``moeedge.ExpertKey``).
+"""
+from collections.abc import Iterable, Mapping, Sequence
+
+__version__: str
+
+class BudgetError(MemoryError):
+    """The cache cannot honour its byte budget: an expert larger than the whole
+    budget, a miss when every resident byte is pinned, or a shrink below the
+    pinned bytes."""
+
+class ExpertReadError(OSError):
+    """A read of an expert failed (EIO, short read, file truncated after open).
+    Raised in the thread that waits for the key; names file, offset and key."""
+
+def cpu_features() -> dict[str, bool]:
+    """Run-time CPU flags: avx2, fma, f16c, avx512f, avx512bw, avx512vl,
+    avx512vnni, avx512bf16, amx_tile, amx_bf16, amx_int8."""
+
+class ExpertStore:
+    """Byte ranges of experts over one or more files, validated when opened.
+
+    ranges maps key -> [(file_index, offset, length), ...]; an expert's
+    segments are packed back to back, in order, when read.
+    Raises FileNotFoundError/PermissionError/IsADirectoryError (an OSError naming
+    the file) for a file that cannot be opened, ValueError naming file, key,
+    offset and length for a bad range (index out of range, negative offset,
+    length <= 0, offset + length past the end of the file or overflowing).
+    direct_io=True reads with O_DIRECT; where the file system refuses it the
+    store falls back to buffered reads and says why in ``direct_io_fallback``.
+    """
+    def __init__(self, paths: Sequence[str], ranges: Mapping[int, Sequence[tuple[int, int, int]]],
+                 direct_io: bool = False) -> None: ...
+    @property
+    def paths(self) -> list[str]: ...
+    @property
+    def direct_io(self) -> bool:
+        """True when reads really use O_DIRECT (after any fallback)."""
+    @property
+    def direct_io_fallback(self) -> str:
+        """Why O_DIRECT was not used although asked for ('' when it is used or was not asked)."""
+    def keys(self) -> list[int]: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, key: int) -> bool: ...
+    def nbytes(self, key: int) -> int:
+        """Bytes of the expert (sum of its segment lengths). KeyError if unknown."""
+    def segments(self, key: int) -> list[tuple[int, int, int]]: ...
+    def slot_bytes(self, key: int) -> int:
+        """Bytes the cache reserves for this expert: nbytes rounded up to pages,
+        plus, with direct IO, the alignment padding held while it is read."""
+    def total_bytes(self) -> int:
+        """Sum of nbytes over all experts."""
+    def read(self, key: int) -> bytes:
+        """Read one expert synchronously (GIL released), for tools and tests."""
+
+class ExpertBuffer:
+    """A pinned expert: read-only buffer protocol (1-D uint8), start aligned to
+    at least 64 bytes (page-aligned in practice). The entry stays pinned (never
+    evicted or overwritten) while this object lives; torch.frombuffer and
+    numpy.frombuffer keep it alive."""
+    @property
+    def key(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def address(self) -> int:
+        """Address of the first byte, for alignment checks."""
+    def __len__(self) -> int: ...
+
+class ExpertCache:
+    """A byte-budgeted cache of experts read from an ExpertStore by IO threads.
+
+    Counters (see ``stats``): every ``get`` is either a hit (resident and
+    ready) or a miss (the caller waited for a read, its own or one in flight).
+    ``prefetch_hits`` counts gets whose first use of an entry loaded by a
+    prefetch (completed or still in flight). ``resident_bytes`` counts slot
+    bytes (page padding included) of every entry, loading ones too, and never
+    exceeds ``budget_bytes``.
+
+    Policies: "lru" evicts the least recently got entry; "lfu" the entry with
+    the fewest gets over the cache's life (counts survive eviction), ties to the
+    least recent; "score" the lowest score set by ``set_scores`` (default 0.0),
+    ties to the least recent. Only ready, unpinned entries are evicted.
+    """
+    def __init__(self, store: ExpertStore, budget_bytes: int, policy: str = "lru",
+                 io_threads: int = 2) -> None: ...
+    def get(self, key: int) -> ExpertBuffer:
+        """Return the expert pinned; blocks (GIL released) on a miss.
+        KeyError: unknown key. BudgetError: the expert's slot exceeds the
+        budget, or no unpinned entry can be evicted to make room.
+        ExpertReadError: the read failed (the cache stays usable).
+        RuntimeError: the cache is closed."""
+    def prefetch(self, keys: Iterable[int], priority: int = 0) -> int:
+        """Queue reads and return at once; the number of keys queued. Keys
+        resident, loading or already queued are skipped (a queued key takes
+        the higher priority). Higher priority is read first; demand reads
+        always go before prefetches. KeyError for an unknown key, BudgetError
+        for an expert larger than the budget. A prefetch that finds no room
+        when its read would start is dropped (``prefetch_dropped``)."""
+    def cancel_prefetches(self, keys: Iterable[int] | None = None) -> int:
+        """Drop queued (not started) prefetches: all, or those of ``keys``.
+        Returns how many were dropped."""
+    def set_budget(self, budget_bytes: int) -> None:
+        """Change the budget. Shrinking evicts unpinned entries until the
+        resident bytes fit; if pinned and loading entries alone exceed it,
+        raises BudgetError and leaves the budget as it was."""
+    def set_scores(self, scores: Mapping[int, float]) -> None:
+        """Per-key priority for the "score" policy (lowest is evicted first)."""
+    def contains(self, key: int) -> bool:
+        """True when the key is resident and ready (a get would hit)."""
+    def resident_keys(self) -> list[int]: ...
+    def stats(self) -> dict[str, int | float | bool | str]:
+        """hits, misses, prefetch_issued, prefetch_hits, prefetch_cancelled,
+        prefetch_dropped, prefetch_wasted (prefetched, evicted unused),
+        prefetch_wasted_bytes, evictions, bytes_read, io_errors,
+        resident_bytes, peak_resident_bytes, pinned_bytes, budget_bytes,
+        n_resident, wait_seconds, policy, io_threads, direct_io,
+        direct_io_fallback."""
+    def reset_stats(self) -> None:
+        """Zero the counters (peak_resident_bytes restarts from resident_bytes)."""
+    @property
+    def budget_bytes(self) -> int: ...
+    @property
+    def policy(self) -> str: ...
+    @property
+    def store(self) -> ExpertStore: ...
+    def close(self) -> None:
+        """Stop the IO threads (in-flight reads finish); later gets raise
+        RuntimeError. Buffers already handed out stay valid."""
+    def __enter__(self) -> ExpertCache: ...
+    def __exit__(self, *exc: object) -> None: ...
