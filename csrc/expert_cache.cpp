@@ -112,6 +112,7 @@ std::shared_ptr<CacheEntry> ExpertCache::next_prefetch(Freed& freed) {
     auto e = std::make_shared<Entry>();
     e->key = key;
     e->prefetched = true;
+    e->slab = recycle(freed, slot);
     reserve(e, slot);
     entries_[key] = e;
     return e;
@@ -121,15 +122,14 @@ std::shared_ptr<CacheEntry> ExpertCache::next_prefetch(Freed& freed) {
 
 void ExpertCache::load(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk) {
   e->state = Entry::State::Loading;
-  const uint64_t key = e->key, slot = e->reserved_bytes;
+  const uint64_t key = e->key;
+  std::shared_ptr<Slab> slab = std::move(e->slab);  // recycled from an eviction, or none yet
   lk.unlock();
-  std::shared_ptr<Slab> slab;
   uint64_t from_disk = 0;
   std::exception_ptr error;
   try {
-    slab = std::make_shared<Slab>(slot);
+    if (!slab) slab = std::make_shared<Slab>(e->reserved_bytes);
     from_disk = store_->read(key, slab->data());
-    slab->trim(store_->nbytes(key));  // O_DIRECT staging room is no longer needed
   } catch (...) {
     error = std::current_exception();
   }
@@ -145,12 +145,23 @@ void ExpertCache::load(const std::shared_ptr<Entry>& e, std::unique_lock<std::mu
   } else {
     e->slab = std::move(slab);
     stats_.bytes_read += from_disk;
-    stats_.resident_bytes -= e->reserved_bytes - e->slab->bytes();
-    e->reserved_bytes = e->slab->bytes();
     if (!e->used) e->last_use = ++tick_;  // a landed prefetch counts as recent
     e->state = Entry::State::Ready;
   }
   done_cv_.notify_all();
+}
+
+std::shared_ptr<Slab> ExpertCache::recycle(Freed& freed, uint64_t bytes) {
+  // Experts of a model mostly share one size: reusing an evicted slab of that size
+  // skips an mmap, a page fault per page and the kernel zeroing every page.
+  for (auto it = freed.begin(); it != freed.end(); ++it) {
+    if ((*it)->bytes() == bytes && it->use_count() == 1) {
+      auto slab = std::move(*it);
+      freed.erase(it);
+      return slab;
+    }
+  }
+  return nullptr;
 }
 
 void ExpertCache::check_fits(uint64_t key, uint64_t slot) const {
@@ -242,6 +253,7 @@ std::unique_ptr<ExpertPin> ExpertCache::get(uint64_t key) {
     if (make_room(slot, freed) == Room::Made) {
       e = std::make_shared<Entry>();
       e->key = key;
+      e->slab = recycle(freed, slot);
       reserve(e, slot);
       entries_[key] = e;
       auto q = queued_.find(key);

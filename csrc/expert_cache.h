@@ -52,7 +52,7 @@ struct CacheEntry {
   enum class State { Queued, Loading, Ready, Failed };
   uint64_t key = 0;
   uint64_t reserved_bytes = 0;  // counted in resident_bytes
-  std::shared_ptr<Slab> slab;
+  std::shared_ptr<Slab> slab;  // the bytes once Ready; before that, a recycled slab to read into
   State state = State::Queued;
   int pins = 0;
   bool prefetched = false;
@@ -118,6 +118,7 @@ class ExpertCache : public std::enable_shared_from_this<ExpertCache> {
   void load(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk);
   std::shared_ptr<Entry> next_prefetch(Freed& freed);
   Room make_room(uint64_t bytes, Freed& freed);
+  std::shared_ptr<Slab> recycle(Freed& freed, uint64_t bytes);
   Entry* pick_victim();
   void evict(Entry* e, Freed& freed);
   void reserve(const std::shared_ptr<Entry>& e, uint64_t bytes);

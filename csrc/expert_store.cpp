@@ -29,9 +29,9 @@ ExpertStore::ExpertStore(const std::vector<std::string>& paths, RangeTable range
     Expert e;
     for (const auto& s : segments) {
       if (s.file >= files_.size())
-        throw std::invalid_argument(describe_key(key) + " (key " + std::to_string(key) + ") names file index " +
-                                    std::to_string(s.file) + " but the store has " +
-                                    std::to_string(files_.size()) + " files");
+        throw std::invalid_argument("byte range names file index " + std::to_string(s.file) + " but the store has " +
+                                    std::to_string(files_.size()) + " files: " +
+                                    describe_segment("file #" + std::to_string(s.file), key, s));
       const File& f = *files_[s.file];
       if (s.length == 0)
         throw std::invalid_argument("empty byte range: " + describe_segment(f.path(), key, s));

@@ -21,8 +21,6 @@ class Slab {
 
   uint8_t* data() const { return data_; }
   size_t bytes() const { return bytes_; }
-  // Gives back the pages past `keep` bytes (rounded up to a page).
-  void trim(size_t keep);
 
  private:
   uint8_t* data_ = nullptr;

@@ -42,10 +42,15 @@ RangeTable parse_ranges(const py::dict& ranges, const std::vector<std::string>& 
       auto t = py::reinterpret_borrow<py::sequence>(seg);
       if (t.size() != 3)
         throw std::invalid_argument(name + ": a byte range is (file_index, offset, length), got " + std::string(py::repr(seg)));
-      const uint64_t file = to_uint(t[0], std::numeric_limits<uint32_t>::max(), "file index", name);
-      const std::string where =
-          name + ", file " + (file < paths.size() ? paths[file] : "#" + std::to_string(file)) + ", offset " +
-          std::string(py::str(t[1])) + ", length " + std::string(py::str(t[2]));
+      std::string file_name = "#" + std::string(py::str(t[0]));
+      if (PyLong_Check(t[0].ptr())) {
+        long long i = PyLong_AsLongLong(t[0].ptr());
+        if (PyErr_Occurred()) PyErr_Clear();
+        else if (i >= 0 && static_cast<size_t>(i) < paths.size()) file_name = paths[i];
+      }
+      const std::string where = name + ", file " + file_name + ", offset " + std::string(py::str(t[1])) +
+                                ", length " + std::string(py::str(t[2]));
+      const uint64_t file = to_uint(t[0], std::numeric_limits<uint32_t>::max(), "file index", where);
       segments.push_back({static_cast<uint32_t>(file),
                           to_uint(t[1], std::numeric_limits<uint64_t>::max(), "offset", where),
                           to_uint(t[2], std::numeric_limits<uint64_t>::max(), "length", where)});
