@@ -22,4 +22,12 @@ __all__ = [
     "format_bytes",
     "parse_bytes",
     "__version__",
+    "load",
 ]
+
+
+def load(*args, **kwargs):
+    """Open a checkpoint within a memory budget; see moeedge.api.load."""
+    from moeedge.api import load as _load
+
+    return _load(*args, **kwargs)

@@ -1,0 +1,226 @@
+"""moeedge.load(...): a checkpoint, a memory budget, and a model that generates text."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from moeedge._core import ExpertCache, ExpertStore
+from moeedge.formats.checkpoint import Checkpoint
+from moeedge.formats.errors import CheckpointError
+from moeedge.formats.hf_checkpoint import open_hf_directory
+from moeedge.formats.hf_config import DecoderConfig
+from moeedge.models.decoder import DecoderMoE
+from moeedge.runtime.experts import ExpertAccess
+from moeedge.runtime.memory import SLACK_BYTES, MemoryPlan, plan_memory, resolve_budget, rss_bytes
+from moeedge.runtime.sampling import sample, validate_sampling
+from moeedge.tokenizer import Tokenizer
+
+PREFILL_CHUNK = 128  # tokens per prefill step: bounds activation memory
+
+
+class ContextOverflowError(ValueError):
+    """A prompt or conversation longer than max_context."""
+
+
+def open_checkpoint(source: str | os.PathLike | None) -> Checkpoint:
+    """A Hugging Face directory or a .gguf file; CheckpointError says what was found otherwise."""
+    if source is None:
+        from moeedge.default_model import default_model_path
+
+        source = default_model_path()
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return open_hf_directory(path)
+    if path.suffix == ".gguf":
+        from moeedge.formats.gguf_checkpoint import open_gguf
+
+        return open_gguf(path)
+    raise CheckpointError(f"{path}: not a checkpoint moeedge reads (a Hugging Face directory with .safetensors, "
+                          f"or a .gguf file)")
+
+
+def _buffer_bytes(cfg: DecoderConfig, max_context: int) -> int:
+    chunk = min(PREFILL_CHUNK, max_context)
+    widest = max(cfg.expert_intermediate, cfg.dense_intermediate, cfg.shared_expert_intermediate)
+    per_token = 6 * cfg.hidden + 3 * widest + cfg.vocab + cfg.n_heads * max_context  # fp32 activations
+    return chunk * per_token * 4 + SLACK_BYTES
+
+
+class MoeModel:
+    """A loaded model. Use as a context manager, or call close()."""
+
+    def __init__(self, checkpoint: Checkpoint, plan: MemoryPlan, cache: ExpertCache, runner: DecoderMoE,
+                 tokenizer: Tokenizer | None):
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.plan = plan
+        self.cache = cache
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self._cached_ids: list[int] = []  # tokens whose keys and values are in the KV cache
+        self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
+
+    # -- logits ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, input_ids, decoder_input_ids=None) -> torch.Tensor:
+        """[T, vocab] logits of every position of input_ids (a fresh sequence)."""
+        if decoder_input_ids is not None:
+            raise ValueError("decoder_input_ids is for encoder-decoder models; this one is decoder-only")
+        ids = torch.as_tensor(input_ids, dtype=torch.long).flatten()
+        self._check_context(len(ids))
+        self._cached_ids = []
+        out = [self.runner.forward(ids[i:i + PREFILL_CHUNK], i, all_logits=True)
+               for i in range(0, len(ids), PREFILL_CHUNK)]
+        self._cached_ids = ids.tolist()
+        return torch.cat(out).float()
+
+    def _check_context(self, n: int) -> None:
+        if n > self.runner.max_context:
+            raise ContextOverflowError(f"{n} tokens exceed max_context={self.runner.max_context}; load with a larger "
+                                       f"max_context (the KV cache grows with it) or shorten the conversation")
+        if n == 0:
+            raise ValueError("empty input: nothing to run")
+
+    @torch.inference_mode()
+    def _prefill(self, ids: list[int]) -> torch.Tensor:
+        """Logits after ids, reusing the KV cache for a shared prefix (a chat's earlier turns)."""
+        common = 0
+        for a, b in zip(self._cached_ids, ids[:-1]):
+            if a != b:
+                break
+            common += 1
+        start = time.perf_counter()
+        logits = None
+        for i in range(common, len(ids), PREFILL_CHUNK):
+            logits = self.runner.forward(torch.tensor(ids[i:i + PREFILL_CHUNK]), i)
+        self._cached_ids = list(ids)
+        self._counters["prompt_tokens"] += len(ids) - common
+        self._counters["prefill_seconds"] += time.perf_counter() - start
+        return logits[-1]
+
+    # -- generation --------------------------------------------------------------------
+    def stream_ids(self, ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                   top_k: int = 0, seed: int | None = None) -> Iterator[int]:
+        """Yield generated token ids; stops at an end-of-sequence token or max_new_tokens."""
+        validate_sampling(temperature, top_p, top_k)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        self._check_context(len(ids) + max_new_tokens)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        eos = set(self.config.eos_token_ids) | set(self.tokenizer.eos_ids if self.tokenizer else [])
+        if max_new_tokens == 0:
+            return
+        logits = self._prefill(ids)
+        for step in range(max_new_tokens):
+            token = sample(logits, temperature, top_p, top_k, generator)
+            if token in eos:
+                return
+            yield token
+            if step + 1 == max_new_tokens:
+                return
+            start = time.perf_counter()
+            with torch.inference_mode():
+                logits = self.runner.forward(torch.tensor([token]), len(self._cached_ids))[-1]
+            self._cached_ids.append(token)
+            self._counters["generated_tokens"] += 1
+            self._counters["decode_seconds"] += time.perf_counter() - start
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.checkpoint.source} has no tokenizer files: pass token ids to stream_ids()")
+        return self.tokenizer
+
+    def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
+               _ids: list[int] | None = None) -> Iterator[str]:
+        """Yield pieces of text as they are generated."""
+        tok = self._need_tokenizer()
+        ids = _ids if _ids is not None else tok.encode(prompt)
+        generated: list[int] = []
+        emitted = ""
+        for token in self.stream_ids(ids, max_new_tokens, temperature, top_p, top_k, seed):
+            generated.append(token)
+            text = tok.decode(generated)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            cut = min((text.find(s, max(0, len(emitted) - len(s))) for s in (stop or []) if s in text), default=-1)
+            if cut >= 0:
+                if cut > len(emitted):
+                    yield text[len(emitted):cut]
+                return
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop: list[str] | None = None) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop))
+
+    def chat(self, messages: list[dict], stream: bool = False, **kwargs):
+        """The assistant's reply to a conversation, with the checkpoint's chat template."""
+        ids = self._need_tokenizer().encode_chat(messages)
+        pieces = self.stream("", _ids=ids, **kwargs)
+        return pieces if stream else "".join(pieces)
+
+    # -- accounting --------------------------------------------------------------------
+    def stats(self) -> dict:
+        c = self._counters
+        cache = self.cache.stats()
+        gets = cache["hits"] + cache["misses"]
+        return {
+            **cache,
+            **c,
+            "hit_rate": cache["hits"] / gets if gets else 0.0,
+            "prefill_tok_s": c["prompt_tokens"] / c["prefill_seconds"] if c["prefill_seconds"] else 0.0,
+            "decode_tok_s": c["generated_tokens"] / c["decode_seconds"] if c["decode_seconds"] else 0.0,
+            "prefetch": self.runner.prefetch,
+            "resident": {"dense_bytes": self.plan.dense_bytes, "kv_cache_bytes": self.plan.kv_cache_bytes,
+                         "expert_cache_bytes": cache["resident_bytes"], "process_bytes": rss_bytes()},
+            "plan": self.plan.as_dict(),
+        }
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def __enter__(self) -> "MoeModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = "auto", device: str = "cpu",
+         prefetch: bool | None = None, policy: str = "lru", io_threads: int | None = None, max_context: int = 2048,
+         direct_io: bool = True, dtype: torch.dtype | None = None) -> MoeModel:
+    """Open a checkpoint and plan it into memory_budget (the whole process's memory)."""
+    fixed = rss_bytes()  # measured before anything of the model is read
+    if device != "cpu":
+        raise ValueError(f"device {device!r} is not supported yet; use 'cpu'")
+    if max_context < 1:
+        raise ValueError(f"max_context must be positive, got {max_context}")
+    budget = resolve_budget(memory_budget)
+    ckpt = open_checkpoint(source)
+    cfg = ckpt.config
+    dtype = dtype or ckpt.expert_parts[0][0].dtype
+    max_context = min(max_context, cfg.max_position)
+    store = ExpertStore(ckpt.files, ckpt.expert_ranges, direct_io=direct_io)
+    min_experts = max(cfg.top_k * max(store.slot_bytes(k) for k in store.keys()), 1)
+    plan = plan_memory(budget, fixed, ckpt.dense_numel * dtype.itemsize, DecoderMoE.kv_cache_bytes(cfg, max_context, dtype),
+                       _buffer_bytes(cfg, max_context), min_experts)
+    expert_budget = min(plan.expert_cache_bytes, sum(store.slot_bytes(k) for k in store.keys()))
+    cache = ExpertCache(store, expert_budget, policy, io_threads or 2)
+    try:
+        dense = {n: ckpt.read_dense(n).to(dtype) for n in ckpt.dense_names}
+        runner = DecoderMoE(cfg, dense, ExpertAccess(cache, ckpt.expert_parts, dtype), max_context, dtype)
+        runner.prefetch = bool(prefetch)
+        tokenizer = Tokenizer(ckpt.tokenizer_files) if ckpt.tokenizer_files else None
+    except BaseException:
+        cache.close()
+        raise
+    return MoeModel(ckpt, plan, cache, runner, tokenizer)

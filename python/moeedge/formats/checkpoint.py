@@ -1,0 +1,47 @@
+"""What the runtime needs from any checkpoint format: the model's config, dense tensors
+read on request, and each expert's byte ranges plus how its packed bytes split into
+weight matrices."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from moeedge.keys import ExpertKey
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """One weight matrix inside an expert's packed bytes."""
+
+    role: str                 # "gate", "up", "down" (Switch: "wi", "wo")
+    dtype: torch.dtype
+    shape: tuple[int, ...]    # [out, in], as F.linear takes it
+    offset: int               # byte offset in the packed expert
+    nbytes: int
+
+
+@dataclass
+class Checkpoint:
+    source: str
+    config: object                                   # DecoderConfig or SwitchConfig
+    files: list[str]
+    # ExpertKey.packed -> [(file_index, offset, length)], segments in part order
+    expert_ranges: dict[int, list[tuple[int, int, int]]]
+    # MoE layer index -> the layout shared by all its experts
+    expert_parts: dict[int, list[ExpertPart]]
+    dense_names: list[str]
+    read_dense: Callable[[str], torch.Tensor]
+    dense_numel: int                                 # elements of all dense tensors
+    tokenizer_files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def expert_nbytes(self) -> int:
+        return sum(length for segs in self.expert_ranges.values() for _, _, length in segs)
+
+    def expert_key(self, layer: int, expert: int) -> int:
+        return ExpertKey(layer, expert).packed
+
+    def layer_expert_nbytes(self, layer: int) -> int:
+        return sum(p.nbytes for p in self.expert_parts[layer])

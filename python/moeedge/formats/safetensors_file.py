@@ -1,0 +1,118 @@
+"""Safetensors files read where they lie: headers parsed and validated by us, tensor
+bytes located by (file, offset, length) and read with pread, never mmapped (a file
+truncated under an mmap kills the process with SIGBUS, and mapped pages grow the
+page cache behind the memory budget)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeedge.formats.errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 << 20  # the safetensors reference implementation's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie."""
+
+    name: str
+    path: str
+    offset: int  # absolute offset in the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Parse and validate one .safetensors header; CheckpointError names the file and tensor."""
+    path = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise CheckpointError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
+        header_len = int.from_bytes(head, "little")
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise CheckpointError(f"{path}: corrupt safetensors header length {header_len} (file is {size} bytes)")
+        raw = os.pread(fd, header_len, 8)
+    finally:
+        os.close(fd)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    return _validate(path, header, data_start=8 + header_len, file_size=size)
+
+
+def _validate(path: str, header: dict, data_start: int, file_size: int) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise CheckpointError(f"{path}: tensor {name!r} lacks dtype, shape or data_offsets")
+        dtype = DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']!r}; "
+                                  f"supported: {', '.join(DTYPES)}")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected:
+            raise CheckpointError(f"{path}: tensor {name!r} {entry['dtype']}{shape} needs {expected} bytes "
+                                  f"but data_offsets {offsets} span {end - begin}")
+        if data_start + end > file_size:
+            raise CheckpointError(f"{path}: tensor {name!r} ends at offset {data_start + end}, "
+                                  f"past the end of the file ({file_size} bytes; truncated?)")
+        tensors[name] = TensorInfo(name, path, data_start + begin, end - begin, dtype, tuple(shape))
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise CheckpointError(f"{path}: tensors {name_a!r} and {name_b!r} overlap")
+    return tensors
+
+
+def read_tensor(info: TensorInfo, fd: int | None = None) -> torch.Tensor:
+    """Read one tensor with pread into fresh memory, then drop its pages from the page cache."""
+    own = fd is None
+    if own:
+        fd = os.open(info.path, os.O_RDONLY)
+    try:
+        buf = bytearray(info.nbytes)
+        view = memoryview(buf)
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], info.offset + done)
+            if n == 0:
+                raise CheckpointError(f"{info.path}: short read of tensor {info.name!r} at offset "
+                                      f"{info.offset + done} (file truncated?)")
+            done += n
+        os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+    finally:
+        if own:
+            os.close(fd)
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.dtype)
+    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)

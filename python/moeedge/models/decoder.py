@@ -1,0 +1,163 @@
+"""Decoder-only MoE (Mixtral, Qwen2-MoE, OLMoE) in plain torch, experts offloaded.
+
+Dense weights live in memory; each MoE layer routes with the checkpoint's router,
+then computes its selected experts from the native cache's buffers. Shapes:
+T = tokens in this step, H = hidden, E = experts, K = top-k, S = cached positions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeedge.formats.hf_config import DecoderConfig
+from moeedge.runtime.experts import ExpertAccess
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers does it: normalise in fp32, scale in the input dtype.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class DecoderMoE:
+    """Forward of one sequence (batch 1) with a preallocated KV cache."""
+
+    def __init__(self, cfg: DecoderConfig, dense: dict[str, torch.Tensor], experts: ExpertAccess,
+                 max_context: int, dtype: torch.dtype):
+        self.cfg = cfg
+        self.w = dense
+        self.experts = experts
+        self.dtype = dtype
+        self.max_context = max_context
+        self.prefetch = False
+        shape = (cfg.n_layers, max_context, cfg.n_kv_heads, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype)
+        self.v_cache = torch.zeros(shape, dtype=dtype)
+        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float()
+                                                  / cfg.head_dim))
+        self.moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
+        self.lm_head = dense.get("lm_head.weight", dense["model.embed_tokens.weight"])
+
+    @staticmethod
+    def kv_cache_bytes(cfg: DecoderConfig, max_context: int, dtype: torch.dtype) -> int:
+        return 2 * cfg.n_layers * max_context * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
+
+    # -- attention ---------------------------------------------------------------------
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+
+    def _attention(self, x: torch.Tensor, layer: int, start: int) -> torch.Tensor:
+        cfg, w, T = self.cfg, self.w, x.shape[0]
+        p = f"model.layers.{layer}.self_attn."
+        q = F.linear(x, w[p + "q_proj.weight"], w.get(p + "q_proj.bias"))
+        k = F.linear(x, w[p + "k_proj.weight"], w.get(p + "k_proj.bias"))
+        v = F.linear(x, w[p + "v_proj.weight"], w.get(p + "v_proj.bias"))
+        if p + "q_norm.weight" in w:  # OLMoE normalises the whole projections
+            q = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_eps)
+            k = rms_norm(k, w[p + "k_norm.weight"], cfg.rms_eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.view(T, cfg.n_heads, cfg.head_dim)
+        k = k.view(T, cfg.n_kv_heads, cfg.head_dim)
+        v = v.view(T, cfg.n_kv_heads, cfg.head_dim)
+        cos, sin = self._rope(torch.arange(start, start + T))
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        self.k_cache[layer, start:start + T] = k
+        self.v_cache[layer, start:start + T] = v
+        S = start + T
+        keys = self.k_cache[layer, :S].transpose(0, 1)  # [KVH, S, D]
+        vals = self.v_cache[layer, :S].transpose(0, 1)
+        groups = cfg.n_heads // cfg.n_kv_heads
+        if groups > 1:
+            keys = keys.repeat_interleave(groups, dim=0)
+            vals = vals.repeat_interleave(groups, dim=0)
+        mask = None
+        if T > 1:  # causal over the new tokens; everything cached before is visible
+            mask = torch.arange(S)[None, :] <= torch.arange(start, S)[:, None]  # [T, S]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, vals, attn_mask=mask)  # [H, T, D]
+        out = out.transpose(0, 1).reshape(T, cfg.n_heads * cfg.head_dim)
+        return F.linear(out, w[p + "o_proj.weight"])
+
+    # -- feed-forward ------------------------------------------------------------------
+    @staticmethod
+    def _mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+    def route(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, K] gate weights and expert indices, as the checkpoint's router picks them."""
+        p = f"model.layers.{layer}.{'block_sparse_moe' if self.cfg.family == 'mixtral' else 'mlp'}."
+        logits = F.linear(x, self.w[p + "gate.weight"])  # [T, E]
+        probs = torch.softmax(logits.float(), dim=-1)
+        top_w, top_i = torch.topk(probs, self.cfg.top_k, dim=-1)
+        if self.cfg.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        if self.cfg.family != "mixtral":  # transformers' Mixtral keeps the gate weights in fp32
+            top_w = top_w.to(logits.dtype)
+        return top_w, top_i
+
+    def _moe(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        cfg, moe_layer = self.cfg, self.moe_index[layer]
+        top_w, top_i = self.route(x, layer)
+        chosen = torch.unique(top_i).tolist()
+        # Resident experts first while the missing ones are read; each expert's
+        # output is summed in expert order afterwards, so the result does not
+        # depend on what happened to be cached.
+        missing = [e for e in chosen if not self.experts.resident(moe_layer, e)]
+        self.experts.prefetch(moe_layer, missing, priority=1)
+        if self.prefetch:
+            self._prefetch_next(x, layer)
+        outputs: dict[int, torch.Tensor] = {}
+        for e in sorted(chosen, key=lambda e: e in missing):
+            tokens, slots = torch.where(top_i == e)
+            ew = self.experts.get(moe_layer, e)
+            y = self._mlp(x[tokens], ew["gate"], ew["up"], ew["down"])
+            del ew  # unpin before the next expert is read
+            outputs[e] = (tokens, y * top_w[tokens, slots, None])
+        out = torch.zeros_like(x)
+        for e in chosen:
+            tokens, y = outputs[e]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        p = f"model.layers.{layer}.mlp."
+        if p + "shared_expert.gate_proj.weight" in self.w:  # Qwen2-MoE
+            shared = self._mlp(x, self.w[p + "shared_expert.gate_proj.weight"],
+                               self.w[p + "shared_expert.up_proj.weight"], self.w[p + "shared_expert.down_proj.weight"])
+            out = out + torch.sigmoid(F.linear(x, self.w[p + "shared_expert_gate.weight"])) * shared
+        return out
+
+    def _prefetch_next(self, x: torch.Tensor, layer: int) -> None:
+        """Stale-gate guess: the next MoE layer's router applied to this layer's input."""
+        nxt = self.moe_index[layer] + 1
+        if nxt >= len(self.cfg.moe_layers) or x.shape[0] != 1:
+            return
+        _, top_i = self.route(x, self.cfg.moe_layers[nxt])
+        self.experts.prefetch(nxt, top_i[0].tolist(), priority=0)
+
+    def _ffn(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        if layer in self.moe_index:
+            return self._moe(x, layer)
+        p = f"model.layers.{layer}.mlp."
+        return self._mlp(x, self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"])
+
+    # -- the whole model ---------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, start: int, all_logits: bool = False) -> torch.Tensor:
+        """tokens [T] at positions start..start+T-1 -> logits [T, V] (or [1, V], the last)."""
+        cfg, w = self.cfg, self.w
+        if start + tokens.shape[0] > self.max_context:
+            raise ValueError(f"{start + tokens.shape[0]} tokens exceed max_context={self.max_context}")
+        h = F.embedding(tokens, w["model.embed_tokens.weight"])
+        for layer in range(cfg.n_layers):
+            p = f"model.layers.{layer}."
+            h = h + self._attention(rms_norm(h, w[p + "input_layernorm.weight"], cfg.rms_eps), layer, start)
+            h = h + self._ffn(rms_norm(h, w[p + "post_attention_layernorm.weight"], cfg.rms_eps), layer)
+        if not all_logits:
+            h = h[-1:]
+        return F.linear(rms_norm(h, w["model.norm.weight"], cfg.rms_eps), self.lm_head)

@@ -1,0 +1,1 @@
+"""The offloaded runtime: expert access through the native cache, memory planning, generation."""

@@ -1,0 +1,49 @@
+"""Expert weights as torch views over the native cache's pinned buffers."""
+from __future__ import annotations
+
+import torch
+
+from moeedge._core import ExpertCache
+from moeedge.expert_tensor import expert_view
+from moeedge.formats.checkpoint import ExpertPart
+from moeedge.keys import ExpertKey
+
+
+class ExpertWeights:
+    """The matrices of one expert, by role; they pin the cached bytes while referenced."""
+
+    def __init__(self, cache: ExpertCache, layer: int, expert: int, parts: list[ExpertPart], dtype: torch.dtype):
+        buf = cache.get(ExpertKey(layer, expert).packed)
+        self.weights: dict[str, torch.Tensor] = {}
+        for part in parts:
+            w = expert_view(buf, part.dtype, offset=part.offset, count=part.nbytes // part.dtype.itemsize)
+            w = w.view(part.shape)
+            # A copy only where the checkpoint's dtype is not the compute dtype.
+            self.weights[part.role] = w if part.dtype == dtype else w.to(dtype)
+
+    def __getitem__(self, role: str) -> torch.Tensor:
+        return self.weights[role]
+
+
+class ExpertAccess:
+    """Get, prefetch and ask residency of experts by (MoE layer, expert)."""
+
+    def __init__(self, cache: ExpertCache, parts: dict[int, list[ExpertPart]], dtype: torch.dtype):
+        self.cache = cache
+        self.parts = parts
+        self.dtype = dtype
+        slot = max(cache.store.slot_bytes(k) for k in cache.store.keys())
+        self.capacity = max(1, cache.budget_bytes // slot)  # experts the cache holds at once
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        return ExpertWeights(self.cache, layer, expert, self.parts[layer], self.dtype)
+
+    def resident(self, layer: int, expert: int) -> bool:
+        return self.cache.contains(ExpertKey(layer, expert).packed)
+
+    def prefetch(self, layer: int, experts: list[int], priority: int = 0) -> None:
+        # Never ask for more than fits beside the expert being computed: the extra
+        # reads would evict each other before use.
+        keys = [ExpertKey(layer, e).packed for e in experts[: max(0, self.capacity - 1)]]
+        if keys:
+            self.cache.prefetch(keys, priority)

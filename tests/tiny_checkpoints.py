@@ -1,0 +1,47 @@
+"""Tiny seeded MoE checkpoints written by transformers' own classes with save_pretrained."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DECODERS = ("mixtral", "qwen2_moe", "olmoe")
+
+
+def decoder_config(family: str, dtype: str = "float32"):
+    import transformers as tf
+
+    common = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=160, max_position_embeddings=256, num_experts_per_tok=2, rms_norm_eps=1e-5,
+                  dtype=dtype, eos_token_id=2, bos_token_id=1)
+    if family == "mixtral":
+        return tf.MixtralConfig(intermediate_size=96, num_local_experts=6, **common)
+    if family == "qwen2_moe":
+        # Layer 1 is a dense MLP (mlp_only_layers) to exercise that path too.
+        return tf.Qwen2MoeConfig(intermediate_size=80, moe_intermediate_size=48, shared_expert_intermediate_size=72,
+                                 num_experts=6, norm_topk_prob=False, mlp_only_layers=[1], **common)
+    if family == "olmoe":
+        return tf.OlmoeConfig(intermediate_size=48, num_experts=6, norm_topk_prob=False, clip_qkv=4.0, **common)
+    raise ValueError(family)
+
+
+def model_class(family: str):
+    import transformers as tf
+
+    return {"mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM,
+            "olmoe": tf.OlmoeForCausalLM}[family]
+
+
+def make_decoder(directory: Path, family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 max_shard_size: str | None = None):
+    """Write a checkpoint; return the reference model (fp32, eval)."""
+    torch.manual_seed(seed)
+    cfg = decoder_config(family, str(dtype).removeprefix("torch."))
+    model = model_class(family)(cfg).eval()
+    with torch.no_grad():  # random init is near zero: widen it so routing and logits vary
+        for p in model.parameters():
+            p.normal_(0, 0.08)
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    return model
