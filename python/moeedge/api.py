@@ -195,6 +195,16 @@ class MoeModel:
         self.close()
 
 
+def plan_for(ckpt: Checkpoint, store: ExpertStore, budget: int, fixed: int, max_context: int,
+             dtype: torch.dtype) -> MemoryPlan:
+    """The memory plan of this checkpoint in this budget; BudgetError below the smallest workable one."""
+    cfg = ckpt.config
+    slot = max(store.slot_bytes(k) for k in store.keys())
+    return plan_memory(budget, fixed, ckpt.dense_numel * dtype.itemsize,
+                       DecoderMoE.kv_cache_bytes(cfg, max_context, dtype), _buffer_bytes(cfg, max_context),
+                       cfg.top_k * slot)
+
+
 def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = "auto", device: str = "cpu",
          prefetch: bool | None = None, policy: str = "lru", io_threads: int | None = None, max_context: int = 2048,
          direct_io: bool = True, dtype: torch.dtype | None = None) -> MoeModel:
@@ -204,22 +214,25 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
         raise ValueError(f"device {device!r} is not supported yet; use 'cpu'")
     if max_context < 1:
         raise ValueError(f"max_context must be positive, got {max_context}")
+    if io_threads is not None and not 1 <= io_threads <= 64:
+        raise ValueError(f"io_threads must be between 1 and 64, got {io_threads}")
     budget = resolve_budget(memory_budget)
     ckpt = open_checkpoint(source)
     cfg = ckpt.config
     dtype = dtype or ckpt.expert_parts[0][0].dtype
     max_context = min(max_context, cfg.max_position)
     store = ExpertStore(ckpt.files, ckpt.expert_ranges, direct_io=direct_io)
-    min_experts = max(cfg.top_k * max(store.slot_bytes(k) for k in store.keys()), 1)
-    plan = plan_memory(budget, fixed, ckpt.dense_numel * dtype.itemsize, DecoderMoE.kv_cache_bytes(cfg, max_context, dtype),
-                       _buffer_bytes(cfg, max_context), min_experts)
+    plan = plan_for(ckpt, store, budget, fixed, max_context, dtype)
     expert_budget = min(plan.expert_cache_bytes, sum(store.slot_bytes(k) for k in store.keys()))
     cache = ExpertCache(store, expert_budget, policy, io_threads or 2)
     try:
         dense = {n: ckpt.read_dense(n).to(dtype) for n in ckpt.dense_names}
         runner = DecoderMoE(cfg, dense, ExpertAccess(cache, ckpt.expert_parts, dtype), max_context, dtype)
         runner.prefetch = bool(prefetch)
-        tokenizer = Tokenizer(ckpt.tokenizer_files) if ckpt.tokenizer_files else None
+        if ckpt.tokenizer_factory is not None:
+            tokenizer = ckpt.tokenizer_factory()
+        else:
+            tokenizer = Tokenizer(ckpt.tokenizer_files) if ckpt.tokenizer_files else None
     except BaseException:
         cache.close()
         raise

@@ -55,6 +55,67 @@ def _cmd_bench_io(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="?", default=None,
+                   help="Hugging Face checkpoint directory or .gguf file (default: the bundled model)")
+    p.add_argument("--memory-budget", default="auto", type=_budget,
+                   help="memory the whole process may use, e.g. 1.5GiB (default: auto)")
+    p.add_argument("--max-context", type=int, default=2048, help="tokens of context (default 2048)")
+    p.add_argument("--policy", choices=("lru", "lfu", "score"), default="lru", help="expert cache eviction policy")
+    p.add_argument("--prefetch", dest="prefetch", action="store_true", default=None,
+                   help="prefetch the next layer's likely experts")
+    p.add_argument("--no-prefetch", dest="prefetch", action="store_false")
+
+
+def _budget(text: str) -> str | int:
+    return text if text.strip().lower() == "auto" else _byte_count(text)
+
+
+def _load(args: argparse.Namespace):
+    from moeedge.api import load
+
+    if args.max_context < 1:
+        raise UsageError(f"--max-context must be positive, got {args.max_context}")
+    return load(args.source, memory_budget=args.memory_budget, max_context=args.max_context,
+                policy=args.policy, prefetch=args.prefetch)
+
+
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from moeedge.info import describe
+
+    print(describe(args.source, args.max_context, json_out=args.json))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    with _load(args) as model:
+        kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      top_k=args.top_k, seed=args.seed)
+        if args.json:
+            text = model.generate(args.prompt, **kwargs)
+            print(json.dumps({"text": text, "stats": model.stats()}, default=str))
+        else:
+            for piece in model.stream(args.prompt, **kwargs):
+                print(piece, end="", flush=True)
+            print()
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from moeedge.chat_cli import run_chat
+
+    with _load(args) as model:
+        return run_chat(model, args.max_new_tokens, args.temperature, args.seed)
+
+
 def _cmd_version(args: argparse.Namespace) -> int:
     from moeedge._core import cpu_features
 
@@ -69,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     version = sub.add_parser("version", help="version and the CPU features moeedge detected")
     version.set_defaults(run=_cmd_version)
+
+    info = sub.add_parser("info", help="architecture, sizes and the smallest workable memory budget")
+    info.add_argument("source", nargs="?", default=None)
+    info.add_argument("--max-context", type=int, default=2048)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=_cmd_info)
+
+    run = sub.add_parser("run", help="generate text from a prompt")
+    _model_options(run)
+    run.add_argument("--prompt", required=True)
+    _sampling_options(run)
+    run.add_argument("--json", action="store_true", help="print one JSON object with the text and stats()")
+    run.set_defaults(run=_cmd_run)
+
+    chat = sub.add_parser("chat", help="interactive conversation")
+    _model_options(chat)
+    _sampling_options(chat)
+    chat.set_defaults(run=_cmd_chat)
 
     bench = sub.add_parser("bench", help="measure this machine")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -86,10 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except UsageError as e:
-        print(f"moeedge: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
+    except (UsageError, OSError, ValueError, MemoryError) as e:
+        # Bad input of every kind (CheckpointError and ContextOverflowError are
+        # ValueErrors, BudgetError a MemoryError): one line, no traceback.
         print(f"moeedge: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

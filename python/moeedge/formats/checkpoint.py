@@ -20,6 +20,7 @@ class ExpertPart:
     shape: tuple[int, ...]    # [out, in], as F.linear takes it
     offset: int               # byte offset in the packed expert
     nbytes: int
+    quant: str | None = None  # None: plain dtype; "q8_0": GGUF blocks, dequantized at use
 
 
 @dataclass
@@ -35,6 +36,8 @@ class Checkpoint:
     read_dense: Callable[[str], torch.Tensor]
     dense_numel: int                                 # elements of all dense tensors
     tokenizer_files: dict[str, str] = field(default_factory=dict)
+    # Formats that embed their vocabulary (GGUF) build the tokenizer themselves.
+    tokenizer_factory: Callable[[], object] | None = None
 
     @property
     def expert_nbytes(self) -> int:

@@ -16,6 +16,12 @@ class ExpertWeights:
         buf = cache.get(ExpertKey(layer, expert).packed)
         self.weights: dict[str, torch.Tensor] = {}
         for part in parts:
+            if part.quant is not None:
+                from moeedge.formats.gguf_quants import dequantize  # noqa: PLC0415
+
+                raw = expert_view(buf, torch.uint8, offset=part.offset, count=part.nbytes)
+                self.weights[part.role] = dequantize(raw, part.quant, part.shape, dtype)
+                continue
             w = expert_view(buf, part.dtype, offset=part.offset, count=part.nbytes // part.dtype.itemsize)
             w = w.view(part.shape)
             # A copy only where the checkpoint's dtype is not the compute dtype.

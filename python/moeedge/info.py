@@ -1,0 +1,54 @@
+"""`moeedge info`: what a checkpoint is and the smallest memory budget that runs it."""
+from __future__ import annotations
+
+import json
+import math
+
+from moeedge._core import ExpertStore
+from moeedge.api import open_checkpoint, plan_for
+from moeedge.runtime.memory import rss_bytes
+from moeedge.units import format_bytes
+
+
+def describe(source, max_context: int, json_out: bool = False) -> str:
+    fixed = rss_bytes()
+    ckpt = open_checkpoint(source)
+    cfg = ckpt.config
+    dtype = ckpt.expert_parts[0][0].dtype
+    store = ExpertStore(ckpt.files, ckpt.expert_ranges)
+    max_context = min(max_context, cfg.max_position)
+    plan = plan_for(ckpt, store, 1 << 62, fixed, max_context, dtype)
+    expert_params = sum(math.prod(p.shape) for parts in ckpt.expert_parts.values() for p in parts) * cfg.n_experts
+    facts = {
+        "source": ckpt.source,
+        "architecture": cfg.family,
+        "layers": cfg.n_layers,
+        "moe_layers": len(cfg.moe_layers),
+        "experts": cfg.n_experts,
+        "top_k": cfg.top_k,
+        "hidden": cfg.hidden,
+        "vocab": cfg.vocab,
+        "dtype": str(dtype).removeprefix("torch."),
+        "params": ckpt.dense_numel + expert_params,
+        "expert_params": expert_params,
+        "expert_bytes": ckpt.expert_nbytes,
+        "dense_bytes": plan.dense_bytes,
+        "kv_cache_bytes": plan.kv_cache_bytes,
+        "fixed_bytes": plan.fixed_bytes,
+        "max_context": max_context,
+        "min_budget_bytes": plan.min_budget_bytes,
+        "files": ckpt.files,
+    }
+    if json_out:
+        return json.dumps(facts)
+    return "\n".join([
+        f"{ckpt.source}",
+        f"  architecture   {cfg.family}, {cfg.n_layers} layers ({len(cfg.moe_layers)} MoE), "
+        f"{cfg.n_experts} experts, top-{cfg.top_k}, hidden {cfg.hidden}, vocab {cfg.vocab}, {facts['dtype']}",
+        f"  parameters     {facts['params'] / 1e6:.1f}M ({expert_params / 1e6:.1f}M in experts)",
+        f"  expert bytes   {format_bytes(ckpt.expert_nbytes)}",
+        f"  dense bytes    {format_bytes(plan.dense_bytes)}",
+        f"  KV cache       {format_bytes(plan.kv_cache_bytes)} for {max_context} tokens",
+        f"  fixed cost     {format_bytes(plan.fixed_bytes)} (this process: Python, torch, libraries)",
+        f"  minimum budget {format_bytes(plan.min_budget_bytes)} ({plan.min_budget_bytes} bytes)",
+    ])
