@@ -42,3 +42,77 @@ def test_bad_input_exits_2_without_traceback(args, message):
     assert run.returncode == 2
     assert message in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    from tiny_checkpoints import make_decoder, write_tokenizer
+
+    directory = tmp_path_factory.mktemp("chat")
+    make_decoder(directory, "mixtral", seed=4)
+    write_tokenizer(directory)
+    return directory
+
+
+def test_info_reports_sizes_and_minimum_budget(chat_model):
+    run = moeedge("info", str(chat_model), "--json")
+    assert run.returncode == 0, run.stderr
+    facts = json.loads(run.stdout)
+    assert facts["architecture"] == "mixtral" and facts["experts"] == 6 and facts["top_k"] == 2
+    assert facts["expert_bytes"] == 3 * 6 * 3 * 96 * 64 * 4
+    assert facts["min_budget_bytes"] > facts["fixed_bytes"] + facts["dense_bytes"]
+
+
+def test_run_json_prints_text_and_stats(chat_model):
+    run = moeedge("run", str(chat_model), "--prompt", "the quick", "--max-new-tokens", "6", "--json",
+                  "--memory-budget", "4GiB")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert isinstance(out["text"], str) and out["stats"]["generated_tokens"] <= 6
+    assert out["stats"]["hits"] + out["stats"]["misses"] > 0
+
+
+def test_run_is_deterministic_with_a_seed(chat_model):
+    args = ("run", str(chat_model), "--prompt", "hello", "--max-new-tokens", "8", "--temperature", "0.8",
+            "--seed", "3")
+    assert moeedge(*args).stdout == moeedge(*args).stdout
+
+
+def test_chat_session_commands(chat_model, tmp_path):
+    saved = tmp_path / "conv.json"
+    script = f"hello there\n/save {saved}\n/reset\n/load {saved}\n/stats\nhow are you\n/quit\n"
+    run = subprocess.run([sys.executable, "-m", "moeedge.cli", "chat", str(chat_model), "--max-new-tokens", "5"],
+                         input=script, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "(saved 2 messages" in run.stdout and "(loaded 2 messages" in run.stdout
+    assert run.stdout.count("tok/s, cache hit rate") == 2
+    assert len(json.loads(saved.read_text())["messages"]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "/no/such/model", "--prompt", "x"], "no such file or directory"),
+    (["run", "{model}", "--prompt", "x", "--memory-budget", "10MB"], "below the smallest workable budget"),
+    (["run", "{model}", "--prompt", "x", "--memory-budget", "lots"], "not a byte count"),
+    (["run", "{model}", "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["run", "{model}", "--prompt", "x", "--top-p", "0"], "top_p must be in"),
+    (["run", "{model}", "--prompt", "x", "--max-context", "0"], "--max-context must be positive"),
+    (["run", "{model}", "--prompt", "x", "--max-new-tokens", "100000"], "exceed max_context"),
+    (["info", "{bad}"], "not valid JSON"),
+    (["info", "{pickle}"], "moeedge never unpickles"),
+    (["info", "{file}"], "not a checkpoint moeedge reads"),
+])
+def test_model_commands_bad_input_exit_2(chat_model, tmp_path, args, message):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    pickle = tmp_path / "pickle"
+    pickle.mkdir()
+    (pickle / "config.json").write_text((chat_model / "config.json").read_text())
+    (pickle / "pytorch_model.bin").write_bytes(b"x")
+    other = tmp_path / "weights.npz"
+    other.write_bytes(b"x")
+    names = {"{model}": str(chat_model), "{bad}": str(bad), "{pickle}": str(pickle), "{file}": str(other)}
+    run = moeedge(*[names.get(a, a) for a in args])
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1

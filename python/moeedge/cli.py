@@ -15,6 +15,13 @@ class UsageError(Exception):
     """A problem with what the user asked for: reported in one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags get one line, like every other bad input (--help still shows usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _byte_count(text: str) -> int:
     try:
         return parse_bytes(text)
@@ -125,7 +132,7 @@ def _cmd_version(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeedge", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="moeedge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     version = sub.add_parser("version", help="version and the CPU features moeedge detected")
