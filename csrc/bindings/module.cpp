@@ -59,4 +59,5 @@ PYBIND11_MODULE(_core, m) {
   moeedge::register_errors(m);
   moeedge::register_store(m);
   moeedge::register_cache(m);
+  moeedge::register_kernels(m);
 }

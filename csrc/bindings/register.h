@@ -8,5 +8,6 @@ namespace moeedge {
 void register_errors(pybind11::module_& m);
 void register_store(pybind11::module_& m);
 void register_cache(pybind11::module_& m);
+void register_kernels(pybind11::module_& m);
 
 }  // namespace moeedge

@@ -13,7 +13,9 @@ from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.hf_checkpoint import open_hf_directory
 from moeedge.formats.hf_config import DecoderConfig
+from moeedge.formats.switch_checkpoint import SwitchConfig
 from moeedge.models.decoder import DecoderMoE
+from moeedge.models.switch import SwitchMoE
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.memory import SLACK_BYTES, MemoryPlan, plan_memory, resolve_budget, rss_bytes
 from moeedge.runtime.sampling import sample, validate_sampling
@@ -45,7 +47,13 @@ def open_checkpoint(source: str | os.PathLike | None) -> Checkpoint:
                           f"or a .gguf file)")
 
 
-def _buffer_bytes(cfg: DecoderConfig, max_context: int) -> int:
+def runner_class(cfg: DecoderConfig | SwitchConfig) -> type[DecoderMoE] | type[SwitchMoE]:
+    return SwitchMoE if isinstance(cfg, SwitchConfig) else DecoderMoE
+
+
+def _buffer_bytes(cfg: DecoderConfig | SwitchConfig, max_context: int) -> int:
+    if isinstance(cfg, SwitchConfig):
+        return SwitchMoE.buffer_bytes(cfg, max_context)
     chunk = min(PREFILL_CHUNK, max_context)
     widest = max(cfg.expert_intermediate, cfg.dense_intermediate, cfg.shared_expert_intermediate)
     per_token = 6 * cfg.hidden + 3 * widest + cfg.vocab + cfg.n_heads * max_context  # fp32 activations
@@ -55,7 +63,7 @@ def _buffer_bytes(cfg: DecoderConfig, max_context: int) -> int:
 class MoeModel:
     """A loaded model. Use as a context manager, or call close()."""
 
-    def __init__(self, checkpoint: Checkpoint, plan: MemoryPlan, cache: ExpertCache, runner: DecoderMoE,
+    def __init__(self, checkpoint: Checkpoint, plan: MemoryPlan, cache: ExpertCache, runner: DecoderMoE | SwitchMoE,
                  tokenizer: Tokenizer | None):
         self.checkpoint = checkpoint
         self.config = checkpoint.config
@@ -63,18 +71,27 @@ class MoeModel:
         self.cache = cache
         self.runner = runner
         self.tokenizer = tokenizer
+        self.encoder_decoder = isinstance(runner, SwitchMoE)
         self._cached_ids: list[int] = []  # tokens whose keys and values are in the KV cache
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     # -- logits ------------------------------------------------------------------------
     @torch.inference_mode()
     def logits(self, input_ids, decoder_input_ids=None) -> torch.Tensor:
-        """[T, vocab] logits of every position of input_ids (a fresh sequence)."""
-        if decoder_input_ids is not None:
-            raise ValueError("decoder_input_ids is for encoder-decoder models; this one is decoder-only")
+        """[T, vocab] logits of every position of input_ids (a fresh sequence); for an
+        encoder-decoder model, of every position of decoder_input_ids, input_ids encoded."""
         ids = torch.as_tensor(input_ids, dtype=torch.long).flatten()
         self._check_context(len(ids))
         self._cached_ids = []
+        if self.encoder_decoder:
+            if decoder_input_ids is None:
+                raise ValueError("an encoder-decoder model needs decoder_input_ids (start with the config's "
+                                 "decoder_start_token_id)")
+            dec = torch.as_tensor(decoder_input_ids, dtype=torch.long).flatten()
+            self._check_context(len(dec))
+            return self.runner.logits(ids, dec).float()  # one decoder call: capacity counts over all of dec
+        if decoder_input_ids is not None:
+            raise ValueError("decoder_input_ids is for encoder-decoder models; this one is decoder-only")
         out = [self.runner.forward(ids[i:i + PREFILL_CHUNK], i, all_logits=True)
                for i in range(0, len(ids), PREFILL_CHUNK)]
         self._cached_ids = ids.tolist()
@@ -116,6 +133,9 @@ class MoeModel:
         eos = set(self.config.eos_token_ids) | set(self.tokenizer.eos_ids if self.tokenizer else [])
         if max_new_tokens == 0:
             return
+        if self.encoder_decoder:
+            yield from self._stream_seq2seq(ids, max_new_tokens, temperature, top_p, top_k, generator, eos)
+            return
         logits = self._prefill(ids)
         for step in range(max_new_tokens):
             token = sample(logits, temperature, top_p, top_k, generator)
@@ -128,6 +148,29 @@ class MoeModel:
             with torch.inference_mode():
                 logits = self.runner.forward(torch.tensor([token]), len(self._cached_ids))[-1]
             self._cached_ids.append(token)
+            self._counters["generated_tokens"] += 1
+            self._counters["decode_seconds"] += time.perf_counter() - start
+
+    def _stream_seq2seq(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                        generator: torch.Generator | None, eos: set[int]) -> Iterator[int]:
+        """Encode ids once, then decode from the decoder start token with the runner's caches."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.runner.encode(torch.tensor(ids))
+            logits = self.runner.forward(torch.tensor([self.config.decoder_start_token_id]), 0)[-1]
+        self._cached_ids = []  # the decoder's cache is not a prefix of the next prompt's
+        self._counters["prompt_tokens"] += len(ids)
+        self._counters["prefill_seconds"] += time.perf_counter() - start
+        for step in range(max_new_tokens):
+            token = sample(logits, temperature, top_p, top_k, generator)
+            if token in eos:
+                return
+            yield token
+            if step + 1 == max_new_tokens:
+                return
+            start = time.perf_counter()
+            with torch.inference_mode():
+                logits = self.runner.forward(torch.tensor([token]), step + 1)[-1]
             self._counters["generated_tokens"] += 1
             self._counters["decode_seconds"] += time.perf_counter() - start
 
@@ -195,20 +238,37 @@ class MoeModel:
         self.close()
 
 
+def weight_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The dtype dense weights have in memory: as stored, quantized ones dequantized to fp32."""
+    part = ckpt.expert_parts[0][0]
+    return torch.float32 if part.quant is not None else part.dtype
+
+
+def compute_dtype(ckpt: Checkpoint, dtype: torch.dtype | None) -> torch.dtype:
+    """Activations: fp32 for the decoder, which multiplies bf16 weights as stored
+    (moeedge.kernels); the Switch runner computes in the weights' dtype."""
+    if dtype is not None:
+        return dtype
+    return torch.float32 if runner_class(ckpt.config) is DecoderMoE else weight_dtype(ckpt)
+
+
 def plan_for(ckpt: Checkpoint, store: ExpertStore, budget: int, fixed: int, max_context: int,
              dtype: torch.dtype) -> MemoryPlan:
     """The memory plan of this checkpoint in this budget; BudgetError below the smallest workable one."""
     cfg = ckpt.config
     slot = max(store.slot_bytes(k) for k in store.keys())
-    return plan_memory(budget, fixed, ckpt.dense_numel * dtype.itemsize,
-                       DecoderMoE.kv_cache_bytes(cfg, max_context, dtype), _buffer_bytes(cfg, max_context),
+    runner = runner_class(cfg)
+    dense_dtype = weight_dtype(ckpt) if runner.mixed_precision else dtype
+    return plan_memory(budget, fixed, ckpt.dense_numel * dense_dtype.itemsize,
+                       runner.kv_cache_bytes(cfg, max_context, dtype), _buffer_bytes(cfg, max_context),
                        cfg.top_k * slot)
 
 
 def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = "auto", device: str = "cpu",
          prefetch: bool | None = None, policy: str = "lru", io_threads: int | None = None, max_context: int = 2048,
          direct_io: bool = True, dtype: torch.dtype | None = None) -> MoeModel:
-    """Open a checkpoint and plan it into memory_budget (the whole process's memory)."""
+    """Open a checkpoint and plan it into memory_budget (the whole process's memory).
+    dtype is the activations' dtype (default: fp32 for decoder models on CPU)."""
     fixed = rss_bytes()  # measured before anything of the model is read
     if device != "cpu":
         raise ValueError(f"device {device!r} is not supported yet; use 'cpu'")
@@ -219,15 +279,19 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     budget = resolve_budget(memory_budget)
     ckpt = open_checkpoint(source)
     cfg = ckpt.config
-    dtype = dtype or ckpt.expert_parts[0][0].dtype
+    runner_cls = runner_class(cfg)
+    dtype = compute_dtype(ckpt, dtype)
     max_context = min(max_context, cfg.max_position)
     store = ExpertStore(ckpt.files, ckpt.expert_ranges, direct_io=direct_io)
     plan = plan_for(ckpt, store, budget, fixed, max_context, dtype)
     expert_budget = min(plan.expert_cache_bytes, sum(store.slot_bytes(k) for k in store.keys()))
     cache = ExpertCache(store, expert_budget, policy, io_threads or 2)
     try:
-        dense = {n: ckpt.read_dense(n).to(dtype) for n in ckpt.dense_names}
-        runner = DecoderMoE(cfg, dense, ExpertAccess(cache, ckpt.expert_parts, dtype), max_context, dtype)
+        dense = {n: ckpt.read_dense(n) for n in ckpt.dense_names}
+        if not runner_cls.mixed_precision:
+            dense = {n: t.to(dtype) for n, t in dense.items()}
+        experts = ExpertAccess(cache, ckpt.expert_parts, None if runner_cls.mixed_precision else dtype)
+        runner = runner_cls(cfg, dense, experts, max_context, dtype)
         runner.prefetch = bool(prefetch)
         if ckpt.tokenizer_factory is not None:
             tokenizer = ckpt.tokenizer_factory()

@@ -5,7 +5,7 @@ import json
 import math
 
 from moeedge._core import ExpertStore
-from moeedge.api import open_checkpoint, plan_for
+from moeedge.api import compute_dtype, open_checkpoint, plan_for
 from moeedge.runtime.memory import rss_bytes
 from moeedge.units import format_bytes
 
@@ -14,7 +14,7 @@ def describe(source, max_context: int, json_out: bool = False) -> str:
     fixed = rss_bytes()
     ckpt = open_checkpoint(source)
     cfg = ckpt.config
-    dtype = ckpt.expert_parts[0][0].dtype
+    dtype = compute_dtype(ckpt, None)
     store = ExpertStore(ckpt.files, ckpt.expert_ranges)
     max_context = min(max_context, cfg.max_position)
     plan = plan_for(ckpt, store, 1 << 62, fixed, max_context, dtype)
@@ -28,7 +28,7 @@ def describe(source, max_context: int, json_out: bool = False) -> str:
         "top_k": cfg.top_k,
         "hidden": cfg.hidden,
         "vocab": cfg.vocab,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(ckpt.expert_parts[0][0].dtype).removeprefix("torch."),
         "params": ckpt.dense_numel + expert_params,
         "expert_params": expert_params,
         "expert_bytes": ckpt.expert_nbytes,

@@ -1,7 +1,9 @@
 """Decoder-only MoE (Mixtral, Qwen2-MoE, OLMoE) in plain torch, experts offloaded.
 
-Dense weights live in memory; each MoE layer routes with the checkpoint's router,
-then computes its selected experts from the native cache's buffers. Shapes:
+Dense weights live in memory as stored; each MoE layer routes with the checkpoint's
+router, then computes its selected experts from the native cache's buffers.
+Activations are in `dtype` (fp32 by default), weights stay in the checkpoint's dtype
+and are multiplied as they are (moeedge.kernels.linear). Shapes:
 T = tokens in this step, H = hidden, E = experts, K = top-k, S = cached positions.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moeedge.formats.hf_config import DecoderConfig
+from moeedge.kernels import linear
 from moeedge.runtime.experts import ExpertAccess
 
 
@@ -27,6 +30,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class DecoderMoE:
     """Forward of one sequence (batch 1) with a preallocated KV cache."""
+
+    mixed_precision = True  # weights stay as stored; activations in self.dtype
 
     def __init__(self, cfg: DecoderConfig, dense: dict[str, torch.Tensor], experts: ExpertAccess,
                  max_context: int, dtype: torch.dtype):
@@ -57,9 +62,9 @@ class DecoderMoE:
     def _attention(self, x: torch.Tensor, layer: int, start: int) -> torch.Tensor:
         cfg, w, T = self.cfg, self.w, x.shape[0]
         p = f"model.layers.{layer}.self_attn."
-        q = F.linear(x, w[p + "q_proj.weight"], w.get(p + "q_proj.bias"))
-        k = F.linear(x, w[p + "k_proj.weight"], w.get(p + "k_proj.bias"))
-        v = F.linear(x, w[p + "v_proj.weight"], w.get(p + "v_proj.bias"))
+        q = linear(x, w[p + "q_proj.weight"], w.get(p + "q_proj.bias"))
+        k = linear(x, w[p + "k_proj.weight"], w.get(p + "k_proj.bias"))
+        v = linear(x, w[p + "v_proj.weight"], w.get(p + "v_proj.bias"))
         if p + "q_norm.weight" in w:  # OLMoE normalises the whole projections
             q = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_eps)
             k = rms_norm(k, w[p + "k_norm.weight"], cfg.rms_eps)
@@ -85,17 +90,17 @@ class DecoderMoE:
             mask = torch.arange(S)[None, :] <= torch.arange(start, S)[:, None]  # [T, S]
         out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, vals, attn_mask=mask)  # [H, T, D]
         out = out.transpose(0, 1).reshape(T, cfg.n_heads * cfg.head_dim)
-        return F.linear(out, w[p + "o_proj.weight"])
+        return linear(out, w[p + "o_proj.weight"])
 
     # -- feed-forward ------------------------------------------------------------------
     @staticmethod
     def _mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+        return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
     def route(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, K] gate weights and expert indices, as the checkpoint's router picks them."""
         p = f"model.layers.{layer}.{'block_sparse_moe' if self.cfg.family == 'mixtral' else 'mlp'}."
-        logits = F.linear(x, self.w[p + "gate.weight"])  # [T, E]
+        logits = linear(x, self.w[p + "gate.weight"])  # [T, E]
         probs = torch.softmax(logits.float(), dim=-1)
         top_w, top_i = torch.topk(probs, self.cfg.top_k, dim=-1)
         if self.cfg.norm_topk_prob:
@@ -130,7 +135,7 @@ class DecoderMoE:
         if p + "shared_expert.gate_proj.weight" in self.w:  # Qwen2-MoE
             shared = self._mlp(x, self.w[p + "shared_expert.gate_proj.weight"],
                                self.w[p + "shared_expert.up_proj.weight"], self.w[p + "shared_expert.down_proj.weight"])
-            out = out + torch.sigmoid(F.linear(x, self.w[p + "shared_expert_gate.weight"])) * shared
+            out = out + torch.sigmoid(linear(x, self.w[p + "shared_expert_gate.weight"])) * shared
         return out
 
     def _prefetch_next(self, x: torch.Tensor, layer: int) -> None:
@@ -153,11 +158,11 @@ class DecoderMoE:
         cfg, w = self.cfg, self.w
         if start + tokens.shape[0] > self.max_context:
             raise ValueError(f"{start + tokens.shape[0]} tokens exceed max_context={self.max_context}")
-        h = F.embedding(tokens, w["model.embed_tokens.weight"])
+        h = F.embedding(tokens, w["model.embed_tokens.weight"]).to(self.dtype)
         for layer in range(cfg.n_layers):
             p = f"model.layers.{layer}."
             h = h + self._attention(rms_norm(h, w[p + "input_layernorm.weight"], cfg.rms_eps), layer, start)
             h = h + self._ffn(rms_norm(h, w[p + "post_attention_layernorm.weight"], cfg.rms_eps), layer)
         if not all_logits:
             h = h[-1:]
-        return F.linear(rms_norm(h, w["model.norm.weight"], cfg.rms_eps), self.lm_head)
+        return linear(rms_norm(h, w["model.norm.weight"], cfg.rms_eps), self.lm_head)

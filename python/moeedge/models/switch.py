@@ -19,8 +19,14 @@ from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.memory import SLACK_BYTES
 
 ATTN_CHUNK = 128  # queries per attention step: bounds the [H, T, S] scores
-ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu,
-       "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "gelu_new": gelu_tanh,
+       "gelu_pytorch_tanh": gelu_tanh}
 
 
 def t5_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -85,6 +91,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: PositionBias
 
 class SwitchMoE:
     """Encode once, then decode with a self-attention KV cache and cached cross-attention keys and values."""
+
+    mixed_precision = False  # dense weights and experts are converted to the compute dtype
 
     def __init__(self, cfg: SwitchConfig, dense: dict[str, torch.Tensor], experts: ExpertAccess,
                  max_context: int, dtype: torch.dtype):

@@ -12,7 +12,8 @@ from moeedge.keys import ExpertKey
 class ExpertWeights:
     """The matrices of one expert, by role; they pin the cached bytes while referenced."""
 
-    def __init__(self, cache: ExpertCache, layer: int, expert: int, parts: list[ExpertPart], dtype: torch.dtype):
+    def __init__(self, cache: ExpertCache, layer: int, expert: int, parts: list[ExpertPart],
+                 dtype: torch.dtype | None):
         buf = cache.get(ExpertKey(layer, expert).packed)
         self.weights: dict[str, torch.Tensor] = {}
         for part in parts:
@@ -20,12 +21,12 @@ class ExpertWeights:
                 from moeedge.formats.gguf_quants import dequantize  # noqa: PLC0415
 
                 raw = expert_view(buf, torch.uint8, offset=part.offset, count=part.nbytes)
-                self.weights[part.role] = dequantize(raw, part.quant, part.shape, dtype)
+                self.weights[part.role] = dequantize(raw, part.quant, part.shape, dtype or torch.float32)
                 continue
             w = expert_view(buf, part.dtype, offset=part.offset, count=part.nbytes // part.dtype.itemsize)
             w = w.view(part.shape)
-            # A copy only where the checkpoint's dtype is not the compute dtype.
-            self.weights[part.role] = w if part.dtype == dtype else w.to(dtype)
+            # dtype None: multiplied as stored (moeedge.kernels); else a copy where it differs.
+            self.weights[part.role] = w if dtype is None or part.dtype == dtype else w.to(dtype)
 
     def __getitem__(self, role: str) -> torch.Tensor:
         return self.weights[role]
@@ -34,7 +35,7 @@ class ExpertWeights:
 class ExpertAccess:
     """Get, prefetch and ask residency of experts by (MoE layer, expert)."""
 
-    def __init__(self, cache: ExpertCache, parts: dict[int, list[ExpertPart]], dtype: torch.dtype):
+    def __init__(self, cache: ExpertCache, parts: dict[int, list[ExpertPart]], dtype: torch.dtype | None):
         self.cache = cache
         self.parts = parts
         self.dtype = dtype

@@ -1,0 +1,110 @@
+"""Run a command under a real memory limit: a child memory cgroup (v1 under this
+process's own, or v2) whose limit covers the whole process, page cache included."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class CgroupUnavailable(RuntimeError):
+    """No writable memory cgroup here: results cannot be labelled as limited."""
+
+
+@dataclass
+class LimitedResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    limit_bytes: int
+    peak_bytes: int        # the cgroup's high-water mark, page cache included
+    failcnt: int           # times the limit was hit (v1)
+    oom_kills: int
+    seconds: float
+
+
+def _own_memory_cgroup() -> tuple[Path, int]:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/"), 1
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            return Path("/sys/fs/cgroup") / path.lstrip("/"), 2
+    raise CgroupUnavailable("no memory cgroup in /proc/self/cgroup")
+
+
+def evict_files(paths) -> None:
+    """Drop files from the page cache: pages charged to another cgroup would make a limited run look unlimited."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run_limited(cmd: list[str], limit_bytes: int, timeout: float, env: dict | None = None) -> LimitedResult:
+    """Start cmd inside a fresh child cgroup limited to limit_bytes; remove the cgroup afterwards."""
+    parent, version = _own_memory_cgroup()
+    child = parent / f"moeedge-{uuid.uuid4().hex[:12]}"
+    try:
+        child.mkdir()
+    except OSError as e:
+        raise CgroupUnavailable(f"cannot create a memory cgroup under {parent}: {e.strerror}") from None
+    try:
+        if version == 1:
+            (child / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            try:
+                (child / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+            except OSError:
+                pass  # no swap accounting: there is no swap to escape to either
+        else:
+            (child / "memory.max").write_text(str(limit_bytes))
+            (child / "memory.swap.max").write_text("0")
+        procs = str(child / "cgroup.procs")
+        # The child joins the cgroup before it execs, so the whole process is limited.
+        wrapped = ["sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh", *cmd]
+        start = time.perf_counter()
+        try:
+            run = subprocess.run(wrapped, capture_output=True, text=True, timeout=timeout, env=env)
+            code, out, err = run.returncode, run.stdout, run.stderr
+        except subprocess.TimeoutExpired as e:
+            code, out, err = 124, (e.stdout or b"").decode(errors="replace"), (e.stderr or b"").decode(errors="replace")
+        seconds = time.perf_counter() - start
+        if version == 1:
+            peak = int((child / "memory.max_usage_in_bytes").read_text())
+            failcnt = int((child / "memory.failcnt").read_text())
+            oom = _oom_kills(child / "memory.oom_control")
+        else:
+            peak = int((child / "memory.peak").read_text()) if (child / "memory.peak").exists() else 0
+            failcnt = 0
+            oom = _oom_kills(child / "memory.events")
+        return LimitedResult(code, out, err, limit_bytes, peak, failcnt, oom, seconds)
+    finally:
+        _remove(child)
+
+
+def _oom_kills(path: Path) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def _remove(child: Path) -> None:
+    for _ in range(50):  # the last process may still be leaving
+        try:
+            child.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)

@@ -1,0 +1,173 @@
+"""GGUF files made the way users make them: a tiny seeded Mixtral written by transformers,
+a sentencepiece tokenizer trained here, and llama.cpp's own convert_hf_to_gguf.py.
+
+The converter comes from the llama-cpp-python source package on PyPI (llama.cpp itself
+is not on PyPI); it is fetched once into a cache directory with pip and reused, and
+only the converter, its `conversion/` package and its vendored `gguf-py/` are unpacked.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+LLAMA_CPP_PYTHON = "0.3.36"  # whose vendored llama.cpp converter the tests run
+CACHE = Path(os.environ.get("MOEEDGE_TEST_CACHE", "/var/tmp/moeedge-test-cache"))
+VOCAB = 320  # 3 specials + 256 byte tokens + merges: byte fallback, as Mixtral's tokenizer has
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEXT = ("the quick brown fox jumps over the lazy dog. experts route tokens; a cache keeps hot experts in memory "
+        "while the rest stay on disk. hello world, how are you today? fine thanks. Mixture of Experts models "
+        "pick two of eight experts for every token, so most weights sit idle at any moment.")
+
+
+class ConverterUnavailable(RuntimeError):
+    """pip could not fetch the llama-cpp-python source package."""
+
+
+# --------------------------------------------------------------------------- converter
+
+def converter_dir(cache: Path = CACHE) -> Path:
+    """vendor/llama.cpp of llama-cpp-python's sdist, unpacked once (convert_hf_to_gguf.py, conversion/, gguf-py/)."""
+    root = cache / f"llama-cpp-python-{LLAMA_CPP_PYTHON}"
+    script = root / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return root
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = _download_sdist(cache)
+    tmp = cache / f".unpack-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers()
+                   if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted) and (m.isfile() or m.isdir())]
+        for m in members:
+            m.name = m.name[len(prefix):]
+        tar.extractall(tmp, members=members, filter="data")
+    if not (tmp / "convert_hf_to_gguf.py").is_file():
+        raise ConverterUnavailable(f"{sdist} has no {prefix}convert_hf_to_gguf.py")
+    try:
+        tmp.rename(root)  # atomic: a concurrent run sees all of it or none
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _download_sdist(cache: Path) -> Path:
+    dest = cache / "sdist"
+    found = sorted(dest.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"))
+    if found:
+        return found[0]
+    # --no-binary on this package only: its build requirements come as wheels, or pip
+    # would compile cmake from source just to read the sdist's metadata.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+           "-d", str(dest), f"llama-cpp-python=={LLAMA_CPP_PYTHON}"]
+    try:
+        import scikit_build_core  # noqa: F401  (present: metadata without an isolated build env)
+
+        cmd.insert(4, "--no-build-isolation")
+    except ImportError:
+        pass
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    found = sorted(dest.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"))
+    if proc.returncode != 0 or not found:
+        raise ConverterUnavailable(f"pip could not fetch llama-cpp-python=={LLAMA_CPP_PYTHON}: "
+                                   f"{(proc.stderr or proc.stdout).strip()[-800:]}")
+    return found[0]
+
+
+def convert(converter: Path, hf_dir: Path, outtype: str, out: Path) -> Path:
+    """Run llama.cpp's converter on hf_dir; out is the .gguf written."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(converter / "gguf-py"), str(converter)]),
+           "NO_LOCAL_GGUF": "1"}
+    proc = subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(hf_dir),
+                           "--outtype", outtype, "--outfile", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=converter)
+    if proc.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"convert_hf_to_gguf.py --outtype {outtype} failed ({proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    return out
+
+
+# --------------------------------------------------------------------------- the model
+
+def write_sentencepiece(directory: Path, vocab_size: int = VOCAB) -> Path:
+    """A BPE tokenizer.model set up as Llama's and Mixtral's are: identity normalisation,
+    spaces kept as they are, a dummy prefix, byte fallback; <unk> <s> </s> are ids 0-2."""
+    import sentencepiece as spm
+
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join([TEXT] * 4))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, split_digits=True, character_coverage=1.0, minloglevel=2, num_threads=1)
+    corpus.unlink()
+    (directory / "tokenizer.vocab").unlink(missing_ok=True)
+    return directory / "tokenizer.model"
+
+
+def make_mixtral(directory: Path, seed: int = 0):
+    """A tiny Mixtral checkpoint with a sentencepiece tokenizer and a chat template; returns the fp32 reference."""
+    import torch
+
+    from tiny_checkpoints import decoder_config, model_class
+
+    torch.manual_seed(seed)
+    cfg = decoder_config("mixtral")
+    cfg.vocab_size = VOCAB
+    model = model_class("mixtral")(cfg).eval()
+    with torch.no_grad():  # random init is near zero: widen it so routing and logits vary
+        for p in model.parameters():
+            p.normal_(0, 0.08)
+    model.save_pretrained(directory)
+    write_sentencepiece(directory)
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE,
+        "add_bos_token": True, "add_eos_token": False}))
+    return model
+
+
+# --------------------------------------------------------------------------- damage
+
+def tensor_info_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> (file offset of its ggml type field, file offset of its data offset field)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    out = {}
+    for t in reader.tensors:
+        f = t.field
+        type_at = f.offset + sum(int(p.nbytes) for p in f.parts[:4])  # name length, name, n_dims, dims
+        out[t.name] = (type_at, type_at + 4)
+    del reader
+    return out
+
+
+def patch(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def set_tensor_type(path: Path, name: str, ggml_type: int) -> None:
+    patch(path, tensor_info_offsets(path)[name][0], np.uint32(ggml_type).tobytes())
+
+
+def set_tensor_offset(path: Path, name: str, offset: int) -> None:
+    patch(path, tensor_info_offsets(path)[name][1], np.uint64(offset).tobytes())
+
+
+def replace_string(path: Path, old: bytes, new: bytes) -> None:
+    """Overwrite the first occurrence of a metadata string with one of the same length."""
+    assert len(old) == len(new)
+    data = path.read_bytes()
+    at = data.index(old)
+    patch(path, at, new)
