@@ -1,0 +1,69 @@
+"""The native bf16 matrix-vector kernel against torch, on every path this CPU has."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeedge import _core
+from moeedge.kernels import linear
+
+
+@pytest.fixture(params=["native", "scalar"])
+def path(request):
+    _core.linear_bf16_force_scalar(request.param == "scalar")
+    yield request.param
+    _core.linear_bf16_force_scalar(False)
+
+
+@pytest.mark.parametrize("tokens, rows, cols", [(1, 3584, 1024), (3, 257, 1031), (16, 64, 7), (1, 1, 32)])
+def test_matches_torch_fp32_on_the_same_weights(path, tokens, rows, cols):
+    gen = torch.Generator().manual_seed(rows * cols + tokens)
+    w = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+    x = torch.randn(tokens, cols, generator=gen)
+    out = torch.empty(tokens, rows)
+    _core.linear_bf16(x.numpy(), w.view(torch.int16).numpy(), out.numpy())
+    torch.testing.assert_close(out, F.linear(x, w.float()), atol=1e-4 * cols ** 0.5, rtol=1e-5)
+
+
+def test_paths_agree_within_float_rounding():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 1000, generator=gen).to(torch.bfloat16)
+    x = torch.randn(2, 1000, generator=gen)
+    outs = []
+    for scalar in (False, True):
+        _core.linear_bf16_force_scalar(scalar)
+        out = torch.empty(2, 512)
+        _core.linear_bf16(x.numpy(), w.view(torch.int16).numpy(), out.numpy())
+        outs.append(out)
+    _core.linear_bf16_force_scalar(False)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-5)
+
+
+def test_linear_dispatch_handles_bias_and_large_batches():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 24, generator=gen).to(torch.bfloat16)
+    b = torch.randn(40, generator=gen).to(torch.bfloat16)
+    for tokens in (1, 64):  # native kernel, then torch on converted weights
+        x = torch.randn(tokens, 24, generator=gen)
+        torch.testing.assert_close(linear(x, w, b), F.linear(x, w.float(), b.float()), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("x, w, out, message", [
+    (np.zeros((1, 8), np.float32), np.zeros((4, 9), np.int16), np.zeros((1, 4), np.float32), "shapes do not fit"),
+    (np.zeros((1, 8), np.float64), np.zeros((4, 8), np.int16), np.zeros((1, 4), np.float32), "4-byte items"),
+    (np.zeros((1, 8), np.float32), np.zeros((4, 8), np.int32), np.zeros((1, 4), np.float32), "2-byte items"),
+    (np.zeros((1, 8), np.float32), np.zeros((8, 8), np.int16)[:, ::2], np.zeros((1, 8), np.float32), "C-contiguous"),
+    (np.zeros(8, np.float32), np.zeros((4, 8), np.int16), np.zeros((1, 4), np.float32), "2-D"),
+])
+def test_bad_arguments_are_refused(x, w, out, message):
+    with pytest.raises(ValueError, match=message):
+        _core.linear_bf16(x, w, out)
+
+
+def test_read_only_output_is_refused():
+    out = np.zeros((1, 4), np.float32)
+    out.flags.writeable = False
+    with pytest.raises((BufferError, ValueError), match="(?i)writ|read-only|readonly"):
+        _core.linear_bf16(np.zeros((1, 8), np.float32), np.zeros((4, 8), np.int16), out)
