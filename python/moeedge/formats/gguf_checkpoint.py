@@ -39,9 +39,6 @@ TYPES = {
     8: ("Q8_0", torch.uint8, "q8_0", 32, 34),
 }
 SUPPORTED_TYPES = ", ".join(t[0] for t in TYPES.values())
-# ExpertPart.dtype of a quantized part is the dtype it dequantizes to unless load() is
-# given another: the compute dtype of the model. bfloat16, as Mixtral was trained.
-Q8_0_COMPUTE_DTYPE = torch.bfloat16
 
 TOP_LEVEL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
@@ -211,7 +208,7 @@ def gguf_config(f: GGUFFile) -> DecoderConfig:
     vocab = len(tokens) if isinstance(tokens, list) else _meta(f, "llama.vocab_size", embed and embed.shape[0])
     eos = [f.metadata[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in f.metadata]
     gate = f.tensors.get(f"blk.0.{EXPERTS['gate']}")
-    name, dtype, quant, _, _ = TYPES[gate.ggml_type] if gate else TYPES[0]
+    _, dtype, quant, _, _ = TYPES[gate.ggml_type] if gate else TYPES[0]
     n_layers = _meta(f, "llama.block_count")
     return DecoderConfig(
         family="mixtral", n_layers=n_layers, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
@@ -221,7 +218,7 @@ def gguf_config(f: GGUFFile) -> DecoderConfig:
         rope_theta=float(_meta(f, "llama.rope.freq_base", 10000.0, float)),
         max_position=_meta(f, "llama.context_length", 4096), tie_embeddings="output.weight" not in f.tensors,
         bos_token_id=f.metadata.get("tokenizer.ggml.bos_token_id"), eos_token_ids=[int(e) for e in eos],
-        dtype=Q8_0_COMPUTE_DTYPE if quant else dtype)
+        dtype=torch.float32 if quant else dtype)  # as the weights are held: Q8_0 dense tensors dequantized
 
 
 def _expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
@@ -270,8 +267,8 @@ def _expert_layout(f: GGUFFile, cfg: DecoderConfig):
         for role, t in tensors.items():
             _, dtype, quant, _, _ = TYPES[t.ggml_type]
             per_expert = _nbytes(t.ggml_type, t.shape[1:])
-            layout.append(ExpertPart(role, Q8_0_COMPUTE_DTYPE if quant else dtype, t.shape[1:], packed, per_expert,
-                                     quant))
+            # A Q8_0 part is raw blocks (dtype uint8, nbytes of blocks), dequantized at use.
+            layout.append(ExpertPart(role, dtype, t.shape[1:], packed, per_expert, quant))
             packed += per_expert
         parts[layer] = layout
         for e in range(cfg.n_experts):

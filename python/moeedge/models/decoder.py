@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moeedge.formats.hf_config import DecoderConfig
-from moeedge.kernels import linear
+from moeedge.kernels import NATIVE_MAX_TOKENS, linear
 from moeedge.runtime.experts import ExpertAccess
 
 
@@ -155,9 +155,21 @@ class DecoderMoE:
     # -- the whole model ---------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, start: int, all_logits: bool = False) -> torch.Tensor:
         """tokens [T] at positions start..start+T-1 -> logits [T, V] (or [1, V], the last)."""
-        cfg, w = self.cfg, self.w
         if start + tokens.shape[0] > self.max_context:
             raise ValueError(f"{start + tokens.shape[0]} tokens exceed max_context={self.max_context}")
+        if tokens.shape[0] > NATIVE_MAX_TOKENS:
+            return self._forward(tokens, start, all_logits)
+        # A decode step's heavy products run on moeedge's own kernel threads; torch's
+        # OpenMP threads would only spin against them on the small remaining ops.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._forward(tokens, start, all_logits)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _forward(self, tokens: torch.Tensor, start: int, all_logits: bool) -> torch.Tensor:
+        cfg, w = self.cfg, self.w
         h = F.embedding(tokens, w["model.embed_tokens.weight"]).to(self.dtype)
         for layer in range(cfg.n_layers):
             p = f"model.layers.{layer}."
