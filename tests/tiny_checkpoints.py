@@ -68,3 +68,13 @@ def write_tokenizer(directory: Path, vocab_size: int = 160) -> None:
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))
+
+
+if __name__ == "__main__":  # python tests/tiny_checkpoints.py DIR [family]: a tiny chat-ready checkpoint
+    import sys
+
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    make_decoder(out, sys.argv[2] if len(sys.argv) > 2 else "mixtral", seed=4)
+    write_tokenizer(out)
+    print(out)
