@@ -7,12 +7,14 @@ only the converter, its `conversion/` package and its vendored `gguf-py/` are un
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import numpy as np
 LLAMA_CPP_PYTHON = "0.3.36"  # whose vendored llama.cpp converter the tests run
 CACHE = Path(os.environ.get("MOEEDGE_TEST_CACHE", "/var/tmp/moeedge-test-cache"))
 VOCAB = 320  # 3 specials + 256 byte tokens + merges: byte fallback, as Mixtral's tokenizer has
+CHAT_TOKENS = ("<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TEXT = ("the quick brown fox jumps over the lazy dog. experts route tokens; a cache keeps hot experts in memory "
@@ -46,11 +49,12 @@ def converter_dir(cache: Path = CACHE) -> Path:
     prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
     wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
     with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers()
-                   if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted) and (m.isfile() or m.isdir())]
+        members = [m for m in tar.getmembers() if (m.isfile() or m.isdir())
+                   and m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted)]
         for m in members:
             m.name = m.name[len(prefix):]
-        tar.extractall(tmp, members=members, filter="data")
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12 / 3.11.4
+        tar.extractall(tmp, members=members, **safe)
     if not (tmp / "convert_hf_to_gguf.py").is_file():
         raise ConverterUnavailable(f"{sdist} has no {prefix}convert_hf_to_gguf.py")
     try:
@@ -96,21 +100,46 @@ def convert(converter: Path, hf_dir: Path, outtype: str, out: Path) -> Path:
     return out
 
 
+def convert_all(converter: Path, hf_dir: Path, outtypes: tuple[str, ...], cache: Path = CACHE) -> dict[str, Path]:
+    """Each outtype converted once (in parallel: each run is mostly the converter importing
+    torch and transformers) and kept in the cache under a hash of the checkpoint's bytes,
+    so a later session with the same seeded checkpoint reuses the files."""
+    digest = hashlib.sha256(LLAMA_CPP_PYTHON.encode())
+    for f in sorted(p for p in hf_dir.iterdir() if p.is_file()):
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    out_dir = cache / "gguf"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {o: out_dir / f"mixtral-{digest.hexdigest()[:16]}-{o}.gguf" for o in outtypes}
+
+    def make(outtype: str) -> None:
+        final = paths[outtype]
+        if not final.is_file():
+            tmp = final.with_suffix(f".{os.getpid()}.partial.gguf")
+            convert(converter, hf_dir, outtype, tmp)
+            tmp.replace(final)  # atomic: readers see a whole file or none
+
+    with ThreadPoolExecutor(len(outtypes)) as pool:
+        list(pool.map(make, outtypes))
+    return paths
+
+
 # --------------------------------------------------------------------------- the model
 
 def write_sentencepiece(directory: Path, vocab_size: int = VOCAB) -> Path:
     """A BPE tokenizer.model set up as Llama's and Mixtral's are: identity normalisation,
-    spaces kept as they are, a dummy prefix, byte fallback; <unk> <s> </s> are ids 0-2."""
+    spaces kept as they are, a dummy prefix, byte fallback; <unk> <s> </s> are ids 0-2,
+    the chat markers CHAT_TOKENS ids 3 and 4."""
+    import io
+
     import sentencepiece as spm
 
-    corpus = directory / "corpus.txt"
-    corpus.write_text("\n".join([TEXT] * 4))
+    model = io.BytesIO()  # no file paths, so the same bytes every time (the cache key hashes them)
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        sentence_iterator=iter([TEXT] * 4), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, split_digits=True, character_coverage=1.0, minloglevel=2, num_threads=1)
-    corpus.unlink()
-    (directory / "tokenizer.vocab").unlink(missing_ok=True)
+        add_dummy_prefix=True, split_digits=True, character_coverage=1.0, minloglevel=2, num_threads=1,
+        user_defined_symbols=list(CHAT_TOKENS))
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
     return directory / "tokenizer.model"
 
 
@@ -125,13 +154,16 @@ def make_mixtral(directory: Path, seed: int = 0):
     cfg.vocab_size = VOCAB
     model = model_class("mixtral")(cfg).eval()
     with torch.no_grad():  # random init is near zero: widen it so routing and logits vary
-        for p in model.parameters():
-            p.normal_(0, 0.08)
+        for name, p in model.named_parameters():
+            # RMSNorm scales near one, as trained models have them: logits of about unit size
+            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.08)
     model.save_pretrained(directory)
     write_sentencepiece(directory)
+    # As a chat model's tokenizer_config.json marks its chat markers: special (GGUF: control) tokens.
+    added = {str(3 + i): {"content": t, "special": True} for i, t in enumerate(CHAT_TOKENS)}
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE,
-        "add_bos_token": True, "add_eos_token": False}))
+        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": added}))
     return model
 
 
@@ -165,9 +197,21 @@ def set_tensor_offset(path: Path, name: str, offset: int) -> None:
     patch(path, tensor_info_offsets(path)[name][1], np.uint64(offset).tobytes())
 
 
-def replace_string(path: Path, old: bytes, new: bytes) -> None:
-    """Overwrite the first occurrence of a metadata string with one of the same length."""
-    assert len(old) == len(new)
-    data = path.read_bytes()
-    at = data.index(old)
-    patch(path, at, new)
+def _field(path: Path, key: str):
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields[key]
+    return field.offset, [int(p.nbytes) for p in field.parts]
+
+
+def set_metadata_string(path: Path, key: str, value: str) -> None:
+    """Overwrite a string value in place with one of the same length."""
+    offset, sizes = _field(path, key)
+    assert sizes[-1] == len(value.encode()), "same length only: the file is patched in place"
+    patch(path, offset + sum(sizes[:-1]), value.encode())
+
+
+def rename_metadata_key(path: Path, key: str, new_key: str) -> None:
+    offset, sizes = _field(path, key)
+    assert len(key) == len(new_key)
+    patch(path, offset + sizes[0], new_key.encode())

@@ -4,6 +4,7 @@ with jinja2 as transformers renders them."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 
@@ -55,9 +56,24 @@ class Tokenizer:
         if self._hf is not None:
             ids = self._hf.encode(text, add_special_tokens=False).ids
         else:
-            ids = self._sp.encode(text)
+            ids = self._encode_sp(text)
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
+        return ids
+
+    def _encode_sp(self, text: str) -> list[int]:
+        """sentencepiece reads "<s>" as three characters: special tokens written by a chat
+        template are cut out and mapped to their ids, as transformers does."""
+        specials = {t: self.token_id(t) for t in self.special.values()}
+        specials = {t: i for t, i in specials.items() if i is not None}
+        if not specials:
+            return self._sp.encode(text)
+        ids: list[int] = []
+        for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+            if part in specials:
+                ids.append(specials[part])
+            elif part:
+                ids.extend(self._sp.encode(part))
         return ids
 
     def decode(self, ids: list[int]) -> str:
