@@ -42,15 +42,16 @@ def test_transformers_4_style_config_matches(mixtral, tmp_path):
         torch.testing.assert_close(model.logits(IDS), expected, atol=1e-4, rtol=0)
 
 
-def test_bf16_weights_are_multiplied_as_stored(tmp_path):
-    """bf16 weights stay bf16 in memory and in the cache; activations are fp32, so the
-    result equals transformers in fp32 on the very same (bf16-valued) weights."""
-    reference = make_decoder(tmp_path, "olmoe", seed=2, dtype=torch.bfloat16).float()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_weights_are_multiplied_as_stored(tmp_path, dtype):
+    """16-bit weights stay 16-bit in memory and in the cache; activations are fp32, so
+    the result equals transformers in fp32 on the very same (16-bit-valued) weights."""
+    reference = make_decoder(tmp_path, "olmoe", seed=2, dtype=dtype).float()
     with torch.no_grad():
         expected = reference(IDS[None]).logits[0]
     with moeedge.load(tmp_path, memory_budget="8GiB") as model:
         assert model.runner.dtype == torch.float32
-        assert model.runner.w["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+        assert model.runner.w["model.layers.0.self_attn.q_proj.weight"].dtype == dtype
         got = model.logits(IDS)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 

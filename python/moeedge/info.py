@@ -28,7 +28,7 @@ def describe(source, max_context: int, json_out: bool = False) -> str:
         "top_k": cfg.top_k,
         "hidden": cfg.hidden,
         "vocab": cfg.vocab,
-        "dtype": str(ckpt.expert_parts[0][0].dtype).removeprefix("torch."),
+        "dtype": ckpt.expert_parts[0][0].quant or str(ckpt.expert_parts[0][0].dtype).removeprefix("torch."),
         "params": ckpt.dense_numel + expert_params,
         "expert_params": expert_params,
         "expert_bytes": ckpt.expert_nbytes,
