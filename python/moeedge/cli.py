@@ -123,6 +123,21 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         return run_chat(model, args.max_new_tokens, args.temperature, args.seed)
 
 
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from moeedge.trace import record, save
+
+    try:
+        text = open(args.text, encoding="utf-8").read()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--text {args.text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    with _load(args) as model:
+        trace = record(model, text, hidden=args.hidden, window=args.window, max_tokens=args.max_tokens)
+    path = save(trace, args.output)
+    print(f"{path}: {len(trace['tokens'])} tokens, experts {list(trace['experts'].shape)}"
+          + (f", encoder {list(trace['experts_encoder'].shape)}" if "experts_encoder" in trace else ""))
+    return 0
+
+
 def _cmd_version(args: argparse.Namespace) -> int:
     from moeedge._core import cpu_features
 
@@ -155,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(chat)
     _sampling_options(chat)
     chat.set_defaults(run=_cmd_chat)
+
+    trace = sub.add_parser("trace", help="record which experts each token picks, over a text (.npz)")
+    _model_options(trace)
+    trace.add_argument("--text", required=True, help="UTF-8 text file")
+    trace.add_argument("-o", "--output", default="trace.npz")
+    trace.add_argument("--hidden", action="store_true", help="also record the hidden state entering each MoE layer")
+    trace.add_argument("--window", type=int, default=512, help="tokens per sequence (default 512)")
+    trace.add_argument("--max-tokens", type=int, default=None)
+    trace.set_defaults(run=_cmd_trace)
 
     bench = sub.add_parser("bench", help="measure this machine")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -41,6 +41,9 @@ class DecoderMoE:
         self.dtype = dtype
         self.max_context = max_context
         self.prefetch = False
+        # Called as recorder(moe_layer, experts [T, K], gates [T, K], hidden [T, H]) by each
+        # MoE layer: routing traces (moeedge.trace).
+        self.recorder = None
         shape = (cfg.n_layers, max_context, cfg.n_kv_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
@@ -112,6 +115,8 @@ class DecoderMoE:
     def _moe(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         cfg, moe_layer = self.cfg, self.moe_index[layer]
         top_w, top_i = self.route(x, layer)
+        if self.recorder is not None:
+            self.recorder(moe_layer, top_i, top_w, x)
         chosen = torch.unique(top_i).tolist()
         # Resident experts first while the missing ones are read; each expert's
         # output is summed in expert order afterwards, so the result does not

@@ -118,6 +118,7 @@ class SwitchMoE:
         self.act = ACT[cfg.act]
         # Per MoE layer, the expert each token of the last call went to; -1: dropped past capacity.
         self.last_routing: list[torch.Tensor | None] = [None] * cfg.moe_layers
+        self.recorder = None  # recorder(moe_layer, experts [T, 1], gates [T, 1], hidden [T, H]); -1: dropped
 
     @staticmethod
     def kv_cache_bytes(cfg: SwitchConfig, max_context: int, dtype: torch.dtype) -> int:
@@ -160,6 +161,8 @@ class SwitchMoE:
     def _moe(self, x: torch.Tensor, moe_layer: int) -> torch.Tensor:
         expert, prob = self.route(x, moe_layer)
         self.last_routing[moe_layer] = expert
+        if self.recorder is not None:
+            self.recorder(moe_layer, expert[:, None], prob[:, None], x)
         chosen = [e for e in torch.unique(expert).tolist() if e >= 0]
         # Resident experts first while the missing ones are read; outputs are summed
         # in expert order afterwards, so the result does not depend on the cache.
