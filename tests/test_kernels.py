@@ -12,9 +12,9 @@ from moeedge.kernels import linear
 
 @pytest.fixture(params=["native", "scalar"])
 def path(request):
-    _core.linear_bf16_force_scalar(request.param == "scalar")
+    _core.linear_force_scalar(request.param == "scalar")
     yield request.param
-    _core.linear_bf16_force_scalar(False)
+    _core.linear_force_scalar(False)
 
 
 @pytest.mark.parametrize("tokens, rows, cols", [(1, 3584, 1024), (3, 257, 1031), (16, 64, 7), (1, 1, 32)])
@@ -33,11 +33,11 @@ def test_paths_agree_within_float_rounding():
     x = torch.randn(2, 1000, generator=gen)
     outs = []
     for scalar in (False, True):
-        _core.linear_bf16_force_scalar(scalar)
+        _core.linear_force_scalar(scalar)
         out = torch.empty(2, 512)
         _core.linear_bf16(x.numpy(), w.view(torch.int16).numpy(), out.numpy())
         outs.append(out)
-    _core.linear_bf16_force_scalar(False)
+    _core.linear_force_scalar(False)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-5)
 
 
@@ -67,3 +67,32 @@ def test_read_only_output_is_refused():
     out.flags.writeable = False
     with pytest.raises((BufferError, ValueError), match="(?i)writ|read-only|readonly"):
         _core.linear_bf16(np.zeros((1, 8), np.float32), np.zeros((4, 8), np.int16), out)
+
+
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """GGML's Q8_0: per 32 weights a fp16 scale d = max|w| / 127 and int8 q = round(w / d)."""
+    blocks = w.reshape(-1, 32)
+    d = (blocks.abs().amax(dim=1, keepdim=True) / 127).to(torch.float16)
+    q = torch.round(blocks / d.float().clamp_min(1e-30)).clamp(-127, 127).to(torch.int8)
+    return torch.cat([d.view(torch.uint8).reshape(-1, 2), q.view(torch.uint8)], dim=1).reshape(-1)
+
+
+@pytest.mark.parametrize("tokens, rows, cols", [(1, 3584, 1024), (4, 100, 96), (16, 7, 32)])
+def test_q8_0_matches_dequantize_then_matmul(path, tokens, rows, cols):
+    from moeedge.formats.gguf_quants import dequantize
+
+    gen = torch.Generator().manual_seed(rows + cols)
+    raw = quantize_q8_0(torch.randn(rows, cols, generator=gen))
+    x = torch.randn(tokens, cols, generator=gen)
+    out = torch.empty(tokens, rows)
+    _core.linear_q8_0(x.numpy(), raw.numpy(), out.numpy())
+    expected = F.linear(x, dequantize(raw, "q8_0", (rows, cols), torch.float32))
+    torch.testing.assert_close(out, expected, atol=1e-4 * cols ** 0.5, rtol=1e-5)
+
+
+def test_q8_0_bad_arguments_are_refused():
+    x, out = np.zeros((1, 64), np.float32), np.zeros((1, 4), np.float32)
+    with pytest.raises(ValueError, match="needs 272"):
+        _core.linear_q8_0(x, np.zeros(100, np.uint8), out)
+    with pytest.raises(ValueError, match="whole 32-weight blocks"):
+        _core.linear_q8_0(np.zeros((1, 40), np.float32), np.zeros(100, np.uint8), out)

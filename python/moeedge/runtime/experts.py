@@ -7,6 +7,7 @@ from moeedge._core import ExpertCache
 from moeedge.expert_tensor import expert_view
 from moeedge.formats.checkpoint import ExpertPart
 from moeedge.keys import ExpertKey
+from moeedge.kernels import QuantTensor
 
 
 class ExpertWeights:
@@ -18,10 +19,10 @@ class ExpertWeights:
         self.weights: dict[str, torch.Tensor] = {}
         for part in parts:
             if part.quant is not None:
-                from moeedge.formats.gguf_quants import dequantize  # noqa: PLC0415
-
                 raw = expert_view(buf, torch.uint8, offset=part.offset, count=part.nbytes)
-                self.weights[part.role] = dequantize(raw, part.quant, part.shape, dtype or torch.float32)
+                q = QuantTensor(raw, part.quant, part.shape)
+                # dtype None: multiplied as stored by the native kernel; else dequantized now.
+                self.weights[part.role] = q if dtype is None else q.dequantize(dtype)
                 continue
             w = expert_view(buf, part.dtype, offset=part.offset, count=part.nbytes // part.dtype.itemsize)
             w = w.view(part.shape)

@@ -1,0 +1,209 @@
+#include "linear.h"
+
+#include <atomic>
+#include <cstring>
+
+#include "thread_pool.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MOEEDGE_X86 1
+#endif
+
+namespace moeedge {
+
+namespace {
+
+std::atomic<bool> force_scalar{false};
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0 && man == 0) {
+    bits = sign;
+  } else if (exp == 0) {  // subnormal: normalise
+    int e = -1;
+    uint32_t m = man;
+    do {
+      m <<= 1;
+      ++e;
+    } while (!(m & 0x400));
+    bits = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((m & 0x3ff) << 13);
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// One kernel = a function computing out[t, r] for rows [begin, end).
+using RowsFn = void (*)(const float* x, size_t tokens, const uint8_t* w, size_t cols, float* out, size_t rows,
+                        size_t begin, size_t end);
+
+void bf16_scalar(const float* x, size_t tokens, const uint8_t* w8, size_t cols, float* out, size_t rows,
+                 size_t begin, size_t end) {
+  const auto* w = reinterpret_cast<const uint16_t*>(w8);
+  for (size_t r = begin; r < end; ++r) {
+    const uint16_t* row = w + r * cols;
+    for (size_t t = 0; t < tokens; ++t) {
+      const float* xt = x + t * cols;
+      float acc = 0.f;
+      for (size_t c = 0; c < cols; ++c) acc += xt[c] * bf16_to_float(row[c]);
+      out[t * rows + r] = acc;
+    }
+  }
+}
+
+void q8_0_scalar(const float* x, size_t tokens, const uint8_t* w, size_t cols, float* out, size_t rows,
+                 size_t begin, size_t end) {
+  const size_t blocks = cols / kQ8Block;
+  for (size_t r = begin; r < end; ++r) {
+    const uint8_t* row = w + r * blocks * kQ8BlockBytes;
+    for (size_t t = 0; t < tokens; ++t) {
+      const float* xt = x + t * cols;
+      float acc = 0.f;
+      for (size_t b = 0; b < blocks; ++b) {
+        const uint8_t* block = row + b * kQ8BlockBytes;
+        uint16_t d;
+        std::memcpy(&d, block, 2);
+        const auto* q = reinterpret_cast<const int8_t*>(block + 2);
+        float dot = 0.f;
+        for (size_t i = 0; i < kQ8Block; ++i) dot += xt[b * kQ8Block + i] * q[i];
+        acc += half_to_float(d) * dot;
+      }
+      out[t * rows + r] = acc;
+    }
+  }
+}
+
+#ifdef MOEEDGE_X86
+#define MOEEDGE_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+MOEEDGE_AVX2 inline __m256 load8_bf16(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+MOEEDGE_AVX2 inline __m256 load8_q8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+MOEEDGE_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+MOEEDGE_AVX2 void bf16_avx2(const float* x, size_t tokens, const uint8_t* w8, size_t cols, float* out, size_t rows,
+                            size_t begin, size_t end) {
+  const auto* w = reinterpret_cast<const uint16_t*>(w8);
+  const size_t vec = cols / 32 * 32;
+  for (size_t r = begin; r < end; ++r) {
+    const uint16_t* row = w + r * cols;
+    for (size_t t = 0; t < tokens; ++t) {
+      const float* xt = x + t * cols;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+             a3 = _mm256_setzero_ps();
+      for (size_t c = 0; c < vec; c += 32) {
+        a0 = _mm256_fmadd_ps(load8_bf16(row + c), _mm256_loadu_ps(xt + c), a0);
+        a1 = _mm256_fmadd_ps(load8_bf16(row + c + 8), _mm256_loadu_ps(xt + c + 8), a1);
+        a2 = _mm256_fmadd_ps(load8_bf16(row + c + 16), _mm256_loadu_ps(xt + c + 16), a2);
+        a3 = _mm256_fmadd_ps(load8_bf16(row + c + 24), _mm256_loadu_ps(xt + c + 24), a3);
+      }
+      float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      for (size_t c = vec; c < cols; ++c) acc += xt[c] * bf16_to_float(row[c]);
+      out[t * rows + r] = acc;
+    }
+  }
+}
+
+MOEEDGE_AVX2 void q8_0_avx2(const float* x, size_t tokens, const uint8_t* w, size_t cols, float* out, size_t rows,
+                            size_t begin, size_t end) {
+  const size_t blocks = cols / kQ8Block;
+  for (size_t r = begin; r < end; ++r) {
+    const uint8_t* row = w + r * blocks * kQ8BlockBytes;
+    for (size_t t = 0; t < tokens; ++t) {
+      const float* xt = x + t * cols;
+      __m256 acc = _mm256_setzero_ps();
+      for (size_t b = 0; b < blocks; ++b) {
+        const uint8_t* block = row + b * kQ8BlockBytes;
+        uint16_t d;
+        std::memcpy(&d, block, 2);
+        const auto* q = reinterpret_cast<const int8_t*>(block + 2);
+        const float* xb = xt + b * kQ8Block;
+        __m256 dot = _mm256_mul_ps(load8_q8(q), _mm256_loadu_ps(xb));
+        dot = _mm256_fmadd_ps(load8_q8(q + 8), _mm256_loadu_ps(xb + 8), dot);
+        dot = _mm256_fmadd_ps(load8_q8(q + 16), _mm256_loadu_ps(xb + 16), dot);
+        dot = _mm256_fmadd_ps(load8_q8(q + 24), _mm256_loadu_ps(xb + 24), dot);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(d)), dot, acc);
+      }
+      out[t * rows + r] = hsum(acc);
+    }
+  }
+}
+
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#endif
+
+bool use_avx2() {
+#ifdef MOEEDGE_X86
+  static const bool avx2 = has_avx2();
+  return avx2 && !force_scalar.load();
+#else
+  return false;
+#endif
+}
+
+void run_rows(RowsFn fn, const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
+              int threads) {
+  // Below ~64K weights a thread hand-off costs more than it saves.
+  if (rows * cols < (1u << 16)) {
+    fn(x, tokens, w, cols, out, rows, 0, rows);
+    return;
+  }
+  ThreadPool& pool = kernel_pool();
+  pool.parallel_for(rows, threads > 0 ? threads : pool.size(),
+                    [&](size_t begin, size_t end) { fn(x, tokens, w, cols, out, rows, begin, end); });
+}
+
+}  // namespace
+
+void linear_bf16(const float* x, size_t tokens, const uint16_t* w, size_t rows, size_t cols, float* out,
+                 int threads) {
+#ifdef MOEEDGE_X86
+  RowsFn fn = use_avx2() ? bf16_avx2 : bf16_scalar;
+#else
+  RowsFn fn = bf16_scalar;
+#endif
+  run_rows(fn, x, tokens, reinterpret_cast<const uint8_t*>(w), rows, cols, out, threads);
+}
+
+void linear_q8_0(const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
+                 int threads) {
+#ifdef MOEEDGE_X86
+  RowsFn fn = use_avx2() ? q8_0_avx2 : q8_0_scalar;
+#else
+  RowsFn fn = q8_0_scalar;
+#endif
+  run_rows(fn, x, tokens, w, rows, cols, out, threads);
+}
+
+const char* linear_path() { return use_avx2() ? "avx2" : "scalar"; }
+
+void linear_force_scalar(bool force) { force_scalar = force; }
+
+}  // namespace moeedge
