@@ -49,6 +49,17 @@ def evict_files(paths) -> None:
             os.close(fd)
 
 
+def drop_page_cache() -> bool:
+    """sync, then drop the whole page cache (root only): a cold start, with the libraries'
+    pages charged to the cgroup that touches them next. False where not permitted."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def run_limited(cmd: list[str], limit_bytes: int, timeout: float, env: dict | None = None) -> LimitedResult:
     """Start cmd inside a fresh child cgroup limited to limit_bytes; remove the cgroup afterwards."""
     parent, version = _own_memory_cgroup()
