@@ -14,6 +14,9 @@ from moeedge.units import format_bytes, parse_bytes
 # torch's allocator, glibc arenas and Python objects made while running: headroom
 # measured under a cgroup limit (see README, "Memory").
 SLACK_BYTES = 48 << 20
+# The fixed cost differs by a few MiB between processes (what each imported first): the
+# minimum a user is told leaves this much room, so it loads in a fresh process too.
+FIXED_JITTER_BYTES = 8 << 20
 
 
 def rss_bytes() -> int:
@@ -82,8 +85,8 @@ def plan_memory(budget_bytes: int, fixed_bytes: int, dense_bytes: int, kv_cache_
                 min_expert_bytes: int) -> MemoryPlan:
     """Split the budget; BudgetError with every number when it is below the smallest workable one."""
     committed = fixed_bytes + dense_bytes + kv_cache_bytes + buffer_bytes
-    minimum = committed + min_expert_bytes
-    if budget_bytes < minimum:
+    minimum = committed + min_expert_bytes + FIXED_JITTER_BYTES
+    if budget_bytes < committed + min_expert_bytes:
         raise BudgetError(
             f"memory budget {format_bytes(budget_bytes)} is below the smallest workable budget "
             f"{format_bytes(minimum)} ({minimum} bytes): fixed cost {format_bytes(fixed_bytes)} + dense weights "
