@@ -239,7 +239,7 @@ class MoeModel:
 
 
 def weight_dtype(ckpt: Checkpoint) -> torch.dtype:
-    """The dtype dense weights have in memory: as stored, quantized ones dequantized to fp32."""
+    """The experts' dtype as stored (fp32 for quantized ones, which dequantize to it)."""
     part = ckpt.expert_parts[0][0]
     return torch.float32 if part.quant is not None else part.dtype
 
@@ -258,8 +258,8 @@ def plan_for(ckpt: Checkpoint, store: ExpertStore, budget: int, fixed: int, max_
     cfg = ckpt.config
     slot = max(store.slot_bytes(k) for k in store.keys())
     runner = runner_class(cfg)
-    dense_dtype = weight_dtype(ckpt) if runner.mixed_precision else dtype
-    return plan_memory(budget, fixed, ckpt.dense_numel * dense_dtype.itemsize,
+    dense_bytes = ckpt.dense_nbytes if runner.mixed_precision else ckpt.dense_numel * dtype.itemsize
+    return plan_memory(budget, fixed, dense_bytes,
                        runner.kv_cache_bytes(cfg, max_context, dtype), _buffer_bytes(cfg, max_context),
                        cfg.top_k * slot)
 

@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--max-tokens", type=int, default=None)
     trace.set_defaults(run=_cmd_trace)
 
+    from moeedge.sim.cli import add_sim_parser
+    add_sim_parser(sub)
+
     bench = sub.add_parser("bench", help="measure this machine")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     io = bench_sub.add_parser("io", help="cold read throughput of the disk and of the expert cache")

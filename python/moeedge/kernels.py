@@ -24,6 +24,13 @@ class QuantTensor:
 
         return dequantize(self.raw, self.quant, self.shape, dtype)
 
+    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized rows at index [T] -> [T, in]: an embedding lookup."""
+        from moeedge.formats.gguf_quants import dequantize
+
+        raw = self.raw.view(self.shape[0], -1)[index]
+        return dequantize(raw.reshape(-1), self.quant, (len(index), self.shape[1]), dtype)
+
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ w[out, in].T (+ bias), in x's dtype."""

@@ -35,6 +35,7 @@ class Checkpoint:
     dense_names: list[str]
     read_dense: Callable[[str], torch.Tensor]
     dense_numel: int                                 # elements of all dense tensors
+    dense_nbytes: int                                # their bytes as read_dense returns them
     tokenizer_files: dict[str, str] = field(default_factory=dict)
     # Formats that embed their vocabulary (GGUF) build the tokenizer themselves.
     tokenizer_factory: Callable[[], object] | None = None

@@ -25,6 +25,7 @@ import torch
 from moeedge.formats.checkpoint import Checkpoint, ExpertPart
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.gguf_quants import dequantize
+from moeedge.kernels import QuantTensor
 from moeedge.formats.hf_config import DecoderConfig
 from moeedge.formats.safetensors_file import TensorInfo, read_tensor
 from moeedge.keys import ExpertKey
@@ -262,7 +263,7 @@ def gguf_config(f: GGUFFile) -> DecoderConfig:
         rope_theta=float(_meta(f, "llama.rope.freq_base", 10000.0, float)),
         max_position=_meta(f, "llama.context_length", 4096), tie_embeddings="output.weight" not in f.tensors,
         bos_token_id=bos, eos_token_ids=list(dict.fromkeys(eos)),
-        dtype=torch.float32 if quant else dtype)  # as the weights are held: Q8_0 dense tensors dequantized
+        dtype=dtype)
 
 
 def _expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
@@ -326,17 +327,21 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _read_dense(f: GGUFFile, cfg: DecoderConfig, dense: dict[str, GGUFTensor], name: str) -> torch.Tensor:
+def _read_dense(f: GGUFFile, cfg: DecoderConfig, dense: dict[str, GGUFTensor], name: str):
+    """A dense tensor as held in memory: plain dtypes as stored, quantized matrices as their
+    blocks (a QuantTensor, multiplied as stored by the native kernels)."""
     t = dense[name]
     _, dtype, quant, _, _ = TYPES[t.ggml_type]
-    shape = (t.nbytes,) if quant else t.shape
+    shape = (t.shape[0], t.nbytes // t.shape[0]) if quant else t.shape  # quantized rows: whole blocks each
     w = read_tensor(TensorInfo(t.name, f.path, t.offset, t.nbytes, dtype, shape))
-    if quant:
-        w = dequantize(w, quant, t.shape, torch.float32)
     if name.endswith("q_proj.weight"):
         w = _unpermute(w, cfg.n_heads)
     elif name.endswith("k_proj.weight"):
         w = _unpermute(w, cfg.n_kv_heads)
+    if quant:
+        if len(t.shape) != 2:
+            return dequantize(w.reshape(-1), quant, t.shape, torch.float32)
+        return QuantTensor(w.reshape(-1), quant, t.shape)
     return w
 
 
@@ -372,4 +377,5 @@ def open_gguf(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(source=f.path, config=cfg, files=[f.path], expert_ranges=ranges, expert_parts=parts,
                       dense_names=sorted(dense), read_dense=functools.partial(_read_dense, f, cfg, dense),
                       dense_numel=sum(math.prod(t.shape) for t in dense.values()),
+                      dense_nbytes=sum(t.nbytes for t in dense.values()),
                       tokenizer_factory=_tokenizer_factory(f))

@@ -101,4 +101,5 @@ def open_hf_directory(directory: str | os.PathLike) -> Checkpoint:
     tokenizer = {n: str(directory / n) for n in TOKENIZER_FILES if (directory / n).is_file()}
     return Checkpoint(source=str(directory), config=cfg, files=paths, expert_ranges=ranges, expert_parts=parts,
                       dense_names=dense, read_dense=lambda name: read_tensor(tensors[name]),
-                      dense_numel=sum(math.prod(tensors[n].shape) for n in dense), tokenizer_files=tokenizer)
+                      dense_numel=sum(math.prod(tensors[n].shape) for n in dense),
+                      dense_nbytes=sum(tensors[n].nbytes for n in dense), tokenizer_files=tokenizer)

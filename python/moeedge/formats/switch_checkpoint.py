@@ -215,4 +215,5 @@ def open_switch(directory: Path, raw: dict) -> Checkpoint:
         tokenizer["tokenizer.model"] = str(directory / SPIECE)
     return Checkpoint(source=str(directory), config=cfg, files=paths, expert_ranges=ranges, expert_parts=parts,
                       dense_names=dense, read_dense=lambda name: read_tensor(tensors[name]),
-                      dense_numel=sum(math.prod(tensors[n].shape) for n in dense), tokenizer_files=tokenizer)
+                      dense_numel=sum(math.prod(tensors[n].shape) for n in dense),
+                      dense_nbytes=sum(tensors[n].nbytes for n in dense), tokenizer_files=tokenizer)

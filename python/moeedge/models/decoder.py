@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moeedge.formats.hf_config import DecoderConfig
-from moeedge.kernels import NATIVE_MAX_TOKENS, linear
+from moeedge.kernels import NATIVE_MAX_TOKENS, QuantTensor, linear
 from moeedge.runtime.experts import ExpertAccess
 
 
@@ -175,7 +175,11 @@ class DecoderMoE:
 
     def _forward(self, tokens: torch.Tensor, start: int, all_logits: bool) -> torch.Tensor:
         cfg, w = self.cfg, self.w
-        h = F.embedding(tokens, w["model.embed_tokens.weight"]).to(self.dtype)
+        embed = w["model.embed_tokens.weight"]
+        if isinstance(embed, QuantTensor):
+            h = embed.rows(tokens, self.dtype)
+        else:
+            h = F.embedding(tokens, embed).to(self.dtype)
         for layer in range(cfg.n_layers):
             p = f"model.layers.{layer}."
             h = h + self._attention(rms_norm(h, w[p + "input_layernorm.weight"], cfg.rms_eps), layer, start)
