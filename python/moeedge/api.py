@@ -133,10 +133,7 @@ class MoeModel:
         eos = set(self.config.eos_token_ids) | set(self.tokenizer.eos_ids if self.tokenizer else [])
         if max_new_tokens == 0:
             return
-        if self.encoder_decoder:
-            yield from self._stream_seq2seq(ids, max_new_tokens, temperature, top_p, top_k, generator, eos)
-            return
-        logits = self._prefill(ids)
+        logits = self._prefill_seq2seq(ids) if self.encoder_decoder else self._prefill(ids)
         for step in range(max_new_tokens):
             token = sample(logits, temperature, top_p, top_k, generator)
             if token in eos:
@@ -151,28 +148,16 @@ class MoeModel:
             self._counters["generated_tokens"] += 1
             self._counters["decode_seconds"] += time.perf_counter() - start
 
-    def _stream_seq2seq(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                        generator: torch.Generator | None, eos: set[int]) -> Iterator[int]:
-        """Encode ids once, then decode from the decoder start token with the runner's caches."""
+    def _prefill_seq2seq(self, ids: list[int]) -> torch.Tensor:
+        """Encode ids once; the decoder starts from its start token, with the runner's caches."""
         start = time.perf_counter()
         with torch.inference_mode():
             self.runner.encode(torch.tensor(ids))
             logits = self.runner.forward(torch.tensor([self.config.decoder_start_token_id]), 0)[-1]
-        self._cached_ids = []  # the decoder's cache is not a prefix of the next prompt's
+        self._cached_ids = [self.config.decoder_start_token_id]  # the decoder's tokens, not a prompt prefix
         self._counters["prompt_tokens"] += len(ids)
         self._counters["prefill_seconds"] += time.perf_counter() - start
-        for step in range(max_new_tokens):
-            token = sample(logits, temperature, top_p, top_k, generator)
-            if token in eos:
-                return
-            yield token
-            if step + 1 == max_new_tokens:
-                return
-            start = time.perf_counter()
-            with torch.inference_mode():
-                logits = self.runner.forward(torch.tensor([token]), step + 1)[-1]
-            self._counters["generated_tokens"] += 1
-            self._counters["decode_seconds"] += time.perf_counter() - start
+        return logits
 
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

@@ -16,18 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from moeedge._core import ExpertCache, ExpertStore
+from moeedge.cgroup import evict_files
 
 BLOCK_BYTES = 4 << 20
-
-
-def evict_from_page_cache(path: str | Path) -> None:
-    """Drop the file's pages from the page cache (works without root)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def write_scratch_file(path: str | Path, nbytes: int, seed: int = 0) -> Path:
@@ -103,12 +94,12 @@ def measure_io(directory: str | Path, file_bytes: int, expert_bytes: int) -> IoR
 
         results: dict[str, float | None] = {}
         for name, direct in (("direct", True), ("buffered", False)):
-            evict_from_page_cache(path)
+            evict_files([path])
             try:
                 results[f"sequential_{name}"] = gbps(sequential_read_seconds(path, direct), file_bytes)
             except OSError:
                 results[f"sequential_{name}"] = None
-            evict_from_page_cache(path)
+            evict_files([path])
             seconds, stats = cache_read_seconds(path, expert_bytes, direct)
             results[f"cache_{name}"] = gbps(seconds, stats["expert_bytes"])
             if direct:
