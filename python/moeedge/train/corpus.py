@@ -62,7 +62,8 @@ class Corpus:
         return h.hexdigest()
 
     def summary(self) -> dict:
-        out = {"root": self.root, "python_version": self.python_version, "held_out_packages": list(self.held_out),
+        out = {"root": self.root, "python_version": self.python_version, "python_build": sys.version,
+               "held_out_packages": list(self.held_out),
                "sha256": self.sha256(), "skipped_not_utf8": self.skipped}
         for name in SPLITS:
             files = self.split(name)
@@ -74,7 +75,7 @@ class Corpus:
 
 
 def python_version() -> str:
-    return f"{platform.python_implementation()} {platform.python_version()} ({sys.version.splitlines()[0]})"
+    return f"{platform.python_implementation()} {platform.python_version()}"
 
 
 def stdlib_root() -> Path:

@@ -8,7 +8,7 @@ top-1: the same network with a plain FFN) trains first; its FFN is copied into e
 expert with a little noise, the routers start random, and training continues as an MoE
 with the load-balancing loss.
 
-Each phase's learning rate warms up, holds, and decays over the phase's last 20% of
+Each phase's learning rate warms up, holds, and decays over the phase's last 15% of
 steps. A probe of this machine's speed gives each phase a time budget within
 --minutes; a phase's step count is fixed when the decay must start for the phase to end
 in time, and the learning rate before that point does not depend on it. So the run
@@ -96,7 +96,7 @@ class TrainConfig:
     min_lr: float = 1e-4              # both phases end here
     warmup_steps: int = 50
     rewarm_steps: int = 30            # after upcycling: the MoE's fresh AdamW ramps up again
-    decay_percent: int = 20           # of each phase's steps, at its end
+    decay_percent: int = 15           # of each phase's steps, at its end
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     upcycle_noise: float = 0.02       # noise std per expert, relative to each weight's std
@@ -104,7 +104,7 @@ class TrainConfig:
     # bookkeeping
     held_out: tuple[str, ...] = corpus_lib.HELD_OUT
     limit_files: int | None = None    # first N files of each split (tests)
-    eval_tokens: int = 1 << 18          # all of the held-out split (~265k tokens) when time allows
+    eval_tokens: int = 1 << 17        # about half the held-out split, spread over all of it
     checkpoint_minutes: float = 3.0
     stop_after: int | None = None     # stop after this global step, as a session that ends would
     keep_state: bool = False
@@ -177,17 +177,36 @@ def lr_at(s: int, n_steps: int | None, peak: float, warmup: int, cfg: TrainConfi
     return lr
 
 
+def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """The Switch Transformer's load-balancing loss of each layer, E * sum_i f_i * P_i
+    (f: share of the top-k assignments, P: mean router probability), averaged over
+    layers: 1.0 when every layer is balanced. transformers' own pools all layers'
+    counts first, which lets each layer collapse onto different experts unpenalised."""
+    losses = []
+    for logits in router_logits:                                  # [N, E] per layer
+        probs = logits.float().softmax(-1)
+        top = probs.topk(top_k, dim=-1).indices                   # [N, K]
+        share = torch.bincount(top.flatten(), minlength=probs.shape[1]).float() / top.numel()
+        losses.append(probs.shape[1] * (share * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
 def train_step(model, optimizer, ids: torch.Tensor, lr: float, cfg: TrainConfig) -> tuple[float, float]:
-    """One optimiser step; returns (cross-entropy, load-balancing loss)."""
+    """One optimiser step on ids [B, T]; returns (cross-entropy, load-balancing loss)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
+    moe = model.config.num_local_experts > 1
+    out = model(input_ids=ids, output_router_logits=moe)
+    loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    ce = loss.item()
+    aux = balance_loss(out.router_logits, model.config.num_experts_per_tok) if moe else None
+    if aux is not None:
+        loss = loss + cfg.router_aux_loss_coef * aux
+    loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    aux = out.aux_loss.item() if out.aux_loss is not None else 0.0
-    return out.loss.item() - cfg.router_aux_loss_coef * aux, aux
+    return ce, aux.item() if aux is not None else 0.0
 
 
 # -- probe and plan ----------------------------------------------------------------------
@@ -204,38 +223,50 @@ def probe(cfg: TrainConfig, batches: corpus_lib.Batches, steps: int = 2) -> dict
             train_step(model, optimizer, batches.get(s + 1), 1e-4, cfg)
         out[f"{phase}_s_per_step"] = (time.perf_counter() - start) / steps
         out[f"{phase}_tokens_per_s"] = cfg.batch * cfg.seq_len / out[f"{phase}_s_per_step"]
-    with torch.no_grad():
-        model.eval()
-        model(input_ids=batches.get(0))
-        start = time.perf_counter()
-        model(input_ids=batches.get(1))
-        out["eval_tokens_per_s"] = cfg.batch * cfg.seq_len / (time.perf_counter() - start)
     return out
 
 
+# The model card's forward passes over eval_tokens: MoE, averaged experts, dense, 1/4 train.
+EVAL_PASSES = 3.25
+# Evaluation tokens per MoE training token's time: a forward pass is about a third of a
+# step (backward costs two); 3.3 measured here. A constant, not a second noisy probe.
+EVAL_SPEEDUP = 3.0
+EVAL_FIXED_S = 40.0  # export, loading, moeedge's check and sample
+
+
 def make_plan(cfg: TrainConfig, batches: corpus_lib.Batches, spent_s: float) -> dict:
-    """Step counts if given; otherwise each phase's time budget (cumulative training seconds)."""
+    """Step counts if given; otherwise the time budgets the clock fixes them by."""
     if cfg.dense_steps is not None and cfg.moe_steps is not None:
         return {"source": "given", "dense_steps": cfg.dense_steps, "moe_steps": cfg.moe_steps,
                 "eval_tokens": cfg.eval_tokens}
     start = time.monotonic()
     speed = probe(cfg, batches)
     spent_s += time.monotonic() - start
-    # The model card runs four models over eval_tokens (MoE, averaged experts, dense, a
-    # train sample); a short budget evaluates fewer tokens rather than train for nothing.
-    budget_s = cfg.minutes * 60
-    eval_tokens = min(cfg.eval_tokens, int(0.06 * budget_s * speed["eval_tokens_per_s"] / 4))
+    budget_s = 0.92 * cfg.minutes * 60   # the rest: slack for a machine that slows down mid-decay
+    # A short budget evaluates fewer tokens rather than train for nothing.
+    eval_tps = EVAL_SPEEDUP * speed["moe_tokens_per_s"]
+    eval_tokens = min(cfg.eval_tokens, int(0.06 * budget_s * eval_tps / EVAL_PASSES))
     eval_tokens = max(16, eval_tokens // cfg.seq_len) * cfg.seq_len
-    eval_s = 4 * eval_tokens / speed["eval_tokens_per_s"] + 30
-    train_s = 0.95 * budget_s - spent_s - eval_s
+    eval_s = EVAL_PASSES * eval_tokens / eval_tps + EVAL_FIXED_S
+    train_s = budget_s - spent_s - eval_s
     if train_s < 10 * (speed["dense_s_per_step"] + speed["moe_s_per_step"]):
         raise SystemExit(f"--minutes {cfg.minutes:g} leaves no time to train here "
                          f"({speed['moe_tokens_per_s']:.0f} tokens/s; evaluation alone takes ~{eval_s:.0f} s)")
     return {"source": f"clock, {cfg.minutes:g} minutes", "dense_steps": None, "moe_steps": None,
-            "dense_budget_s": train_s * cfg.dense_share, "train_budget_s": train_s, "eval_tokens": eval_tokens,
+            "budget_s": budget_s, "before_training_s": spent_s, "dense_budget_s": train_s * cfg.dense_share,
+            "eval_tokens": eval_tokens,
             "estimated_dense_steps": int(train_s * cfg.dense_share / speed["dense_s_per_step"]),
             "estimated_moe_steps": int(train_s * (1 - cfg.dense_share) / speed["moe_s_per_step"]),
-            "probe": speed, "planned_eval_s": eval_s}
+            "probe": speed}
+
+
+def time_left(phase: str, plan: dict, run: dict, step_s: float, tokens_per_step: int) -> float:
+    """Training seconds this phase may still use. The MoE phase leaves room for the
+    evaluation at the speed the machine has now, not the speed it had at the probe."""
+    if phase == "dense":
+        return plan["dense_budget_s"] - run["train_s"]
+    eval_s = EVAL_PASSES * plan["eval_tokens"] * step_s / tokens_per_step / EVAL_SPEEDUP + EVAL_FIXED_S
+    return plan["budget_s"] - plan["before_training_s"] - eval_s - run["train_s"]
 
 
 # -- training ----------------------------------------------------------------------------
@@ -270,7 +301,6 @@ def run_phase(phase: str, model, optimizer, batches: corpus_lib.Batches, run: di
     first = 0 if phase == "dense" else run["dense_steps"]   # global step of the phase's step 0
     peak, warmup = (cfg.lr, cfg.warmup_steps) if phase == "dense" else (cfg.moe_lr, cfg.rewarm_steps)
     key, plan = f"{phase}_steps", run["plan"]
-    deadline = plan.get("dense_budget_s") if phase == "dense" else plan.get("train_budget_s")
     tokens, clock, smooth, last_save = cfg.batch * cfg.seq_len, StepClock(), None, time.monotonic()
     bar = tqdm(total=run[key] or plan.get(f"estimated_{key}"), initial=run["step"] - first, desc=phase,
                unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -286,7 +316,8 @@ def run_phase(phase: str, model, optimizer, batches: corpus_lib.Batches, run: di
         clock.add(step_s)
         if run[key] is None:  # fix the phase's length once the decay must start to end in time
             n = max(done + 1, steps_if_decaying_after(done, cfg))
-            if run["train_s"] + (n - done) * clock.per_step() >= deadline:
+            left = time_left(phase, plan, run, clock.per_step(), tokens)
+            if left <= 0 or (len(clock.times) >= 3 and (n - done) * clock.per_step() >= left):
                 run[key] = bar.total = n
         smooth = ce if smooth is None else 0.95 * smooth + 0.05 * ce
         if done % 10 == 0 or done == run[key]:
@@ -371,7 +402,7 @@ def publish(staging: Path, out: Path) -> int:
 
 
 def command_line(cfg: TrainConfig, run: dict) -> str:
-    return (f"python -m moeedge.train.default_model --out DIR --seed {cfg.seed} "
+    return (f"python -m moeedge.train.default_model --out DIR --seed {cfg.seed} --threads {torch.get_num_threads()} "
             f"--dense-steps {run['dense_steps']} --moe-steps {run['moe_steps']}")
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from moeedge.train.default_model import TrainConfig, load_exported
 
+SPLIT_LABELS = (("train", "train"), ("heldout", "held out"))
 PROMPT = 'import os\n\n\ndef read_lines(path):\n    """'
 
 
@@ -170,6 +171,7 @@ def render(record: dict) -> str:
     dense_tokens, moe_tokens = dense_steps * tokens_per_step, moe_steps * tokens_per_step
     speed = [e["tokens_per_s"] for e in record["log"]]
     plan = record["plan"]
+    balance = next(e["aux"] for e in reversed(record["log"]) if e["phase"] == "moe")
     source = ("given" if plan["source"] == "given" else
               f"fixed by the clock to fit {plan['source'].split(', ')[1]} (each phase decays when it must to end "
               f"in its time budget)")
@@ -178,7 +180,13 @@ def render(record: dict) -> str:
         + " ".join(f"{100 * s:.0f}" for s in e["shares"]) + " |" for e in fig["experts"])
     routing = "\n".join(f"| {p['layer'] - 1} → {p['layer']} | {100 * p['same_top_k']:.1f}% | "
                         f"{100 * p['mean_overlap']:.1f}% |" for p in fig["routing_predictability"])
-    sample = me["sample"].replace("```", "ʼʼʼ")
+    sample = me["sample"].rstrip().replace("```", "ʼʼʼ")
+    layers = (f"{r['n_layers']}, {r['hidden']}, {r['n_heads']} ({r['n_kv_heads']}), "
+              f"head dim {r['hidden'] // r['n_heads']}")
+    context = (f"trained on {r['seq_len']}-token windows; RoPE θ {r['rope_theta']:g}; "
+               f"`max_position_embeddings` {r['max_position']}")
+    splits = "\n".join(f"| {label} | {c[name]['files']} | {c[name]['bytes']:,} | {ev[name + '_tokens_total']:,} | "
+                       f"`{c[name]['sha256'][:16]}…` |" for name, label in SPLIT_LABELS)
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -189,7 +197,7 @@ tags: [mixtral, moe, python, code, sparse-upcycling]
 
 The model `moeedge.load()` and `moeedge chat` use when no checkpoint is named: a
 Mixtral-architecture mixture of experts with {total:.1f}M parameters ({active:.1f}M active
-per token), trained from scratch on CPU on the CPython {c['python_version'].split()[1]} standard
+per token), trained from scratch on CPU on the {c['python_version']} standard
 library. It writes Python that looks like the standard library; it does not write
 correct programs, follow instructions or know facts. Its use is to exercise moeedge's
 (and llama.cpp's) Mixtral path end to end with real routing, in {record['figures']['eval']['seq_len']}-token
@@ -200,10 +208,10 @@ contexts, on any machine.
 | | |
 |---|---|
 | architecture | `MixtralForCausalLM` (bf16 weights, per-expert `w1`/`w2`/`w3` tensors) |
-| layers, hidden, heads (KV heads) | {r['n_layers']}, {r['hidden']}, {r['n_heads']} ({r['n_kv_heads']}), head dim {r['hidden'] // r['n_heads']} |
+| layers, hidden, heads (KV heads) | {layers} |
 | experts | {r['n_experts']} per layer, top-{r['top_k']}, intermediate {r['intermediate']} |
 | vocabulary | {r['vocab']}, sentencepiece BPE with byte fallback (`tokenizer.model`) |
-| context | trained on {r['seq_len']}-token windows; RoPE θ {r['rope_theta']:g}; `max_position_embeddings` {r['max_position']} |
+| context | {context} |
 
 ## Data
 
@@ -213,8 +221,7 @@ packages are held out for evaluation: {', '.join(f'`{p}/`' for p in c['held_out_
 
 | split | files | bytes | tokens | sha256 |
 |---|---|---|---|---|
-| train | {c['train']['files']} | {c['train']['bytes']:,} | {ev['train_tokens_total']:,} | `{c['train']['sha256'][:16]}…` |
-| held out | {c['heldout']['files']} | {c['heldout']['bytes']:,} | {ev['heldout_tokens_total']:,} | `{c['heldout']['sha256'][:16]}…` |
+{splits}
 
 Corpus hash `{c['sha256']}`; `training.json` lists every file with its sha256.
 Each file is tokenized as `<s>` … `</s>`; files are concatenated and cut into windows.
@@ -224,14 +231,17 @@ Each file is tokenized as `<s>` … `</s>`; files are concatenated and cut into 
 1. Tokenizer: sentencepiece BPE, {r['vocab']} pieces, trained on the training split's lines
    with no normalisation (indentation runs are pieces, newlines are the byte `<0x0A>`).
 2. Dense: the same network with one expert, top-1 (a plain SwiGLU FFN): {dense_steps} steps of
-   {r['batch']}×{r['seq_len']} tokens ({dense_tokens / 1e6:.1f}M tokens), learning rate warming up over
-   {r['warmup_steps']} steps to {r['lr']:g}, holding, and decaying to {r['min_lr']:g} over the last {r['decay_percent']}%.
+   {r['batch']}×{r['seq_len']} tokens ({dense_tokens:,} tokens), learning rate warming up over
+   {r['warmup_steps']} steps to {r['lr']:g}, holding, and decaying to {r['min_lr']:g} over the last
+   {r['decay_percent']}%.
 3. Upcycling: the dense FFN copied into all {r['n_experts']} experts of each layer, plus Gaussian
    noise of {r['upcycle_noise']:g}× each weight's std; routers freshly initialised; everything
    else as trained. A fresh AdamW.
-4. MoE: {moe_steps} steps ({moe_tokens / 1e6:.1f}M tokens; {record['epochs']:.2f} epochs in all) with the
-   Switch load-balancing loss (coefficient {r['router_aux_loss_coef']:g}); learning rate warming up over
-   {r['rewarm_steps']} steps to {r['moe_lr']:g}, holding, decaying to {r['min_lr']:g} over the last {r['decay_percent']}%.
+4. MoE: {moe_steps} steps ({moe_tokens:,} tokens; {record['epochs']:.2f} epochs of the training split in
+   all) with the Switch Transformer's load-balancing loss, per layer (coefficient
+   {r['router_aux_loss_coef']:g}; it ended at {balance:.3f}, 1.0 being perfectly balanced); learning rate warming
+   up over {r['rewarm_steps']} steps to {r['moe_lr']:g}, holding, decaying to {r['min_lr']:g} over the last
+   {r['decay_percent']}%.
 
 AdamW (β 0.9, 0.95; weight decay {r['weight_decay']:g} on matrices), gradient clipping {r['grad_clip']:g}.
 Seed {r['seed']}; {record['threads']} CPU threads; {record['train_s'] / 60:.1f} minutes of training at
