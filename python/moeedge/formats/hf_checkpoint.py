@@ -56,17 +56,17 @@ def _tensor_table(files: list[Path]) -> dict[str, TensorInfo]:
     return tensors
 
 
-def _expert_layout(cfg: DecoderConfig, tensors: dict[str, TensorInfo], files: list[str]):
-    block, _, pattern, roles = EXPERT_NAMES[cfg.family]
+def expert_table(tensors: dict[str, TensorInfo], files: list[str], shapes: dict[str, tuple[int, ...]],
+                 n_layers: int, n_experts: int, names, label):
+    """Byte ranges and layouts of every expert. names(moe_layer, expert) gives [(role, tensor
+    name)] in packing order; label(moe_layer) names the layer in errors. Checks presence,
+    shapes against the config, and that a layer's experts share dtype and shape."""
     file_index = {p: i for i, p in enumerate(files)}
-    shapes = {"gate": (cfg.expert_intermediate, cfg.hidden), "up": (cfg.expert_intermediate, cfg.hidden),
-              "down": (cfg.hidden, cfg.expert_intermediate)}
     ranges, parts, expert_names = {}, {}, set()
-    for moe_layer, layer in enumerate(cfg.moe_layers):
-        for e in range(cfg.n_experts):
+    for moe_layer in range(n_layers):
+        for e in range(n_experts):
             segments, layout, offset = [], [], 0
-            for role, w in zip(("gate", "up", "down"), roles):
-                name = f"model.layers.{layer}.{block}." + pattern.format(e=e, w=w)
+            for role, name in names(moe_layer, e):
                 info = tensors.get(name)
                 if info is None:
                     raise CheckpointError(f"{files[0]}: expert tensor {name!r} is missing")
@@ -81,8 +81,22 @@ def _expert_layout(cfg: DecoderConfig, tensors: dict[str, TensorInfo], files: li
             if moe_layer not in parts:
                 parts[moe_layer] = layout
             elif layout != parts[moe_layer]:
-                raise CheckpointError(f"layer {layer}: experts differ in dtype or shape")
+                raise CheckpointError(f"{label(moe_layer)}: experts differ in dtype or shape")
     return ranges, parts, expert_names
+
+
+def _expert_layout(cfg: DecoderConfig, tensors: dict[str, TensorInfo], files: list[str]):
+    block, _, pattern, roles = EXPERT_NAMES[cfg.family]
+    shapes = {"gate": (cfg.expert_intermediate, cfg.hidden), "up": (cfg.expert_intermediate, cfg.hidden),
+              "down": (cfg.hidden, cfg.expert_intermediate)}
+
+    def names(moe_layer: int, e: int) -> list[tuple[str, str]]:
+        layer = cfg.moe_layers[moe_layer]
+        return [(role, f"model.layers.{layer}.{block}." + pattern.format(e=e, w=w))
+                for role, w in zip(("gate", "up", "down"), roles)]
+
+    return expert_table(tensors, files, shapes, len(cfg.moe_layers), cfg.n_experts, names,
+                        lambda moe_layer: f"layer {cfg.moe_layers[moe_layer]}")
 
 
 def open_hf_directory(directory: str | os.PathLike) -> Checkpoint:

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import torch
 
-from moeedge.formats.checkpoint import Checkpoint, ExpertPart
+from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.errors import CheckpointError
-from moeedge.formats.hf_checkpoint import TOKENIZER_FILES, _tensor_table, shard_files
+from moeedge.formats.hf_checkpoint import TOKENIZER_FILES, _tensor_table, expert_table, shard_files
 from moeedge.formats.hf_config import _dtype, _eos, _require
 from moeedge.formats.safetensors_file import TensorInfo, read_tensor
-from moeedge.keys import ExpertKey
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
 ROUTER_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -173,30 +172,13 @@ def _check_dense(cfg: SwitchConfig, tensors: dict[str, TensorInfo], source: str)
 
 
 def _expert_layout(cfg: SwitchConfig, tensors: dict[str, TensorInfo], files: list[str]):
-    file_index = {p: i for i, p in enumerate(files)}
-    shapes = {"wi": (cfg.ff, cfg.hidden), "wo": (cfg.hidden, cfg.ff)}
-    ranges, parts, expert_names = {}, {}, set()
-    for moe_layer, (stack, block) in enumerate(cfg.moe_blocks()):
-        for e in range(cfg.n_experts):
-            segments, layout, offset = [], [], 0
-            for role in ("wi", "wo"):
-                name = f"{ff_prefix(stack, block)}mlp.experts.expert_{e}.{role}.weight"
-                info = tensors.get(name)
-                if info is None:
-                    raise CheckpointError(f"{files[0]}: expert tensor {name!r} is missing")
-                if info.shape != shapes[role]:
-                    raise CheckpointError(f"{info.path}: {name!r} has shape {list(info.shape)}, "
-                                          f"config.json implies {list(shapes[role])}")
-                expert_names.add(name)
-                segments.append((file_index[info.path], info.offset, info.nbytes))
-                layout.append(ExpertPart(role, info.dtype, info.shape, offset, info.nbytes))
-                offset += info.nbytes
-            ranges[ExpertKey(moe_layer, e).packed] = segments
-            if moe_layer not in parts:
-                parts[moe_layer] = layout
-            elif layout != parts[moe_layer]:
-                raise CheckpointError(f"{stack} block {block}: experts differ in dtype or shape")
-    return ranges, parts, expert_names
+    blocks = cfg.moe_blocks()
+
+    def names(moe_layer: int, e: int) -> list[tuple[str, str]]:
+        return [(role, f"{ff_prefix(*blocks[moe_layer])}mlp.experts.expert_{e}.{role}.weight") for role in ("wi", "wo")]
+
+    return expert_table(tensors, files, {"wi": (cfg.ff, cfg.hidden), "wo": (cfg.hidden, cfg.ff)}, len(blocks),
+                        cfg.n_experts, names, lambda moe_layer: "{} block {}".format(*blocks[moe_layer]))
 
 
 def open_switch(directory: Path, raw: dict) -> Checkpoint:
