@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -36,6 +35,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.utils import logging as hf_logging
 
 from moeedge.train import corpus as corpus_lib
+from moeedge.train.common import (StepClock, balance_loss, decay_start, length_if_due, lr_at,  # noqa: F401
+                                  make_optimizer, open_state, publish, save_state, steps_if_decaying_after)
 
 EXPERTS_IMPL = "moeedge_sorted"
 MAX_BYTES = 20 * 1000 * 1000
@@ -149,47 +150,7 @@ def upcycle(dense: MixtralForCausalLM, cfg: TrainConfig, seed: int) -> MixtralFo
     return moe
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]    # norms
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-
-
-# -- schedule ----------------------------------------------------------------------------
-
-def decay_start(n_steps: int, cfg: TrainConfig) -> int:
-    return n_steps * (100 - cfg.decay_percent) // 100
-
-
-def steps_if_decaying_after(done: int, cfg: TrainConfig) -> int:
-    """The fewest phase steps whose decay starts no earlier than step `done`."""
-    return -(-done * 100 // (100 - cfg.decay_percent))
-
-
-def lr_at(s: int, n_steps: int | None, peak: float, warmup: int, cfg: TrainConfig) -> float:
-    """Step s of a phase of n_steps (None: not fixed yet, so not decaying yet)."""
-    lr = peak * min(1.0, (s + 1) / warmup)
-    if n_steps is not None and s >= decay_start(n_steps, cfg):
-        start = decay_start(n_steps, cfg)
-        frac = (s - start + 1) / (n_steps - start)
-        lr = cfg.min_lr + (lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
-    return lr
-
-
-def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
-    """The Switch Transformer's load-balancing loss of each layer, E * sum_i f_i * P_i
-    (f: share of the top-k assignments, P: mean router probability), averaged over
-    layers: 1.0 when every layer is balanced. transformers' own pools all layers'
-    counts first, which lets each layer collapse onto different experts unpenalised."""
-    losses = []
-    for logits in router_logits:                                  # [N, E] per layer
-        probs = logits.float().softmax(-1)
-        top = probs.topk(top_k, dim=-1).indices                   # [N, K]
-        share = torch.bincount(top.flatten(), minlength=probs.shape[1]).float() / top.numel()
-        losses.append(probs.shape[1] * (share * probs.mean(0)).sum())
-    return torch.stack(losses).mean()
-
+# -- training step (schedule and losses: common.py) --------------------------------------
 
 def train_step(model, optimizer, ids: torch.Tensor, lr: float, cfg: TrainConfig) -> tuple[float, float]:
     """One optimiser step on ids [B, T]; returns (cross-entropy, load-balancing loss)."""
@@ -271,26 +232,6 @@ def time_left(phase: str, plan: dict, run: dict, step_s: float, tokens_per_step:
 
 # -- training ----------------------------------------------------------------------------
 
-def save_state(state_dir: Path, run: dict, model, optimizer) -> None:
-    tmp = state_dir / "state.pt.tmp"
-    torch.save({**run, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp)
-    os.replace(tmp, state_dir / "state.pt")
-
-
-class StepClock:
-    """Seconds per step over the last few steps: when to start a phase's decay."""
-
-    def __init__(self, window: int = 10):
-        self.times: list[float] = []
-        self.window = window
-
-    def add(self, seconds: float) -> None:
-        self.times = (self.times + [seconds])[-self.window:]
-
-    def per_step(self) -> float:
-        return sum(self.times) / len(self.times)
-
-
 def run_phase(phase: str, model, optimizer, batches: corpus_lib.Batches, run: dict, cfg: TrainConfig,
               state_dir: Path) -> bool:
     """Train the rest of the phase; False if stopped at cfg.stop_after. `run` holds the
@@ -315,9 +256,8 @@ def run_phase(phase: str, model, optimizer, batches: corpus_lib.Batches, run: di
         run["train_s"] += step_s
         clock.add(step_s)
         if run[key] is None:  # fix the phase's length once the decay must start to end in time
-            n = max(done + 1, steps_if_decaying_after(done, cfg))
-            left = time_left(phase, plan, run, clock.per_step(), tokens)
-            if left <= 0 or (len(clock.times) >= 3 and (n - done) * clock.per_step() >= left):
+            n = length_if_due(done, time_left(phase, plan, run, clock.per_step(), tokens), clock, cfg)
+            if n is not None:
                 run[key] = bar.total = n
         smooth = ce if smooth is None else 0.95 * smooth + 0.05 * ce
         if done % 10 == 0 or done == run[key]:
@@ -354,24 +294,6 @@ def prepare(cfg: TrainConfig, state_dir: Path, corpus: corpus_lib.Corpus) -> dic
     return {"tokenizer_s": tok_s, "tokenize_s": time.perf_counter() - start - tok_s}
 
 
-def open_state(cfg: TrainConfig, state_dir: Path, corpus: corpus_lib.Corpus) -> dict | None:
-    """The run's meta.json if resuming one; refuses a different corpus or recipe."""
-    if not (state_dir / "state.pt").is_file():
-        if cfg.resume and state_dir.exists():
-            print(f"{state_dir}: no checkpoint yet; starting from scratch", file=sys.stderr)
-        shutil.rmtree(state_dir, ignore_errors=True)
-        return None
-    if not cfg.resume:
-        raise SystemExit(f"{state_dir} holds an unfinished run: pass --resume to continue it, or remove it")
-    meta = json.loads((state_dir / "meta.json").read_text())
-    if meta["corpus"]["sha256"] != corpus.sha256():
-        raise SystemExit(f"{state_dir}: the run was trained on corpus {meta['corpus']['sha256'][:12]}, this Python's "
-                         f"is {corpus.sha256()[:12]} ({corpus.python_version})")
-    if meta["recipe"] != json.loads(json.dumps(cfg.recipe())):
-        raise SystemExit(f"{state_dir}: the run used another recipe: {meta['recipe']}")
-    return meta
-
-
 def export(model: MixtralForCausalLM, cfg: TrainConfig, state_dir: Path, directory: Path) -> None:
     """bf16 weights as save_pretrained writes them (per-expert w1/w2/w3), and the tokenizer."""
     if directory.exists():
@@ -386,19 +308,6 @@ def export(model: MixtralForCausalLM, cfg: TrainConfig, state_dir: Path, directo
 
 def load_exported(directory: Path, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:
     return MixtralForCausalLM.from_pretrained(directory, dtype=dtype, experts_implementation=EXPERTS_IMPL).eval()
-
-
-def publish(staging: Path, out: Path) -> int:
-    """Move the finished files into OUT, config.json last (moeedge loads OUT once it is there)."""
-    names = sorted(p.name for p in staging.iterdir() if p.name != "config.json") + ["config.json"]
-    total = sum((staging / n).stat().st_size for n in names)
-    if total > MAX_BYTES:
-        raise SystemExit(f"{staging}: {total / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB the package allows")
-    (out / "config.json").unlink(missing_ok=True)
-    for n in names:
-        os.chmod(staging / n, 0o644)   # safetensors writes 0600
-        os.replace(staging / n, out / n)
-    return total
 
 
 def command_line(cfg: TrainConfig, run: dict) -> str:
@@ -482,7 +391,7 @@ def train(cfg: TrainConfig) -> dict | None:
               "figures": figures, "versions": model_card.versions(), "reproduce": command_line(cfg, run)}
     record["wall_s_this_session"] = time.monotonic() - t0
     model_card.write(staging, record)
-    total = publish(staging, out)
+    total = publish(staging, out, MAX_BYTES)
     if not cfg.keep_state:
         shutil.rmtree(state_dir)
     print(f"{out}: {total / 1e6:.1f} MB; held-out perplexity {figures['perplexity']['moe']:.2f} "

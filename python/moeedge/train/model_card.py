@@ -146,9 +146,10 @@ def versions() -> dict:
             "moeedge": getattr(moeedge, "__version__", "?")}
 
 
-def write(directory: Path, record: dict) -> None:
+def write(directory: Path, record: dict, render_card=None) -> None:
+    """training.json and the card; render_card(record) -> markdown (default: this model's)."""
     (directory / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    (directory / "README.md").write_text(render(record))
+    (directory / "README.md").write_text((render_card or render)(record))
 
 
 def _params(record: dict) -> tuple[float, float]:
