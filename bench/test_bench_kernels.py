@@ -62,3 +62,67 @@ def test_matvec_q8_0(benchmark, impl):
     torch.testing.assert_close(out, F.linear(x, dequantize(raw, "q8_0", (rows, cols), torch.float32)),
                                atol=1e-3, rtol=1e-4)
     benchmark.extra_info["gb_per_s"] = raw.numel() / benchmark.stats["median"] / 1e9
+
+
+# --------------------------------------------------------------------------- one expert matrix, every format
+
+EXPERT_ROWS, EXPERT_COLS = 14336, 4096  # Mixtral-8x7B's w1/w3: [intermediate, hidden]
+FORMATS = ["bf16", "q8_0", "q4_0", "q4_k", "q6_k",  # bf16 first: the others report ratios to it
+           "int8_g32", "int8_g128", "int4_g32", "int4_g128"]  # moeedge's own (moeedge.formats.group_quant)
+
+
+def _gguf_blocks(quant: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Random blocks with small finite fp16 scales (the kernels' speed does not depend on the values)."""
+    import numpy as np
+
+    from moeedge.formats.gguf_quants import BLOCKS
+
+    block, block_bytes = BLOCKS[quant]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows * cols // block, block_bytes), dtype=np.uint8)
+    for at in {"q8_0": [0], "q4_0": [0], "q4_k": [0, 2], "q6_k": [208]}[quant]:
+        scale = np.abs(rng.normal(0, 1e-3, size=(len(blocks), 1))) + 1e-4
+        blocks[:, at:at + 2] = scale.astype(np.float16).view(np.uint8)
+    return torch.from_numpy(blocks.reshape(-1))
+
+
+@pytest.mark.parametrize("tokens", [1, 16], ids=["tg1", "tg16"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matvec_expert_formats(benchmark, measured, fmt, tokens):
+    """One 14336x4096 expert matrix times T tokens' activations through moeedge.kernels.linear,
+    each format read as stored: GB/s of stored bytes, and time relative to bf16 and Q8_0."""
+    from moeedge.formats.gguf_quants import dequantize
+    from moeedge.kernels import QuantTensor
+
+    benchmark.group = f"matvec_expert_{EXPERT_ROWS}x{EXPERT_COLS}_t{tokens}"
+    rows, cols = EXPERT_ROWS, EXPERT_COLS
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, cols, generator=gen)
+    if fmt == "bf16":
+        w = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+        nbytes, dense = w.numel() * 2, w.float()
+    elif fmt.startswith("int"):
+        from moeedge.formats.group_quant import QUANTS, dequantize_packed, quantize
+
+        q, s = quantize(torch.randn(rows, cols, generator=gen) * 0.02, *QUANTS[fmt])
+        raw = torch.cat([q.view(torch.uint8).reshape(-1), s.view(torch.uint8).reshape(-1)])
+        w, nbytes, dense = QuantTensor(raw, fmt, (rows, cols)), raw.numel(), dequantize_packed(raw, fmt, (rows, cols),
+                                                                                               torch.float32)
+    else:
+        raw = _gguf_blocks(fmt, rows, cols)
+        w, nbytes, dense = QuantTensor(raw, fmt, (rows, cols)), raw.numel(), dequantize(raw, fmt, (rows, cols),
+                                                                                        torch.float32)
+    expected = F.linear(x.double(), dense.double()).float()
+    del dense
+    out = benchmark(lambda: linear(x, w))
+    # Q4/Q6/int8/int4 round x to int16 per 32 values: relative error ~2**-16 of the block's largest activation.
+    torch.testing.assert_close(out, expected, atol=1e-3 * expected.abs().max().item(), rtol=1e-3)
+    seconds = benchmark.stats["median"]
+    measured[f"{fmt}_t{tokens}"] = seconds
+    benchmark.extra_info["gb_per_s"] = nbytes / seconds / 1e9
+    benchmark.extra_info["gweights_per_s"] = rows * cols * tokens / seconds / 1e9
+    benchmark.extra_info["bits_per_weight"] = nbytes * 8 / (rows * cols)
+    for base in ("bf16", "q8_0"):
+        if f"{base}_t{tokens}" in measured:
+            benchmark.extra_info[f"speedup_vs_{base}"] = measured[f"{base}_t{tokens}"] / seconds
+    benchmark.extra_info["path"] = _core.linear_path()

@@ -3,27 +3,35 @@
 #include <atomic>
 #include <cstring>
 
-#include "thread_pool.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define MOEEDGE_X86 1
-#endif
+#include "linear_impl.h"
 
 namespace moeedge {
+
+namespace detail {
 
 namespace {
 
 std::atomic<bool> force_scalar{false};
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
+#ifdef MOEEDGE_X86
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#endif
+
+}  // namespace
+
+bool use_avx2() {
+#ifdef MOEEDGE_X86
+  static const bool avx2 = has_avx2();
+  return avx2 && !force_scalar.load();
+#else
+  return false;
+#endif
 }
 
-inline float half_to_float(uint16_t h) {
+float half_to_float(uint16_t h) {
   const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
   uint32_t bits;
   if (exp == 0 && man == 0) {
@@ -41,6 +49,20 @@ inline float half_to_float(uint16_t h) {
   } else {
     bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
   }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+}  // namespace detail
+
+namespace {
+
+using detail::half_to_float;
+using detail::use_avx2;
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
@@ -87,8 +109,6 @@ void q8_0_scalar(const float* x, size_t tokens, const uint8_t* w, size_t cols, f
 }
 
 #ifdef MOEEDGE_X86
-#define MOEEDGE_AVX2 __attribute__((target("avx2,fma,f16c")))
-
 MOEEDGE_AVX2 inline __m256 load8_bf16(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -96,13 +116,6 @@ MOEEDGE_AVX2 inline __m256 load8_bf16(const uint16_t* p) {
 
 MOEEDGE_AVX2 inline __m256 load8_q8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-MOEEDGE_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 MOEEDGE_AVX2 void bf16_avx2(const float* x, size_t tokens, const uint8_t* w8, size_t cols, float* out, size_t rows,
@@ -121,7 +134,7 @@ MOEEDGE_AVX2 void bf16_avx2(const float* x, size_t tokens, const uint8_t* w8, si
         a2 = _mm256_fmadd_ps(load8_bf16(row + c + 16), _mm256_loadu_ps(xt + c + 16), a2);
         a3 = _mm256_fmadd_ps(load8_bf16(row + c + 24), _mm256_loadu_ps(xt + c + 24), a3);
       }
-      float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      float acc = detail::hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
       for (size_t c = vec; c < cols; ++c) acc += xt[c] * bf16_to_float(row[c]);
       out[t * rows + r] = acc;
     }
@@ -148,36 +161,16 @@ MOEEDGE_AVX2 void q8_0_avx2(const float* x, size_t tokens, const uint8_t* w, siz
         dot = _mm256_fmadd_ps(load8_q8(q + 24), _mm256_loadu_ps(xb + 24), dot);
         acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(d)), dot, acc);
       }
-      out[t * rows + r] = hsum(acc);
+      out[t * rows + r] = detail::hsum(acc);
     }
   }
 }
-
-bool has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
 #endif
-
-bool use_avx2() {
-#ifdef MOEEDGE_X86
-  static const bool avx2 = has_avx2();
-  return avx2 && !force_scalar.load();
-#else
-  return false;
-#endif
-}
 
 void run_rows(RowsFn fn, const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
               int threads) {
-  // Below ~64K weights a thread hand-off costs more than it saves.
-  if (rows * cols < (1u << 16)) {
-    fn(x, tokens, w, cols, out, rows, 0, rows);
-    return;
-  }
-  ThreadPool& pool = kernel_pool();
-  pool.parallel_for(rows, threads > 0 ? threads : pool.size(),
-                    [&](size_t begin, size_t end) { fn(x, tokens, w, cols, out, rows, begin, end); });
+  detail::for_rows(rows, cols, threads,
+                   [&](size_t begin, size_t end) { fn(x, tokens, w, cols, out, rows, begin, end); });
 }
 
 }  // namespace
@@ -204,6 +197,6 @@ void linear_q8_0(const float* x, size_t tokens, const uint8_t* w, size_t rows, s
 
 const char* linear_path() { return use_avx2() ? "avx2" : "scalar"; }
 
-void linear_force_scalar(bool force) { force_scalar = force; }
+void linear_force_scalar(bool force) { detail::force_scalar = force; }
 
 }  // namespace moeedge

@@ -215,3 +215,106 @@ def rename_metadata_key(path: Path, key: str, new_key: str) -> None:
     offset, sizes = _field(path, key)
     assert len(key) == len(new_key)
     patch(path, offset + sizes[0], new_key.encode())
+
+
+# --------------------------------------------------------------------------- block-quantized tensors
+
+QUANT_TYPES = {"q8_0": 8, "q4_0": 2, "q4_k": 12, "q6_k": 14}  # quant name -> ggml type id
+
+
+def random_blocks(quant: str, rows: int, cols: int, rng: np.random.Generator, std: float = 0.08) -> np.ndarray:
+    """[rows, bytes per row] blocks of a [rows, cols] matrix whose weights have about `std`.
+    Q8_0 and Q4_0 come from gguf's own quantizer applied to normal weights; gguf cannot
+    quantize Q4_K and Q6_K, so those are random bytes (every nibble, scale and min value
+    occurs) with finite fp16 scales of random sign, sized to give that std."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    if quant in ("q8_0", "q4_0"):
+        weights = rng.normal(0, std, (rows, cols)).astype(np.float32)
+        return quantize(weights, GGMLQuantizationType(QUANT_TYPES[quant]))
+    block_bytes = {"q4_k": 144, "q6_k": 210}[quant]
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, block_bytes), dtype=np.uint8)
+    spread = rng.uniform(0.5, 1.5, len(blocks)) * rng.choice([-1.0, 1.0], len(blocks))
+
+    def f16(values: np.ndarray) -> np.ndarray:
+        return values.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+    if quant == "q4_k":  # d * sc * q - dmin * m, sc, m in 0..63, q in 0..15: std ~ 258 d; dmin = 7.5 d centres it
+        d = std / 258 * spread
+        blocks[:, 0:2], blocks[:, 2:4] = f16(d), f16(7.5 * d)
+    else:  # d * scale * (q - 32), scale in -128..127, q in 0..63: std ~ 1366 d
+        blocks[:, 208:210] = f16(std / 1366 * spread)
+    return blocks.reshape(rows, -1)
+
+
+# A Mixtral small enough to write by hand, with rows of 256 weights (K-quant super-blocks).
+KQUANT_MIXTRAL = {"hidden": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "n_experts": 4, "top_k": 2,
+                  "intermediate": 256, "vocab": 64}
+
+
+def quantized_mixtral(directory: Path, quant: str, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny Mixtral GGUF whose matrices (experts, attention, embedding, output) are `quant`
+    blocks, except that for q4_k the output matrix is Q6_K, as llama.cpp's Q4_K_M keeps it;
+    norms and router stay F32. Returns it and its twin with every tensor F32, dequantized by
+    gguf's reference: the same model, so their logits differ only by the kernels' rounding."""
+    from gguf.quants import dequantize
+
+    c = KQUANT_MIXTRAL
+    H, I, E, V = c["hidden"], c["intermediate"], c["n_experts"], c["vocab"]
+    head_dim = H // c["n_heads"]
+    shapes = {"token_embd.weight": (V, H), "output_norm.weight": (H,), "output.weight": (V, H)}
+    for layer in range(c["n_layers"]):
+        shapes.update({f"blk.{layer}.{name}": shape for name, shape in {
+            "attn_norm.weight": (H,), "ffn_norm.weight": (H,), "attn_q.weight": (c["n_heads"] * head_dim, H),
+            "attn_k.weight": (c["n_kv_heads"] * head_dim, H), "attn_v.weight": (c["n_kv_heads"] * head_dim, H),
+            "attn_output.weight": (H, c["n_heads"] * head_dim), "ffn_gate_inp.weight": (E, H),
+            "ffn_gate_exps.weight": (E, I, H), "ffn_up_exps.weight": (E, I, H),
+            "ffn_down_exps.weight": (E, H, I)}.items()})
+    rng = np.random.default_rng(seed)
+    quantized, dense = {}, {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:  # RMSNorm scales near one, as trained models have them
+            quantized[name] = dense[name] = (rng.normal(1.0, 0.08, shape).astype(np.float32), None)
+        elif "ffn_gate_inp" in name:
+            quantized[name] = dense[name] = (rng.normal(0, 0.08, shape).astype(np.float32), None)
+        else:
+            q = "q6_k" if quant == "q4_k" and name == "output.weight" else quant
+            blocks = random_blocks(q, int(np.prod(shape[:-1])), shape[-1], rng).reshape(*shape[:-1], -1)
+            quantized[name] = (blocks, q)
+            dense[name] = (dequantize(blocks, _qtype(q)).reshape(shape), None)
+    paths = directory / f"mixtral-{quant}.gguf", directory / f"mixtral-{quant}-dequantized.gguf"
+    for path, tensors in zip(paths, (quantized, dense)):
+        _write_mixtral(path, tensors)
+    return paths
+
+
+def _qtype(quant: str):
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType(QUANT_TYPES[quant])
+
+
+def _write_mixtral(path: Path, tensors: dict) -> None:
+    """tensors: name -> (array, quant): float32 values (quant None) or raw blocks [..., bytes per row]."""
+    import gguf
+
+    c = KQUANT_MIXTRAL
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c["n_layers"])
+    w.add_context_length(256)
+    w.add_embedding_length(c["hidden"])
+    w.add_feed_forward_length(c["intermediate"])
+    w.add_head_count(c["n_heads"])
+    w.add_head_count_kv(c["n_kv_heads"])
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_expert_count(c["n_experts"])
+    w.add_expert_used_count(c["top_k"])
+    w.add_vocab_size(c["vocab"])
+    for name, (array, quant) in tensors.items():
+        w.add_tensor(name, array, raw_dtype=None if quant is None else _qtype(quant))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

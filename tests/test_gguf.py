@@ -22,9 +22,10 @@ import torch
 
 import gguf_fixtures as gf
 import moeedge
+from moeedge import _core
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.gguf_checkpoint import open_gguf
-from moeedge.formats.gguf_quants import dequantize
+from moeedge.formats.gguf_quants import BLOCKS, dequantize
 from moeedge.formats.safetensors_file import read_header, read_tensor
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -148,17 +149,63 @@ def test_q8_0_experts_stay_quantized_in_the_cache(ggufs, mixtral):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_q8_0_dequantize_matches_gguf_reference(dtype):
-    from gguf import GGMLQuantizationType
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_k", "q6_k"])
+def test_dequantize_matches_gguf_reference(quant, dtype):
+    """Random bytes, so every quant, scale and min value occurs; finite fp16 scales."""
     from gguf.quants import dequantize as reference
 
+    block, block_bytes = BLOCKS[quant]
     rng = np.random.default_rng(0)
-    blocks = rng.integers(0, 256, size=(40, 34), dtype=np.uint8)
-    blocks[:, :2] = np.abs(rng.normal(0, 0.01, size=(40, 1))).astype(np.float16).view(np.uint8)  # finite scales
-    want = torch.from_numpy(reference(blocks.reshape(-1), GGMLQuantizationType.Q8_0).copy()).view(10, 128)
-    got = dequantize(torch.from_numpy(blocks.reshape(-1)), "q8_0", (10, 128), dtype)
+    blocks = rng.integers(0, 256, size=(40, block_bytes), dtype=np.uint8)
+    for at in {"q8_0": [0], "q4_0": [0], "q4_k": [0, 2], "q6_k": [208]}[quant]:
+        blocks[:, at:at + 2] = rng.normal(0, 0.01, size=(40, 1)).astype(np.float16).view(np.uint8)
+    shape = (10, 4 * block)
+    want = torch.from_numpy(reference(blocks.reshape(-1), gf._qtype(quant)).copy()).view(shape)
+    got = dequantize(torch.from_numpy(blocks.reshape(-1)), quant, shape, dtype)
     assert got.dtype == dtype
     torch.testing.assert_close(got, want.to(dtype), atol=0, rtol=0)
+
+
+def test_q4_0_round_trip_through_gguf_quantize():
+    """gguf's Q4_0 quantizer read back. d = the block's largest-magnitude weight / -8 and
+    weights d * (q - 8), q in 0..15, span -8d (that weight) to 7d: each weight within half a
+    step |d| / 2 of one, or within a step where beyond 7 steps on the other side (clipped),
+    plus d's fp16 rounding (relative 2**-11, times up to 8 steps)."""
+    from gguf.quants import quantize
+
+    w = np.random.default_rng(1).normal(0, 1, (6, 64)).astype(np.float32).reshape(-1, 32)
+    raw = torch.from_numpy(quantize(w.reshape(6, 64), gf._qtype("q4_0")).reshape(-1).copy())
+    got = dequantize(raw, "q4_0", (6, 64), torch.float32).numpy().reshape(-1, 32)
+    largest = np.take_along_axis(w, np.abs(w).argmax(1)[:, None], 1)  # signed, [blocks, 1]
+    step = np.abs(largest) / 8
+    clipped = w * np.sign(largest) < -7.5 * step
+    assert (np.abs(got - w) <= np.where(clipped, step, step / 2) + 8 * step * 2 ** -10).all()
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "q4_k", "q6_k"])
+def test_quantized_experts_stay_quantized_and_logits_match_the_dequantized_model(tmp_path, quant):
+    """A tiny Mixtral whose experts and dense matrices are Q4_0, Q4_K (with a Q6_K output, as
+    Q4_K_M has) or Q6_K, run by the native kernels on both paths, against the same model stored
+    as F32 (torch on the dequantized weights). The kernels round activations to int16 per 32
+    values (about 2**-16 of each block's largest): measured 3e-4 at most on these logits of
+    std 1.4; a wrong nibble or scale order gives errors of order 1."""
+    path, dequantized = gf.quantized_mixtral(tmp_path, quant)
+    ckpt = open_gguf(path)
+    assert {p.quant for parts in ckpt.expert_parts.values() for p in parts} == {quant}
+    assert ckpt.expert_nbytes == 3 * 2 * 4 * 256 * 256 // BLOCKS[quant][0] * BLOCKS[quant][1]
+    ids = torch.randint(0, gf.KQUANT_MIXTRAL["vocab"], (12,), generator=torch.Generator().manual_seed(0))
+    with moeedge.load(dequantized, memory_budget="8GiB") as model:
+        expected = model.logits(ids)
+    for scalar in (False, True):
+        _core.linear_force_scalar(scalar)
+        try:
+            with tight(moeedge.load(path, memory_budget="8GiB")) as model:
+                got = model.logits(ids)  # 12 tokens: every product goes through the native kernels
+                assert model.stats()["evictions"] > 0
+        finally:
+            _core.linear_force_scalar(False)
+        diff = (got - expected).abs()
+        assert diff.max() <= 3e-3, f"{quant} scalar={scalar}: max abs diff {diff.max():.3g}"
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -243,9 +290,9 @@ def test_overlapping_tensors(damaged):
 
 def test_unsupported_quant_type(damaged):
     path = damaged("q8_0")
-    gf.set_tensor_type(path, "blk.0.ffn_gate_exps.weight", 12)  # Q4_K
-    with pytest.raises(CheckpointError,
-                       match=r"'blk\.0\.ffn_gate_exps\.weight' is Q4_K, .*supported: F32, F16, BF16, Q8_0"):
+    gf.set_tensor_type(path, "blk.0.ffn_gate_exps.weight", 13)  # Q5_K
+    with pytest.raises(CheckpointError, match=r"'blk\.0\.ffn_gate_exps\.weight' is Q5_K, .*"
+                                              r"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K"):
         moeedge.load(path, memory_budget="8GiB")
 
 

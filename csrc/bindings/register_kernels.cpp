@@ -1,5 +1,7 @@
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 #include "linear.h"
 #include "register.h"
 
@@ -30,6 +32,86 @@ bool contiguous(const py::buffer_info& info) {
   return true;
 }
 
+using QuantLinear = void (*)(const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
+                             int threads);
+
+// out = x @ dequant(w).T for one GGUF block format; w is its raw blocks, [out, in] row-major.
+void def_quant_linear(py::module_& m, const char* name, const std::string& label, py::ssize_t block,
+                      py::ssize_t block_bytes, QuantLinear fn) {
+  m.def(
+      name,
+      [label, block, block_bytes, fn](const py::buffer& x, const py::buffer& w, const py::buffer& out, int threads) {
+        auto xi = matrix(x, 4, false, "x (float32 [tokens, in])");
+        auto wi = w.request();
+        auto oi = matrix(out, 4, true, "out (float32 [tokens, out])");
+        const py::ssize_t rows = oi.shape[1], cols = xi.shape[1];
+        if (cols % block != 0)
+          throw std::invalid_argument(label + " rows must hold whole " + std::to_string(block) +
+                                      "-weight blocks, got in = " + std::to_string(cols));
+        if (oi.shape[0] != xi.shape[0])
+          throw std::invalid_argument("x has " + std::to_string(xi.shape[0]) + " tokens but out has " +
+                                      std::to_string(oi.shape[0]));
+        const py::ssize_t need = rows * (cols / block) * block_bytes;
+        if (wi.size * wi.itemsize != need)
+          throw std::invalid_argument("w holds " + std::to_string(wi.size * wi.itemsize) + " bytes; " + label + " [" +
+                                      std::to_string(rows) + ", " + std::to_string(cols) + "] needs " +
+                                      std::to_string(need));
+        if (!contiguous(wi)) throw std::invalid_argument("w must be C-contiguous");
+        py::gil_scoped_release release;
+        fn(static_cast<const float*>(xi.ptr), xi.shape[0], static_cast<const uint8_t*>(wi.ptr), rows, cols,
+           static_cast<float*>(oi.ptr), threads);
+      },
+      py::arg("x"), py::arg("w"), py::arg("out"), py::arg("threads") = 0,
+      ("out = x @ dequant(w).T with w GGUF " + label +
+       " blocks read as stored (GIL released; threads=0: all cores).").c_str());
+}
+
+using GroupLinear = void (*)(const float* x, size_t tokens, const uint8_t* q, const uint8_t* scales, size_t rows,
+                            size_t cols, size_t group, float* out, int threads);
+
+// A C-contiguous buffer of exactly `need` bytes; ValueError naming `what` and `layout` otherwise.
+py::buffer_info bytes_of(const py::buffer& b, py::ssize_t need, const std::string& what, const std::string& layout) {
+  py::buffer_info info = b.request();
+  if (info.size * info.itemsize != need)
+    throw std::invalid_argument(what + " holds " + std::to_string(info.size * info.itemsize) + " bytes; " + layout +
+                                " needs " + std::to_string(need));
+  if (!contiguous(info)) throw std::invalid_argument(what + " must be C-contiguous");
+  return info;
+}
+
+// out = x @ (scales * q).T for moeedge's group-wise int8 or int4 (layout in linear.h).
+void def_group_linear(py::module_& m, const char* name, int bits, GroupLinear fn) {
+  const std::string label = "int" + std::to_string(bits);
+  m.def(
+      name,
+      [label, bits, fn](const py::buffer& x, const py::buffer& qweight, const py::buffer& scales, const py::buffer& out,
+                        py::ssize_t group, int threads) {
+        auto xi = matrix(x, 4, false, "x (float32 [tokens, in])");
+        auto oi = matrix(out, 4, true, "out (float32 [tokens, out])");
+        const py::ssize_t rows = oi.shape[1], cols = xi.shape[1];
+        if (group <= 0 || group % 32 != 0)
+          throw std::invalid_argument("group must be a positive multiple of 32, got " + std::to_string(group));
+        if (cols % 32 != 0)
+          throw std::invalid_argument(label + " rows must hold whole 32-weight blocks, got in = " +
+                                      std::to_string(cols));
+        if (oi.shape[0] != xi.shape[0])
+          throw std::invalid_argument("x has " + std::to_string(xi.shape[0]) + " tokens but out has " +
+                                      std::to_string(oi.shape[0]));
+        const std::string shape = "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
+        const py::ssize_t groups = (cols + group - 1) / group;
+        auto qi = bytes_of(qweight, rows * cols * bits / 8, "qweight", label + " " + shape);
+        auto si = bytes_of(scales, rows * groups * 2, "scales",
+                           "fp16 [" + std::to_string(rows) + ", " + std::to_string(groups) + "] (group " +
+                               std::to_string(group) + ")");
+        py::gil_scoped_release release;
+        fn(static_cast<const float*>(xi.ptr), xi.shape[0], static_cast<const uint8_t*>(qi.ptr),
+           static_cast<const uint8_t*>(si.ptr), rows, cols, group, static_cast<float*>(oi.ptr), threads);
+      },
+      py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("out"), py::arg("group"), py::arg("threads") = 0,
+      ("out = x @ (scales * q).T with q moeedge's group-wise " + label +
+       " read as stored (GIL released; threads=0: all cores).").c_str());
+}
+
 }  // namespace
 
 void register_kernels(py::module_& m) {
@@ -50,30 +132,12 @@ void register_kernels(py::module_& m) {
       },
       py::arg("x"), py::arg("w"), py::arg("out"), py::arg("threads") = 0,
       "out = x @ w.T with w in bf16 read as stored (GIL released; threads=0: all cores).");
-  m.def(
-      "linear_q8_0",
-      [](const py::buffer& x, const py::buffer& w, const py::buffer& out, int threads) {
-        auto xi = matrix(x, 4, false, "x (float32 [tokens, in])");
-        auto wi = w.request();
-        auto oi = matrix(out, 4, true, "out (float32 [tokens, out])");
-        const py::ssize_t rows = oi.shape[1], cols = xi.shape[1];
-        if (cols % static_cast<py::ssize_t>(kQ8Block) != 0)
-          throw std::invalid_argument("Q8_0 rows must hold whole 32-weight blocks, got in = " + std::to_string(cols));
-        if (oi.shape[0] != xi.shape[0])
-          throw std::invalid_argument("x has " + std::to_string(xi.shape[0]) + " tokens but out has " +
-                                      std::to_string(oi.shape[0]));
-        const py::ssize_t need = rows * (cols / kQ8Block) * kQ8BlockBytes;
-        if (wi.size * wi.itemsize != need)
-          throw std::invalid_argument("w holds " + std::to_string(wi.size * wi.itemsize) + " bytes; Q8_0 [" +
-                                      std::to_string(rows) + ", " + std::to_string(cols) + "] needs " +
-                                      std::to_string(need));
-        if (!contiguous(wi)) throw std::invalid_argument("w must be C-contiguous");
-        py::gil_scoped_release release;
-        linear_q8_0(static_cast<const float*>(xi.ptr), xi.shape[0], static_cast<const uint8_t*>(wi.ptr), rows, cols,
-                    static_cast<float*>(oi.ptr), threads);
-      },
-      py::arg("x"), py::arg("w"), py::arg("out"), py::arg("threads") = 0,
-      "out = x @ dequant(w).T with w GGUF Q8_0 blocks read as stored (GIL released; threads=0: all cores).");
+  def_quant_linear(m, "linear_q8_0", "Q8_0", kQ8Block, kQ8BlockBytes, &linear_q8_0);
+  def_quant_linear(m, "linear_q4_0", "Q4_0", kQ4_0Block, kQ4_0BlockBytes, &linear_q4_0);
+  def_quant_linear(m, "linear_q4_k", "Q4_K", kQKBlock, kQ4KBlockBytes, &linear_q4_k);
+  def_quant_linear(m, "linear_q6_k", "Q6_K", kQKBlock, kQ6KBlockBytes, &linear_q6_k);
+  def_group_linear(m, "linear_int8", 8, &linear_int8);
+  def_group_linear(m, "linear_int4", 4, &linear_int4);
   m.def("linear_path", &linear_path, "The path the kernels take on this CPU: 'avx2' or 'scalar'.");
   m.def("linear_force_scalar", &linear_force_scalar, py::arg("force"),
         "For tests: force the portable path, or go back to the run-time choice.");

@@ -4,6 +4,8 @@ An expert key is one int, ``layer << 32 | expert`` (see ``moeedge.ExpertKey``).
 """
 from collections.abc import Iterable, Mapping, Sequence
 
+from typing_extensions import Buffer
+
 __version__: str
 
 class BudgetError(MemoryError):
@@ -18,6 +20,44 @@ class ExpertReadError(OSError):
 def cpu_features() -> dict[str, bool]:
     """Run-time CPU flags: avx2, fma, f16c, avx512f, avx512bw, avx512vl,
     avx512vnni, avx512bf16, amx_tile, amx_bf16, amx_int8."""
+
+# Linear kernels: out[T, rows] = x[T, cols] @ W.T with W read as stored, never converted
+# to a full matrix. x: C-contiguous float32 [T, cols]; out: writable C-contiguous float32
+# [T, rows]. The GIL is released; threads=0 uses every core (rows split across them).
+# Bad shapes, byte counts, item sizes or layouts raise ValueError naming the problem.
+
+def linear_bf16(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
+    """w: bf16 [rows, cols] as 2-byte items (e.g. a torch.bfloat16 tensor viewed as int16)."""
+
+def linear_q8_0(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
+    """w: GGUF Q8_0 blocks of [rows, cols], rows * cols / 32 * 34 bytes; cols % 32 == 0."""
+
+def linear_q4_0(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
+    """w: GGUF Q4_0 blocks, rows * cols / 32 * 18 bytes; cols % 32 == 0. x is rounded
+    to int16 per 32 values (error bound in csrc/linear.h: ~2**-16 of each block's max)."""
+
+def linear_q4_k(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
+    """w: GGUF Q4_K super-blocks, rows * cols / 256 * 144 bytes; cols % 256 == 0. x is
+    rounded to int16 per 32 values, as for linear_q4_0."""
+
+def linear_q6_k(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
+    """w: GGUF Q6_K super-blocks, rows * cols / 256 * 210 bytes; cols % 256 == 0. x is
+    rounded to int16 per 32 values, as for linear_q4_0."""
+
+def linear_int8(x: Buffer, qweight: Buffer, scales: Buffer, out: Buffer, group: int, threads: int = 0) -> None:
+    """moeedge's group-wise int8 (moeedge.formats.group_quant): qweight rows * cols bytes
+    (q in -127..127), scales fp16 [rows, ceil(cols / group)]; weight = scale * q. group and
+    cols are multiples of 32. x is rounded to int16 per 32 values, as for linear_q4_0."""
+
+def linear_int4(x: Buffer, qweight: Buffer, scales: Buffer, out: Buffer, group: int, threads: int = 0) -> None:
+    """As linear_int8 with qweight rows * cols / 2 bytes: byte i of a row holds weight 2i in
+    its low nibble and 2i + 1 in its high one, each as q + 8 (q in -8..7)."""
+
+def linear_path() -> str:
+    """The path the kernels take on this CPU: 'avx2' or 'scalar'."""
+
+def linear_force_scalar(force: bool) -> None:
+    """For tests: force the portable path (True), or go back to the run-time choice."""
 
 class ExpertStore:
     """Byte ranges of experts over one or more files, validated when opened.

@@ -1,25 +1,39 @@
-"""Matrix products on weights as they are stored: fp32 activations times bf16 weights
-or GGUF Q8_0 blocks go through the native kernels (no fp32 copy of the weights is
-made); everything else through torch."""
+"""Matrix products on weights as they are stored: fp32 activations times bf16 weights,
+GGUF Q8_0, Q4_0, Q4_K and Q6_K blocks or moeedge's group-wise int8/int4 go through the
+native kernels (no fp32 copy of the weights is made); everything else through torch."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from moeedge import _core
+from moeedge.formats.group_quant import QUANTS as GROUP_QUANTS
 
 # Up to this many tokens a product is memory-bound and the native kernel wins; above,
 # converting the weights once and using torch's fp32 GEMM is faster.
 NATIVE_MAX_TOKENS = 16
 
+# quant -> native kernel (csrc/linear*.cpp); Q4_0/Q4_K/Q6_K round x to int16 per 32
+# values first (error bound in csrc/linear.h).
+NATIVE_QUANTS = {"q8_0": _core.linear_q8_0, "q4_0": _core.linear_q4_0, "q4_k": _core.linear_q4_k,
+                 "q6_k": _core.linear_q6_k}
+# moeedge's group-wise formats (moeedge.formats.group_quant): bits -> kernel, which takes
+# the qweight and scales bytes apart and rounds x as the K-quant kernels do.
+GROUP_KERNELS = {8: _core.linear_int8, 4: _core.linear_int4}
+
 
 class QuantTensor:
-    """A quantized [out, in] matrix kept as its raw blocks (1-D uint8)."""
+    """A quantized [out, in] matrix kept as its raw bytes (1-D uint8): GGUF blocks, or for
+    moeedge's group-wise quants ("int8_g32", ...) qweight bytes followed by scales bytes."""
 
     def __init__(self, raw: torch.Tensor, quant: str, shape: tuple[int, ...]):
         self.raw, self.quant, self.shape = raw, quant, tuple(shape)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.quant in GROUP_QUANTS:
+            from moeedge.formats.group_quant import dequantize_packed
+
+            return dequantize_packed(self.raw, self.quant, self.shape, dtype)
         from moeedge.formats.gguf_quants import dequantize
 
         return dequantize(self.raw, self.quant, self.shape, dtype)
@@ -35,9 +49,18 @@ class QuantTensor:
 def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ w[out, in].T (+ bias), in x's dtype."""
     if isinstance(w, QuantTensor):
-        if w.quant == "q8_0" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= NATIVE_MAX_TOKENS:
+        native = NATIVE_QUANTS.get(w.quant)
+        if native and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= NATIVE_MAX_TOKENS:
             out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-            _core.linear_q8_0(x.contiguous().numpy(), w.raw.numpy(), out.numpy())
+            native(x.contiguous().numpy(), w.raw.numpy(), out.numpy())
+            return out if bias is None else out + bias
+        group = GROUP_QUANTS.get(w.quant)
+        if group and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= NATIVE_MAX_TOKENS:
+            bits, size = group
+            raw = w.raw.numpy()
+            qbytes = w.shape[0] * w.shape[1] * bits // 8  # then the fp16 scales
+            out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+            GROUP_KERNELS[bits](x.contiguous().numpy(), raw[:qbytes], raw[qbytes:], out.numpy(), size)
             return out if bias is None else out + bias
         w = w.dequantize(x.dtype)
     if w.dtype == x.dtype:

@@ -5,8 +5,10 @@ are then located by absolute file offset and read with pread, like safetensors.
 
 Each layer's experts are stacked in one tensor per matrix, `blk.L.ffn_{gate,up,down}_exps`
 ([E, out, in] in torch order), so expert e is the e-th contiguous slice of each: three
-byte ranges per expert, handed to the native cache as they lie in the file. Q8_0
-experts stay quantized in the cache and are dequantized at use (gguf_quants).
+byte ranges per expert, handed to the native cache as they lie in the file. Q8_0, Q4_0,
+Q4_K and Q6_K tensors stay quantized, in the cache and in memory, and are multiplied as
+stored by the native kernels (moeedge.kernels); a row is whole blocks, so each expert's
+slice of a stacked tensor is too.
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ TYPES = {
     1: ("F16", torch.float16, None, 1, 2),
     30: ("BF16", torch.bfloat16, None, 1, 2),
     8: ("Q8_0", torch.uint8, "q8_0", 32, 34),
+    2: ("Q4_0", torch.uint8, "q4_0", 32, 18),
+    12: ("Q4_K", torch.uint8, "q4_k", 256, 144),
+    14: ("Q6_K", torch.uint8, "q6_k", 256, 210),  # Q4_K_M files mix Q4_K and Q6_K (and keep some F32)
 }
 SUPPORTED_TYPES = ", ".join(t[0] for t in TYPES.values())
 
@@ -194,7 +199,7 @@ def _tensor(path, raw_name, n_dims, ne, ggml_type, rel, alignment, data_offset, 
         except ValueError:
             found = f"ggml type id {ggml_type}"
         raise CheckpointError(f"{path}: tensor {name!r} is {found}, which moeedge does not read; "
-                              f"supported: {SUPPORTED_TYPES} (requantize, e.g. llama-quantize ... Q8_0)")
+                              f"supported: {SUPPORTED_TYPES} (requantize, e.g. llama-quantize ... Q4_K_M)")
     type_name, _, _, block, _ = TYPES[ggml_type]
     if ne[0] % block:
         raise CheckpointError(f"{path}: tensor {name!r} is {type_name} with rows of {ne[0]} weights, "
@@ -312,7 +317,7 @@ def _expert_layout(f: GGUFFile, cfg: DecoderConfig):
         for role, t in tensors.items():
             _, dtype, quant, _, _ = TYPES[t.ggml_type]
             per_expert = _nbytes(t.ggml_type, t.shape[1:])
-            # A Q8_0 part is raw blocks (dtype uint8, nbytes of blocks), dequantized at use.
+            # A quantized part is raw blocks (dtype uint8, nbytes of blocks), multiplied as stored.
             layout.append(ExpertPart(role, dtype, t.shape[1:], packed, per_expert, quant))
             packed += per_expert
         parts[layer] = layout
