@@ -18,9 +18,13 @@ from moeedge.models.decoder import DecoderMoE
 from moeedge.models.switch import SwitchMoE
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.memory import SLACK_BYTES, MemoryPlan, plan_memory, resolve_budget, rss_bytes
+from moeedge.runtime.predicted_eviction import PredictedEviction
+from moeedge.runtime.prefetcher import Prefetcher
 from moeedge.runtime.sampling import sample, validate_sampling
 from moeedge.tokenizer import Tokenizer
 
+POLICIES = ("lru", "lfu", "score", "predicted")
+AUTO_PREDICTOR = "learned"  # predictor="auto" where a predictor file exists
 PREFILL_CHUNK = 128  # tokens per prefill step: bounds activation memory
 
 
@@ -72,6 +76,7 @@ class MoeModel:
         self.runner = runner
         self.tokenizer = tokenizer
         self.encoder_decoder = isinstance(runner, SwitchMoE)
+        self.policy = cache.policy  # what load() was asked for ("predicted" drives the native "score")
         self._cached_ids: list[int] = []  # tokens whose keys and values are in the KV cache
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
@@ -207,11 +212,17 @@ class MoeModel:
             "hit_rate": cache["hits"] / gets if gets else 0.0,
             "prefill_tok_s": c["prompt_tokens"] / c["prefill_seconds"] if c["prefill_seconds"] else 0.0,
             "decode_tok_s": c["generated_tokens"] / c["decode_seconds"] if c["decode_seconds"] else 0.0,
-            "prefetch": self.runner.prefetch,
+            "policy": self.policy,
+            "prefetch": self.runner.prefetch if self.encoder_decoder else self._prefetching(),
+            **({"prediction": self.runner.prefetcher.stats()} if self._prefetching() else {}),
             "resident": {"dense_bytes": self.plan.dense_bytes, "kv_cache_bytes": self.plan.kv_cache_bytes,
                          "expert_cache_bytes": cache["resident_bytes"], "process_bytes": rss_bytes()},
             "plan": self.plan.as_dict(),
         }
+
+    def _prefetching(self) -> bool:
+        p = getattr(self.runner, "prefetcher", None)
+        return p is not None and p.predictor is not None and p.lookahead > 0
 
     def close(self) -> None:
         self.cache.close()
@@ -249,11 +260,44 @@ def plan_for(ckpt: Checkpoint, store: ExpertStore, budget: int, fixed: int, max_
                        cfg.top_k * slot)
 
 
+def _prefetcher(ckpt: Checkpoint, runner: DecoderMoE, experts: ExpertAccess, name: str | None, lookahead: int,
+                predictor_file, policy: str) -> Prefetcher | None:
+    """What reads ahead and, for policy="predicted", feeds eviction; None when nothing does."""
+    from moeedge.predict import make_predictor
+    from moeedge.predict.bundle import FILENAME, load_bundle
+
+    cfg = ckpt.config
+    if name is None and policy != "predicted":
+        return None
+    path = Path(predictor_file) if predictor_file is not None else Path(ckpt.source) / FILENAME
+    if predictor_file is not None and not path.is_file():
+        raise ValueError(f"predictor_file {path}: no such file")
+    bundle = load_bundle(path, len(cfg.moe_layers), cfg.n_experts) if path.is_file() else None
+    if name == "auto":
+        # The best measured where its training exists (README, Expert prediction).
+        name = AUTO_PREDICTOR if bundle is not None else "stale-gate"
+    predictor = None if name is None else make_predictor(name, cfg, runner.w, bundle)
+    eviction = None
+    if policy == "predicted":
+        n = len(cfg.moe_layers)
+        rate = (bundle.prior / bundle.meta["train_tokens"] if bundle is not None
+                else torch.full((n, cfg.n_experts), cfg.top_k / cfg.n_experts))
+        eviction = PredictedEviction(experts.cache, n, cfg.n_experts, rate, lambda: experts.capacity)
+    return Prefetcher(predictor, experts, len(cfg.moe_layers), cfg.top_k, lookahead, eviction, cfg.expert_map)
+
+
 def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = "auto", device: str = "cpu",
-         prefetch: bool | None = None, policy: str = "lru", io_threads: int | None = None, max_context: int = 2048,
-         direct_io: bool = True, dtype: torch.dtype | None = None) -> MoeModel:
+         prefetch: bool | None = None, predictor: str | None = "auto", lookahead: int = 1,
+         predictor_file: str | os.PathLike | None = None, policy: str = "auto", io_threads: int | None = None,
+         max_context: int = 2048, direct_io: bool = True, dtype: torch.dtype | None = None) -> MoeModel:
     """Open a checkpoint and plan it into memory_budget (the whole process's memory).
-    dtype is the activations' dtype (default: fp32 for decoder models on CPU)."""
+
+    predictor: what guesses the experts to read ahead (moeedge.predict): "stale-gate",
+    "learned", "history", "frequency", "previous", "auto" (the best available), or None
+    (no prefetch; so does prefetch=False); lookahead: how many MoE layers ahead it reads.
+    predictor_file: the trained predictors (default: moeedge_predictor.safetensors in the
+    checkpoint directory). dtype is the activations' dtype (default: fp32 for decoder
+    models on CPU)."""
     fixed = rss_bytes()  # measured before anything of the model is read
     if device != "cpu":
         raise ValueError(f"device {device!r} is not supported yet; use 'cpu'")
@@ -270,16 +314,32 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     store = ExpertStore(ckpt.files, ckpt.expert_ranges, direct_io=direct_io)
     plan = plan_for(ckpt, store, budget, fixed, max_context, dtype)
     expert_budget = min(plan.expert_cache_bytes, sum(store.slot_bytes(k) for k in store.keys()))
-    cache = ExpertCache(store, expert_budget, policy, io_threads or 2)
+    if policy not in POLICIES + ("auto",):
+        raise ValueError(f"unknown policy {policy!r}; choose one of auto, {', '.join(POLICIES)}")
+    if policy == "auto":  # the best measured (README, Expert prediction); Switch has no predictor yet
+        policy = "lru" if runner_cls is SwitchMoE else "predicted"
+    if policy == "predicted" and runner_cls is SwitchMoE:
+        raise ValueError("policy 'predicted' covers decoder-only models; use lru, lfu or score for Switch")
+    # "predicted" is the native "score" policy, its scores set before each layer
+    cache = ExpertCache(store, expert_budget, "score" if policy == "predicted" else policy, io_threads or 2)
     try:
         dense = {n: ckpt.read_dense(n) for n in ckpt.dense_names}
         if not runner_cls.mixed_precision:
             dense = {n: t.to(dtype) for n, t in dense.items()}
-        experts = ExpertAccess(cache, ckpt.expert_parts, None if runner_cls.mixed_precision else dtype)
+        experts = ExpertAccess(cache, ckpt.expert_parts, None if runner_cls.mixed_precision else dtype,
+                               ckpt.expert_layouts)
         runner = runner_cls(cfg, dense, experts, max_context, dtype)
         # Measured faster on mixtral-medium both above its size and at a quarter of its
         # experts (README, Results), so on unless asked otherwise.
-        runner.prefetch = True if prefetch is None else bool(prefetch)
+        if runner_cls is SwitchMoE:
+            if predictor not in ("auto", "stale-gate", None):
+                raise ValueError(f"predictor {predictor!r}: Switch models prefetch with their stale gate or not at "
+                                 f"all (predictor='stale-gate' or None)")
+            runner.prefetch = predictor is not None and prefetch is not False
+        else:
+            # prefetch=False keeps the predictor for eviction (policy="predicted") but reads nothing early
+            runner.prefetcher = _prefetcher(ckpt, runner, experts, predictor, 0 if prefetch is False else lookahead,
+                                            predictor_file, policy)
         if ckpt.tokenizer_factory is not None:
             tokenizer = ckpt.tokenizer_factory()
         else:
@@ -287,4 +347,6 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     except BaseException:
         cache.close()
         raise
-    return MoeModel(ckpt, plan, cache, runner, tokenizer)
+    model = MoeModel(ckpt, plan, cache, runner, tokenizer)
+    model.policy = policy
+    return model

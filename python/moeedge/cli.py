@@ -68,10 +68,16 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", default="auto", type=_budget,
                    help="memory the whole process may use, e.g. 1.5GiB (default: auto)")
     p.add_argument("--max-context", type=int, default=2048, help="tokens of context (default 2048)")
-    p.add_argument("--policy", choices=("lru", "lfu", "score"), default="lru", help="expert cache eviction policy")
+    p.add_argument("--policy", choices=("auto", "lru", "lfu", "score", "predicted"), default="auto",
+                   help="expert cache eviction policy (predicted: the next use estimated from the layer schedule, "
+                        "pick rates and the predictor; auto: predicted, lru for Switch)")
     p.add_argument("--prefetch", dest="prefetch", action="store_true", default=None,
-                   help="prefetch the next layer's likely experts")
+                   help="prefetch the next layers' likely experts (default)")
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false")
+    p.add_argument("--predictor", default="auto",
+                   help="what guesses the experts to prefetch: auto (default), stale-gate, learned, history, "
+                        "frequency, previous")
+    p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to prefetch (1-3, default 1)")
 
 
 def _budget(text: str) -> str | int:
@@ -84,7 +90,7 @@ def _load(args: argparse.Namespace):
     if args.max_context < 1:
         raise UsageError(f"--max-context must be positive, got {args.max_context}")
     return load(args.source, memory_budget=args.memory_budget, max_context=args.max_context,
-                policy=args.policy, prefetch=args.prefetch)
+                policy=args.policy, prefetch=args.prefetch, predictor=args.predictor, lookahead=args.lookahead)
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
@@ -126,10 +132,19 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_trace(args: argparse.Namespace) -> int:
     from moeedge.trace import record, save
 
-    try:
-        text = open(args.text, encoding="utf-8").read()
-    except UnicodeDecodeError as e:
-        raise UsageError(f"--text {args.text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if args.corpus:
+        import random
+
+        from moeedge.train.corpus import collect
+
+        texts = collect().texts(args.corpus)
+        random.Random(0).shuffle(texts)  # so that --max-tokens samples the whole split, the same every run
+        text = "\n".join(texts)
+    else:
+        try:
+            text = open(args.text, encoding="utf-8").read()
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--text {args.text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     with _load(args) as model:
         trace = record(model, text, hidden=args.hidden, window=args.window, max_tokens=args.max_tokens)
     path = save(trace, args.output)
@@ -173,7 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     trace = sub.add_parser("trace", help="record which experts each token picks, over a text (.npz)")
     _model_options(trace)
-    trace.add_argument("--text", required=True, help="UTF-8 text file")
+    text = trace.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", help="UTF-8 text file")
+    text.add_argument("--corpus", choices=("train", "heldout"),
+                      help="the default model's corpus (this Python's standard library): its training "
+                           "files or its held-out packages")
     trace.add_argument("-o", "--output", default="trace.npz")
     trace.add_argument("--hidden", action="store_true", help="also record the hidden state entering each MoE layer")
     trace.add_argument("--window", type=int, default=512, help="tokens per sequence (default 512)")
@@ -182,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from moeedge.sim.cli import add_sim_parser
     add_sim_parser(sub)
+    from moeedge.aggregate.cli import add_parsers as add_eval_and_aggregate_parsers
+    add_eval_and_aggregate_parsers(sub)
+    from moeedge.predict.cli import add_predict_parser
+    add_predict_parser(sub)
+    from moeedge.quantize_cli import add_quantize_parser
+    add_quantize_parser(sub)
 
     bench = sub.add_parser("bench", help="measure this machine")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -8,9 +8,9 @@ The .npz format (format_version 1), read by the prediction and caching work:
 - with --hidden: `hidden` float16 [tokens, moe_layers, hidden] (and `hidden_encoder`),
   the hidden state entering each MoE layer's router;
 - `tokens` int32 [tokens]; identity: `model` (source path), `model_config` (JSON),
-  `text_sha256`, `n_experts`, `top_k`, `format_version`.
-
-The text is cut into windows of at most `window` tokens, each run as a fresh sequence.
+  `text_sha256`, `n_experts`, `top_k`, `format_version`;
+- `window`: the text is cut into windows of at most this many tokens, each run as a
+  fresh sequence (traces written before it was recorded lack it).
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def record(model: MoeModel, text: str, hidden: bool = False, window: int = 512,
         out.update(recorder.stacked(range(n_layers)))
     out.update(model=np.asarray(model.checkpoint.source), model_config=np.asarray(_config_json(cfg)),
                text_sha256=np.asarray(hashlib.sha256(text.encode()).hexdigest()),
-               n_experts=np.asarray(cfg.n_experts), top_k=np.asarray(cfg.top_k),
+               n_experts=np.asarray(cfg.n_experts), top_k=np.asarray(cfg.top_k), window=np.asarray(window),
                format_version=np.asarray(FORMAT_VERSION))
     return out
 

@@ -20,7 +20,7 @@ class ExpertPart:
     shape: tuple[int, ...]    # [out, in], as F.linear takes it
     offset: int               # byte offset in the packed expert
     nbytes: int
-    quant: str | None = None  # None: plain dtype; "q8_0": GGUF blocks, dequantized at use
+    quant: str | None = None  # None: plain dtype; "q8_0", "int4_g128", ...: multiplied as stored
 
 
 @dataclass
@@ -39,6 +39,9 @@ class Checkpoint:
     tokenizer_files: dict[str, str] = field(default_factory=dict)
     # Formats that embed their vocabulary (GGUF) build the tokenizer themselves.
     tokenizer_factory: Callable[[], object] | None = None
+    # Experts whose layout differs from their layer's (ExpertKey.packed -> parts): per-expert
+    # bit-widths (moeedge.formats.quant_checkpoint).
+    expert_layouts: dict[int, list[ExpertPart]] = field(default_factory=dict)
 
     @property
     def expert_nbytes(self) -> int:
@@ -46,6 +49,9 @@ class Checkpoint:
 
     def expert_key(self, layer: int, expert: int) -> int:
         return ExpertKey(layer, expert).packed
+
+    def parts_of(self, layer: int, expert: int) -> list[ExpertPart]:
+        return self.expert_layouts.get(ExpertKey(layer, expert).packed, self.expert_parts[layer])
 
     def layer_expert_nbytes(self, layer: int) -> int:
         return sum(p.nbytes for p in self.expert_parts[layer])

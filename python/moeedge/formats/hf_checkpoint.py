@@ -15,6 +15,7 @@ from moeedge.keys import ExpertKey
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+VARIANT_FILE = "moeedge_variant.json"  # written by `moeedge aggregate` (moeedge.aggregate.variant)
 
 # family -> (MoE block prefix, router, expert tensor pattern, (gate, up, down) names)
 EXPERT_NAMES = {
@@ -57,14 +58,16 @@ def _tensor_table(files: list[Path]) -> dict[str, TensorInfo]:
 
 
 def expert_table(tensors: dict[str, TensorInfo], files: list[str], shapes: dict[str, tuple[int, ...]],
-                 n_layers: int, n_experts: int, names, label):
-    """Byte ranges and layouts of every expert. names(moe_layer, expert) gives [(role, tensor
-    name)] in packing order; label(moe_layer) names the layer in errors. Checks presence,
-    shapes against the config, and that a layer's experts share dtype and shape."""
+                 n_layers: int, n_experts: int | list[int], names, label):
+    """Byte ranges and layouts of every expert. n_experts: per layer, or one count for all;
+    names(moe_layer, expert) gives [(role, tensor name)] in packing order; label(moe_layer)
+    names the layer in errors. Checks presence, shapes against the config, and that a
+    layer's experts share dtype and shape."""
     file_index = {p: i for i, p in enumerate(files)}
+    counts = n_experts if isinstance(n_experts, list) else [n_experts] * n_layers
     ranges, parts, expert_names = {}, {}, set()
     for moe_layer in range(n_layers):
-        for e in range(n_experts):
+        for e in range(counts[moe_layer]):
             segments, layout, offset = [], [], 0
             for role, name in names(moe_layer, e):
                 info = tensors.get(name)
@@ -85,6 +88,29 @@ def expert_table(tensors: dict[str, TensorInfo], files: list[str], shapes: dict[
     return ranges, parts, expert_names
 
 
+def read_variant_map(directory: Path, cfg: DecoderConfig) -> list[list[int]] | None:
+    """An aggregated variant's router-to-stored-expert table per MoE layer (None: not a
+    variant). Each entry is a stored expert 0..n-1 or -1 (dropped); every stored expert is
+    some router output's."""
+    path = directory / VARIANT_FILE
+    if not path.is_file():
+        return None
+    try:
+        table = json.loads(path.read_text())["expert_map"]
+    except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid variant description ({e})") from None
+    if not isinstance(table, list) or len(table) != len(cfg.moe_layers):
+        raise CheckpointError(f"{path}: expert_map must list {len(cfg.moe_layers)} MoE layers")
+    for i, row in enumerate(table):
+        if not (isinstance(row, list) and len(row) == cfg.n_experts and all(isinstance(e, int) for e in row)):
+            raise CheckpointError(f"{path}: expert_map[{i}] must be {cfg.n_experts} integers (the router's outputs)")
+        stored = {e for e in row if e >= 0}
+        if min(row) < -1 or not stored or stored != set(range(max(stored) + 1)):
+            raise CheckpointError(f"{path}: expert_map[{i}] must map onto stored experts 0..n-1, each used, "
+                                  f"or -1 (dropped); got {row}")
+    return table
+
+
 def _expert_layout(cfg: DecoderConfig, tensors: dict[str, TensorInfo], files: list[str]):
     block, _, pattern, roles = EXPERT_NAMES[cfg.family]
     shapes = {"gate": (cfg.expert_intermediate, cfg.hidden), "up": (cfg.expert_intermediate, cfg.hidden),
@@ -95,7 +121,8 @@ def _expert_layout(cfg: DecoderConfig, tensors: dict[str, TensorInfo], files: li
         return [(role, f"model.layers.{layer}.{block}." + pattern.format(e=e, w=w))
                 for role, w in zip(("gate", "up", "down"), roles)]
 
-    return expert_table(tensors, files, shapes, len(cfg.moe_layers), cfg.n_experts, names,
+    counts = [max(row) + 1 for row in cfg.expert_map] if cfg.expert_map else cfg.n_experts
+    return expert_table(tensors, files, shapes, len(cfg.moe_layers), counts, names,
                         lambda moe_layer: f"layer {cfg.moe_layers[moe_layer]}")
 
 
@@ -106,7 +133,12 @@ def open_hf_directory(directory: str | os.PathLike) -> Checkpoint:
         from moeedge.formats.switch_checkpoint import open_switch  # noqa: PLC0415 (only Switch needs it)
 
         return open_switch(directory, raw)
+    if (directory / "moeedge_quant.json").is_file():  # written by `moeedge quantize`
+        from moeedge.formats.quant_checkpoint import open_quant_directory  # noqa: PLC0415 (it imports this module)
+
+        return open_quant_directory(directory, raw)
     cfg = decoder_config(raw, directory / "config.json")
+    cfg.expert_map = read_variant_map(directory, cfg)
     files = shard_files(directory)
     tensors = _tensor_table(files)
     paths = [str(p) for p in files]

@@ -41,6 +41,9 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     dtype: torch.dtype = torch.bfloat16
+    # Aggregated variants (moeedge aggregate): per MoE layer, router output -> stored expert,
+    # -1 for an expert pruning dropped. None: the router's indices are the stored experts.
+    expert_map: list[list[int]] | None = None
 
 
 def _rope_theta(raw: dict, path: Path) -> float:

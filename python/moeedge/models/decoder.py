@@ -40,7 +40,7 @@ class DecoderMoE:
         self.experts = experts
         self.dtype = dtype
         self.max_context = max_context
-        self.prefetch = False
+        self.prefetcher = None  # moeedge.runtime.prefetcher.Prefetcher: reads ahead what a predictor guesses
         # Called as recorder(moe_layer, experts [T, K], gates [T, K], hidden [T, H]) by each
         # MoE layer: routing traces (moeedge.trace).
         self.recorder = None
@@ -101,15 +101,27 @@ class DecoderMoE:
         return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
     def route(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T, K] gate weights and expert indices, as the checkpoint's router picks them."""
+        """[T, K] gate weights and stored-expert indices, as the checkpoint's router picks them.
+        An aggregated variant keeps the router's E outputs and maps them to its stored experts
+        (cfg.expert_map): two picks may then name one expert, which _moe runs once."""
         p = f"model.layers.{layer}.{'block_sparse_moe' if self.cfg.family == 'mixtral' else 'mlp'}."
         logits = linear(x, self.w[p + "gate.weight"])  # [T, E]
+        table = None if self.cfg.expert_map is None else torch.tensor(self.cfg.expert_map[self.moe_index[layer]])
+        if table is not None:  # experts a pruned variant dropped leave the router, as in NAEE
+            logits = logits.masked_fill(table < 0, float("-inf"))
         probs = torch.softmax(logits.float(), dim=-1)
         top_w, top_i = torch.topk(probs, self.cfg.top_k, dim=-1)
         if self.cfg.norm_topk_prob:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         if self.cfg.family != "mixtral":  # transformers' Mixtral keeps the gate weights in fp32
             top_w = top_w.to(logits.dtype)
+        if table is not None:
+            top_i = table[top_i]
+            # Fewer kept experts than k: the extra picks have gate 0; they repeat the first pick
+            # so that nothing more runs.
+            dropped = top_i < 0
+            top_i = torch.where(dropped, top_i[:, :1], top_i)
+            top_w = top_w.masked_fill(dropped, 0.0)
         return top_w, top_i
 
     def _moe(self, x: torch.Tensor, layer: int) -> torch.Tensor:
@@ -123,15 +135,16 @@ class DecoderMoE:
         # depend on what happened to be cached.
         missing = [e for e in chosen if not self.experts.resident(moe_layer, e)]
         self.experts.prefetch(moe_layer, missing, priority=1)
-        if self.prefetch:
-            self._prefetch_next(x, layer)
+        if self.prefetcher is not None:
+            self.prefetcher.on_route(moe_layer, x, top_i, decoding=x.shape[0] == 1)
         outputs: dict[int, torch.Tensor] = {}
         for e in sorted(chosen, key=lambda e: e in missing):
-            tokens, slots = torch.where(top_i == e)
+            picked = top_i == e  # [T, K]; a merged variant's token may pick e twice: gates summed
+            tokens = torch.where(picked.any(dim=-1))[0]
             ew = self.experts.get(moe_layer, e)
             y = self._mlp(x[tokens], ew["gate"], ew["up"], ew["down"])
             del ew  # unpin before the next expert is read
-            outputs[e] = (tokens, y * top_w[tokens, slots, None])
+            outputs[e] = (tokens, y * (top_w * picked)[tokens].sum(dim=-1, keepdim=True))
         out = torch.zeros_like(x)
         for e in chosen:
             tokens, y = outputs[e]
@@ -142,14 +155,6 @@ class DecoderMoE:
                                self.w[p + "shared_expert.up_proj.weight"], self.w[p + "shared_expert.down_proj.weight"])
             out = out + torch.sigmoid(linear(x, self.w[p + "shared_expert_gate.weight"])) * shared
         return out
-
-    def _prefetch_next(self, x: torch.Tensor, layer: int) -> None:
-        """Stale-gate guess: the next MoE layer's router applied to this layer's input."""
-        nxt = self.moe_index[layer] + 1
-        if nxt >= len(self.cfg.moe_layers) or x.shape[0] != 1:
-            return
-        _, top_i = self.route(x, self.cfg.moe_layers[nxt])
-        self.experts.prefetch(nxt, top_i[0].tolist(), priority=0)
 
     def _ffn(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         if layer in self.moe_index:
@@ -162,6 +167,8 @@ class DecoderMoE:
         """tokens [T] at positions start..start+T-1 -> logits [T, V] (or [1, V], the last)."""
         if start + tokens.shape[0] > self.max_context:
             raise ValueError(f"{start + tokens.shape[0]} tokens exceed max_context={self.max_context}")
+        if start == 0 and self.prefetcher is not None:
+            self.prefetcher.reset()
         if tokens.shape[0] > NATIVE_MAX_TOKENS:
             return self._forward(tokens, start, all_logits)
         # A decode step's heavy products run on moeedge's own kernel threads; torch's

@@ -36,15 +36,24 @@ class ExpertWeights:
 class ExpertAccess:
     """Get, prefetch and ask residency of experts by (MoE layer, expert)."""
 
-    def __init__(self, cache: ExpertCache, parts: dict[int, list[ExpertPart]], dtype: torch.dtype | None):
+    def __init__(self, cache: ExpertCache, parts: dict[int, list[ExpertPart]], dtype: torch.dtype | None,
+                 expert_layouts: dict[int, list[ExpertPart]] | None = None):
         self.cache = cache
-        self.parts = parts
+        self.parts = parts  # layer -> the layout of its experts
+        self.expert_layouts = expert_layouts or {}  # ExpertKey.packed -> parts, where an expert differs
         self.dtype = dtype
-        slot = max(cache.store.slot_bytes(k) for k in cache.store.keys())
-        self.capacity = max(1, cache.budget_bytes // slot)  # experts the cache holds at once
+        self.slot = max(cache.store.slot_bytes(k) for k in cache.store.keys())
+
+    @property
+    def capacity(self) -> int:
+        """Experts the cache holds at once (its budget can change at run time)."""
+        return max(1, self.cache.budget_bytes // self.slot)
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
-        return ExpertWeights(self.cache, layer, expert, self.parts[layer], self.dtype)
+        parts = self.parts[layer]
+        if self.expert_layouts:
+            parts = self.expert_layouts.get(ExpertKey(layer, expert).packed, parts)
+        return ExpertWeights(self.cache, layer, expert, parts, self.dtype)
 
     def resident(self, layer: int, expert: int) -> bool:
         return self.cache.contains(ExpertKey(layer, expert).packed)
@@ -55,3 +64,7 @@ class ExpertAccess:
         keys = [ExpertKey(layer, e).packed for e in experts[: max(0, self.capacity - 1)]]
         if keys:
             self.cache.prefetch(keys, priority)
+
+    def cancel(self, layer: int, experts: list[int]) -> None:
+        """Drop these experts' prefetches if they are still queued (not yet reading)."""
+        self.cache.cancel_prefetches([ExpertKey(layer, e).packed for e in experts])

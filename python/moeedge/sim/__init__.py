@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-POLICIES = ("lru", "lfu", "lfru", "layer", "score", "belady")  # see moeedge.sim.policies
+POLICIES = ("lru", "lfu", "lfru", "layer", "score", "predicted", "belady")  # see moeedge.sim.policies
 _ITEMSIZE = {"torch.float32": 4, "torch.float16": 2, "torch.bfloat16": 2}
 
 

@@ -35,6 +35,11 @@ def add_sim_parser(subparsers) -> argparse.ArgumentParser:
                    help="the first fraction of tokens trains the score policy's frequency prior and is "
                         "not simulated, for any policy (default 0.25)")
     p.add_argument("--half-life", type=float, default=None, help="lfru's half-life in gets (default: the capacity)")
+    p.add_argument("--predictor", default=None,
+                   help="feed the 'predicted' policy this predictor's guesses for the next 3 layers "
+                        "(moeedge predict; needs a trace recorded with --hidden); default: none")
+    p.add_argument("--model", default=None, help="the checkpoint for --predictor (default: the trace's model)")
+    p.add_argument("--predictor-file", default=None, help="trained predictors for --predictor")
     t = p.add_argument_group("timing model (moeedge.sim.timing)")
     t.add_argument("--expert-bytes", default=None,
                    help="bytes of one expert (default: from the trace's model_config)")
@@ -109,6 +114,16 @@ def _capacities(text: str | None, trace, per_layer: bool) -> list[int]:
     return caps
 
 
+def _guesses(args: argparse.Namespace, n_train: int):
+    """The predictor's guesses for the simulated tokens, 1 to 3 layers ahead."""
+    from moeedge.predict.cli import build_predictor
+    from moeedge.predict.metrics import guess_matrix, load_routing
+
+    routing = load_routing(args.trace, need_hidden=True)
+    predictor = build_predictor(args.predictor, args.model, args.predictor_file, routing)
+    return guess_matrix(predictor, routing.tokens(n_train), 3)
+
+
 def _cmd_sim(args: argparse.Namespace) -> int:
     from moeedge.sim import load_trace
 
@@ -128,27 +143,31 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         raise _Usage(f"{args.trace}: --train-fraction {args.train_fraction} leaves no token to simulate")
 
     # numba loads here, once the input is known to be good
-    from moeedge.sim.policies import frequency_prior, scores_from_prior, simulate
+    from moeedge.sim.policies import frequency_prior, pick_rate, scores_from_prior, simulate
     from moeedge.sim.report import PolicyReport, plot, table, to_json
     from moeedge.sim.timing import Timing, previous_token_guesses, stall_per_token
 
     trace = full.tokens(n_train)
     scores = scores_from_prior(trace, frequency_prior(full.tokens(0, n_train), full.n_keys))
+    rates = pick_rate(full.tokens(0, n_train), full.n_keys) if n_train else None
+    guesses = _guesses(args, n_train) if args.predictor and "predicted" in policies else None
     timing = None
     if expert_bytes:
         compute_s = args.compute_ms / 1e3 if args.compute_ms is not None else expert_bytes / 10e9
         timing = Timing(expert_bytes, float(bandwidth), compute_s, args.lookahead)
-        guesses = previous_token_guesses(trace)
+        prefetch_guesses = previous_token_guesses(trace)
+
+    def run_at(policy: str, c: int):
+        return simulate(trace, policy, c, args.per_layer, scores, args.half_life, guesses, rates)
 
     reports = []
     for policy in policies:
-        run = simulate(trace, policy, capacity, args.per_layer, scores, args.half_life)
+        run = run_at(policy, capacity)
         r = PolicyReport(policy, run.hits, run.accesses, capacity, args.per_layer)
         if timing is not None:
-            r.stall_s_per_token = {mode: stall_per_token(trace, run, timing, mode, guesses)[0]
+            r.stall_s_per_token = {mode: stall_per_token(trace, run, timing, mode, prefetch_guesses)[0]
                                    for mode in ("none", "oracle", "predicted")}
-        r.sweep = [(c, simulate(trace, policy, c, args.per_layer, scores, args.half_life).hit_rate)
-                   for c in sweep_caps]
+        r.sweep = [(c, run_at(policy, c).hit_rate) for c in sweep_caps]
         reports.append(r)
 
     where = "per layer" if args.per_layer else "in one cache shared by all layers"

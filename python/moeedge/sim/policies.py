@@ -18,6 +18,9 @@ Only experts outside the current step are candidates (a step's experts are pinne
           the score of a key is the one given with its latest get (``scores[s, j]``
           for the step's j-th key, e.g. a predictor's). ``frequency_prior`` gives a
           score that needs no predictor.
+- predicted: Belady's rule on an estimate of the future (moeedge.sim.predicted): the
+          known layer schedule, each expert's online pick rate, and a predictor's
+          guesses for the current token's next layers (``guesses``).
 - belady: MIN, offline optimal: evict the expert whose next use (in steps) is furthest
           away, never again first, ties to the least recent. No demand-paging policy
           hits more in this model (tests check it against brute force), so it is the
@@ -291,17 +294,25 @@ def frequency_prior(train: Trace, n_keys: int) -> np.ndarray:
     return np.bincount(keys, minlength=n_keys).astype(np.float64)
 
 
+def pick_rate(train: Trace, n_keys: int) -> np.ndarray:
+    """float64 [n_keys]: the share of ``train``'s tokens that picked each key."""
+    return frequency_prior(train, n_keys) / max(1, train.n_tokens)
+
+
 def scores_from_prior(trace: Trace, prior: np.ndarray) -> np.ndarray:
     """float64 [S, k]: each access's score, a fixed per-key score (padding 0)."""
     return np.where(trace.step_keys >= 0, prior[np.maximum(trace.step_keys, 0)], 0.0)
 
 
 def simulate(trace: Trace, policy: str, capacity: int, per_layer: bool = False,
-             scores: np.ndarray | None = None, half_life: float | None = None) -> Result:
+             scores: np.ndarray | None = None, half_life: float | None = None, guesses: np.ndarray | None = None,
+             pick_rate: np.ndarray | None = None) -> Result:
     """Replay ``trace`` through one policy with ``capacity`` experts (per layer if ``per_layer``).
 
     ``scores`` float [S, k] feeds "score" (default all 0.0: LRU); ``half_life`` in gets
-    tunes "lfru" (default: the total capacity in experts).
+    tunes "lfru" (default: the total capacity in experts). "predicted" takes ``guesses``
+    float [S, D, E] (moeedge.predict.metrics.guess_matrix; default none) and starts from
+    ``pick_rate`` [n_keys], the chance a token picks each expert (default k / E).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
@@ -315,7 +326,20 @@ def simulate(trace: Trace, policy: str, capacity: int, per_layer: bool = False,
     keys = np.ascontiguousarray(trace.step_keys, dtype=np.int64)
     hit = np.zeros(keys.shape, dtype=np.uint8)
     evicted = np.full(keys.shape, keys.shape[0], dtype=np.int64)
-    if policy == "layer":
+    if policy == "predicted":
+        from moeedge.sim.predicted import ALPHA, run_predicted
+
+        if guesses is None:
+            guesses = np.zeros((keys.shape[0], 0, trace.n_experts))
+        if guesses.shape[0] != keys.shape[0] or guesses.shape[2] != trace.n_experts:
+            raise ValueError(f"guesses must be [steps={keys.shape[0]}, D, experts={trace.n_experts}], "
+                             f"got {list(guesses.shape)}")
+        if pick_rate is None:
+            pick_rate = np.full(trace.n_keys, trace.top_k / trace.n_experts)
+        hits = run_predicted(keys, np.ascontiguousarray(trace.step_layer, dtype=np.int64), trace.n_layers,
+                             trace.n_experts, cap, per_layer, np.asarray(pick_rate, dtype=np.float64), ALPHA,
+                             np.ascontiguousarray(guesses, dtype=np.float64), hit, evicted)
+    elif policy == "layer":
         hits = _run_layer(keys, np.ascontiguousarray(trace.step_layer, dtype=np.int64), trace.n_layers,
                           trace.n_experts, per_layer, cap, hit, evicted)
     else:

@@ -1,0 +1,13 @@
+"""Expert aggregation: smaller variants of a decoder MoE checkpoint that moeedge loads like
+any other (`moeedge aggregate`, issue #7).
+
+- `calibration`: runs the source model over training-corpus text and keeps, per MoE layer,
+  the hidden states entering it and how the router used each expert (the inputs every
+  method needs; lowrank and distill should take theirs from here too);
+- `layer`: one MoE layer's experts, router and calibration states, and its output under a
+  variant (a router-to-stored-expert table and the stored experts);
+- `clustering`: the merge tree of a layer's experts (average linkage on their mean outputs);
+- one file per method: `merge` (aligned, usage-weighted), `average` (plain mean), `prune`;
+- `targets`: experts per layer, uniform or split by measured sensitivity;
+- `variant`: the output directory; `pipeline`: the whole run; `cli`: the commands.
+"""

@@ -1,0 +1,49 @@
+"""Calibration: what the source model does on training text, per MoE layer.
+
+The text comes from the TRAINING split of the default model's corpus (moeedge.train.corpus),
+never from the held-out packages that `moeedge eval` scores. The runtime's recorder hook
+hands over each MoE layer's input and routing as the model runs. Shapes: N = calibration
+tokens, H = hidden, E = experts, K = top-k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from moeedge.evaluate import DEFAULT_WINDOW, corpus_windows
+
+DEFAULT_TOKENS = 4096
+
+
+@dataclass
+class LayerCalibration:
+    hidden: torch.Tensor     # [N, H] fp32: the (normalised) states entering the MoE layer
+    counts: torch.Tensor     # [E] int64: how often the router picked each expert (top-k slots)
+    gate_mass: torch.Tensor  # [E] fp64: the sum of each expert's gate weights
+
+
+def calibration_windows(tokenizer, n_tokens: int = DEFAULT_TOKENS, window: int = DEFAULT_WINDOW) -> list[list[int]]:
+    return corpus_windows(tokenizer, "train", n_tokens, window)
+
+
+def gather(model, windows: list[list[int]], progress: bool = False) -> list[LayerCalibration]:
+    """Run the loaded source model over the windows; one LayerCalibration per MoE layer."""
+    n_layers, n_experts = len(model.config.moe_layers), model.config.n_experts
+    hidden: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    counts = torch.zeros(n_layers, n_experts, dtype=torch.int64)
+    mass = torch.zeros(n_layers, n_experts, dtype=torch.float64)
+
+    def record(layer: int, experts: torch.Tensor, gates: torch.Tensor, x: torch.Tensor) -> None:
+        hidden[layer].append(x.float().clone())
+        counts[layer] += torch.bincount(experts.flatten(), minlength=n_experts)
+        mass[layer].index_add_(0, experts.flatten(), gates.flatten().double())
+
+    model.runner.recorder = record
+    try:
+        for w in tqdm(windows, desc="calibration", unit="window", disable=not progress):
+            model.logits(w)
+    finally:
+        model.runner.recorder = None
+    return [LayerCalibration(torch.cat(hidden[i]), counts[i], mass[i]) for i in range(n_layers)]

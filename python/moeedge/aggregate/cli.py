@@ -1,0 +1,66 @@
+"""The `moeedge eval` and `moeedge aggregate` commands. Only argparse at import: `moeedge`
+builds every subcommand's parser on each run; torch loads when a command runs. Bad input
+raises ValueError, which moeedge.cli.main prints as one line with exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from moeedge.units import format_bytes
+
+
+def add_parsers(subparsers) -> None:
+    ev = subparsers.add_parser("eval", help="perplexity on a text, and KL and top-1 agreement against a reference")
+    ev.add_argument("source", nargs="?", default=None, help="checkpoint to evaluate (default: the bundled model)")
+    ev.add_argument("--reference", default=None, help="compare with this checkpoint (same tokenizer)")
+    ev.add_argument("--text", default=None, help="UTF-8 text file (default: the default model's held-out corpus)")
+    ev.add_argument("--tokens", type=int, default=16384, help="tokens to evaluate (default 16384)")
+    ev.add_argument("--window", type=int, default=256, help="tokens per sequence (default 256)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(run=_cmd_eval)
+
+    ag = subparsers.add_parser("aggregate", help="a smaller variant: merge, average or prune experts")
+    ag.add_argument("source", nargs="?", default=None, help="Hugging Face decoder MoE directory")
+    ag.add_argument("--method", required=True, help="merge (aligned, usage-weighted), average, or prune")
+    target = ag.add_mutually_exclusive_group(required=True)
+    target.add_argument("--experts-per-layer", type=int, default=None, metavar="N")
+    target.add_argument("--expert-memory", type=float, default=None, metavar="FRACTION",
+                        help="of the source's expert bytes, split across layers by measured sensitivity")
+    ag.add_argument("--calibration-tokens", type=int, default=4096,
+                    help="tokens of the training corpus to calibrate on (default 4096)")
+    ag.add_argument("--eval-tokens", type=int, default=8192,
+                    help="held-out tokens to measure the variant on (default 8192; 0: skip)")
+    ag.add_argument("-o", "--output", required=True, help="new directory for the variant")
+    ag.add_argument("--json", action="store_true", help="print the variant's description as one JSON object")
+    ag.set_defaults(run=_cmd_aggregate)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from moeedge.evaluate import describe, evaluate, read_text
+
+    text = read_text(args.text) if args.text is not None else None
+    q = evaluate(args.source, args.reference, text, n_tokens=args.tokens, window=args.window)
+    print(json.dumps(q.as_dict()) if args.json else describe(q, args.source or "default model", args.reference,
+                                                              args.text))
+    return 0
+
+
+def _cmd_aggregate(args: argparse.Namespace) -> int:
+    from moeedge.aggregate.pipeline import aggregate
+
+    meta = aggregate(args.source, args.method, args.output, experts_per_layer=args.experts_per_layer,
+                     expert_memory=args.expert_memory, calibration_tokens=args.calibration_tokens,
+                     eval_tokens=args.eval_tokens, progress=not args.json)
+    if args.json:
+        print(json.dumps(meta))
+        return 0
+    before, after = meta["expert_bytes_source"], meta["expert_bytes"]
+    print(f"{args.output}: {meta['method']}, experts per layer {meta['expert_counts']}")
+    print(f"expert bytes: {format_bytes(before)} -> {format_bytes(after)} "
+          f"(saved {format_bytes(before - after)}, {100 * (before - after) / before:.1f}%)")
+    q = meta["quality"]
+    if q is not None:
+        print(f"held-out quality against the source ({q['tokens']} tokens): perplexity {q['ppl']:.3f} vs "
+              f"{q['ppl_reference']:.3f} (ratio {q['ppl_ratio']:.4f}), KL mean {q['kl_mean']:.4f} "
+              f"p99 {q['kl_p99']:.4f} nats/token, top-1 agreement {100 * q['top1_agreement']:.2f}%")
+    return 0

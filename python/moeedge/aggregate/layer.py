@@ -1,0 +1,112 @@
+"""One MoE layer of the source model in fp32, and its output under a variant.
+
+A variant of a layer keeps the router (all E outputs) and stores n experts; `table` maps
+each router output to a stored expert, or to -1 when pruning dropped it. Its output is
+computed as the runtime computes it (moeedge.models.decoder.route and _moe): dropped
+experts leave the softmax, two picks of one stored expert add their gates. Shapes:
+N = calibration tokens, H = hidden, I = expert intermediate, E = experts, K = top-k.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from moeedge.aggregate.calibration import LayerCalibration
+from moeedge.formats.hf_checkpoint import EXPERT_NAMES
+
+
+@dataclass
+class Experts:
+    gate: torch.Tensor  # [n, I, H]
+    up: torch.Tensor    # [n, I, H]
+    down: torch.Tensor  # [n, H, I]
+
+    def __len__(self) -> int:
+        return self.gate.shape[0]
+
+    def select(self, index: list[int]) -> "Experts":
+        return Experts(self.gate[index], self.up[index], self.down[index])
+
+    def forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on x [T, H] -> [T, H]."""
+        return F.linear(F.silu(F.linear(x, self.gate[e])) * F.linear(x, self.up[e]), self.down[e])
+
+    @staticmethod
+    def stack(experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> "Experts":
+        return Experts(*(torch.stack(parts) for parts in zip(*experts)))
+
+
+@dataclass
+class Variant:
+    table: list[int]   # [E] router output -> stored expert, -1: dropped
+    experts: Experts   # the n stored experts, fp32, already rounded to the checkpoint's dtype
+
+
+@dataclass
+class MoeLayer:
+    index: int                 # MoE layer, in execution order
+    experts: Experts           # the source's E experts, fp32
+    router: torch.Tensor       # [E, H] fp32
+    top_k: int
+    norm_topk_prob: bool
+    dtype: torch.dtype         # the experts' stored dtype
+    calibration: LayerCalibration
+    memo: dict = field(default_factory=dict)   # per-method caches (alignments, merge tree)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    @functools.cached_property
+    def expert_outputs(self) -> torch.Tensor:
+        """[E, N, H] every expert's output on every calibration state."""
+        x = self.calibration.hidden
+        return torch.stack([self.experts.forward(e, x) for e in range(self.n_experts)])
+
+    @functools.cached_property
+    def reference_output(self) -> torch.Tensor:
+        """[N, H] the source layer's routed output on the calibration states."""
+        return self.output(Variant(list(range(self.n_experts)), self.experts))
+
+    def output(self, variant: Variant) -> torch.Tensor:
+        x = self.calibration.hidden
+        table = torch.tensor(variant.table)
+        logits = (x @ self.router.T).masked_fill(table < 0, float("-inf"))   # [N, E]
+        top_w, top_i = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        stored = table[top_i]                                                # [N, K], -1 only at gate 0
+        out = torch.zeros_like(x)
+        for e in range(len(variant.experts)):
+            picked = stored == e
+            tokens = torch.where(picked.any(dim=-1))[0]
+            gates = (top_w * picked)[tokens].sum(dim=-1, keepdim=True)
+            out.index_add_(0, tokens, variant.experts.forward(e, x[tokens]) * gates)
+        return out
+
+    def relative_error(self, variant: Variant) -> float:
+        """||output - source output|| / ||source output|| over the calibration states."""
+        ref = self.reference_output
+        return float((self.output(variant) - ref).norm() / ref.norm().clamp_min(1e-30))
+
+    def rounded(self, experts: Experts) -> Experts:
+        """As they will be stored: rounded to the checkpoint's dtype."""
+        return Experts(*(t.to(self.dtype).float() for t in (experts.gate, experts.up, experts.down)))
+
+
+def read_layer(model, moe_layer: int, calibration: LayerCalibration) -> MoeLayer:
+    """A layer of a loaded source model (moeedge.load), its weights copied to fp32."""
+    cfg = model.config
+    block, router, _, _ = EXPERT_NAMES[cfg.family]
+    parts = []
+    for e in range(cfg.n_experts):
+        w = model.runner.experts.get(moe_layer, e)
+        # Copies: the views over the cache's buffer are only valid while pinned.
+        parts.append(tuple(w[role].to(torch.float32, copy=True) for role in ("gate", "up", "down")))
+        del w
+    weight = model.runner.w[f"model.layers.{cfg.moe_layers[moe_layer]}.{block}.{router}.weight"]
+    return MoeLayer(moe_layer, Experts.stack(parts), weight.float(), cfg.top_k, cfg.norm_topk_prob,
+                    model.checkpoint.expert_parts[moe_layer][0].dtype, calibration)

@@ -1,0 +1,55 @@
+"""Merging (HC-SMoE clusters, M-SMoE-style merging): in each cluster of the merge tree, the
+most-used expert is the representative; every other member's intermediate neurons are
+first permuted to line up with the representative's (the Hungarian method on weight
+similarity), then the members are averaged with weights proportional to how often the
+router picked them on the calibration text.
+
+Permuting rows of gate/up and the matching columns of down together leaves an expert's
+function unchanged (silu(x G^T) * (x U^T) is elementwise over neurons, and D sums over
+them): it only decides which neurons get averaged together. Shapes: I = intermediate, H = hidden.
+"""
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from moeedge.aggregate.clustering import clustered_variant
+from moeedge.aggregate.layer import Experts, MoeLayer, Variant
+
+
+def alignment(experts: Experts, rep: int, member: int) -> torch.Tensor:
+    """[I] perm: member's neuron perm[i] best matches rep's neuron i, maximising the summed
+    dot products of their gate rows, up rows and down columns."""
+    sim = (experts.gate[rep] @ experts.gate[member].T + experts.up[rep] @ experts.up[member].T
+           + experts.down[rep].T @ experts.down[member])                       # [I, I]
+    _, cols = linear_sum_assignment(sim.double().numpy(), maximize=True)
+    return torch.from_numpy(cols)
+
+
+def permuted(experts: Experts, e: int, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert e with its intermediate neurons reordered: the same function."""
+    return experts.gate[e][perm], experts.up[e][perm], experts.down[e][:, perm]
+
+
+def usage_weights(layer: MoeLayer, members: list[int]) -> torch.Tensor:
+    """[M] each member's share of the cluster's router picks (equal shares if none was picked)."""
+    counts = layer.calibration.counts[members].double()
+    return counts / counts.sum() if counts.sum() > 0 else torch.full_like(counts, 1 / len(members))
+
+
+def merge_cluster(layer: MoeLayer, members: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    weights = usage_weights(layer, members)
+    rep = members[int(weights.argmax())]
+    merged = [torch.zeros_like(t) for t in (layer.experts.gate[0], layer.experts.up[0], layer.experts.down[0])]
+    for m, w in zip(members, weights.tolist()):
+        key = ("align", rep, m)
+        if m != rep and key not in layer.memo:
+            layer.memo[key] = alignment(layer.experts, rep, m)
+        perm = layer.memo[key] if m != rep else torch.arange(layer.experts.gate.shape[1])
+        for acc, part in zip(merged, permuted(layer.experts, m, perm)):
+            acc.add_(part, alpha=w)
+    return tuple(merged)
+
+
+def build(layer: MoeLayer, n: int) -> Variant:
+    return clustered_variant(layer, n, merge_cluster)

@@ -1,0 +1,83 @@
+"""The variant directory: a Hugging Face checkpoint that `moeedge.load` reads.
+
+- config.json: the source's, unchanged (the router keeps its E outputs);
+- model.safetensors: the source's dense tensors and, per MoE layer, its n stored experts
+  under the family's usual names (`...experts.{0..n-1}.w1.weight`), in the source's dtype;
+- the tokenizer files, copied;
+- moeedge_variant.json: `expert_map` (per MoE layer, router output -> stored expert, -1:
+  dropped; moeedge.formats.hf_checkpoint reads it), `expert_counts`, the method, source,
+  targets, calibration, bytes, and the measured quality.
+
+The directory is assembled beside OUT and renamed into place when complete. All tensors
+are held in memory while the file is written: fine for the models this runs on today.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from moeedge.aggregate.layer import Variant
+from moeedge.formats.checkpoint import Checkpoint
+from moeedge.formats.hf_checkpoint import EXPERT_NAMES, VARIANT_FILE
+
+FORMAT_VERSION = 1
+COPIED = ("config.json", "generation_config.json")
+
+
+def check_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"-o {out}: exists and is not an empty directory")
+    if not out.parent.is_dir():
+        raise ValueError(f"-o {out}: the directory {out.parent} does not exist")
+
+
+def expert_names(ckpt: Checkpoint, moe_layer: int, e: int) -> list[str]:
+    """Tensor names of stored expert e, in (gate, up, down) order."""
+    cfg = ckpt.config
+    block, _, pattern, roles = EXPERT_NAMES[cfg.family]
+    prefix = f"model.layers.{cfg.moe_layers[moe_layer]}.{block}."
+    return [prefix + pattern.format(e=e, w=w) for w in roles]
+
+
+def write(out: Path, ckpt: Checkpoint, variants: list[Variant], meta: dict) -> None:
+    check_output(out)
+    tensors = {name: ckpt.read_dense(name) for name in ckpt.dense_names}
+    for moe_layer, v in enumerate(variants):
+        dtype = ckpt.expert_parts[moe_layer][0].dtype
+        for e in range(len(v.experts)):
+            parts = (v.experts.gate[e], v.experts.up[e], v.experts.down[e])
+            for name, t in zip(expert_names(ckpt, moe_layer, e), parts):
+                tensors[name] = t.to(dtype).contiguous()
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        source = Path(ckpt.source)
+        for name in COPIED:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, staging / name)
+        for name, path in ckpt.tokenizer_files.items():
+            shutil.copyfile(path, staging / name)
+        meta = {"format_version": FORMAT_VERSION, **meta, "expert_counts": [len(v.experts) for v in variants],
+                "expert_map": [v.table for v in variants]}
+        (staging / VARIANT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def update(out: Path, **fields) -> dict:
+    """Add fields (the measured quality) to a written variant's description."""
+    path = out / VARIANT_FILE
+    meta = json.loads(path.read_text())
+    meta.update(fields)
+    path.write_text(json.dumps(meta, indent=1) + "\n")
+    return meta

@@ -1,0 +1,121 @@
+"""moeedge's quantized checkpoint: a Hugging Face directory written by `moeedge quantize`
+(moeedge.quantize) that `moeedge.load` reads like any other.
+
+- config.json (and generation_config.json): the source's, unchanged; tokenizer files and
+  the trained expert predictors (moeedge_predictor.safetensors), where present, copied.
+- model.safetensors: the dense tensors as the source stores them (bf16, fp32); each expert
+  matrix `<name>.weight` is stored instead as `<name>.qweight` and `<name>.scales`:
+  int8 [out, in] (8 bits) or uint8 [out, in / 2] (4 bits), and fp16 [out, ceil(in / G)],
+  group-wise symmetric, weight = scale * q (moeedge.formats.group_quant has the details).
+  No pickle anywhere.
+- moeedge_quant.json: {"format": "moeedge-groupwise", "version": 1, "group_size": G,
+  "bits": per MoE layer a list of each expert's bits (4 or 8), "source", how the bits were
+  chosen ("selection": calibration and per-expert sensitivity, for --per-expert-bits auto)
+  and "quality" (held-out perplexity ratio, KL, top-1 agreement against the source, or
+  null when not measured).
+
+Experts of one layer may have different bit-widths, so their layouts differ: the layer's
+most common layout is Checkpoint.expert_parts[layer], the others go to
+Checkpoint.expert_layouts.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from moeedge.formats.checkpoint import Checkpoint, ExpertPart
+from moeedge.formats.errors import CheckpointError
+from moeedge.formats.group_quant import GROUP_SIZES, qweight_shape, quant_name, scales_shape
+from moeedge.formats.hf_checkpoint import EXPERT_NAMES, TOKENIZER_FILES, _tensor_table, shard_files
+from moeedge.formats.hf_config import DecoderConfig, decoder_config
+from moeedge.formats.safetensors_file import read_tensor
+from moeedge.keys import ExpertKey
+
+FORMAT = "moeedge-groupwise"
+VERSION = 1
+QUANT_FILE = "moeedge_quant.json"
+VARIANT_FILE = "moeedge_variant.json"  # an aggregated variant's table (moeedge.aggregate)
+
+
+def expert_matrices(cfg: DecoderConfig, moe_layer: int, e: int) -> list[tuple[str, str, tuple[int, int]]]:
+    """[(role, tensor name without ".weight", [out, in])] of one expert, in packing order."""
+    block, _, pattern, roles = EXPERT_NAMES[cfg.family]
+    prefix = f"model.layers.{cfg.moe_layers[moe_layer]}.{block}."
+    shapes = {"gate": (cfg.expert_intermediate, cfg.hidden), "up": (cfg.expert_intermediate, cfg.hidden),
+              "down": (cfg.hidden, cfg.expert_intermediate)}
+    return [(role, prefix + pattern.format(e=e, w=w).removesuffix(".weight"), shapes[role])
+            for role, w in zip(("gate", "up", "down"), roles)]
+
+
+def read_quant_info(directory: Path, cfg: DecoderConfig) -> dict:
+    """moeedge_quant.json, checked against the config."""
+    path = directory / QUANT_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
+        raise CheckpointError(f"{path}: not a {FORMAT} version {VERSION} description")
+    if info.get("group_size") not in GROUP_SIZES:
+        raise CheckpointError(f"{path}: group_size must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                              f"got {info.get('group_size')!r}")
+    bits = info.get("bits")
+    if not (isinstance(bits, list) and len(bits) == len(cfg.moe_layers)
+            and all(isinstance(row, list) and len(row) == cfg.n_experts and all(b in (4, 8) for b in row)
+                    for row in bits)):
+        raise CheckpointError(f"{path}: bits must list, for each of the {len(cfg.moe_layers)} MoE layers, "
+                              f"4 or 8 for each of its {cfg.n_experts} experts")
+    if (directory / VARIANT_FILE).is_file():
+        raise CheckpointError(f"{directory}: a quantized aggregated variant ({VARIANT_FILE} beside {QUANT_FILE}) "
+                              f"is not supported")
+    return info
+
+
+def _check(info, name: str, dtype: torch.dtype, shape: tuple[int, int], why: str) -> None:
+    if info is None:
+        raise CheckpointError(f"expert tensor {name!r} is missing")
+    if info.dtype != dtype or info.shape != shape:
+        raise CheckpointError(f"{info.path}: {name!r} is {str(info.dtype).removeprefix('torch.')}"
+                              f"{list(info.shape)}; {why} imply {str(dtype).removeprefix('torch.')}{list(shape)}")
+
+
+def open_quant_directory(directory: Path, raw_config: dict) -> Checkpoint:
+    cfg = decoder_config(raw_config, directory / "config.json")
+    info = read_quant_info(directory, cfg)
+    group = info["group_size"]
+    files = shard_files(directory)
+    tensors = _tensor_table(files)
+    paths = [str(p) for p in files]
+    file_index = {p: i for i, p in enumerate(paths)}
+    ranges, layouts, expert_names = {}, {}, set()
+    for moe_layer, layer_bits in enumerate(info["bits"]):
+        for e, bits in enumerate(layer_bits):
+            why = f"{QUANT_FILE}'s {bits} bits in groups of {group}"
+            segments, layout, offset = [], [], 0
+            for role, base, shape in expert_matrices(cfg, moe_layer, e):
+                q, s = tensors.get(base + ".qweight"), tensors.get(base + ".scales")
+                _check(q, base + ".qweight", torch.int8 if bits == 8 else torch.uint8, qweight_shape(bits, shape), why)
+                _check(s, base + ".scales", torch.float16, scales_shape(group, shape), why)
+                expert_names.update((q.name, s.name))
+                segments += [(file_index[q.path], q.offset, q.nbytes), (file_index[s.path], s.offset, s.nbytes)]
+                layout.append(ExpertPart(role, torch.uint8, shape, offset, q.nbytes + s.nbytes,
+                                         quant_name(bits, group)))
+                offset += q.nbytes + s.nbytes
+            ranges[ExpertKey(moe_layer, e).packed] = segments
+            layouts[ExpertKey(moe_layer, e).packed] = layout
+    parts = {}
+    for moe_layer in range(len(cfg.moe_layers)):
+        counts = Counter(tuple(layouts[ExpertKey(moe_layer, e).packed]) for e in range(cfg.n_experts))
+        parts[moe_layer] = list(counts.most_common(1)[0][0])
+    differing = {key: layout for key, layout in layouts.items() if layout != parts[ExpertKey.unpack(key).layer]}
+    dense = sorted(n for n in tensors if n not in expert_names)
+    tokenizer = {n: str(directory / n) for n in TOKENIZER_FILES if (directory / n).is_file()}
+    return Checkpoint(source=str(directory), config=cfg, files=paths, expert_ranges=ranges, expert_parts=parts,
+                      dense_names=dense, read_dense=lambda name: read_tensor(tensors[name]),
+                      dense_numel=sum(math.prod(tensors[n].shape) for n in dense),
+                      dense_nbytes=sum(tensors[n].nbytes for n in dense), tokenizer_files=tokenizer,
+                      expert_layouts=differing)

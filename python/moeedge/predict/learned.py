@@ -1,0 +1,82 @@
+"""A learned predictor (SiDA, ProMoE): per MoE layer and lookahead, a small MLP from the
+router input and this token's chosen experts to the experts `lookahead` layers on,
+trained on a trace recorded with hidden states (`moeedge trace --hidden`) over
+training text."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moeedge.predict.predictors import Predictor
+
+
+def make_net(hidden: int, n_experts: int, width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(hidden + n_experts, width), nn.GELU(), nn.Linear(width, n_experts))
+
+
+def _features(hidden: torch.Tensor, experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    onehot = torch.zeros(hidden.shape[0], n_experts)
+    onehot.scatter_(1, experts.long().clamp(min=0), 1.0)
+    return torch.cat([hidden.float(), onehot], dim=1)
+
+
+class LearnedPredictor(Predictor):
+    name = "learned"
+    stateless = True
+
+    def __init__(self, prior: torch.Tensor, nets: dict[tuple[int, int], nn.Sequential], meta: dict):
+        super().__init__(prior)
+        self.nets = nets
+        self.meta = meta
+        self.max_lookahead = int(meta["max_lookahead"])
+
+    @torch.inference_mode()
+    def scores(self, layer, hidden, experts, lookahead):
+        net = self.nets.get((layer, lookahead))
+        if net is None:
+            return self._prior(layer + lookahead, hidden.shape[0])
+        return net(_features(hidden, experts, self.n_experts))
+
+    def probabilities(self, layer, hidden, experts, lookahead, k):
+        # Trained with a per-expert binary loss: the sigmoid is the chance it is picked.
+        if (layer, lookahead) not in self.nets:
+            return super().probabilities(layer, hidden, experts, lookahead, k)
+        return torch.sigmoid(self.scores(layer, hidden, experts, lookahead))
+
+
+def train_learned(hidden: torch.Tensor, experts: torch.Tensor, n_experts: int, max_lookahead: int = 3,
+                  width: int = 256, epochs: int = 8, seed: int = 0, progress=None, source: str = "") -> LearnedPredictor:
+    """hidden [N, L, H] router inputs and experts [N, L, K] of a training trace."""
+    from moeedge.predict.predictors import usage
+
+    torch.manual_seed(seed)
+    n, n_layers, k = experts.shape
+    nets = {}
+    pairs = [(layer, d) for layer in range(n_layers) for d in range(1, max_lookahead + 1) if layer + d < n_layers]
+    for layer, d in pairs:
+        x = _features(hidden[:, layer], experts[:, layer], n_experts)
+        y = torch.zeros(n, n_experts).scatter_(1, experts[:, layer + d].long().clamp(min=0), 1.0)
+        nets[(layer, d)] = _fit(make_net(hidden.shape[2], n_experts, width), x, y, epochs)
+        if progress is not None:
+            progress(layer, d)
+    meta = {"hidden": int(hidden.shape[2]), "width": width, "max_lookahead": max_lookahead, "epochs": epochs,
+            "train_tokens": int(n), "seed": seed, "trained_on": source}
+    return LearnedPredictor(usage(experts, n_experts), nets, meta)
+
+
+def _fit(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int = 512) -> nn.Sequential:
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(x) / batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    loss_fn = nn.BCEWithLogitsLoss()
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), batch):
+            idx = order[i:i + batch]
+            opt.zero_grad()
+            loss_fn(net(x[idx]), y[idx]).backward()
+            opt.step()
+            sched.step()
+    return net.eval()

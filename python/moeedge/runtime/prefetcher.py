@@ -1,0 +1,109 @@
+"""Turns a predictor's guesses into prefetches during decoding, and keeps score; with
+policy="predicted" also into eviction scores (moeedge.runtime.predicted_eviction).
+
+After a decode step is routed in MoE layer l, the experts guessed for layers l+1 ..
+l+lookahead are queued (nearer layers first, at higher priority), within what the
+cache can hold beside the step's own experts. When layer l+d is routed, its guesses
+are scored against what it really picked, and the wrong ones still waiting in the
+queue are cancelled before they spend bandwidth. Prediction never touches outputs: it
+only decides what is read early.
+"""
+from __future__ import annotations
+
+import torch
+
+from moeedge.predict.predictors import Predictor
+from moeedge.runtime.experts import ExpertAccess
+from moeedge.runtime.predicted_eviction import PredictedEviction
+
+
+class Prefetcher:
+    """predictor None: no guesses (and no prefetch); eviction: feed policy="predicted"."""
+
+    def __init__(self, predictor: Predictor | None, experts: ExpertAccess, n_layers: int, top_k: int,
+                 lookahead: int = 1, eviction: PredictedEviction | None = None,
+                 expert_map: list[list[int]] | None = None):
+        if not 0 <= lookahead <= 3:  # 0: guesses feed eviction only
+            raise ValueError(f"lookahead must be 1, 2 or 3 MoE layers, got {lookahead}")
+        self.predictor = predictor
+        self.eviction = eviction
+        # An aggregated variant (moeedge aggregate): predictors speak the router's E outputs,
+        # the cache its stored experts; router index -> stored expert per MoE layer, -1 dropped.
+        self.expert_map = None if expert_map is None else [torch.tensor(m) for m in expert_map]
+        self.experts = experts
+        self.n_layers = n_layers
+        self.top_k = top_k
+        self.lookahead = lookahead
+        self.pending: dict[int, list[int]] = {}   # target layer -> guessed experts, queued
+        self.guessed = [0] * lookahead            # per lookahead: experts guessed that were then needed ...
+        self.needed = [0] * lookahead             # ... out of the experts needed
+        self.guess_distance: dict[int, int] = {}  # target layer -> the lookahead its guesses came from
+
+    @property
+    def name(self) -> str | None:
+        return None if self.predictor is None else self.predictor.name
+
+    def reset(self) -> None:
+        """A new sequence starts."""
+        if self.predictor is not None:
+            self.predictor.reset()
+        self.pending.clear()
+
+    def on_route(self, layer: int, hidden: torch.Tensor, experts: torch.Tensor, decoding: bool) -> None:
+        """Layer `layer` has routed its tokens: hidden [T, H], experts [T, K]."""
+        if self.predictor is None:
+            if self.eviction is not None and decoding:
+                self.eviction.on_step(layer, experts[-1].tolist(), {})
+            return
+        self._score(layer, experts)
+        self.predictor.observe(layer, hidden, experts)
+        if not decoding:
+            return
+        # The eviction estimate looks as far ahead as predictors are trained (3 layers).
+        horizon = min(3 if self.eviction is not None else self.lookahead, self.n_layers - 1 - layer)
+        chances = {layer + d: self._stored(layer + d, self.predictor.probabilities(layer, hidden, experts, d,
+                                                                                    self.top_k)[-1])
+                   for d in range(1, horizon + 1)}
+        if self.eviction is not None:
+            self.eviction.on_step(layer, experts[-1].tolist(), chances)
+        room = max(0, self.experts.capacity - self.top_k)  # beside the step's own experts
+        for d in range(1, self.lookahead + 1):
+            target = layer + d
+            if target >= self.n_layers or room == 0:
+                break
+            n = min(self.top_k, room)
+            top = torch.topk(chances[target], n)
+            guess = top.indices[top.values > 0].tolist()  # a variant stores fewer experts than E
+            earlier = self.pending.get(target)  # a guess from farther away: this nearer one replaces it
+            if earlier:
+                self.experts.cancel(target, [e for e in earlier if e not in guess])
+            self.experts.prefetch(target, guess, priority=self.lookahead - d)
+            self.pending[target] = guess
+            self.guess_distance[target] = d
+            room -= n
+
+    def _stored(self, layer: int, chances: torch.Tensor) -> torch.Tensor:
+        """Router-output chances [E] -> stored-expert chances (several outputs may share one)."""
+        if self.expert_map is None:
+            return chances
+        table = self.expert_map[layer]
+        kept = table >= 0
+        out = torch.zeros_like(chances).index_add_(0, table[kept], chances[kept])
+        return out.clamp(max=1.0)
+
+    def _score(self, layer: int, experts: torch.Tensor) -> None:
+        guess = self.pending.pop(layer, None)
+        if guess is None:
+            return
+        picked = set(experts[-1].tolist())
+        d = self.guess_distance.pop(layer) - 1
+        self.guessed[d] += len(picked.intersection(guess))
+        self.needed[d] += len(picked)
+        wrong = [e for e in guess if e not in picked]
+        if wrong:
+            self.experts.cancel(layer, wrong)
+
+    def stats(self) -> dict:
+        return {"predictor": self.name, "lookahead": self.lookahead,
+                "prediction_recall": [round(g / n, 4) if n else None for g, n in zip(self.guessed, self.needed)],
+                "predicted_needed": list(self.needed)}

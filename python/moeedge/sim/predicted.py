@@ -1,0 +1,94 @@
+"""The "predicted" policy: Belady's rule with the future replaced by an estimate of it.
+
+Belady evicts the expert whose next use is furthest away. Online, the layer schedule
+is known exactly (token after token, layer after layer), so the only unknown is
+whether a token will pick the expert when it reaches that expert's layer. For an
+expert of MoE layer m, seen from the step at layer l of the current token:
+- delta = steps until the schedule next reaches layer m: m - l, or m - l + L when m <= l;
+- p = the chance that a token picks it, tracked online as an exponential moving
+  average over the tokens so far (recent tokens weigh more: routing drifts with the text);
+- q = the chance that *this* token picks it, when m is within a predictor's lookahead
+  (the model's own guess, made at layer l from this token's hidden state); otherwise p.
+The expected next use is delta + (1 - q) * L / p steps (a miss at this visit costs a
+geometric number of tokens), and the victim is the unpinned resident for which it is
+largest (ties to the least recent). Every input is the past or the model's own prediction, never the trace's future.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# The moving average's weight of the newest token. On the default model's held-out trace,
+# 0.1 beat 0.02, 0.2, 0.35 and 0.5 at capacities 8-16 and was within 0.004 of 0.02 at 20-24.
+ALPHA = 0.1
+
+
+@njit(cache=True)
+def run_predicted(step_keys, step_layer, n_layers, n_experts, capacity, per_layer, prior, alpha, guesses,
+                  hit, evicted):
+    """guesses float [S, D, E]: at step s, the chance that this token picks each expert of
+    layer step_layer[s] + d + 1 (D may be 0). prior float [n_keys]: starting p. Returns hits."""
+    n_steps, k = step_keys.shape
+    n_keys = n_layers * n_experts
+    n_ahead = guesses.shape[1]
+    p = prior.copy()
+    q = np.full(n_keys, -1.0)                   # this token's guess for the key; -1: none
+    resident = np.zeros(n_keys, dtype=np.bool_)
+    pinned = np.zeros(n_keys, dtype=np.bool_)
+    count = np.zeros(n_layers if per_layer else 1, dtype=np.int64)
+    last = np.zeros(n_keys, dtype=np.int64)     # s * k + j of each key's latest get
+    recent = np.zeros(n_keys, dtype=np.int64)   # the tick of each key's latest get
+    used = np.zeros(n_experts, dtype=np.bool_)
+    tick = hits = 0
+    for s in range(n_steps):
+        layer = step_layer[s]
+        for d in range(n_ahead):
+            m = layer + d + 1
+            if m < n_layers:
+                for e in range(n_experts):
+                    q[m * n_experts + e] = guesses[s, d, e]
+        for e in range(n_experts):
+            q[layer * n_experts + e] = -1.0     # this token's visit is now: guesses spent
+        for j in range(k):
+            key = step_keys[s, j]
+            if key >= 0:
+                pinned[key] = True
+        for phase in range(2):                  # hits first, then misses (as the other policies)
+            for j in range(k):
+                key = step_keys[s, j]
+                if key < 0 or (phase == 0) != resident[key] or (phase == 1 and hit[s, j] == 1):
+                    continue
+                last[key] = s * k + j
+                tick += 1
+                recent[key] = tick
+                if phase == 0:
+                    hits += 1
+                    hit[s, j] = 1
+                    continue
+                part = key // n_experts if per_layer else 0
+                if count[part] == capacity:
+                    victim, worst = -1, -1.0
+                    for c in range(n_keys):
+                        if not resident[c] or pinned[c] or (per_layer and c // n_experts != part):
+                            continue
+                        m = c // n_experts
+                        delta = m - layer if m > layer else m - layer + n_layers
+                        chance = q[c] if q[c] >= 0.0 else p[c]
+                        when = delta + (1.0 - chance) * n_layers / max(p[c], 1e-6)
+                        if when > worst or (when == worst and recent[c] < recent[victim]):  # ties: least recent
+                            victim, worst = c, when
+                    resident[victim] = False
+                    evicted[last[victim] // k, last[victim] % k] = s
+                    count[part] -= 1
+                resident[key] = True
+                count[part] += 1
+        used[:] = False
+        for j in range(k):
+            key = step_keys[s, j]
+            if key >= 0:
+                pinned[key] = False
+                used[key - layer * n_experts] = True
+        for e in range(n_experts):
+            c = layer * n_experts + e
+            p[c] = (1.0 - alpha) * p[c] + alpha * (1.0 if used[e] else 0.0)
+    return hits

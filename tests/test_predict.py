@@ -1,0 +1,217 @@
+"""Expert predictors: their metrics, their file, and that prefetching by them never
+changes what the model computes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_checkpoints import make_decoder, write_tokenizer
+
+import moeedge
+from moeedge.cli import main
+from moeedge.predict import PREDICTORS, make_predictor
+from moeedge.predict.bundle import FILENAME, load_bundle, train_bundle
+from moeedge.predict.metrics import RoutingTrace, evaluate, load_routing
+from moeedge.predict.predictors import FrequencyPrior, Predictor, PreviousToken
+from moeedge.trace import record, save
+
+IDS = torch.tensor([1, 17, 42, 99, 5, 63, 120, 7, 88, 31, 150, 12])
+TEXT = "the quick brown fox jumps over the lazy dog. experts route tokens; hello world. " * 12
+
+
+class Oracle(Predictor):
+    """Reads the answer from the trace: what no real predictor can do, so recall must be 1."""
+
+    def __init__(self, trace: RoutingTrace):
+        super().__init__(torch.ones(trace.n_layers, trace.n_experts))
+        self.trace, self.t = trace, -1
+
+    def observe(self, layer, hidden, experts):
+        if layer == 0:
+            self.t += 1
+
+    def scores(self, layer, hidden, experts, lookahead):
+        out = torch.zeros(1, self.n_experts)
+        out[0, self.trace.experts[self.t, layer + lookahead]] = 1.0
+        return out
+
+
+def synthetic_trace(n: int = 64, layers: int = 4, experts: int = 8, k: int = 2, seed: int = 0) -> RoutingTrace:
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(n * layers)]).view(n, layers, k)
+    return RoutingTrace(picks, torch.randn(n, layers, 16, generator=g), [(0, n // 2), (n // 2, n)], experts)
+
+
+def test_oracle_recall_is_one_and_frequency_matches_by_hand():
+    trace = synthetic_trace()
+    acc = evaluate(Oracle(trace), trace)
+    for d in (1, 2, 3):
+        assert acc.recall(d, 2) == 1.0 and acc.precision(d, 2) == 1.0
+    # A constant prior guesses experts 0 and 1 everywhere: recall@2 is the share of picks in {0, 1}.
+    prior = torch.zeros(4, 8)
+    prior[:, :2] = 1.0
+    acc = evaluate(FrequencyPrior(prior), trace)
+    for d in (1, 2, 3):
+        picked = trace.experts[:, d:]
+        assert acc.recall(d, 2) == pytest.approx(float((picked < 2).float().mean()))
+    assert acc.guesses.sum() == 64 * (3 + 2 + 1)
+
+
+def test_previous_token_forgets_at_a_new_sequence():
+    trace = synthetic_trace()
+    trace.experts[:] = trace.experts[0]  # every token repeats the first one's choices ...
+    acc = evaluate(PreviousToken(torch.ones(4, 8)), trace)
+    # ... so every guess is right except each sequence's first token's (a uniform prior).
+    first = [a for a, _ in trace.windows]
+    wrong_tokens = len(first)
+    for d in (1, 2, 3):
+        assert acc.needed[d - 1].sum() - acc.hits[d - 1, :, 1].sum() <= wrong_tokens * (4 - d) * 2
+        assert acc.recall(d, 2) > 0.9
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mixtral")
+    make_decoder(directory, "mixtral", seed=3)
+    write_tokenizer(directory)
+    with moeedge.load(directory, predictor=None) as model:
+        trace = record(model, TEXT, hidden=True, window=64)
+    save(trace, directory / "train.npz")
+    bundle = train_bundle(load_routing(directory / "train.npz", need_hidden=True), epochs=1)
+    bundle.save(directory / FILENAME)
+    return directory
+
+
+def test_bundle_round_trip_gives_the_same_scores(model_dir):
+    trace = load_routing(model_dir / "train.npz", need_hidden=True)
+    saved = load_bundle(model_dir / FILENAME, trace.n_layers, trace.n_experts)
+    fresh = train_bundle(trace, epochs=1)
+    h, e = trace.hidden[:3, 0], trace.experts[:3, 0]
+    torch.testing.assert_close(saved.learned.scores(0, h, e, 1), fresh.learned.scores(0, h, e, 1))
+    torch.testing.assert_close(saved.history.scores(0, h, e, 2), fresh.history.scores(0, h, e, 2))
+    assert saved.meta["train_tokens"] == len(trace.experts)
+
+
+@pytest.mark.parametrize("name", PREDICTORS)
+def test_every_predictor_leaves_outputs_unchanged(model_dir, name):
+    with moeedge.load(model_dir, predictor=None) as model:
+        expected = model.logits(IDS)
+        expected_tokens = list(model.stream_ids(IDS.tolist(), max_new_tokens=8))
+    with moeedge.load(model_dir, predictor=name, lookahead=2) as model:
+        slot = model.cache.store.slot_bytes(model.cache.store.keys()[0])
+        model.cache.set_budget(4 * slot)  # a step's two experts and two guesses: prefetches evict
+        assert torch.equal(model.logits(IDS), expected)
+        assert list(model.stream_ids(IDS.tolist(), max_new_tokens=8)) == expected_tokens
+        stats = model.stats()
+    assert stats["prefetch"] is True
+    prediction = stats["prediction"]
+    assert prediction["predictor"] == name and prediction["lookahead"] == 2
+    assert sum(prediction["predicted_needed"]) > 0
+    assert all(r is None or 0.0 <= r <= 1.0 for r in prediction["prediction_recall"])
+    assert stats["prefetch_issued"] > 0
+
+
+def test_auto_picks_learned_with_a_file_and_stale_gate_without(model_dir, tmp_path):
+    with moeedge.load(model_dir) as model:
+        assert model.stats()["prediction"]["predictor"] == "learned"
+    with moeedge.load(model_dir, predictor_file=None, prefetch=False) as model:
+        assert model.stats()["prefetch"] is False and "prediction" not in model.stats()
+    bare = tmp_path / "bare"
+    make_decoder(bare, "mixtral", seed=3)
+    with moeedge.load(bare) as model:
+        assert model.stats()["prediction"]["predictor"] == "stale-gate"
+    with pytest.raises(ValueError, match="no predictor file"):
+        moeedge.load(bare, predictor="learned")
+
+
+def test_bad_predictor_input_is_named(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown predictor 'oracle'"):
+        moeedge.load(model_dir, predictor="oracle")
+    with pytest.raises(ValueError, match="lookahead must be 1, 2 or 3"):
+        moeedge.load(model_dir, lookahead=4)
+    with pytest.raises(ValueError, match="no such file"):
+        moeedge.load(model_dir, predictor_file=tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(ValueError, match="not a moeedge predictor file"):
+        moeedge.load(model_dir, predictor_file=junk)
+    other = synthetic_trace(layers=5)  # a predictor for a model with another layer count
+    train_bundle(other, epochs=1).save(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="trained for 5 layers, this model has 3"):
+        moeedge.load(model_dir, predictor_file=tmp_path / "other.safetensors")
+
+
+def test_make_predictor_needs_the_file_for_trained_ones(model_dir):
+    with moeedge.load(model_dir, predictor=None) as model:
+        for name in ("frequency", "history", "learned"):
+            with pytest.raises(ValueError, match="trained on a trace"):
+                make_predictor(name, model.config, model.runner.w, None)
+
+
+def test_cli_train_and_eval(model_dir, tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    assert main(["predict", "train", str(model_dir / "train.npz"), "-o", str(out), "--epochs", "1"]) == 0
+    assert main(["predict", "eval", str(model_dir / "train.npz"), "--model", str(model_dir),
+                 "--predictor-file", str(out), "--json"]) == 0
+    result = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result) == set(PREDICTORS)
+    assert 0.0 <= result["stale-gate"]["d1"]["recall@2"] <= 1.0
+
+
+def test_cli_refuses_bad_traces(model_dir, tmp_path, capsys):
+    no_hidden = tmp_path / "nohidden.npz"
+    data = dict(np.load(model_dir / "train.npz"))
+    del data["hidden"]
+    np.savez(no_hidden, **data)
+    assert main(["predict", "train", str(no_hidden), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "moeedge trace --hidden" in capsys.readouterr().err
+    assert main(["predict", "eval", str(tmp_path / "missing.npz")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["predict", "eval", str(model_dir / "train.npz"), "--predictors", "oracle"]) == 2
+    assert "unknown oracle" in capsys.readouterr().err
+
+
+def test_predicted_policy_leaves_outputs_unchanged_and_feeds_scores(model_dir):
+    with moeedge.load(model_dir, predictor=None) as model:
+        expected_tokens = list(model.stream_ids(IDS.tolist(), max_new_tokens=8))
+    for predictor, prefetch in (("learned", None), ("stale-gate", False), (None, None)):
+        with moeedge.load(model_dir, policy="predicted", predictor=predictor, prefetch=prefetch) as model:
+            slot = model.cache.store.slot_bytes(model.cache.store.keys()[0])
+            model.cache.set_budget(4 * slot)
+            assert list(model.stream_ids(IDS.tolist(), max_new_tokens=8)) == expected_tokens
+            stats = model.stats()
+        assert stats["policy"] == "predicted" and model.cache.policy == "score"  # which it drives
+        assert stats["evictions"] > 0
+        assert stats["prefetch"] is (predictor is not None and prefetch is not False)
+
+
+class StubCache:
+    def __init__(self, resident):
+        self.resident, self.scores = resident, {}
+
+    def resident_keys(self):
+        return list(self.resident)
+
+    def set_scores(self, scores):
+        self.scores = dict(scores)
+
+
+def test_predicted_eviction_ranks_by_expected_next_use():
+    """Three layers of four experts, step at layer 0: the guessed expert of layer 1 is due
+    first; among the rest, a rarely picked expert of layer 0 is due last and goes first."""
+    from moeedge.keys import ExpertKey
+    from moeedge.runtime.predicted_eviction import PredictedEviction
+
+    key = {(m, e): ExpertKey(m, e).packed for m in range(3) for e in range(4)}
+    rate = torch.full((3, 4), 0.5)
+    rate[0, 3] = 0.05
+    cache = StubCache([key[0, 3], key[0, 2], key[1, 0], key[1, 1], key[2, 0]])
+    evict = PredictedEviction(cache, 3, 4, rate, lambda: 5)
+    evict.on_step(0, [0, 1], {1: torch.tensor([0.9, 0.1, 0.0, 0.0])})
+    order = sorted(cache.scores, key=cache.scores.get)  # first evicted first
+    assert order[0] == key[0, 3] and order[-1] == key[1, 0]
+    # delta + (1 - chance) * L / p, negated: expert 1 of layer 1 is due in 1 + 0.9 * 3 / 0.5 steps
+    assert cache.scores[key[1, 1]] == pytest.approx(-(1 + 0.9 * 3 / 0.5))
+    assert cache.scores[key[2, 0]] == pytest.approx(-(2 + 0.5 * 3 / 0.5))
+    # layer 0's pick rates moved toward this token's picks (0 and 1), away from the others
+    assert evict.p[0, 0] > 0.5 and evict.p[0, 2] < 0.5
