@@ -250,7 +250,7 @@ def run_cli(argv: list[str]) -> int:
     ("gguf", "GGUF files are not supported"),
     ("switch", "Switch Transformers checkpoints are not supported"),
     ("llama", "model_type 'llama' is not supported"),
-    ("variant", "already an aggregated variant"),
+    ("variant", "an aggregated variant; aggregate its source instead"),
 ])
 def test_unsupported_sources_exit_2_with_one_line(bad_sources, tmp_path, capsys, which, message):
     assert run_cli(["aggregate", str(bad_sources[which]), "--method", "merge", "--experts-per-layer", "2",

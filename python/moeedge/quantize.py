@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from moeedge.derived import check_output, open_decoder_source, publish
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.group_quant import BITS, GROUP_SIZES, qweight_shape, quantize, scales_shape
 from moeedge.formats.hf_config import DecoderConfig
@@ -32,7 +31,6 @@ CALIBRATION_TOKENS = 4096
 EVAL_TOKENS = 8192
 WINDOW = 256
 # The routers stay as they are, so the source's trained expert predictors still apply.
-COPIED = ("config.json", "generation_config.json", "moeedge_predictor.safetensors")
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
@@ -53,29 +51,8 @@ def check_options(bits: int | None, group: int, per_expert_bits: str | None, tar
         raise ValueError(f"--group must be one of {', '.join(map(str, GROUP_SIZES))}, got {group}")
 
 
-def check_output(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"-o {out}: exists and is not an empty directory")
-    if not out.parent.is_dir():
-        raise ValueError(f"-o {out}: the directory {out.parent} does not exist")
-
-
 def open_source(source) -> Checkpoint:
-    """The source, if quantize supports it: a Hugging Face decoder MoE directory."""
-    from moeedge.api import open_checkpoint
-
-    if source is not None and Path(source).is_file():
-        raise ValueError(f"{source}: quantize reads Hugging Face checkpoint directories (Mixtral, Qwen2-MoE, OLMoE); "
-                         f"GGUF files are not supported")
-    ckpt = open_checkpoint(source)
-    if not isinstance(ckpt.config, DecoderConfig):
-        raise ValueError(f"{ckpt.source}: Switch Transformers checkpoints are not supported by quantize "
-                         f"(decoder-only Mixtral, Qwen2-MoE, OLMoE are)")
-    if (Path(ckpt.source) / QUANT_FILE).is_file():
-        raise ValueError(f"{ckpt.source}: already quantized by moeedge; quantize its source instead")
-    if ckpt.config.expert_map is not None:
-        raise ValueError(f"{ckpt.source}: aggregated variants are not supported by quantize yet")
-    return ckpt
+    return open_decoder_source(source, "quantize")
 
 
 class ExpertReader:
@@ -149,27 +126,12 @@ def write(out: Path, ckpt: Checkpoint, reader: ExpertReader, bits: list[list[int
           progress: bool = False) -> None:
     """The output directory; the dense tensors are held in memory (as the runtime holds
     them), the experts one at a time."""
-    check_output(out)
     dense = {name: ckpt.read_dense(name) for name in ckpt.dense_names}
     entries = _entries(dense, ckpt.config, bits, group)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with publish(out, ckpt) as staging:
         write_safetensors(staging / "model.safetensors", entries,
                           _tensors(entries, dense, ckpt.config, reader, bits, group, progress))
-        for name in COPIED:
-            if (Path(ckpt.source) / name).is_file():
-                shutil.copyfile(Path(ckpt.source) / name, staging / name)
-        for name, path in ckpt.tokenizer_files.items():
-            shutil.copyfile(path, staging / name)
         write_meta(staging, meta)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_meta(directory: Path, meta: dict) -> None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from moeedge.derived import record_routing
 from moeedge.formats.group_quant import dequantize, quantize
 
 
@@ -37,19 +38,7 @@ class LayerCalibration:
 
 def gather(model, windows: list[list[int]], progress: bool = False) -> list[LayerCalibration]:
     """Run the loaded model over the windows; what enters each MoE layer and where it goes."""
-    n_layers = len(model.config.moe_layers)
-    seen: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in range(n_layers)]
-
-    def record(layer: int, experts: torch.Tensor, gates: torch.Tensor, x: torch.Tensor) -> None:
-        seen[layer].append((x.float().clone(), experts.clone(), gates.float().clone()))
-
-    model.runner.recorder = record
-    try:
-        for w in tqdm(windows, desc="calibration", unit="window", disable=not progress):
-            model.logits(w)
-    finally:
-        model.runner.recorder = None
-    return [LayerCalibration(*(torch.cat(parts) for parts in zip(*layer))) for layer in seen]
+    return [LayerCalibration(*layer) for layer in record_routing(model, windows, progress)]
 
 
 def expert_forward(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

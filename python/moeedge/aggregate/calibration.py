@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
+from moeedge.derived import record_routing
 from moeedge.evaluate import DEFAULT_WINDOW, corpus_windows
 
 DEFAULT_TOKENS = 4096
@@ -30,20 +30,10 @@ def calibration_windows(tokenizer, n_tokens: int = DEFAULT_TOKENS, window: int =
 
 def gather(model, windows: list[list[int]], progress: bool = False) -> list[LayerCalibration]:
     """Run the loaded source model over the windows; one LayerCalibration per MoE layer."""
-    n_layers, n_experts = len(model.config.moe_layers), model.config.n_experts
-    hidden: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
-    counts = torch.zeros(n_layers, n_experts, dtype=torch.int64)
-    mass = torch.zeros(n_layers, n_experts, dtype=torch.float64)
-
-    def record(layer: int, experts: torch.Tensor, gates: torch.Tensor, x: torch.Tensor) -> None:
-        hidden[layer].append(x.float().clone())
-        counts[layer] += torch.bincount(experts.flatten(), minlength=n_experts)
-        mass[layer].index_add_(0, experts.flatten(), gates.flatten().double())
-
-    model.runner.recorder = record
-    try:
-        for w in tqdm(windows, desc="calibration", unit="window", disable=not progress):
-            model.logits(w)
-    finally:
-        model.runner.recorder = None
-    return [LayerCalibration(torch.cat(hidden[i]), counts[i], mass[i]) for i in range(n_layers)]
+    n_experts = model.config.n_experts
+    out = []
+    for hidden, experts, gates in record_routing(model, windows, progress):
+        counts = torch.bincount(experts.flatten(), minlength=n_experts)
+        mass = torch.zeros(n_experts, dtype=torch.float64).index_add_(0, experts.flatten(), gates.flatten().double())
+        out.append(LayerCalibration(hidden, counts, mass))
+    return out

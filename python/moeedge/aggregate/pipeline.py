@@ -12,30 +12,12 @@ from moeedge.aggregate.calibration import DEFAULT_TOKENS, calibration_windows, g
 from moeedge.aggregate.clustering import merge_tree
 from moeedge.aggregate.layer import read_layer
 from moeedge.aggregate.targets import measure_sensitivity, split_budget
-from moeedge.api import open_checkpoint
+from moeedge.derived import check_output, open_decoder_source
 from moeedge.evaluate import DEFAULT_WINDOW, evaluate
-from moeedge.formats.checkpoint import Checkpoint
-from moeedge.formats.hf_config import DecoderConfig
 from moeedge.train.corpus import HELD_OUT
 
 METHODS = {"merge": merge.build, "average": average.build, "prune": prune.build}
 EVAL_TOKENS = 8192
-
-
-def open_source(source) -> Checkpoint:
-    """The source checkpoint, if aggregate supports it: a Hugging Face decoder MoE directory."""
-    if source is not None and Path(source).is_file():
-        raise ValueError(f"{source}: aggregate reads Hugging Face checkpoint directories (Mixtral, Qwen2-MoE, "
-                         f"OLMoE); GGUF files are not supported")
-    ckpt = open_checkpoint(source)
-    if not isinstance(ckpt.config, DecoderConfig):
-        raise ValueError(f"{ckpt.source}: Switch Transformers checkpoints are not supported by aggregate "
-                         f"(decoder-only Mixtral, Qwen2-MoE, OLMoE are)")
-    if ckpt.config.expert_map is not None:
-        raise ValueError(f"{ckpt.source}: already an aggregated variant; aggregate its source instead")
-    if any(part.quant for parts in ckpt.expert_parts.values() for part in parts):
-        raise ValueError(f"{ckpt.source}: its experts are quantized; aggregate the unquantized source instead")
-    return ckpt
 
 
 def check_targets(n_experts: int, experts_per_layer: int | None, expert_memory: float | None) -> None:
@@ -59,8 +41,8 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
         raise ValueError(f"--calibration-tokens must be at least 2 and --eval-tokens at least 0, "
                          f"got {calibration_tokens} and {eval_tokens}")
     out = Path(out)
-    variant.check_output(out)
-    ckpt = open_source(source)
+    check_output(out)
+    ckpt = open_decoder_source(source, "aggregate")
     cfg = ckpt.config
     check_targets(cfg.n_experts, experts_per_layer, expert_memory)
     n_layers = len(cfg.moe_layers)

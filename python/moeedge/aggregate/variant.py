@@ -14,25 +14,16 @@ are held in memory while the file is written: fine for the models this runs on t
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from moeedge.aggregate.layer import Variant
+from moeedge.derived import publish
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.hf_checkpoint import EXPERT_NAMES, VARIANT_FILE
 
 FORMAT_VERSION = 1
-COPIED = ("config.json", "generation_config.json")
-
-
-def check_output(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"-o {out}: exists and is not an empty directory")
-    if not out.parent.is_dir():
-        raise ValueError(f"-o {out}: the directory {out.parent} does not exist")
 
 
 def expert_names(ckpt: Checkpoint, moe_layer: int, e: int) -> list[str]:
@@ -44,7 +35,6 @@ def expert_names(ckpt: Checkpoint, moe_layer: int, e: int) -> list[str]:
 
 
 def write(out: Path, ckpt: Checkpoint, variants: list[Variant], meta: dict) -> None:
-    check_output(out)
     tensors = {name: ckpt.read_dense(name) for name in ckpt.dense_names}
     for moe_layer, v in enumerate(variants):
         dtype = ckpt.expert_parts[moe_layer][0].dtype
@@ -52,26 +42,11 @@ def write(out: Path, ckpt: Checkpoint, variants: list[Variant], meta: dict) -> N
             parts = (v.experts.gate[e], v.experts.up[e], v.experts.down[e])
             for name, t in zip(expert_names(ckpt, moe_layer, e), parts):
                 tensors[name] = t.to(dtype).contiguous()
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with publish(out, ckpt) as staging:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        source = Path(ckpt.source)
-        for name in COPIED:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, staging / name)
-        for name, path in ckpt.tokenizer_files.items():
-            shutil.copyfile(path, staging / name)
         meta = {"format_version": FORMAT_VERSION, **meta, "expert_counts": [len(v.experts) for v in variants],
                 "expert_map": [v.table for v in variants]}
         (staging / VARIANT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def update(out: Path, **fields) -> dict:

@@ -125,7 +125,7 @@ class DecoderMoE:
         return top_w, top_i
 
     def _moe(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        cfg, moe_layer = self.cfg, self.moe_index[layer]
+        moe_layer = self.moe_index[layer]
         top_w, top_i = self.route(x, layer)
         if self.recorder is not None:
             self.recorder(moe_layer, top_i, top_w, x)
