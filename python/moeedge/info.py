@@ -6,6 +6,7 @@ import math
 
 from moeedge._core import ExpertStore
 from moeedge.api import compute_dtype, open_checkpoint, plan_for
+from moeedge.keys import ExpertKey
 from moeedge.runtime.memory import rss_bytes
 from moeedge.units import format_bytes
 
@@ -18,7 +19,9 @@ def describe(source, max_context: int, json_out: bool = False) -> str:
     store = ExpertStore(ckpt.files, ckpt.expert_ranges)
     max_context = min(max_context, cfg.max_position)
     plan = plan_for(ckpt, store, 1 << 62, fixed, max_context, dtype)
-    expert_params = sum(math.prod(p.shape) for parts in ckpt.expert_parts.values() for p in parts) * cfg.n_experts
+    # per stored expert: aggregated variants store fewer than the router's E per layer
+    expert_params = sum(math.prod(p.shape) for key in ckpt.expert_ranges
+                        for p in ckpt.parts_of(*ExpertKey.unpack(key)))
     facts = {
         "source": ckpt.source,
         "architecture": cfg.family,
