@@ -167,7 +167,7 @@ def test_kernel_names_bad_input(bad, match):
         _core.linear_int8(args["x"], args["qweight"], args["scales"], args["out"], args["group"])
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 17])  # 17: above NATIVE_MAX_TOKENS, dequantized and torch
+@pytest.mark.parametrize("tokens", [1, 16, 17])  # 17: above the native kernels' tile of 16 tokens
 @pytest.mark.parametrize("bits", [8, 4])
 def test_linear_on_a_packed_quant_tensor(bits, tokens):
     w = random_matrix(40, 96, seed=3)
