@@ -65,8 +65,12 @@ def test_previous_token_forgets_at_a_new_sequence():
     first = [a for a, _ in trace.windows]
     wrong_tokens = len(first)
     for d in (1, 2, 3):
-        assert acc.needed[d - 1].sum() - acc.hits[d - 1, :, 1].sum() <= wrong_tokens * (4 - d) * 2
+        same = slice(0, 4)
+        assert acc.needed[d - 1, same].sum() - acc.hits[d - 1, same, 1].sum() <= wrong_tokens * (4 - d) * 2
         assert acc.recall(d, 2) > 0.9
+        # the next token's layers: "the previous token" is the current one, always right here
+        assert acc.recall(d, 2, next_token=True) == 1.0
+        assert acc.guesses[d - 1, 4:].sum() == (64 - len(first)) * d  # never across a sequence's end
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +94,7 @@ def test_bundle_round_trip_gives_the_same_scores(model_dir):
     torch.testing.assert_close(saved.learned.scores(0, h, e, 1), fresh.learned.scores(0, h, e, 1))
     torch.testing.assert_close(saved.history.scores(0, h, e, 2), fresh.history.scores(0, h, e, 2))
     assert saved.meta["train_tokens"] == len(trace.experts)
+    assert saved.learned.next_token and (trace.n_layers - 1, 1) in saved.learned.nets  # last layer -> next token
 
 
 @pytest.mark.parametrize("name", PREDICTORS)

@@ -48,8 +48,8 @@ def train_bundle(trace: RoutingTrace, max_lookahead: int = 3, epochs: int = 8, s
                  progress=None) -> Bundle:
     start = time.perf_counter()
     history = build_history(trace.experts, trace.windows, trace.n_experts, max_lookahead)
-    learned = train_learned(trace.hidden, trace.experts, trace.n_experts, max_lookahead, epochs=epochs, seed=seed,
-                            progress=progress, source=trace.source)
+    learned = train_learned(trace.hidden, trace.experts, trace.n_experts, trace.windows, max_lookahead, epochs=epochs,
+                            seed=seed, progress=progress, source=trace.source)
     meta = {"n_layers": trace.n_layers, "n_experts": trace.n_experts, "top_k": trace.top_k,
             "max_lookahead": max_lookahead, "train_trace": trace.source, "model": trace.model,
             "train_tokens": int(trace.experts.shape[0]), "train_seconds": round(time.perf_counter() - start, 1)}

@@ -1,7 +1,8 @@
 """A learned predictor (SiDA, ProMoE): per MoE layer and lookahead, a small MLP from the
 router input and this token's chosen experts to the experts `lookahead` layers on,
 trained on a trace recorded with hidden states (`moeedge trace --hidden`) over
-training text."""
+training text. A lookahead past the last MoE layer lands in the next token's first
+layers (the next token is not known yet; the current one's state says much about it)."""
 from __future__ import annotations
 
 import math
@@ -31,12 +32,13 @@ class LearnedPredictor(Predictor):
         self.nets = nets
         self.meta = meta
         self.max_lookahead = int(meta["max_lookahead"])
+        self.next_token = any(layer + d >= self.n_layers for layer, d in nets)
 
     @torch.inference_mode()
     def scores(self, layer, hidden, experts, lookahead):
         net = self.nets.get((layer, lookahead))
         if net is None:
-            return self._prior(layer + lookahead, hidden.shape[0])
+            return self._prior((layer + lookahead) % self.n_layers, hidden.shape[0])
         return net(_features(hidden, experts, self.n_experts))
 
     def probabilities(self, layer, hidden, experts, lookahead, k):
@@ -46,18 +48,32 @@ class LearnedPredictor(Predictor):
         return torch.sigmoid(self.scores(layer, hidden, experts, lookahead))
 
 
-def train_learned(hidden: torch.Tensor, experts: torch.Tensor, n_experts: int, max_lookahead: int = 3,
-                  width: int = 256, epochs: int = 8, seed: int = 0, progress=None, source: str = "") -> LearnedPredictor:
-    """hidden [N, L, H] router inputs and experts [N, L, K] of a training trace."""
+def pairs(n_layers: int, max_lookahead: int) -> list[tuple[int, int]]:
+    """(layer, lookahead) of every net: up to max_lookahead steps on, wrapping into the
+    next token, never back to the same layer."""
+    return [(layer, d) for layer in range(n_layers) for d in range(1, min(max_lookahead, n_layers - 1) + 1)]
+
+
+def train_learned(hidden: torch.Tensor, experts: torch.Tensor, n_experts: int, windows: list[tuple[int, int]],
+                  max_lookahead: int = 3, width: int = 256, epochs: int = 8, seed: int = 0, progress=None,
+                  source: str = "") -> LearnedPredictor:
+    """hidden [N, L, H] router inputs and experts [N, L, K] of a training trace, cut into
+    windows (sequences): a token's next token is in its window."""
     from moeedge.predict.predictors import usage
 
     torch.manual_seed(seed)
     n, n_layers, k = experts.shape
+    has_next = torch.zeros(n, dtype=torch.bool)
+    for a, b in windows:
+        has_next[a:b - 1] = True
     nets = {}
-    pairs = [(layer, d) for layer in range(n_layers) for d in range(1, max_lookahead + 1) if layer + d < n_layers]
-    for layer, d in pairs:
+    for layer, d in pairs(n_layers, max_lookahead):
         x = _features(hidden[:, layer], experts[:, layer], n_experts)
-        y = torch.zeros(n, n_experts).scatter_(1, experts[:, layer + d].long().clamp(min=0), 1.0)
+        if layer + d < n_layers:
+            target = experts[:, layer + d]
+        else:  # the next token's layer: only tokens whose next token is in their window
+            x, target = x[:-1][has_next[:-1]], experts[1:, layer + d - n_layers][has_next[:-1]]
+        y = torch.zeros(len(target), n_experts).scatter_(1, target.long().clamp(min=0), 1.0)
         nets[(layer, d)] = _fit(make_net(hidden.shape[2], n_experts, width), x, y, epochs)
         if progress is not None:
             progress(layer, d)

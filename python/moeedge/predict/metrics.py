@@ -87,43 +87,65 @@ class Accuracy:
         """The guess sizes reported: k and 2k (at most every expert)."""
         return sorted({self.top_k, min(2 * self.top_k, self.n_experts)})
 
-    def recall(self, lookahead: int, n: int, layer: int | None = None) -> float:
-        d = lookahead - 1
-        hit = self.hits[d, :, n - 1] if layer is None else self.hits[d, layer, n - 1]
-        need = self.needed[d] if layer is None else self.needed[d, layer]
-        return float(np.sum(hit) / max(1, np.sum(need)))
+    @property
+    def n_layers(self) -> int:
+        return self.hits.shape[1] // 2
 
-    def precision(self, lookahead: int, n: int, layer: int | None = None) -> float:
-        d = lookahead - 1
-        hit = self.hits[d, :, n - 1] if layer is None else self.hits[d, layer, n - 1]
-        tokens = self.guesses[d] if layer is None else self.guesses[d, layer]
-        return float(np.sum(hit) / max(1, n * np.sum(tokens)))
+    def _targets(self, layer: int | None, next_token: bool):
+        first = self.n_layers if next_token else 0
+        return slice(first, first + self.n_layers) if layer is None else first + layer
+
+    def recall(self, lookahead: int, n: int, layer: int | None = None, next_token: bool = False) -> float:
+        """Of the experts picked at the target layers (the next token's, with next_token)."""
+        d, where = lookahead - 1, self._targets(layer, next_token)
+        return float(np.sum(self.hits[d, where, n - 1]) / max(1, np.sum(self.needed[d, where])))
+
+    def precision(self, lookahead: int, n: int, layer: int | None = None, next_token: bool = False) -> float:
+        d, where = lookahead - 1, self._targets(layer, next_token)
+        return float(np.sum(self.hits[d, where, n - 1]) / max(1, n * np.sum(self.guesses[d, where])))
 
     def summary(self, max_lookahead: int) -> dict:
-        k = self.top_k
+        """d{d}: targets in the same token, by target layer; d{d}_next: in the next token."""
+        k, n_layers = self.top_k, self.n_layers
         out = {}
         for d in range(1, max_lookahead + 1):
-            if not self.guesses[d - 1].sum():
-                continue
-            out[f"d{d}"] = {f"recall@{n}": round(self.recall(d, n), 4) for n in self.sizes}
-            out[f"d{d}"].update({f"precision@{n}": round(self.precision(d, n), 4) for n in self.sizes})
-            out[f"d{d}"]["per_layer_recall@k"] = [round(self.recall(d, k, t), 4) if self.guesses[d - 1, t] else None
-                                                 for t in range(self.hits.shape[1])]
+            for next_token, key in ((False, f"d{d}"), (True, f"d{d}_next")):
+                where = self._targets(None, next_token)
+                if not self.guesses[d - 1, where].sum():
+                    continue
+                row = {f"recall@{n}": round(self.recall(d, n, None, next_token), 4) for n in self.sizes}
+                row.update({f"precision@{n}": round(self.precision(d, n, None, next_token), 4) for n in self.sizes})
+                row["per_layer_recall@k"] = [round(self.recall(d, k, t, next_token), 4)
+                                             if self.guesses[d - 1, self._targets(t, next_token)] else None
+                                             for t in range(n_layers)]
+                out[key] = row
         return out
 
 
 def evaluate(predictor: Predictor, trace: RoutingTrace, max_lookahead: int = 3) -> Accuracy:
-    """Replay the trace through the predictor (see the module docstring)."""
+    """Replay the trace through the predictor (see the module docstring). Targets past the
+    last MoE layer (the next token's layers, for predictors that guess them) are counted
+    at index L + layer."""
     n_layers, k, n_experts = trace.n_layers, trace.top_k, trace.n_experts
     max_n = min(2 * k, n_experts)
-    hits = np.zeros((max_lookahead, n_layers, 2 * k), dtype=np.int64)
-    needed = np.zeros((max_lookahead, n_layers), dtype=np.int64)
-    guesses = np.zeros((max_lookahead, n_layers), dtype=np.int64)
+    hits = np.zeros((max_lookahead, 2 * n_layers, 2 * k), dtype=np.int64)
+    needed = np.zeros((max_lookahead, 2 * n_layers), dtype=np.int64)
+    guesses = np.zeros((max_lookahead, 2 * n_layers), dtype=np.int64)
+    ends = np.zeros(len(trace.experts), dtype=np.int64)  # each token's window end
+    for a, b in trace.windows:
+        ends[a:b] = b
     for tokens, layer, h, e in replay(predictor, trace):
-        for d in range(1, min(max_lookahead, n_layers - 1 - layer) + 1):
+        for d in range(1, min(max_lookahead, n_layers - 1) + 1):
             target = layer + d
+            if target >= n_layers and not predictor.next_token:
+                break
             top = torch.topk(predictor.scores(layer, h, e, d), max_n, dim=-1).indices  # [T, max_n]
-            picked = trace.experts[tokens, target]                                   # [T, K]
+            if target < n_layers:
+                picked = trace.experts[tokens, target]                               # [T, K]
+            else:  # the next token's layer, for tokens whose next token is in the window
+                t = torch.arange(len(trace.experts))[tokens]
+                keep = torch.from_numpy(t.numpy() + 1 < ends[t.numpy()])
+                top, picked = top[keep], trace.experts[t[keep] + 1, target - n_layers]
             match = (top[:, :, None] == picked[:, None, :]).any(-1)                  # [T, max_n]
             hits[d - 1, target, :max_n] += match.cumsum(1).sum(0).numpy()
             needed[d - 1, target] += int((picked >= 0).sum())
@@ -151,11 +173,14 @@ def replay(predictor: Predictor, trace: RoutingTrace):
 
 def guess_matrix(predictor: Predictor, trace: RoutingTrace, max_lookahead: int) -> np.ndarray:
     """float64 [N * L, D, E]: at each (token, layer) step in order, the predictor's chance
-    that the token picks each expert d + 1 layers on (0 past the last layer); what the
-    "predicted" cache policy (moeedge.sim.predicted) takes."""
+    that each expert is picked d + 1 steps on (past the last layer: by the next token; -1
+    where the predictor does not guess); what the "predicted" cache policy
+    (moeedge.sim.predicted) takes."""
     n, n_layers, k = trace.experts.shape
-    out = np.zeros((n, n_layers, max_lookahead, trace.n_experts))
+    out = np.full((n, n_layers, max_lookahead, trace.n_experts), -1.0)  # -1: no guess
     for tokens, layer, h, e in replay(predictor, trace):
-        for d in range(1, min(max_lookahead, n_layers - 1 - layer) + 1):
+        for d in range(1, min(max_lookahead, n_layers - 1) + 1):
+            if layer + d >= n_layers and not predictor.next_token:
+                break
             out[tokens, layer, d - 1] = predictor.probabilities(layer, h, e, d, k).numpy()
     return out.reshape(n * n_layers, max_lookahead, trace.n_experts)

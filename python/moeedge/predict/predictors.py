@@ -18,7 +18,8 @@ import torch
 
 class Predictor:
     name = "?"
-    stateless = False  # True: scores depend only on the call's arguments
+    stateless = False   # True: scores depend only on the call's arguments
+    next_token = False  # True: it also guesses past the last MoE layer, the next token's layers
 
     def __init__(self, prior: torch.Tensor):
         self.prior = prior.float()  # [L, E] how often each expert is picked: the tie-breaker
@@ -69,8 +70,10 @@ class PreviousToken(Predictor):
     def observe(self, layer, hidden, experts):
         self.last[layer] = experts[-1]
 
+    next_token = True  # for the next token, "the previous token" is this one
+
     def scores(self, layer, hidden, experts, lookahead):
-        target = layer + lookahead
+        target = (layer + lookahead) % self.n_layers
         out = self._prior(target, hidden.shape[0]).clone() / (self.prior[target].max() + 1)  # < 1
         if target in self.last:
             out[:, self.last[target]] += 1.0

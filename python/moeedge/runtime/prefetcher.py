@@ -1,8 +1,9 @@
 """Turns a predictor's guesses into prefetches during decoding, and keeps score; with
 policy="predicted" also into eviction scores (moeedge.runtime.predicted_eviction).
 
-After a decode step is routed in MoE layer l, the experts guessed for layers l+1 ..
-l+lookahead are queued (nearer layers first, at higher priority), within what the
+After a decode step is routed in MoE layer l, the experts guessed for the next
+`lookahead` layers (past the last one, the next token's first layers, when the
+predictor guesses those) are queued (nearer first, at higher priority), within what the
 cache can hold beside the step's own experts. When layer l+d is routed, its guesses
 are scored against what it really picked, and the wrong ones still waiting in the
 queue are cancelled before they spend bandwidth. Prediction never touches outputs: it
@@ -59,17 +60,21 @@ class Prefetcher:
         self.predictor.observe(layer, hidden, experts)
         if not decoding:
             return
-        # The eviction estimate looks as far ahead as predictors are trained (3 layers).
-        horizon = min(3 if self.eviction is not None else self.lookahead, self.n_layers - 1 - layer)
-        chances = {layer + d: self._stored(layer + d, self.predictor.probabilities(layer, hidden, experts, d,
-                                                                                    self.top_k)[-1])
-                   for d in range(1, horizon + 1)}
+        # Steps ahead: this token's next layers, then (for predictors that guess it) the
+        # next token's first ones; eviction looks as far as predictors are trained (3).
+        ahead = {}
+        for d in range(1, min(3 if self.eviction is not None else self.lookahead, self.n_layers - 1) + 1):
+            if layer + d >= self.n_layers and not self.predictor.next_token:
+                break
+            target = (layer + d) % self.n_layers
+            ahead[d] = target
+        chances = {t: self._stored(t, self.predictor.probabilities(layer, hidden, experts, d, self.top_k)[-1])
+                   for d, t in ahead.items()}
         if self.eviction is not None:
             self.eviction.on_step(layer, experts[-1].tolist(), chances)
         room = max(0, self.experts.capacity - self.top_k)  # beside the step's own experts
-        for d in range(1, self.lookahead + 1):
-            target = layer + d
-            if target >= self.n_layers or room == 0:
+        for d, target in ahead.items():
+            if d > self.lookahead or room == 0:
                 break
             n = min(self.top_k, room)
             top = torch.topk(chances[target], n)

@@ -7,8 +7,9 @@ expert of MoE layer m, seen from the step at layer l of the current token:
 - delta = steps until the schedule next reaches layer m: m - l, or m - l + L when m <= l;
 - p = the chance that a token picks it, tracked online as an exponential moving
   average over the tokens so far (recent tokens weigh more: routing drifts with the text);
-- q = the chance that *this* token picks it, when m is within a predictor's lookahead
-  (the model's own guess, made at layer l from this token's hidden state); otherwise p.
+- q = the chance that it is picked at that next visit, when the visit is within a
+  predictor's lookahead (the model's own guess, made at layer l from this token's hidden
+  state; past the last layer, about the next token); otherwise p.
 The expected next use is delta + (1 - q) * L / p steps (a miss at this visit costs a
 geometric number of tokens), and the victim is the unpinned resident for which it is
 largest (ties to the least recent). Every input is the past or the model's own prediction, never the trace's future.
@@ -26,8 +27,9 @@ ALPHA = 0.1
 @njit(cache=True)
 def run_predicted(step_keys, step_layer, n_layers, n_experts, capacity, per_layer, prior, alpha, guesses,
                   hit, evicted):
-    """guesses float [S, D, E]: at step s, the chance that this token picks each expert of
-    layer step_layer[s] + d + 1 (D may be 0). prior float [n_keys]: starting p. Returns hits."""
+    """guesses float [S, D, E]: at step s, the chance that each expert of the layer d + 1
+    steps on is picked there (this token's, or past the last layer the next token's; -1:
+    no guess; D may be 0). prior float [n_keys]: starting p. Returns hits."""
     n_steps, k = step_keys.shape
     n_keys = n_layers * n_experts
     n_ahead = guesses.shape[1]
@@ -42,11 +44,10 @@ def run_predicted(step_keys, step_layer, n_layers, n_experts, capacity, per_laye
     tick = hits = 0
     for s in range(n_steps):
         layer = step_layer[s]
-        for d in range(n_ahead):
-            m = layer + d + 1
-            if m < n_layers:
-                for e in range(n_experts):
-                    q[m * n_experts + e] = guesses[s, d, e]
+        for d in range(min(n_ahead, n_layers - 1)):
+            m = (layer + d + 1) % n_layers      # past the last layer: the next token's visit
+            for e in range(n_experts):
+                q[m * n_experts + e] = guesses[s, d, e]  # -1: no guess, the pick rate stands
         for e in range(n_experts):
             q[layer * n_experts + e] = -1.0     # this token's visit is now: guesses spent
         for j in range(k):
