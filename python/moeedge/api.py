@@ -18,13 +18,11 @@ from moeedge.models.decoder import DecoderMoE
 from moeedge.models.switch import SwitchMoE
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.memory import SLACK_BYTES, MemoryPlan, plan_memory, resolve_budget, rss_bytes
-from moeedge.runtime.predicted_eviction import PredictedEviction
-from moeedge.runtime.prefetcher import Prefetcher
+from moeedge.runtime.prefetcher import build_prefetcher
 from moeedge.runtime.sampling import sample, validate_sampling
 from moeedge.tokenizer import Tokenizer
 
 POLICIES = ("lru", "lfu", "score", "predicted")
-AUTO_PREDICTOR = "learned"  # predictor="auto" where a predictor file exists
 PREFILL_CHUNK = 128  # tokens per prefill step: bounds activation memory
 
 
@@ -260,32 +258,6 @@ def plan_for(ckpt: Checkpoint, store: ExpertStore, budget: int, fixed: int, max_
                        cfg.top_k * slot)
 
 
-def _prefetcher(ckpt: Checkpoint, runner: DecoderMoE, experts: ExpertAccess, name: str | None, lookahead: int,
-                predictor_file, policy: str) -> Prefetcher | None:
-    """What reads ahead and, for policy="predicted", feeds eviction; None when nothing does."""
-    from moeedge.predict import make_predictor
-    from moeedge.predict.bundle import FILENAME, load_bundle
-
-    cfg = ckpt.config
-    if name is None and policy != "predicted":
-        return None
-    path = Path(predictor_file) if predictor_file is not None else Path(ckpt.source) / FILENAME
-    if predictor_file is not None and not path.is_file():
-        raise ValueError(f"predictor_file {path}: no such file")
-    bundle = load_bundle(path, len(cfg.moe_layers), cfg.n_experts) if path.is_file() else None
-    if name == "auto":
-        # The best measured where its training exists (README, Expert prediction).
-        name = AUTO_PREDICTOR if bundle is not None else "stale-gate"
-    predictor = None if name is None else make_predictor(name, cfg, runner.w, bundle)
-    eviction = None
-    if policy == "predicted":
-        n = len(cfg.moe_layers)
-        rate = (bundle.prior / bundle.meta["train_tokens"] if bundle is not None
-                else torch.full((n, cfg.n_experts), cfg.top_k / cfg.n_experts))
-        eviction = PredictedEviction(experts.cache, n, cfg.n_experts, rate, lambda: experts.capacity)
-    return Prefetcher(predictor, experts, len(cfg.moe_layers), cfg.top_k, lookahead, eviction, cfg.expert_map)
-
-
 def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = "auto", device: str = "cpu",
          prefetch: bool | None = None, predictor: str | None = "auto", lookahead: int = 1,
          predictor_file: str | os.PathLike | None = None, policy: str = "auto", io_threads: int | None = None,
@@ -338,7 +310,7 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
             runner.prefetch = predictor is not None and prefetch is not False
         else:
             # prefetch=False keeps the predictor for eviction (policy="predicted") but reads nothing early
-            runner.prefetcher = _prefetcher(ckpt, runner, experts, predictor, 0 if prefetch is False else lookahead,
+            runner.prefetcher = build_prefetcher(ckpt, runner.w, experts, predictor, 0 if prefetch is False else lookahead,
                                             predictor_file, policy)
         if ckpt.tokenizer_factory is not None:
             tokenizer = ckpt.tokenizer_factory()

@@ -11,11 +11,16 @@ only decides what is read early.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from moeedge.formats.checkpoint import Checkpoint
 from moeedge.predict.predictors import Predictor
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.predicted_eviction import PredictedEviction
+
+AUTO_PREDICTOR = "learned"  # predictor="auto" where a predictor file exists
 
 
 class Prefetcher:
@@ -112,3 +117,29 @@ class Prefetcher:
         return {"predictor": self.name, "lookahead": self.lookahead,
                 "prediction_recall": [round(g / n, 4) if n else None for g, n in zip(self.guessed, self.needed)],
                 "predicted_needed": list(self.needed)}
+
+
+def build_prefetcher(ckpt: Checkpoint, dense: dict, experts: ExpertAccess, name: str | None, lookahead: int,
+                predictor_file, policy: str) -> Prefetcher | None:
+    """What reads ahead and, for policy="predicted", feeds eviction; None when nothing does."""
+    from moeedge.predict import make_predictor
+    from moeedge.predict.bundle import FILENAME, load_bundle
+
+    cfg = ckpt.config
+    if name is None and policy != "predicted":
+        return None
+    path = Path(predictor_file) if predictor_file is not None else Path(ckpt.source) / FILENAME
+    if predictor_file is not None and not path.is_file():
+        raise ValueError(f"predictor_file {path}: no such file")
+    bundle = load_bundle(path, len(cfg.moe_layers), cfg.n_experts) if path.is_file() else None
+    if name == "auto":
+        # The best measured where its training exists (README, Expert prediction).
+        name = AUTO_PREDICTOR if bundle is not None else "stale-gate"
+    predictor = None if name is None else make_predictor(name, cfg, dense, bundle)
+    eviction = None
+    if policy == "predicted":
+        n = len(cfg.moe_layers)
+        rate = (bundle.prior / bundle.meta["train_tokens"] if bundle is not None
+                else torch.full((n, cfg.n_experts), cfg.top_k / cfg.n_experts))
+        eviction = PredictedEviction(experts.cache, n, cfg.n_experts, rate, lambda: experts.capacity)
+    return Prefetcher(predictor, experts, len(cfg.moe_layers), cfg.top_k, lookahead, eviction, cfg.expert_map)
