@@ -70,12 +70,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sizes = sorted({k, min(2 * k, trace.n_experts)})
     head = "".join(f"  d{d} r@{n}" for d in (1, 2, 3) for n in sizes)
     print(f"{trace.experts.shape[0]} tokens, {trace.n_layers} MoE layers, top-{k} of {trace.n_experts}; "
-          f"recall of the top-n guesses d layers ahead")
-    print(f"{'predictor':12}{head}")
+          f"recall of the top-n guesses d layers ahead (', next': past the last layer, the next token's)")
+    print(f"{'predictor':16}{head}")
     for name, summary in results.items():
-        cells = "".join(f"{summary[f'd{d}'][f'recall@{n}']:8.3f}" if f"d{d}" in summary else f"{'-':>8}"
-                        for d in (1, 2, 3) for n in sizes)
-        print(f"{name:12}{cells}")
+        for suffix, label in (("", name), ("_next", f"{name}, next")):
+            if not any(f"d{d}{suffix}" in summary for d in (1, 2, 3)):
+                continue
+            cells = "".join(f"{summary[f'd{d}{suffix}'][f'recall@{n}']:8.3f}" if f"d{d}{suffix}" in summary
+                            else f"{'-':>8}" for d in (1, 2, 3) for n in sizes)
+            print(f"{label:16}{cells}")
     return 0
 
 
