@@ -220,3 +220,17 @@ def test_predicted_eviction_ranks_by_expected_next_use():
     assert cache.scores[key[2, 0]] == pytest.approx(-(2 + 0.5 * 3 / 0.5))
     # layer 0's pick rates moved toward this token's picks (0 and 1), away from the others
     assert evict.p[0, 0] > 0.5 and evict.p[0, 2] < 0.5
+
+
+def test_guess_matrix_marks_what_a_predictor_does_not_guess():
+    from moeedge.predict.metrics import guess_matrix
+
+    trace = synthetic_trace()
+    frequency = guess_matrix(FrequencyPrior(torch.ones(4, 8)), trace, 3)       # no next-token guesses
+    previous = guess_matrix(PreviousToken(torch.ones(4, 8)), trace, 3)         # guesses them
+    assert frequency.shape == previous.shape == (64 * 4, 3, 8)
+    last = frequency.reshape(64, 4, 3, 8)[:, 3]        # from the last layer every step lands in the next token
+    assert (last == -1).all() and (previous.reshape(64, 4, 3, 8)[:, 3] >= 0).all()
+    same = frequency.reshape(64, 4, 3, 8)[:, 0]        # from layer 0, 1-3 steps stay in the token
+    assert ((same >= 0) & (same <= 1)).all()
+    torch.testing.assert_close(torch.from_numpy(same.sum(-1)), torch.full((64, 3), 2.0, dtype=torch.float64))
