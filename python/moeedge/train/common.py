@@ -95,6 +95,29 @@ def save_state(state_dir: Path, run: dict, model, optimizer) -> None:
     os.replace(tmp, state_dir / "state.pt")
 
 
+def open_run(cfg) -> tuple[Path, Path, object, dict | None, dict | None]:
+    """How every trainer starts: threads, directories, the corpus and any saved state.
+    Returns (out, state_dir, corpus, meta or None for a fresh run, the record of a run
+    that already finished, or None)."""
+    from transformers.utils import logging as hf_logging
+
+    from moeedge.train import corpus as corpus_lib
+
+    hf_logging.disable_progress_bar()   # one progress bar: training's
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    out, state_dir = Path(cfg.out), Path(cfg.out) / "train_state"
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and not (state_dir / "state.pt").is_file() and (out / "training.json").is_file():
+        print(f"{out}: finished already; nothing to resume", file=sys.stderr)
+        return out, state_dir, None, None, json.loads((out / "training.json").read_text())
+    corpus = corpus_lib.collect(held_out=cfg.held_out, limit=cfg.limit_files)
+    meta = open_state(cfg, state_dir, corpus)
+    print(f"corpus: {corpus.python_version}, {len(corpus.split('train'))} training files, "
+          f"{len(corpus.split('heldout'))} held out ({', '.join(cfg.held_out)}), sha256 {corpus.sha256()[:16]}",
+          file=sys.stderr)
+    return out, state_dir, corpus, meta, None
+
+
 def open_state(cfg, state_dir: Path, corpus) -> dict | None:
     """The run's meta.json if resuming one; refuses a different corpus or recipe."""
     if not (state_dir / "state.pt").is_file():

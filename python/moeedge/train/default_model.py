@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -32,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-from transformers.utils import logging as hf_logging
 
 from moeedge.train import corpus as corpus_lib
 from moeedge.train.common import (StepClock, balance_loss, decay_start, length_if_due, lr_at,  # noqa: F401
-                                  make_optimizer, open_state, publish, save_state, steps_if_decaying_after)
+                                  make_optimizer, open_run, open_state, publish, save_state,
+                                  steps_if_decaying_after)
 
 EXPERTS_IMPL = "moeedge_sorted"
 MAX_BYTES = 20 * 1000 * 1000
@@ -321,18 +320,9 @@ def train(cfg: TrainConfig) -> dict | None:
     from safetensors.torch import load_file, save_file
 
     t0 = time.monotonic()
-    hf_logging.disable_progress_bar()   # one progress bar: training's
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    out, state_dir = Path(cfg.out), Path(cfg.out) / "train_state"
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.resume and not (state_dir / "state.pt").is_file() and (out / "training.json").is_file():
-        print(f"{out}: finished already; nothing to resume", file=sys.stderr)
-        return json.loads((out / "training.json").read_text())
-    corpus = corpus_lib.collect(held_out=cfg.held_out, limit=cfg.limit_files)
-    meta = open_state(cfg, state_dir, corpus)
-    print(f"corpus: {corpus.python_version}, {len(corpus.split('train'))} training files, "
-          f"{len(corpus.split('heldout'))} held out ({', '.join(cfg.held_out)}), sha256 {corpus.sha256()[:16]}",
-          file=sys.stderr)
+    out, state_dir, corpus, meta, finished = open_run(cfg)
+    if finished is not None:
+        return finished
     timings = prepare(cfg, state_dir, corpus) if meta is None else None
     batches = corpus_lib.Batches(np.load(state_dir / "train_tokens.npy"), cfg.seq_len, cfg.batch, cfg.seed)
     if meta is None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -36,10 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
-from transformers.utils import logging as hf_logging
 
 from moeedge.train import corpus as corpus_lib
-from moeedge.train.common import StepClock, balance_loss, length_if_due, lr_at, open_state, publish, save_state
+from moeedge.train.common import StepClock, balance_loss, length_if_due, lr_at, open_run, publish, save_state
 from moeedge.train.span_corruption import (EOS_ID, PAD_ID, TOKENIZER_FILE, SpanBatches, SpanCorruption, encode_stream,
                                            shift_right, tokenizer_config, train_tokenizer)
 
@@ -325,18 +323,9 @@ def start_run(cfg: SwitchTrainConfig, corpus: corpus_lib.Corpus, batches: SpanBa
 def train(cfg: SwitchTrainConfig) -> dict | None:
     """The whole run; returns what training.json records, or None if stopped at cfg.stop_after."""
     t0 = time.monotonic()
-    hf_logging.disable_progress_bar()   # one progress bar: training's
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    out, state_dir = Path(cfg.out), Path(cfg.out) / "train_state"
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.resume and not (state_dir / "state.pt").is_file() and (out / "training.json").is_file():
-        print(f"{out}: finished already; nothing to resume", file=sys.stderr)
-        return json.loads((out / "training.json").read_text())
-    corpus = corpus_lib.collect(held_out=cfg.held_out, limit=cfg.limit_files)
-    meta = open_state(cfg, state_dir, corpus)
-    print(f"corpus: {corpus.python_version}, {len(corpus.split('train'))} training files, "
-          f"{len(corpus.split('heldout'))} held out ({', '.join(cfg.held_out)}), sha256 {corpus.sha256()[:16]}",
-          file=sys.stderr)
+    out, state_dir, corpus, meta, finished = open_run(cfg)
+    if finished is not None:
+        return finished
     timings = prepare(cfg, state_dir, corpus) if meta is None else None
     batches = SpanBatches(np.load(state_dir / "train_tokens.npy"), cfg.corruption, cfg.batch, cfg.seed)
     model = build(cfg, seed=cfg.seed)
