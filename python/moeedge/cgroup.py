@@ -3,6 +3,7 @@ process's own, or v2) whose limit covers the whole process, page cache included.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import time
 import uuid
@@ -19,11 +20,13 @@ class LimitedResult:
     returncode: int
     stdout: str
     stderr: str
-    limit_bytes: int
+    limit_bytes: int | None  # None: no limit, the cgroup only measures
     peak_bytes: int        # the cgroup's high-water mark, page cache included
     failcnt: int           # times the limit was hit (v1)
     oom_kills: int
     seconds: float
+    major_faults: int = 0  # of the command's process tree (getrusage of waited children)
+    read_bytes: int = 0    # read from block devices by it (ru_inblock, 512-byte units), direct IO included
 
 
 def _own_memory_cgroup() -> tuple[Path, int]:
@@ -60,8 +63,9 @@ def drop_page_cache() -> bool:
         return False
 
 
-def run_limited(cmd: list[str], limit_bytes: int, timeout: float, env: dict | None = None) -> LimitedResult:
-    """Start cmd inside a fresh child cgroup limited to limit_bytes; remove the cgroup afterwards."""
+def run_limited(cmd: list[str], limit_bytes: int | None, timeout: float, env: dict | None = None) -> LimitedResult:
+    """Start cmd inside a fresh child cgroup limited to limit_bytes (None: unlimited, measured
+    only); remove the cgroup afterwards."""
     parent, version = _own_memory_cgroup()
     child = parent / f"moeedge-{uuid.uuid4().hex[:12]}"
     try:
@@ -69,25 +73,28 @@ def run_limited(cmd: list[str], limit_bytes: int, timeout: float, env: dict | No
     except OSError as e:
         raise CgroupUnavailable(f"cannot create a memory cgroup under {parent}: {e.strerror}") from None
     try:
-        if version == 1:
+        if limit_bytes is not None and version == 1:
             (child / "memory.limit_in_bytes").write_text(str(limit_bytes))
             try:
                 (child / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
             except OSError:
                 pass  # no swap accounting: there is no swap to escape to either
-        else:
+        elif limit_bytes is not None:
             (child / "memory.max").write_text(str(limit_bytes))
             (child / "memory.swap.max").write_text("0")
         procs = str(child / "cgroup.procs")
         # The child joins the cgroup before it execs, so the whole process is limited.
         wrapped = ["sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh", *cmd]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         try:
             run = subprocess.run(wrapped, capture_output=True, text=True, timeout=timeout, env=env)
             code, out, err = run.returncode, run.stdout, run.stderr
         except subprocess.TimeoutExpired as e:
-            code, out, err = 124, (e.stdout or b"").decode(errors="replace"), (e.stderr or b"").decode(errors="replace")
+            code, out, err = 124, _text(e.stdout), _text(e.stderr)
         seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        faults, blocks = after.ru_majflt - before.ru_majflt, after.ru_inblock - before.ru_inblock
         if version == 1:
             peak = int((child / "memory.max_usage_in_bytes").read_text())
             failcnt = int((child / "memory.failcnt").read_text())
@@ -96,9 +103,13 @@ def run_limited(cmd: list[str], limit_bytes: int, timeout: float, env: dict | No
             peak = int((child / "memory.peak").read_text()) if (child / "memory.peak").exists() else 0
             failcnt = 0
             oom = _oom_kills(child / "memory.events")
-        return LimitedResult(code, out, err, limit_bytes, peak, failcnt, oom, seconds)
+        return LimitedResult(code, out, err, limit_bytes, peak, failcnt, oom, seconds, faults, 512 * blocks)
     finally:
         _remove(child)
+
+
+def _text(output: bytes | str | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
 
 def _oom_kills(path: Path) -> int:

@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--expert-bytes", type=_byte_count, default="8MiB", help="expert size (default 8MiB)")
     io.add_argument("--json", action="store_true", help="print one JSON object")
     io.set_defaults(run=_cmd_bench_io)
+    from moeedge.harness.cli import add_bench_parsers
+    add_bench_parsers(bench_sub)
     return parser
 
 

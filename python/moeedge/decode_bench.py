@@ -2,6 +2,11 @@
 memory cgroup (moeedge.cgroup.run_limited) to measure a budget for real.
 
     python -m moeedge.decode_bench SOURCE --memory-budget B [--prefetch] [--tokens 64]
+
+The prompt is `prompt_ids(vocab, n)`, the same ids every engine of the benchmark harness
+(moeedge.harness) decodes greedily from. The record carries the routing of every token
+(prompt and generated), from which the harness computes the physical bound, and each
+generated token's time split into waiting for experts and the rest.
 """
 from __future__ import annotations
 
@@ -11,34 +16,81 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 
+def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
+    """n token ids in [3, vocab): past the usual special ids (unk, bos, eos)."""
+    return [int(t) for t in np.random.default_rng(seed).integers(3, vocab, n)]
+
+
+def latency_summary(seconds: list[float]) -> dict:
+    """Decode tokens/s (median) and p50/p99 per-token latency of the generated tokens after the first."""
+    if not seconds:
+        return {"decode_tok_s": 0.0, "p50_ms": 0.0, "p99_ms": 0.0}
+    ordered = sorted(seconds)
+    median = statistics.median(seconds)
+    return {"decode_tok_s": 1 / median, "p50_ms": 1000 * median,
+            "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
+
+
+class _Routing:
+    """The experts each MoE layer picked for each token, in call order."""
+
+    def __init__(self):
+        self.layers: dict[int, list[np.ndarray]] = {}
+
+    def __call__(self, layer: int, experts: torch.Tensor, gates: torch.Tensor, x: torch.Tensor) -> None:
+        self.layers.setdefault(layer, []).append(experts.detach().to(torch.int64).cpu().numpy())
+
+    def experts(self, first: int = 0) -> list:
+        """[tokens, layers, k] as nested lists, layers from ``first`` (the decoder's, for Switch)."""
+        chosen = [np.concatenate(self.layers[i]) for i in sorted(self.layers) if i >= first]
+        return np.stack(chosen, axis=1).tolist() if chosen else []
+
+
 def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_tokens: int, policy: str,
-            threads: int) -> dict:
+            threads: int, predictor: str | None = "auto") -> dict:
     from moeedge.api import load
 
     torch.set_num_threads(threads)
-    model = load(source, memory_budget=memory_budget, prefetch=prefetch, policy=policy, max_context=1024)
-    prompt = torch.randint(3, model.config.vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
-    times, last = [], time.perf_counter()
-    start = last
-    for _ in model.stream_ids(prompt.tolist(), max_new_tokens=tokens):
+    start = time.perf_counter()
+    model = load(source, memory_budget=memory_budget, prefetch=prefetch, policy=policy, max_context=1024,
+                 predictor=predictor if prefetch or policy == "predicted" else None)
+    load_s = time.perf_counter() - start
+    routing = _Routing()
+    model.runner.recorder = routing
+    prompt = prompt_ids(model.config.vocab, prompt_tokens)
+    times, waits = [], []
+    last = time.perf_counter()
+    waited = model.cache.stats()["wait_seconds"]
+    out = []
+    for token in model.stream_ids(prompt, max_new_tokens=tokens):
         now = time.perf_counter()
+        w = model.cache.stats()["wait_seconds"]
         times.append(now - last)
-        last = now
-    steps = times[1:]  # the first includes the prefill
+        waits.append(w - waited)
+        out.append(int(token))
+        last, waited = now, w
     stats = model.stats()
     model.close()
+    steps, step_waits = times[1:], waits[1:]  # the first includes the prefill
+    first_decoder_layer = len(model.config.encoder_moe_blocks) if model.encoder_decoder else 0
     return {
-        "source": source, "memory_budget": model.plan.budget_bytes, "prefetch": prefetch, "policy": policy,
+        "source": source, "memory_budget": model.plan.budget_bytes, "prefetch": prefetch, "policy": stats["policy"],
+        "predictor": stats.get("prediction", {}).get("predictor"),
         "tokens": len(times), "prompt_tokens": prompt_tokens, "threads": threads,
-        "decode_tok_s": 1 / statistics.median(steps) if steps else 0.0,
-        "p50_ms": 1000 * statistics.median(steps) if steps else 0.0,
-        "p99_ms": 1000 * sorted(steps)[min(len(steps) - 1, int(0.99 * len(steps)))] if steps else 0.0,
+        **latency_summary(steps),
         "prefill_tok_s": prompt_tokens / times[0] if times else 0.0,
+        "load_s": load_s,
         "wall_s": time.perf_counter() - start,
         "hit_rate": stats["hit_rate"],
+        "generated": out,
+        # Per generated token after the first: seconds waiting for experts, and the rest (compute, Python).
+        "token_wait_s": step_waits,
+        "token_other_s": [t - w for t, w in zip(steps, step_waits)],
+        "routing": routing.experts(first_decoder_layer),
         "plan": stats["plan"], "stats": {k: v for k, v in stats.items() if k not in ("plan",)},
     }
 
@@ -46,16 +98,21 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moeedge.decode_bench")
     parser.add_argument("source")
-    parser.add_argument("--memory-budget", default="auto")
+    parser.add_argument("--memory-budget", default="auto", help="bytes, 'auto', or 'min' (the smallest workable)")
     parser.add_argument("--prefetch", action="store_true")
     parser.add_argument("--policy", default="lru")
+    parser.add_argument("--predictor", default="auto", help="with --prefetch or --policy predicted (default auto)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    budget = args.memory_budget if args.memory_budget == "auto" else int(args.memory_budget)
+    budget = args.memory_budget if args.memory_budget in ("auto", "min") else int(args.memory_budget)
+    if budget == "min":
+        from moeedge.info import facts
+
+        budget = facts(args.source, 1024)["min_budget_bytes"]
     print(json.dumps(measure(args.source, budget, args.prefetch, args.tokens, args.prompt_tokens, args.policy,
-                             args.threads), default=str))
+                             args.threads, args.predictor), default=str))
     return 0
 
 

@@ -11,7 +11,8 @@ from moeedge.runtime.memory import rss_bytes
 from moeedge.units import format_bytes
 
 
-def describe(source, max_context: int, json_out: bool = False) -> str:
+def facts(source, max_context: int) -> dict:
+    """What `moeedge info --json` prints: the checkpoint's shape, sizes and minimum budget."""
     fixed = rss_bytes()
     ckpt = open_checkpoint(source)
     cfg = ckpt.config
@@ -22,7 +23,7 @@ def describe(source, max_context: int, json_out: bool = False) -> str:
     # per stored expert: aggregated variants store fewer than the router's E per layer
     expert_params = sum(math.prod(p.shape) for key in ckpt.expert_ranges
                         for p in ckpt.parts_of(*ExpertKey.unpack(key)))
-    facts = {
+    return {
         "source": ckpt.source,
         "architecture": cfg.family,
         "layers": cfg.n_layers,
@@ -42,16 +43,20 @@ def describe(source, max_context: int, json_out: bool = False) -> str:
         "min_budget_bytes": plan.min_budget_bytes,
         "files": ckpt.files,
     }
+
+
+def describe(source, max_context: int, json_out: bool = False) -> str:
+    f = facts(source, max_context)
     if json_out:
-        return json.dumps(facts)
+        return json.dumps(f)
     return "\n".join([
-        f"{ckpt.source}",
-        f"  architecture   {cfg.family}, {cfg.n_layers} layers ({len(cfg.moe_layers)} MoE), "
-        f"{cfg.n_experts} experts, top-{cfg.top_k}, hidden {cfg.hidden}, vocab {cfg.vocab}, {facts['dtype']}",
-        f"  parameters     {facts['params'] / 1e6:.1f}M ({expert_params / 1e6:.1f}M in experts)",
-        f"  expert bytes   {format_bytes(ckpt.expert_nbytes)}",
-        f"  dense bytes    {format_bytes(plan.dense_bytes)}",
-        f"  KV cache       {format_bytes(plan.kv_cache_bytes)} for {max_context} tokens",
-        f"  fixed cost     {format_bytes(plan.fixed_bytes)} (this process: Python, torch, libraries)",
-        f"  minimum budget {format_bytes(plan.min_budget_bytes)} ({plan.min_budget_bytes} bytes)",
+        f"{f['source']}",
+        f"  architecture   {f['architecture']}, {f['layers']} layers ({f['moe_layers']} MoE), "
+        f"{f['experts']} experts, top-{f['top_k']}, hidden {f['hidden']}, vocab {f['vocab']}, {f['dtype']}",
+        f"  parameters     {f['params'] / 1e6:.1f}M ({f['expert_params'] / 1e6:.1f}M in experts)",
+        f"  expert bytes   {format_bytes(f['expert_bytes'])}",
+        f"  dense bytes    {format_bytes(f['dense_bytes'])}",
+        f"  KV cache       {format_bytes(f['kv_cache_bytes'])} for {f['max_context']} tokens",
+        f"  fixed cost     {format_bytes(f['fixed_bytes'])} (this process: Python, torch, libraries)",
+        f"  minimum budget {format_bytes(f['min_budget_bytes'])} ({f['min_budget_bytes']} bytes)",
     ])

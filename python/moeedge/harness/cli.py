@@ -1,0 +1,55 @@
+"""`moeedge bench matrix` and `moeedge bench report`. Only argparse at import."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_bench_parsers(bench_sub) -> None:
+    m = bench_sub.add_parser("matrix", help="engine x model x memory limit, each run cold in its own memory cgroup")
+    m.add_argument("config", nargs="?", default="bench/matrix.toml", help="the matrix (default bench/matrix.toml)")
+    m.add_argument("--results", default="bench/results", help="where records go (default bench/results)")
+    m.add_argument("--models", default=None, help="comma-separated model names of the config to run")
+    m.add_argument("--engines", default=None, help="comma-separated engines to run")
+    m.add_argument("--dry-run", action="store_true", help="list the runs and which are recorded already")
+    m.set_defaults(run=_cmd_matrix)
+    r = bench_sub.add_parser("report", help="the recorded runs as a table, and plots")
+    r.add_argument("--results", default="bench/results", help="where the records are (default bench/results)")
+    r.add_argument("--commit", default=None, help="only records of this commit (a prefix)")
+    r.add_argument("--plot", default=None, metavar="DIR", help="write a PNG per model here")
+    r.set_defaults(run=_cmd_report)
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _cmd_matrix(args: argparse.Namespace) -> int:
+    import sys
+
+    from moeedge.cgroup import CgroupUnavailable
+    from moeedge.harness.matrix import main_loop
+    from moeedge.harness.report import table
+
+    try:
+        records = main_loop(Path(args.config), Path(args.results), _names(args.models), _names(args.engines),
+                            dry_run=args.dry_run)
+    except CgroupUnavailable as e:
+        print(f"moeedge bench matrix: {e}", file=sys.stderr)
+        return 2
+    if records:
+        print(table(records))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from moeedge.harness.report import load_records, plot, table
+
+    records = load_records(Path(args.results), args.commit)
+    if not records:
+        raise ValueError(f"{args.results}: no records under runs/")
+    print(table(records))
+    if args.plot:
+        for path in plot(records, Path(args.plot)):
+            print(f"wrote {path}")
+    return 0

@@ -1,0 +1,50 @@
+"""The engines the harness compares, each as the command that decodes once and prints one
+JSON object (decode_tok_s, p50_ms, p99_ms, prefill_tok_s, generated, ...)."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+# name -> (what it runs, the precisions it takes). "bf16" runs the Hugging Face directory
+# (llama.cpp: its GGUF BF16 conversion); other precisions run the model's GGUF of that type.
+ENGINES = {
+    "moeedge": "moeedge, prefetch off, LRU eviction",
+    "moeedge-prefetch": "moeedge, prefetch on with the default predictor and policy",
+    "moeedge-naive": "moeedge with the smallest cache and no prefetch: every expert read on demand",
+    "llama.cpp": "llama.cpp through llama-cpp-python, mmap on (its default)",
+    "transformers": "transformers; under a limit, accelerate's disk offload",
+}
+HF_ONLY = ("transformers",)
+GGUF_ONLY = ("llama.cpp",)
+
+# What transformers' weights may take under a limit: the rest is the process (Python,
+# torch, transformers: about 600 MiB here) and the KV cache. A user would have to guess it.
+TRANSFORMERS_HEADROOM = 640 << 20
+
+
+@dataclass(frozen=True)
+class Run:
+    model: str
+    engine: str
+    precision: str
+    limit_label: str
+    limit_bytes: int | None   # None: unlimited
+    source: str               # the directory or file the engine loads
+    files: tuple[str, ...]    # what to evict from the page cache before the run
+
+
+def command(run: Run, tokens: int, prompt_tokens: int, threads: int) -> list[str]:
+    common = ["--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens), "--threads", str(threads)]
+    py = [sys.executable, "-m"]
+    if run.engine.startswith("moeedge"):
+        budget = "min" if run.engine == "moeedge-naive" else str(run.limit_bytes) if run.limit_bytes else "auto"
+        extra = {"moeedge": ["--policy", "lru"], "moeedge-naive": ["--policy", "lru"],
+                 "moeedge-prefetch": ["--prefetch", "--policy", "auto", "--predictor", "auto"]}[run.engine]
+        return py + ["moeedge.decode_bench", run.source, "--memory-budget", budget, *extra, *common]
+    if run.engine == "llama.cpp":
+        return py + ["moeedge.harness.llama_cpp_decode", run.source, *common]
+    if run.engine == "transformers":
+        extra = [] if run.limit_bytes is None else [
+            "--max-memory", str(max(run.limit_bytes // 4, run.limit_bytes - TRANSFORMERS_HEADROOM))]
+        return py + ["moeedge.harness.transformers_decode", run.source, *extra, *common]
+    raise ValueError(f"unknown engine {run.engine!r}; choose from {', '.join(ENGINES)}")

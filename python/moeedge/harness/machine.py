@@ -1,0 +1,100 @@
+"""Measured facts about this machine, once per machine: what every record carries and
+what the physical bound of a run is computed from."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import time
+from pathlib import Path
+
+from moeedge.cgroup import evict_files
+
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+         "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu() -> dict:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model, flags = platform.processor(), set()
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+    return {"model": model, "flags": [f for f in FLAGS if f in flags], "cores": os.cpu_count()}
+
+
+def memory_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def disk_bandwidth(directory: Path, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of O_DIRECT 4 MiB reads of a cold scratch file in directory (the models'
+    file system); the median of three passes."""
+    from moeedge.iobench import sequential_read_seconds, write_scratch_file
+
+    path = write_scratch_file(Path(directory) / f".moeedge-disk-probe-{os.getpid()}", nbytes)
+    try:
+        seconds = []
+        for _ in range(3):
+            evict_files([path])
+            seconds.append(sequential_read_seconds(path, direct=True))
+        return nbytes / statistics.median(seconds)
+    finally:
+        path.unlink()
+
+
+def matvec_bandwidth(threads: int, rows: int = 14336, cols: int = 4096, repeats: int = 30) -> dict:
+    """Bytes/s of weights streamed by a one-token matrix-vector product, median over
+    repeats, three ways: torch on fp32 and on bf16 weights, and moeedge's bf16 kernel.
+    The fastest is the compute side of the bound (what this CPU can stream)."""
+    import torch
+
+    from moeedge import kernels
+
+    torch.set_num_threads(threads)
+    w32 = torch.randn(rows, cols)
+    w16 = w32.to(torch.bfloat16)
+    x32 = torch.randn(1, cols)
+    x16 = x32.to(torch.bfloat16)
+    ways = {"torch_fp32": (lambda: torch.nn.functional.linear(x32, w32), w32),
+            "torch_bf16": (lambda: torch.nn.functional.linear(x16, w16), w16),
+            "moeedge_bf16": (lambda: kernels.linear(x32, w16), w16)}
+    measured = {}
+    for name, (product, w) in ways.items():
+        product()
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            seconds.append(time.perf_counter() - start)
+        measured[name] = w.numel() * w.element_size() / statistics.median(seconds)
+    return measured
+
+
+def measure(directory: Path, threads: int) -> dict:
+    matvec = matvec_bandwidth(threads)
+    return {"host": socket.gethostname(), "cpu": cpu(), "memory_bytes": memory_bytes(),
+            "kernel": platform.release(), "threads": threads,
+            "disk_bytes_per_s": disk_bandwidth(directory), "matvec_bytes_per_s": max(matvec.values()),
+            "matvec_ways_bytes_per_s": matvec,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def load_or_measure(path: Path, directory: Path, threads: int) -> dict:
+    """The facts saved at path for this host and thread count, or measured now and saved."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("host") == socket.gethostname() and saved.get("threads") == threads:
+            return saved
+    facts = measure(directory, threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(facts, indent=1) + "\n")
+    return facts

@@ -1,0 +1,290 @@
+"""The benchmark matrix: engine x model x precision x memory limit, from a TOML file.
+
+Each run starts cold (model files evicted from the page cache, and the whole page cache
+dropped where root may) in its own memory cgroup, limited to the run's limit, page cache
+included (moeedge.cgroup). One JSON record per run lands under RESULTS/runs/ as soon as
+it finishes; a rerun skips every run already recorded for the same commit and settings,
+so a long matrix completes across sessions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from moeedge.cgroup import CgroupUnavailable, drop_page_cache, evict_files, run_limited
+from moeedge.harness.engines import ENGINES, GGUF_ONLY, HF_ONLY, Run, command
+from moeedge.units import parse_bytes
+
+# Top-level keys every record has (bench/README.md documents them all).
+RECORD_KEYS = ("engine", "model", "precision", "limit_bytes", "decode_tok_s", "prefill_tok_s", "p50_ms", "p99_ms",
+               "peak_bytes", "oom_kills", "bound_tok_s", "cold")
+
+
+@dataclass
+class Settings:
+    tokens: int = 32
+    prompt_tokens: int = 16
+    threads: int = 2
+    timeout_s: float = 900.0
+
+
+@dataclass
+class Model:
+    name: str
+    hf: str | None
+    gguf: dict[str, str] = field(default_factory=dict)
+    precisions: list[str] = field(default_factory=lambda: ["bf16"])
+    engines: list[str] = field(default_factory=lambda: list(ENGINES))
+    limits: list[str] = field(default_factory=lambda: ["unlimited"])
+
+
+def read_config(path: str | Path) -> tuple[Settings, list[Model]]:
+    """Settings and models of a matrix file; ValueError naming the file and the entry at fault."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not TOML: {e}") from None
+    try:
+        settings = Settings(**raw.get("settings", {}))
+    except TypeError as e:
+        raise ValueError(f"{path}: [settings]: {e}") from None
+    models = []
+    for i, entry in enumerate(raw.get("model", [])):
+        try:
+            model = Model(**entry)
+        except TypeError as e:
+            raise ValueError(f"{path}: [[model]] #{i + 1}: {e}") from None
+        unknown = [e for e in model.engines if e not in ENGINES]
+        if unknown:
+            raise ValueError(f"{path}: model {model.name}: unknown engine {unknown[0]!r}; "
+                             f"choose from {', '.join(ENGINES)}")
+        for limit in model.limits:
+            _check_limit(path, model.name, limit)
+        models.append(model)
+    if not models:
+        raise ValueError(f"{path}: no [[model]] entries")
+    return settings, models
+
+
+def _check_limit(path: Path, model: str, label: str) -> None:
+    if label in ("unlimited", "min") or _fraction(label) is not None:
+        return
+    try:
+        parse_bytes(label)
+    except ValueError:
+        raise ValueError(f"{path}: model {model}: limit {label!r} is not 'unlimited', 'min', a fraction of the "
+                         f"file size such as '0.5', or a byte count such as '2GiB'") from None
+
+
+def _fraction(label: str) -> float | None:
+    try:
+        value = float(label)
+    except ValueError:
+        return None
+    return value if "." in label and 0 < value <= 4 else None
+
+
+def source_of(model: Model, engine: str, precision: str) -> str | None:
+    """What the engine loads for this precision; None where the pair does not run."""
+    if precision == "bf16" and engine not in GGUF_ONLY:
+        return model.hf
+    if engine in HF_ONLY:
+        return None
+    return model.gguf.get(precision)
+
+
+def files_of(source: str) -> list[str]:
+    p = Path(source)
+    return sorted(str(f) for f in p.iterdir() if f.is_file()) if p.is_dir() else [str(p)]
+
+
+def weight_bytes(source: str) -> int:
+    return sum(Path(f).stat().st_size for f in files_of(source) if f.endswith((".safetensors", ".gguf")))
+
+
+def plan(models: list[Model], info) -> list[Run]:
+    """Every run of the matrix, in order. info(source) gives `moeedge info --json`'s facts."""
+    runs = []
+    for model in models:
+        for precision in model.precisions:
+            for label in model.limits:
+                for engine in model.engines:
+                    source = source_of(model, engine, precision)
+                    if source is None:
+                        continue
+                    reference = source_of(model, "moeedge", precision)
+                    limit = limit_bytes(label, reference, info)
+                    runs.append(Run(model.name, engine, precision, label, limit, source, tuple(files_of(source))))
+    return runs
+
+
+def limit_bytes(label: str, source: str, info) -> int | None:
+    if label == "unlimited":
+        return None
+    if label == "min":
+        return info(source)["min_budget_bytes"]
+    fraction = _fraction(label)
+    return int(fraction * weight_bytes(source)) if fraction is not None else parse_bytes(label)
+
+
+def commit() -> str:
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def record_path(results: Path, run: Run, settings: Settings, head: str) -> Path:
+    # The label, not the bytes: "min" moves with the measured fixed cost from one info call to the next.
+    key = json.dumps([head, asdict(settings), run.source, run.limit_label], sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return results / "runs" / run.model / f"{run.engine}-{run.precision}-{run.limit_label}-{digest}.json"
+
+
+def execute(run: Run, settings: Settings, env: dict | None = None) -> dict:
+    """One cold run in its own cgroup; the record's measured part (no bound yet)."""
+    evict_files(run.files)
+    cold = drop_page_cache()
+    cmd = command(run, settings.tokens, settings.prompt_tokens, settings.threads)
+    load = os.getloadavg()[0]
+    result = run_limited(cmd, run.limit_bytes, settings.timeout_s, env=env)
+    out: dict = {}
+    error = None
+    if result.returncode == 0:
+        try:
+            out = json.loads(result.stdout.strip().splitlines()[-1])
+        except (json.JSONDecodeError, IndexError):
+            error = f"no JSON on stdout: {result.stdout[-300:]!r}"
+    else:
+        error = {124: "timed out", 137: "killed (out of memory?)"}.get(result.returncode, "failed")
+        error += f" (exit {result.returncode}): " + result.stderr.strip()[-600:]
+    return {
+        "engine": run.engine, "model": run.model, "precision": run.precision, "limit_bytes": run.limit_bytes,
+        "limit_label": run.limit_label,
+        **{k: out.get(k) for k in ("decode_tok_s", "prefill_tok_s", "p50_ms", "p99_ms")},
+        "peak_bytes": result.peak_bytes, "oom_kills": result.oom_kills, "failcnt": result.failcnt,
+        "major_faults": result.major_faults, "read_bytes": result.read_bytes, "cold": cold,
+        "returncode": result.returncode, "error": error, "seconds": result.seconds, "load_average": load,
+        "source": run.source, "command": cmd, "result": out,
+    }
+
+
+def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
+              only_engines: list[str] | None = None, dry_run: bool = False, progress: bool = True) -> list[dict]:
+    """Run what is missing of the matrix; the records of every run (old and new) in order."""
+    from tqdm import tqdm
+
+    from moeedge.harness.bound import physical_bound
+    from moeedge.harness.machine import load_or_measure
+
+    settings, models = read_config(config)
+    models = [m for m in models if only_models is None or m.name in only_models]
+    for m in models:
+        m.engines = [e for e in m.engines if only_engines is None or e in only_engines]
+    facts_cache: dict[str, dict] = {}
+
+    def info(source: str) -> dict:
+        if source not in facts_cache:
+            out = subprocess.run([sys.executable, "-m", "moeedge.cli", "info", source, "--json", "--max-context",
+                                  "1024"], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise ValueError(f"moeedge info {source}: {out.stderr.strip()[-300:]}")
+            facts_cache[source] = json.loads(out.stdout)
+        return facts_cache[source]
+
+    runs = plan(models, info)
+    head = commit()
+    if dry_run:
+        for run in runs:
+            done = record_path(results, run, settings, head).is_file()
+            print(f"{'done' if done else 'todo'}  {run.model:18} {run.engine:17} {run.precision:5} "
+                  f"{run.limit_label:9} {'-' if run.limit_bytes is None else run.limit_bytes >> 20} MiB")
+        return []
+    machine = load_or_measure(results / "machine.json", Path(runs[0].source).parent if runs else results,
+                              settings.threads)
+    records = []
+    bar = tqdm(runs, disable=not progress, unit="run")
+    for run in bar:
+        path = record_path(results, run, settings, head)
+        bar.set_description(f"{run.model} {run.engine} {run.precision} {run.limit_label}")
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+            continue
+        if run.limit_bytes is not None and not cgroup_writable():
+            raise CgroupUnavailable("no writable memory cgroup here: refusing to label results as limited "
+                                    "(run as root on a machine with the memory controller)")
+        record = execute(run, settings)
+        reference_source = source_of_reference(models, run)
+        reference = routing(results, run.model, run.precision, reference_source, settings)
+        facts = info(reference_source)
+        bound = physical_bound(facts, reference["routing"], settings.prompt_tokens, run.limit_bytes,
+                               machine["disk_bytes_per_s"], machine["matvec_bytes_per_s"])
+        record.update(bound.as_dict() if bound else {"bound_tok_s": None})
+        tok_s = record["decode_tok_s"]
+        record["fraction_of_bound"] = tok_s / bound.tok_s if bound and tok_s else None
+        generated = record["result"].get("generated")
+        record["same_tokens_as_reference"] = None if generated is None else generated == reference["generated"]
+        record["result"].pop("routing", None)
+        record.update(settings=asdict(settings), machine=machine, commit=head, versions=versions(),
+                      finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        records.append(record)
+    return records
+
+
+def source_of_reference(models: list[Model], run: Run) -> str:
+    model = next(m for m in models if m.name == run.model)
+    return source_of(model, "moeedge", run.precision)
+
+
+def routing(results: Path, model: str, precision: str, source: str, settings: Settings) -> dict:
+    """The routing and tokens of one unlimited moeedge run of this model and precision
+    (warm, not timed): what the bound of every engine's run is computed from."""
+    path = results / "routing" / f"{model}-{precision}-{settings.prompt_tokens}-{settings.tokens}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    cmd = [sys.executable, "-m", "moeedge.decode_bench", source, "--tokens", str(settings.tokens),
+           "--prompt-tokens", str(settings.prompt_tokens), "--threads", str(settings.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=settings.timeout_s)
+    if out.returncode != 0:
+        raise RuntimeError(f"reference run of {source} failed: {out.stderr.strip()[-500:]}")
+    result = json.loads(out.stdout)
+    kept = {"source": source, "routing": result["routing"], "generated": result["generated"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(kept) + "\n")
+    return kept
+
+
+def cgroup_writable() -> bool:
+    try:
+        run_limited(["true"], 1 << 30, 30)
+        return True
+    except CgroupUnavailable:
+        return False
+
+
+def versions() -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    import moeedge
+    return {"python": platform.python_version(), "moeedge": moeedge.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__}

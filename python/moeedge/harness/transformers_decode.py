@@ -1,0 +1,64 @@
+"""One transformers decode measurement, the way a transformers user fits a model into
+less memory than it needs: accelerate's disk offload (`device_map="auto"`, `max_memory`,
+`offload_folder`). Printed as one JSON object in the shape of `python -m moeedge.decode_bench`.
+
+    python -m moeedge.harness.transformers_decode HF_DIR [--max-memory BYTES] [--tokens 32]
+
+Without --max-memory the model loads whole, as transformers does by default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+from moeedge.decode_bench import latency_summary, prompt_ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moeedge.harness.transformers_decode")
+    parser.add_argument("source")
+    parser.add_argument("--max-memory", type=int, default=None, help="bytes of CPU memory for weights")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    offload = tempfile.TemporaryDirectory(prefix="moeedge-offload-", dir="/var/tmp")
+    kwargs = {"dtype": torch.bfloat16}
+    if args.max_memory is not None:
+        kwargs.update(device_map="auto", max_memory={"cpu": args.max_memory}, offload_folder=offload.name)
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.source, **kwargs).eval()
+    load_s = time.perf_counter() - start
+    prompt = torch.tensor([prompt_ids(model.config.vocab_size, args.prompt_tokens)])
+    with torch.inference_mode():
+        last = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True)
+        prefill_s = time.perf_counter() - last
+        token = int(out.logits[0, -1].argmax())
+        generated, times, cache = [token], [], out.cache
+        for _ in range(args.tokens - 1):
+            last = time.perf_counter()
+            out = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
+            times.append(time.perf_counter() - last)
+            token, cache = int(out.logits[0, -1].argmax()), out.cache
+            generated.append(token)
+    offload.cleanup()
+    print(json.dumps({
+        "engine": "transformers", "source": args.source, "threads": args.threads, "tokens": args.tokens,
+        "prompt_tokens": args.prompt_tokens, **latency_summary(times),
+        "prefill_tok_s": args.prompt_tokens / prefill_s, "load_s": load_s, "generated": generated,
+        "max_memory": args.max_memory, "version": transformers.__version__,
+        "offloaded": sorted({d for d in getattr(model, "hf_device_map", {}).values() if d != "cpu"}),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
