@@ -116,6 +116,20 @@ def test_every_predictor_leaves_outputs_unchanged(model_dir, name):
     assert stats["prefetch_issued"] > 0
 
 
+def test_a_cache_that_holds_every_expert_reads_them_all_and_stops_guessing(model_dir):
+    with moeedge.load(model_dir, predictor=None) as model:
+        expected_tokens = list(model.stream_ids(IDS.tolist(), max_new_tokens=8))
+    with moeedge.load(model_dir, predictor="learned", policy="predicted") as model:
+        asked = []
+        predictor = model.runner.prefetcher.predictor
+        real = predictor.probabilities
+        predictor.probabilities = lambda *a: asked.append(a) or real(*a)
+        assert list(model.stream_ids(IDS.tolist(), max_new_tokens=8)) == expected_tokens
+        stats = model.stats()
+    assert asked == [] and stats["evictions"] == 0
+    assert stats["prefetch_issued"] > 0  # the warm-up: every expert not yet resident
+
+
 def test_auto_picks_learned_with_a_file_and_stale_gate_without(model_dir, tmp_path):
     with moeedge.load(model_dir) as model:
         assert model.stats()["prediction"]["predictor"] == "learned"

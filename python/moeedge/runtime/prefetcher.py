@@ -44,6 +44,8 @@ class Prefetcher:
         self.guessed = [0] * lookahead            # per lookahead: experts guessed that were then needed ...
         self.needed = [0] * lookahead             # ... out of the experts needed
         self.guess_distance: dict[int, int] = {}  # target layer -> the lookahead its guesses came from
+        self.total = len(experts.cache.store.keys())
+        self.settled = False  # the cache holds every expert: warmed up once, no guessing needed
 
     @property
     def name(self) -> str | None:
@@ -57,6 +59,8 @@ class Prefetcher:
 
     def on_route(self, layer: int, hidden: torch.Tensor, experts: torch.Tensor, decoding: bool) -> None:
         """Layer `layer` has routed its tokens: hidden [T, H], experts [T, K]."""
+        if self._holds_all():
+            return  # nothing to choose to evict, nothing to guess: spare the per-layer work
         if self.predictor is None:
             if self.eviction is not None and decoding:
                 self.eviction.on_step(layer, experts[-1].tolist(), {})
@@ -91,6 +95,16 @@ class Prefetcher:
             self.pending[target] = guess
             self.guess_distance[target] = d
             room -= n
+
+    def _holds_all(self) -> bool:
+        if self.experts.capacity < self.total:  # the budget can shrink at run time
+            self.settled = False
+        elif not self.settled:
+            # Read every expert not yet resident behind the demand reads, once.
+            self.experts.cache.prefetch(list(self.experts.cache.store.keys()), -1)
+            self.pending.clear()
+            self.settled = True
+        return self.settled
 
     def _stored(self, layer: int, chances: torch.Tensor) -> torch.Tensor:
         """Router-output chances [E] -> stored-expert chances (several outputs may share one)."""
