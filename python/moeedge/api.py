@@ -16,6 +16,7 @@ from moeedge.formats.hf_config import DecoderConfig
 from moeedge.formats.switch_checkpoint import SwitchConfig
 from moeedge.models.decoder import DecoderMoE
 from moeedge.models.switch import SwitchMoE
+from moeedge.runtime.embedding import DiskEmbedding, embedding_on_disk
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.memory import SLACK_BYTES, MemoryPlan, plan_memory, resolve_budget, rss_bytes
 from moeedge.runtime.prefetcher import build_prefetcher
@@ -224,6 +225,9 @@ class MoeModel:
 
     def close(self) -> None:
         self.cache.close()
+        for w in self.runner.w.values():
+            if isinstance(w, DiskEmbedding):
+                w.close()
 
     def __enter__(self) -> "MoeModel":
         return self
@@ -253,6 +257,9 @@ def plan_for(ckpt: Checkpoint, store: ExpertStore, budget: int, fixed: int, max_
     slot = max(store.slot_bytes(k) for k in store.keys())
     runner = runner_class(cfg)
     dense_bytes = ckpt.dense_nbytes if runner.mixed_precision else ckpt.dense_numel * dtype.itemsize
+    on_disk = embedding_on_disk(ckpt) if runner is DecoderMoE else None
+    if on_disk is not None:
+        dense_bytes -= on_disk.nbytes
     return plan_memory(budget, fixed, dense_bytes,
                        runner.kv_cache_bytes(cfg, max_context, dtype), _buffer_bytes(cfg, max_context),
                        cfg.top_k * slot)
@@ -295,7 +302,10 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     # "predicted" is the native "score" policy, its scores set before each layer
     cache = ExpertCache(store, expert_budget, "score" if policy == "predicted" else policy, io_threads or 2)
     try:
-        dense = {n: ckpt.read_dense(n) for n in ckpt.dense_names}
+        on_disk = embedding_on_disk(ckpt) if runner_cls is DecoderMoE else None
+        dense = {n: ckpt.read_dense(n) for n in ckpt.dense_names if on_disk is None or n != on_disk.name}
+        if on_disk is not None:
+            dense[on_disk.name] = DiskEmbedding(on_disk)
         if not runner_cls.mixed_precision:
             dense = {n: t.to(dtype) for n, t in dense.items()}
         experts = ExpertAccess(cache, ckpt.expert_parts, None if runner_cls.mixed_precision else dtype,

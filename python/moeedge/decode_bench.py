@@ -51,12 +51,12 @@ class _Routing:
 
 
 def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_tokens: int, policy: str,
-            threads: int, predictor: str | None = "auto") -> dict:
+            threads: int, predictor: str | None = "auto", max_context: int = 1024) -> dict:
     from moeedge.api import load
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = load(source, memory_budget=memory_budget, prefetch=prefetch, policy=policy, max_context=1024,
+    model = load(source, memory_budget=memory_budget, prefetch=prefetch, policy=policy, max_context=max_context,
                  predictor=predictor if prefetch or policy == "predicted" else None)
     load_s = time.perf_counter() - start
     routing = _Routing()
@@ -105,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-context", type=int, default=1024, help="tokens the KV cache holds (default 1024)")
     args = parser.parse_args(argv)
     budget = args.memory_budget if args.memory_budget in ("auto", "min") else int(args.memory_budget)
     if budget == "min":
         from moeedge.info import facts
 
-        budget = facts(args.source, 1024)["min_budget_bytes"]
+        budget = facts(args.source, args.max_context)["min_budget_bytes"]
     print(json.dumps(measure(args.source, budget, args.prefetch, args.tokens, args.prompt_tokens, args.policy,
-                             args.threads, args.predictor), default=str))
+                             args.threads, args.predictor, args.max_context), default=str))
     return 0
 
 

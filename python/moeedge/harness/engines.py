@@ -33,8 +33,9 @@ class Run:
     files: tuple[str, ...]    # what to evict from the page cache before the run
 
 
-def command(run: Run, tokens: int, prompt_tokens: int, threads: int) -> list[str]:
-    common = ["--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens), "--threads", str(threads)]
+def command(run: Run, tokens: int, prompt_tokens: int, threads: int, max_context: int) -> list[str]:
+    common = ["--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens), "--threads", str(threads),
+              "--max-context", str(max_context)]
     py = [sys.executable, "-m"]
     if run.engine.startswith("moeedge"):
         budget = "min" if run.engine == "moeedge-naive" else str(run.limit_bytes) if run.limit_bytes else "auto"

@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-context", type=int, default=1024, help="n_ctx (default 1024)")
     args = parser.parse_args(argv)
     import llama_cpp
 
     start = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=1024, n_threads=args.threads,
+    llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=args.max_context, n_threads=args.threads,
                           n_threads_batch=args.threads, use_mmap=True, verbose=False, seed=0)
     load_s = time.perf_counter() - start
     def next_token() -> int:

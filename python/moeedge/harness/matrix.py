@@ -32,6 +32,7 @@ class Settings:
     tokens: int = 32
     prompt_tokens: int = 16
     threads: int = 2
+    max_context: int = 256     # the KV cache every engine sets up (llama.cpp's n_ctx)
     timeout_s: float = 900.0
 
 
@@ -160,7 +161,7 @@ def execute(run: Run, settings: Settings, env: dict | None = None) -> dict:
     """One cold run in its own cgroup; the record's measured part (no bound yet)."""
     evict_files(run.files)
     cold = drop_page_cache()
-    cmd = command(run, settings.tokens, settings.prompt_tokens, settings.threads)
+    cmd = command(run, settings.tokens, settings.prompt_tokens, settings.threads, settings.max_context)
     load = os.getloadavg()[0]
     result = run_limited(cmd, run.limit_bytes, settings.timeout_s, env=env)
     out: dict = {}
@@ -201,7 +202,7 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
     def info(source: str) -> dict:
         if source not in facts_cache:
             out = subprocess.run([sys.executable, "-m", "moeedge.cli", "info", source, "--json", "--max-context",
-                                  "1024"], capture_output=True, text=True)
+                                  str(settings.max_context)], capture_output=True, text=True)
             if out.returncode != 0:
                 raise ValueError(f"moeedge info {source}: {out.stderr.strip()[-300:]}")
             facts_cache[source] = json.loads(out.stdout)
@@ -260,7 +261,8 @@ def routing(results: Path, model: str, precision: str, source: str, settings: Se
     if path.is_file():
         return json.loads(path.read_text())
     cmd = [sys.executable, "-m", "moeedge.decode_bench", source, "--tokens", str(settings.tokens),
-           "--prompt-tokens", str(settings.prompt_tokens), "--threads", str(settings.threads)]
+           "--prompt-tokens", str(settings.prompt_tokens), "--threads", str(settings.threads),
+           "--max-context", str(settings.max_context)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=settings.timeout_s)
     if out.returncode != 0:
         raise RuntimeError(f"reference run of {source} failed: {out.stderr.strip()[-500:]}")

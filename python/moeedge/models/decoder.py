@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moeedge.formats.hf_config import DecoderConfig
-from moeedge.kernels import NATIVE_MAX_TOKENS, QuantTensor, linear
+from moeedge.kernels import NATIVE_MAX_TOKENS, linear
 from moeedge.runtime.experts import ExpertAccess
 
 
@@ -183,7 +183,7 @@ class DecoderMoE:
     def _forward(self, tokens: torch.Tensor, start: int, all_logits: bool) -> torch.Tensor:
         cfg, w = self.cfg, self.w
         embed = w["model.embed_tokens.weight"]
-        if isinstance(embed, QuantTensor):
+        if not isinstance(embed, torch.Tensor):  # QuantTensor, or DiskEmbedding: the rows needed
             h = embed.rows(tokens, self.dtype)
         else:
             h = F.embedding(tokens, embed).to(self.dtype)
