@@ -63,6 +63,18 @@ def test_info_reports_sizes_and_minimum_budget(chat_model):
     assert facts["min_budget_bytes"] > facts["fixed_bytes"] + facts["dense_bytes"]
 
 
+def test_info_reports_a_switch_model(tmp_path):
+    from tiny_switch import make_switch
+
+    make_switch(tmp_path)
+    run = moeedge("info", str(tmp_path), "--json")
+    assert run.returncode == 0, run.stderr
+    facts = json.loads(run.stdout)
+    assert facts["architecture"] == "switch_transformers" and facts["top_k"] == 1
+    assert facts["moe_layers"] >= 1 and facts["layers"] > facts["moe_layers"]
+    assert facts["min_budget_bytes"] > facts["fixed_bytes"] + facts["dense_bytes"]
+
+
 def test_run_json_prints_text_and_stats(chat_model):
     run = moeedge("run", str(chat_model), "--prompt", "the quick", "--max-new-tokens", "6", "--json",
                   "--memory-budget", "4GiB")

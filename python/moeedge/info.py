@@ -26,8 +26,9 @@ def facts(source, max_context: int) -> dict:
     return {
         "source": ckpt.source,
         "architecture": cfg.family,
-        "layers": cfg.n_layers,
-        "moe_layers": len(cfg.moe_layers),
+        # Switch: encoder and decoder blocks; its moe_layers is already a count
+        "layers": getattr(cfg, "n_layers", None) or cfg.n_encoder_layers + cfg.n_decoder_layers,
+        "moe_layers": cfg.moe_layers if isinstance(cfg.moe_layers, int) else len(cfg.moe_layers),
         "experts": cfg.n_experts,
         "top_k": cfg.top_k,
         "hidden": cfg.hidden,

@@ -233,8 +233,10 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
         reference_source = source_of_reference(models, run)
         reference = routing(results, run.model, run.precision, reference_source, settings)
         facts = info(reference_source)
-        bound = physical_bound(facts, reference["routing"], settings.prompt_tokens, run.limit_bytes,
-                               machine["disk_bytes_per_s"], machine["matvec_bytes_per_s"])
+        # The bound models a decoder's token loop; an encoder-decoder's decode has no bound here.
+        bound = None if facts["architecture"] == "switch_transformers" else physical_bound(
+            facts, reference["routing"], settings.prompt_tokens, run.limit_bytes, machine["disk_bytes_per_s"],
+            machine["matvec_bytes_per_s"])
         record.update(bound.as_dict() if bound else {"bound_tok_s": None})
         tok_s = record["decode_tok_s"]
         record["fraction_of_bound"] = tok_s / bound.tok_s if bound and tok_s else None
