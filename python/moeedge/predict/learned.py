@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moeedge.predict.predictors import Predictor
@@ -33,6 +34,7 @@ class LearnedPredictor(Predictor):
         self.meta = meta
         self.max_lookahead = int(meta["max_lookahead"])
         self.next_token = any(layer + d >= self.n_layers for layer, d in nets)
+        self._fused_cache: dict = {}
 
     @torch.inference_mode()
     def scores(self, layer, hidden, experts, lookahead):
@@ -40,6 +42,27 @@ class LearnedPredictor(Predictor):
         if net is None:
             return self._prior((layer + lookahead) % self.n_layers, hidden.shape[0])
         return net(_features(hidden, experts, self.n_experts))
+
+    @torch.inference_mode()
+    def probabilities_ahead(self, layer, hidden, experts, lookaheads, k):
+        # One product for the first layers of all the lookaheads' nets: they read the same features.
+        ds = [d for d in lookaheads if (layer, d) in self.nets]
+        out = {d: self.probabilities(layer, hidden, experts, d, k)[-1] for d in lookaheads if d not in ds}
+        if ds:
+            first, seconds, width = self._fused(layer, tuple(ds))
+            h = F.gelu(F.linear(_features(hidden[-1:], experts[-1:], self.n_experts), *first))
+            for i, (d, second) in enumerate(zip(ds, seconds)):
+                out[d] = torch.sigmoid(F.linear(h[:, i * width:(i + 1) * width], *second))[-1]
+        return out
+
+    def _fused(self, layer: int, ds: tuple[int, ...]):
+        key = (layer, ds)
+        if key not in self._fused_cache:
+            nets = [self.nets[(layer, d)] for d in ds]
+            first = (torch.cat([n[0].weight for n in nets]), torch.cat([n[0].bias for n in nets]))
+            seconds = [(n[2].weight, n[2].bias) for n in nets]
+            self._fused_cache[key] = (first, seconds, nets[0][0].out_features)
+        return self._fused_cache[key]
 
     def probabilities(self, layer, hidden, experts, lookahead, k):
         # Trained with a per-expert binary loss: the sigmoid is the chance it is picked.

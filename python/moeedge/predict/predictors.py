@@ -41,6 +41,11 @@ class Predictor:
         s = self.scores(layer, hidden, experts, lookahead).float().clamp(min=0)
         return (k * s / s.sum(-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
 
+    def probabilities_ahead(self, layer: int, hidden: torch.Tensor, experts: torch.Tensor, lookaheads: list[int],
+                            k: int) -> dict[int, torch.Tensor]:
+        """{lookahead: [E]} for the last token, every lookahead at once (the runtime's call)."""
+        return {d: self.probabilities(layer, hidden, experts, d, k)[-1] for d in lookaheads}
+
     def _prior(self, target: int, tokens: int) -> torch.Tensor:
         return self.prior[target].expand(tokens, -1)
 

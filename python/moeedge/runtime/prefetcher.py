@@ -77,8 +77,8 @@ class Prefetcher:
                 break
             target = (layer + d) % self.n_layers
             ahead[d] = target
-        chances = {t: self._stored(t, self.predictor.probabilities(layer, hidden, experts, d, self.top_k)[-1])
-                   for d, t in ahead.items()}
+        guessed = self.predictor.probabilities_ahead(layer, hidden, experts, list(ahead), self.top_k)
+        chances = {t: self._stored(t, guessed[d]) for d, t in ahead.items()}
         if self.eviction is not None:
             self.eviction.on_step(layer, experts[-1].tolist(), chances)
         room = max(0, self.experts.capacity - self.top_k)  # beside the step's own experts
