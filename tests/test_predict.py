@@ -248,3 +248,16 @@ def test_guess_matrix_marks_what_a_predictor_does_not_guess():
     same = frequency.reshape(64, 4, 3, 8)[:, 0]        # from layer 0, 1-3 steps stay in the token
     assert ((same >= 0) & (same <= 1)).all()
     torch.testing.assert_close(torch.from_numpy(same.sum(-1)), torch.full((64, 3), 2.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["learned", "stale-gate", "frequency"])
+def test_all_lookaheads_at_once_equal_one_at_a_time(name):
+    with moeedge.load(predictor=name) as model:  # the default model and its trained predictors
+        predictor = model.runner.prefetcher.predictor
+        gen = torch.Generator().manual_seed(1)
+        hidden, experts = torch.randn(3, model.config.hidden, generator=gen), torch.tensor([[0, 5], [2, 3], [1, 7]])
+        for layer in range(predictor.n_layers):
+            together = predictor.probabilities_ahead(layer, hidden, experts, [1, 2, 3], 2)
+            assert sorted(together) == [1, 2, 3]
+            for d, chances in together.items():
+                torch.testing.assert_close(chances, predictor.probabilities(layer, hidden, experts, d, 2)[-1])
