@@ -36,6 +36,7 @@ def write(tmp_path: Path, text: str, name: str = "m.toml") -> Path:
     ("[[model]]\nname='a'\nhf='x'\ncolour='red'\n", "[[model]] #1"),
     ("[[model]]\nname='a'\nhf='x'\nengines=['vllm']\n", "unknown engine 'vllm'"),
     ("[[model]]\nname='a'\nhf='x'\nlimits=['lots']\n", "limit 'lots'"),
+    ("[[model]]\nname='a'\nhf='x'\nlimits=['experts:1.5']\n", "limit 'experts:1.5'"),
 ])
 def test_bad_matrix_files_name_the_problem(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -63,10 +64,11 @@ hf = "{hf}"
 gguf = {{ bf16 = "{tmp_path / 'm-bf16.gguf'}", q8_0 = "{q8}" }}
 precisions = ["bf16", "q8_0"]
 engines = ["moeedge", "llama.cpp", "transformers"]
-limits = ["unlimited", "0.5", "3MiB", "min"]
+limits = ["unlimited", "0.5", "3MiB", "min", "experts:0.25"]
 """)
     _, models = matrix.read_config(path)
-    runs = matrix.plan(models, lambda source: {"min_budget_bytes": 777})
+    facts = {"min_budget_bytes": 777, "fixed_bytes": 100, "dense_bytes": 20, "kv_cache_bytes": 3, "expert_bytes": 400}
+    runs = matrix.plan(models, lambda source: facts)
     got = {(r.engine, r.precision, r.limit_label): (Path(r.source).name, r.limit_bytes) for r in runs}
     # transformers has no GGUF path: it runs bf16 only.
     assert ("transformers", "q8_0", "unlimited") not in got
@@ -76,7 +78,8 @@ limits = ["unlimited", "0.5", "3MiB", "min"]
     assert got[("transformers", "bf16", "3MiB")] == ("hf", 3 * MiB)
     assert got[("llama.cpp", "q8_0", "min")] == ("m-q8_0.gguf", 777)
     assert got[("moeedge", "bf16", "unlimited")][1] is None
-    assert len(runs) == 4 * 3 + 4 * 2
+    assert got[("moeedge", "bf16", "experts:0.25")] == ("hf", 100 + 20 + 3 + 100)
+    assert len(runs) == 5 * 3 + 5 * 2
 
 
 # --------------------------------------------------------------------------- the bound

@@ -78,13 +78,14 @@ def read_config(path: str | Path) -> tuple[Settings, list[Model]]:
 
 
 def _check_limit(path: Path, model: str, label: str) -> None:
-    if label in ("unlimited", "min") or _fraction(label) is not None:
+    if label in ("unlimited", "min") or _fraction(label) is not None or _expert_fraction(label) is not None:
         return
     try:
         parse_bytes(label)
     except ValueError:
         raise ValueError(f"{path}: model {model}: limit {label!r} is not 'unlimited', 'min', a fraction of the "
-                         f"file size such as '0.5', or a byte count such as '2GiB'") from None
+                         f"file size such as '0.5', 'experts:0.25' (moeedge's fixed cost, dense weights and KV "
+                         f"cache, and that fraction of the expert bytes), or a byte count such as '2GiB'") from None
 
 
 def _fraction(label: str) -> float | None:
@@ -93,6 +94,13 @@ def _fraction(label: str) -> float | None:
     except ValueError:
         return None
     return value if "." in label and 0 < value <= 4 else None
+
+
+def _expert_fraction(label: str) -> float | None:
+    if not label.startswith("experts:"):
+        return None
+    value = _fraction(label.removeprefix("experts:"))
+    return value if value is not None and value <= 1 else None
 
 
 def source_of(model: Model, engine: str, precision: str) -> str | None:
@@ -134,6 +142,10 @@ def limit_bytes(label: str, source: str, info) -> int | None:
         return None
     if label == "min":
         return info(source)["min_budget_bytes"]
+    experts = _expert_fraction(label)
+    if experts is not None:
+        f = info(source)
+        return f["fixed_bytes"] + f["dense_bytes"] + f["kv_cache_bytes"] + int(experts * f["expert_bytes"])
     fraction = _fraction(label)
     return int(fraction * weight_bytes(source)) if fraction is not None else parse_bytes(label)
 
