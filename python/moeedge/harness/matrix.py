@@ -189,7 +189,7 @@ def execute(run: Run, settings: Settings, env: dict | None = None) -> dict:
     return {
         "engine": run.engine, "model": run.model, "precision": run.precision, "limit_bytes": run.limit_bytes,
         "limit_label": run.limit_label,
-        **{k: out.get(k) for k in ("decode_tok_s", "prefill_tok_s", "p50_ms", "p99_ms")},
+        **{k: out.get(k) for k in ("decode_tok_s", "steady_tok_s", "prefill_tok_s", "p50_ms", "p99_ms")},
         "peak_bytes": result.peak_bytes, "oom_kills": result.oom_kills, "failcnt": result.failcnt,
         "major_faults": result.major_faults, "read_bytes": result.read_bytes, "cold": cold,
         "returncode": result.returncode, "error": error, "seconds": result.seconds, "load_average": load,

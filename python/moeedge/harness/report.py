@@ -31,8 +31,8 @@ def table(records: list[dict]) -> str:
     precision and limit."""
     llama = {(r["model"], r["precision"], r["limit_label"]): r.get("decode_tok_s") for r in records
              if r["engine"] == "llama.cpp"}
-    rows = ["| model | precision | limit | engine | decode tok/s | x llama.cpp | bound tok/s | of bound "
-            "| p99 ms | peak | OOM kills |", "|" + "---|" * 11]
+    rows = ["| model | precision | limit | engine | decode tok/s | x llama.cpp | steady tok/s | bound tok/s "
+            "| of bound | p99 ms | peak | OOM kills |", "|" + "---|" * 12]
     for r in records:
         tok_s = r.get("decode_tok_s")
         ref = llama.get((r["model"], r["precision"], r["limit_label"]))
@@ -41,7 +41,7 @@ def table(records: list[dict]) -> str:
         rows.append(" | ".join([
             f"| {r['model']}", r["precision"], _limit(r), r["engine"],
             f"{tok_s:.2f}" if tok_s else (r.get("error") or "failed").split(":")[0],
-            ratio, f"{bound:.2f}" if bound else "-",
+            ratio, f"{r['steady_tok_s']:.2f}" if r.get("steady_tok_s") else "-", f"{bound:.2f}" if bound else "-",
             f"{r['fraction_of_bound']:.2f}" if r.get("fraction_of_bound") else "-",
             f"{r['p99_ms']:.0f}" if r.get("p99_ms") else "-",
             format_bytes(r["peak_bytes"]), f"{r['oom_kills']} |"]))
