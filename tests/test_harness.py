@@ -214,6 +214,15 @@ limits = ["unlimited", "min"]
     again = matrix.main_loop(path, tmp_path / "results", progress=False)
     assert [f.stat().st_mtime_ns for f in files] == stamps  # nothing rerun
     assert [r["decode_tok_s"] for r in again] == [r["decode_tok_s"] for r in records]
+    # The machine measured again: every bound follows it.
+    machine = json.loads((tmp_path / "results" / "machine.json").read_text())
+    machine["matvec_bytes_per_s"] /= 10
+    (tmp_path / "results" / "machine.json").write_text(json.dumps(machine))
+    assert matrix.refresh_bounds(tmp_path / "results") == 4
+    refreshed = {r["limit_label"] + r["engine"]: r for r in load_records(tmp_path / "results")}
+    for r in records:
+        new = refreshed[r["limit_label"] + r["engine"]]
+        assert new["bound_tok_s"] < r["bound_tok_s"] and new["machine"]["matvec_bytes_per_s"] == 1e9
     shown = table(load_records(tmp_path / "results"))
     assert shown.count("| default | bf16 |") == 4
     assert [p.name for p in plot(load_records(tmp_path / "results"), tmp_path / "plots")] == ["default.png"]

@@ -202,24 +202,13 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
     """Run what is missing of the matrix; the records of every run (old and new) in order."""
     from tqdm import tqdm
 
-    from moeedge.harness.bound import physical_bound
     from moeedge.harness.machine import load_or_measure
 
     settings, models = read_config(config)
     models = [m for m in models if only_models is None or m.name in only_models]
     for m in models:
         m.engines = [e for e in m.engines if only_engines is None or e in only_engines]
-    facts_cache: dict[str, dict] = {}
-
-    def info(source: str) -> dict:
-        if source not in facts_cache:
-            out = subprocess.run([sys.executable, "-m", "moeedge.cli", "info", source, "--json", "--max-context",
-                                  str(settings.max_context)], capture_output=True, text=True)
-            if out.returncode != 0:
-                raise ValueError(f"moeedge info {source}: {out.stderr.strip()[-300:]}")
-            facts_cache[source] = json.loads(out.stdout)
-        return facts_cache[source]
-
+    info = Facts(settings.max_context)
     runs = plan(models, info)
     head = commit()
     if dry_run:
@@ -244,23 +233,66 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
         record = execute(run, settings)
         reference_source = source_of_reference(models, run)
         reference = routing(results, run.model, run.precision, reference_source, settings)
-        facts = info(reference_source)
-        # The bound models a decoder's token loop; an encoder-decoder's decode has no bound here.
-        bound = None if facts["architecture"] == "switch_transformers" else physical_bound(
-            facts, reference["routing"], settings.prompt_tokens, run.limit_bytes, machine["disk_bytes_per_s"],
-            machine["matvec_bytes_per_s"])
-        record.update(bound.as_dict() if bound else {"bound_tok_s": None})
-        tok_s = record["decode_tok_s"]
-        record["fraction_of_bound"] = tok_s / bound.tok_s if bound and tok_s else None
+        with_bound(record, info(reference_source), reference["routing"], settings.prompt_tokens, machine)
         generated = record["result"].get("generated")
         record["same_tokens_as_reference"] = None if generated is None else generated == reference["generated"]
         record["result"].pop("routing", None)
-        record.update(settings=asdict(settings), machine=machine, commit=head, versions=versions(),
+        record.update(settings=asdict(settings), commit=head, versions=versions(),
                       finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1, default=str) + "\n")
         records.append(record)
     return records
+
+
+class Facts:
+    """`moeedge info --json` of each source, asked once (in a fresh process: its fixed cost
+    is a fresh process's)."""
+
+    def __init__(self, max_context: int):
+        self.max_context, self.known = max_context, {}
+
+    def __call__(self, source: str) -> dict:
+        if source not in self.known:
+            out = subprocess.run([sys.executable, "-m", "moeedge.cli", "info", source, "--json", "--max-context",
+                                  str(self.max_context)], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise ValueError(f"moeedge info {source}: {out.stderr.strip()[-300:]}")
+            self.known[source] = json.loads(out.stdout)
+        return self.known[source]
+
+
+def with_bound(record: dict, facts: dict, routing_: list, prompt_tokens: int, machine: dict) -> dict:
+    """The record with its physical bound and its fraction of it (moeedge.harness.bound)."""
+    from moeedge.harness.bound import physical_bound
+
+    # The bound models a decoder's token loop; an encoder-decoder's decode has no bound here.
+    bound = None if facts["architecture"] == "switch_transformers" else physical_bound(
+        facts, routing_, prompt_tokens, record["limit_bytes"], machine["disk_bytes_per_s"],
+        machine["matvec_bytes_per_s"])
+    record.update(bound.as_dict() if bound else {"bound_tok_s": None})
+    tok_s = record["decode_tok_s"]
+    record["fraction_of_bound"] = tok_s / bound.tok_s if bound and tok_s else None
+    record["machine"] = machine
+    return record
+
+
+def refresh_bounds(results: Path) -> int:
+    """Recompute every record's bound from results/machine.json as it is now (after the
+    machine's facts were measured again); the number of records rewritten."""
+    machine = json.loads((results / "machine.json").read_text())
+    infos: dict[int, Facts] = {}
+    count = 0
+    for path in sorted((results / "runs").rglob("*.json")):
+        record = json.loads(path.read_text())
+        s = record["settings"]
+        reference = json.loads((results / "routing" / f"{record['model']}-{record['precision']}-"
+                                                      f"{s['prompt_tokens']}-{s['tokens']}.json").read_text())
+        info = infos.setdefault(s["max_context"], Facts(s["max_context"]))
+        with_bound(record, info(reference["source"]), reference["routing"], s["prompt_tokens"], machine)
+        path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        count += 1
+    return count
 
 
 def source_of_reference(models: list[Model], run: Run) -> str:
