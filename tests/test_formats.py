@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import moeedge
+from moeedge.runtime.memory import FIXED_JITTER_BYTES
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.hf_checkpoint import open_hf_directory
 from tiny_checkpoints import make_decoder
@@ -147,6 +148,19 @@ def test_missing_shard_is_refused(tmp_path):
 def test_budget_below_minimum_names_the_numbers(mixtral):
     with pytest.raises(moeedge.BudgetError, match=r"below the smallest workable budget .*fixed cost .*dense weights"):
         moeedge.load(mixtral[0], memory_budget="100MB")
+
+
+def test_the_smallest_budget_caches_one_layers_experts_and_decodes_the_same(mixtral):
+    ids = torch.tensor([1, 4, 2, 8, 5])
+    with moeedge.load(mixtral[0], memory_budget="8GiB") as model:
+        expected = model.logits(ids)
+    with moeedge.load(mixtral[0], memory_budget="min") as model:
+        plan = model.plan
+        assert plan.budget_bytes == plan.min_budget_bytes
+        slot = model.cache.store.slot_bytes(model.cache.store.keys()[0])
+        # one layer's top-k, and the room the minimum leaves for a fresh process's larger fixed cost
+        assert model.cache.stats()["budget_bytes"] <= model.config.top_k * slot + FIXED_JITTER_BYTES
+        assert torch.equal(model.logits(ids), expected)
 
 
 def test_context_overflow_is_refused(mixtral):

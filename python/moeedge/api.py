@@ -276,7 +276,8 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     (no prefetch; so does prefetch=False); lookahead: how many MoE layers ahead it reads.
     predictor_file: the trained predictors (default: moeedge_predictor.safetensors in the
     checkpoint directory). dtype is the activations' dtype (default: fp32 for decoder
-    models on CPU)."""
+    models on CPU). memory_budget: bytes ("4GiB"), "auto" (the cgroup's limit, else most of
+    what is free), or "min" (the smallest workable: one layer's experts cached)."""
     fixed = rss_bytes()  # measured before anything of the model is read
     if device != "cpu":
         raise ValueError(f"device {device!r} is not supported yet; use 'cpu'")
@@ -284,13 +285,16 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
         raise ValueError(f"max_context must be positive, got {max_context}")
     if io_threads is not None and not 1 <= io_threads <= 64:
         raise ValueError(f"io_threads must be between 1 and 64, got {io_threads}")
-    budget = resolve_budget(memory_budget)
+    smallest = isinstance(memory_budget, str) and memory_budget.strip().lower() == "min"
+    budget = 0 if smallest else resolve_budget(memory_budget)
     ckpt = open_checkpoint(source)
     cfg = ckpt.config
     runner_cls = runner_class(cfg)
     dtype = compute_dtype(ckpt, dtype)
     max_context = min(max_context, cfg.max_position)
     store = ExpertStore(ckpt.files, ckpt.expert_ranges, direct_io=direct_io)
+    if smallest:  # the smallest workable budget, planned from this process's own fixed cost
+        budget = plan_for(ckpt, store, 1 << 62, fixed, max_context, dtype).min_budget_bytes
     plan = plan_for(ckpt, store, budget, fixed, max_context, dtype)
     expert_budget = min(plan.expert_cache_bytes, sum(store.slot_bytes(k) for k in store.keys()))
     if policy not in POLICIES + ("auto",):

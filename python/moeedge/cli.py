@@ -66,7 +66,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", default=None,
                    help="Hugging Face checkpoint directory or .gguf file (default: the bundled model)")
     p.add_argument("--memory-budget", default="auto", type=_budget,
-                   help="memory the whole process may use, e.g. 1.5GiB (default: auto)")
+                   help="memory the whole process may use, e.g. 1.5GiB, or min: the smallest workable "
+                        "(default: auto)")
     p.add_argument("--max-context", type=int, default=2048, help="tokens of context (default 2048)")
     p.add_argument("--policy", choices=("auto", "lru", "lfu", "score", "predicted"), default="auto",
                    help="expert cache eviction policy (predicted: the next use estimated from the layer schedule, "
@@ -81,7 +82,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _budget(text: str) -> str | int:
-    return text if text.strip().lower() == "auto" else _byte_count(text)
+    return text if text.strip().lower() in ("auto", "min") else _byte_count(text)
 
 
 def _load(args: argparse.Namespace):

@@ -109,10 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-context", type=int, default=1024, help="tokens the KV cache holds (default 1024)")
     args = parser.parse_args(argv)
     budget = args.memory_budget if args.memory_budget in ("auto", "min") else int(args.memory_budget)
-    if budget == "min":
-        from moeedge.info import facts
-
-        budget = facts(args.source, args.max_context)["min_budget_bytes"]
     print(json.dumps(measure(args.source, budget, args.prefetch, args.tokens, args.prompt_tokens, args.policy,
                              args.threads, args.predictor, args.max_context), default=str))
     return 0
