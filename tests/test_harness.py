@@ -170,7 +170,8 @@ def test_a_timeout_is_exit_124():
 def test_limited_runs_are_refused_without_cgroups(tmp_path, monkeypatch):
     monkeypatch.setattr(matrix, "cgroup_writable", lambda: False)
     _machine(tmp_path)
-    path = write(tmp_path, f"[[model]]\nname='d'\nhf='{DEFAULT}'\nengines=['moeedge']\nlimits=['1GiB']\n")
+    path = write(tmp_path, f"[settings]\ndisk_probe = false\n[[model]]\nname='d'\nhf='{DEFAULT}'\n"
+                           f"engines=['moeedge']\nlimits=['1GiB']\n")
     with pytest.raises(CgroupUnavailable, match="refusing to label results as limited"):
         matrix.main_loop(path, tmp_path / "results", progress=False)
     assert not (tmp_path / "results" / "runs").exists()
@@ -193,6 +194,7 @@ def test_matrix_records_each_run_and_skips_it_next_time(tmp_path):
 tokens = 4
 prompt_tokens = 4
 timeout_s = 300
+disk_probe = false
 [[model]]
 name = "default"
 hf = "{DEFAULT}"

@@ -36,42 +36,40 @@ def memory_bytes() -> int:
 
 
 def disk_bandwidth(directory: Path, nbytes: int = 1 << 30) -> dict:
-    """Bytes/s of cold O_DIRECT 4 MiB reads of a scratch file in directory (the models'
-    file system), by one reader and by two at once over halves of the file (the expert
-    cache reads with two IO threads); the median of three passes each."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Bytes/s of cold O_DIRECT reads of a scratch file in directory (the models' file
+    system): one, two and four readers at once over parts of the file, 4 and 16 MiB per
+    read (a shared virtual disk gives more with more in flight); one pass each."""
     from moeedge.iobench import write_scratch_file
 
     path = write_scratch_file(Path(directory) / f".moeedge-disk-probe-{os.getpid()}", nbytes)
     try:
-        measured = {}
-        for readers in (1, 2):
-            seconds = []
-            for _ in range(3):
-                evict_files([path])
-                share = nbytes // readers
-                start = time.perf_counter()
-                with ThreadPoolExecutor(readers) as pool:
-                    list(pool.map(lambda i: _read_direct(path, i * share, share), range(readers)))
-                seconds.append(time.perf_counter() - start)
-            measured[f"direct_4m_x{readers}"] = nbytes / statistics.median(seconds)
-        return measured
+        return {f"direct_{block >> 20}m_x{readers}": read_direct(path, nbytes, readers, block)
+                for readers in (1, 2, 4) for block in (4 << 20, 16 << 20)}
     finally:
         path.unlink()
 
 
-def _read_direct(path: Path, offset: int, length: int) -> None:
+def read_direct(path: Path, nbytes: int, readers: int = 2, block: int = 16 << 20) -> float:
+    """Bytes/s of reading the first nbytes of path cold, with O_DIRECT, by readers threads."""
     import mmap
+    from concurrent.futures import ThreadPoolExecutor
 
-    buf = mmap.mmap(-1, 4 << 20)  # page-aligned, as O_DIRECT requires
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        for at in range(offset, offset + length, 4 << 20):
-            os.preadv(fd, [buf], at)
-    finally:
-        os.close(fd)
-        buf.close()
+    def read(part: int) -> None:
+        buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT requires
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            for at in range(part * share, (part + 1) * share, block):
+                os.preadv(fd, [buf], at)
+        finally:
+            os.close(fd)
+            buf.close()
+
+    share = nbytes // readers // block * block
+    evict_files([path])
+    start = time.perf_counter()
+    with ThreadPoolExecutor(readers) as pool:
+        list(pool.map(read, range(readers)))
+    return share * readers / (time.perf_counter() - start)
 
 
 def matvec_bandwidth(threads: int, rows: int = 14336, cols: int = 4096, repeats: int = 30) -> dict:

@@ -22,6 +22,8 @@ from moeedge.cgroup import CgroupUnavailable, drop_page_cache, evict_files, run_
 from moeedge.harness.engines import ENGINES, GGUF_ONLY, HF_ONLY, Run, command
 from moeedge.units import parse_bytes
 
+PROBE_BYTES = 512 << 20  # read before every run: the disk's bandwidth then (2 readers, 16 MiB reads)
+
 # Top-level keys every record has (bench/README.md documents them all).
 RECORD_KEYS = ("engine", "model", "precision", "limit_bytes", "decode_tok_s", "prefill_tok_s", "p50_ms", "p99_ms",
                "peak_bytes", "oom_kills", "bound_tok_s", "cold")
@@ -34,6 +36,7 @@ class Settings:
     threads: int = 2
     max_context: int = 256     # the KV cache every engine sets up (llama.cpp's n_ctx)
     timeout_s: float = 900.0
+    disk_probe: bool = True    # measure the disk before every run (a 512 MiB file beside the models)
 
 
 @dataclass
@@ -169,8 +172,13 @@ def record_path(results: Path, run: Run, settings: Settings, head: str) -> Path:
     return results / "runs" / run.model / f"{run.engine}-{run.precision}-{run.limit_label}-{digest}.json"
 
 
-def execute(run: Run, settings: Settings, env: dict | None = None) -> dict:
-    """One cold run in its own cgroup; the record's measured part (no bound yet)."""
+def execute(run: Run, settings: Settings, probe: Path | None = None, env: dict | None = None) -> dict:
+    """One cold run in its own cgroup; the record's measured part (no bound yet). probe: a
+    scratch file read just before, for the disk's bandwidth at the time of the run (a
+    shared disk varies several-fold within minutes)."""
+    from moeedge.harness.machine import read_direct
+
+    disk = read_direct(probe, PROBE_BYTES) if probe is not None else None
     evict_files(run.files)
     cold = drop_page_cache()
     cmd = command(run, settings.tokens, settings.prompt_tokens, settings.threads, settings.max_context)
@@ -193,6 +201,7 @@ def execute(run: Run, settings: Settings, env: dict | None = None) -> dict:
         "peak_bytes": result.peak_bytes, "oom_kills": result.oom_kills, "failcnt": result.failcnt,
         "major_faults": result.major_faults, "read_bytes": result.read_bytes, "cold": cold,
         "returncode": result.returncode, "error": error, "seconds": result.seconds, "load_average": load,
+        "disk_bytes_per_s_at_run": disk,
         "source": run.source, "command": cmd, "result": out,
     }
 
@@ -200,8 +209,6 @@ def execute(run: Run, settings: Settings, env: dict | None = None) -> dict:
 def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
               only_engines: list[str] | None = None, dry_run: bool = False, progress: bool = True) -> list[dict]:
     """Run what is missing of the matrix; the records of every run (old and new) in order."""
-    from tqdm import tqdm
-
     from moeedge.harness.machine import load_or_measure
 
     settings, models = read_config(config)
@@ -217,8 +224,29 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
             print(f"{'done' if done else 'todo'}  {run.model:18} {run.engine:17} {run.precision:5} "
                   f"{run.limit_label:9} {'-' if run.limit_bytes is None else run.limit_bytes >> 20} MiB")
         return []
-    machine = load_or_measure(results / "machine.json", Path(runs[0].source).parent if runs else results,
-                              settings.threads)
+    if not runs:
+        return []
+    models_dir = Path(runs[0].source).parent  # the disk the models are read from
+    machine = load_or_measure(results / "machine.json", models_dir, settings.threads)
+    todo = [run for run in runs if not record_path(results, run, settings, head).is_file()]
+    if any(run.limit_bytes is not None for run in todo) and not cgroup_writable():
+        raise CgroupUnavailable("no writable memory cgroup here: refusing to label results as limited "
+                                "(run as root on a machine with the memory controller)")
+    if not (todo and settings.disk_probe):
+        return _run_all(runs, results, settings, head, models, info, machine, None, progress)
+    from moeedge.iobench import write_scratch_file
+
+    probe = write_scratch_file(models_dir / f".moeedge-disk-probe-{os.getpid()}", PROBE_BYTES)
+    try:
+        return _run_all(runs, results, settings, head, models, info, machine, probe, progress)
+    finally:
+        probe.unlink()
+
+
+def _run_all(runs: list[Run], results: Path, settings: Settings, head: str, models: list[Model], info: "Facts",
+             machine: dict, probe: Path | None, progress: bool) -> list[dict]:
+    from tqdm import tqdm
+
     records = []
     bar = tqdm(runs, disable=not progress, unit="run")
     for run in bar:
@@ -227,10 +255,7 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
         if path.is_file():
             records.append(json.loads(path.read_text()))
             continue
-        if run.limit_bytes is not None and not cgroup_writable():
-            raise CgroupUnavailable("no writable memory cgroup here: refusing to label results as limited "
-                                    "(run as root on a machine with the memory controller)")
-        record = execute(run, settings)
+        record = execute(run, settings, probe)
         reference_source = source_of_reference(models, run)
         reference = routing(results, run.model, run.precision, reference_source, settings)
         with_bound(record, info(reference_source), reference["routing"], settings.prompt_tokens, machine)
@@ -267,9 +292,9 @@ def with_bound(record: dict, facts: dict, routing_: list, prompt_tokens: int, ma
     from moeedge.harness.bound import physical_bound
 
     # The bound models a decoder's token loop; an encoder-decoder's decode has no bound here.
+    disk = record.get("disk_bytes_per_s_at_run") or machine["disk_bytes_per_s"]
     bound = None if facts["architecture"] == "switch_transformers" else physical_bound(
-        facts, routing_, prompt_tokens, record["limit_bytes"], machine["disk_bytes_per_s"],
-        machine["matvec_bytes_per_s"])
+        facts, routing_, prompt_tokens, record["limit_bytes"], disk, machine["matvec_bytes_per_s"])
     record.update(bound.as_dict() if bound else {"bound_tok_s": None})
     tok_s = record["decode_tok_s"]
     record["fraction_of_bound"] = tok_s / bound.tok_s if bound and tok_s else None
