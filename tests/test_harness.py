@@ -230,6 +230,14 @@ limits = ["unlimited", "min"]
     assert [p.name for p in plot(load_records(tmp_path / "results"), tmp_path / "plots")] == ["default.png"]
 
 
+def test_the_harness_process_never_maps_torch():
+    """Pages of libraries the harness maps would be shared uncharged with the runs' processes."""
+    code = ("import sys; from moeedge.harness import matrix, report, bound, engines; "
+            "v = matrix.versions(); assert v['torch'], v; assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     for argv in (["bench", "matrix", str(tmp_path / "none.toml")], ["bench", "report", "--results", str(tmp_path)]):
         r = subprocess.run([sys.executable, "-m", "moeedge.cli", *argv], capture_output=True, text=True)

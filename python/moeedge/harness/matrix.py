@@ -22,7 +22,7 @@ from moeedge.cgroup import CgroupUnavailable, drop_page_cache, evict_files, run_
 from moeedge.harness.engines import ENGINES, GGUF_ONLY, HF_ONLY, Run, command
 from moeedge.units import parse_bytes
 
-PROBE_BYTES = 512 << 20  # read before every run: the disk's bandwidth then (2 readers, 16 MiB reads)
+PROBE_BYTES = 512 << 20  # read before every run: the disk's bandwidth then (probe_disk)
 
 # Top-level keys every record has (bench/README.md documents them all).
 RECORD_KEYS = ("engine", "model", "precision", "limit_bytes", "decode_tok_s", "prefill_tok_s", "p50_ms", "p99_ms",
@@ -36,7 +36,7 @@ class Settings:
     threads: int = 2
     max_context: int = 256     # the KV cache every engine sets up (llama.cpp's n_ctx)
     timeout_s: float = 900.0
-    disk_probe: bool = True    # measure the disk before every run (a 512 MiB file beside the models)
+    disk_probe: bool = True    # measure the disk before every run (512 MiB of the run's own weight files)
 
 
 @dataclass
@@ -172,14 +172,10 @@ def record_path(results: Path, run: Run, settings: Settings, head: str) -> Path:
     return results / "runs" / run.model / f"{run.engine}-{run.precision}-{run.limit_label}-{digest}.json"
 
 
-def execute(run: Run, settings: Settings, probe: Path | None = None, env: dict | None = None) -> dict:
-    """One cold run in its own cgroup; the record's measured part (no bound yet). probe: a
-    scratch file read just before, for the disk's bandwidth at the time of the run (a
-    shared disk varies several-fold within minutes)."""
-    from moeedge.harness.machine import read_direct
-
-    disk = read_direct(probe, PROBE_BYTES) if probe is not None else None
+def execute(run: Run, settings: Settings, env: dict | None = None) -> dict:
+    """One cold run in its own cgroup; the record's measured part (no bound yet)."""
     evict_files(run.files)
+    disk = probe_disk(run) if settings.disk_probe else None
     cold = drop_page_cache()
     cmd = command(run, settings.tokens, settings.prompt_tokens, settings.threads, settings.max_context)
     load = os.getloadavg()[0]
@@ -204,6 +200,20 @@ def execute(run: Run, settings: Settings, probe: Path | None = None, env: dict |
         "disk_bytes_per_s_at_run": disk,
         "source": run.source, "command": cmd, "result": out,
     }
+
+
+def probe_disk(run: Run) -> float:
+    """Bytes/s of cold O_DIRECT reads of the run's largest weight file just before the run,
+    the faster of plain reads (two readers, 16 MiB each) and moeedge's cache reading 32 MiB
+    pieces: the disk as the run will find it (a shared virtual disk varies several-fold
+    within minutes)."""
+    from moeedge.harness.machine import read_direct, read_native
+
+    largest = Path(max(run.files, key=lambda f: Path(f).stat().st_size))
+    nbytes = min(PROBE_BYTES, largest.stat().st_size)
+    bandwidth = max(read_direct(largest, nbytes), read_native(largest, nbytes))
+    evict_files([largest])
+    return bandwidth
 
 
 def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
@@ -232,19 +242,6 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
     if any(run.limit_bytes is not None for run in todo) and not cgroup_writable():
         raise CgroupUnavailable("no writable memory cgroup here: refusing to label results as limited "
                                 "(run as root on a machine with the memory controller)")
-    if not (todo and settings.disk_probe):
-        return _run_all(runs, results, settings, head, models, info, machine, None, progress)
-    from moeedge.iobench import write_scratch_file
-
-    probe = write_scratch_file(models_dir / f".moeedge-disk-probe-{os.getpid()}", PROBE_BYTES)
-    try:
-        return _run_all(runs, results, settings, head, models, info, machine, probe, progress)
-    finally:
-        probe.unlink()
-
-
-def _run_all(runs: list[Run], results: Path, settings: Settings, head: str, models: list[Model], info: "Facts",
-             machine: dict, probe: Path | None, progress: bool) -> list[dict]:
     from tqdm import tqdm
 
     records = []
@@ -255,7 +252,7 @@ def _run_all(runs: list[Run], results: Path, settings: Settings, head: str, mode
         if path.is_file():
             records.append(json.loads(path.read_text()))
             continue
-        record = execute(run, settings, probe)
+        record = execute(run, settings)
         reference_source = source_of_reference(models, run)
         reference = routing(results, run.model, run.precision, reference_source, settings)
         with_bound(record, info(reference_source), reference["routing"], settings.prompt_tokens, machine)
@@ -353,11 +350,16 @@ def cgroup_writable() -> bool:
 
 
 def versions() -> dict:
+    """Versions read from package metadata: importing torch here would map its libraries
+    into this process, and the runs' processes would share those pages uncharged to their
+    cgroups (llama.cpp's libraries get no such help)."""
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
-    import torch
-    import transformers
-
-    import moeedge
-    return {"python": platform.python_version(), "moeedge": moeedge.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    def of(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+    return {"python": platform.python_version(), **{n: of(n) for n in ("moeedge", "torch", "transformers",
+                                                                      "llama_cpp_python", "accelerate")}}

@@ -40,12 +40,21 @@ def table(records: list[dict]) -> str:
         bound = r.get("bound_tok_s")
         rows.append(" | ".join([
             f"| {r['model']}", r["precision"], _limit(r), r["engine"],
-            f"{tok_s:.2f}" if tok_s else (r.get("error") or "failed").split(":")[0],
+            f"{tok_s:.2f}" if tok_s else _failure(r),
             ratio, f"{r['steady_tok_s']:.2f}" if r.get("steady_tok_s") else "-", f"{bound:.2f}" if bound else "-",
             f"{r['fraction_of_bound']:.2f}" if r.get("fraction_of_bound") else "-",
             f"{r['p99_ms']:.0f}" if r.get("p99_ms") else "-",
             format_bytes(r["peak_bytes"]), f"{r['oom_kills']} |"]))
     return "\n".join(rows)
+
+
+def _failure(r: dict) -> str:
+    error = r.get("error") or ""
+    if "smallest workable budget" in error:
+        return "refused: below its minimum"
+    if r["oom_kills"]:
+        return "OOM-killed"
+    return error.split(":")[0] or "failed"
 
 
 def plot(records: list[dict], out: Path) -> list[Path]:
