@@ -159,6 +159,24 @@ def test_variant_decodes_with_the_default_prefetcher(source, tmp_path, method):
         assert model.stats()["prefetch_issued"] > 0
 
 
+def test_a_predictor_file_beside_the_weights_is_not_read_as_a_shard(tmp_path):
+    # moeedge_predictor.safetensors (moeedge predict) sits beside model.safetensors; variants copy it
+    from moeedge.predict.bundle import FILENAME, train_bundle
+    from moeedge.predict.metrics import RoutingTrace
+
+    src = checkpoint(tmp_path / "src")
+    g = torch.Generator().manual_seed(2)
+    picks = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(64 * LAYERS)]).view(64, LAYERS, 2)
+    trace = RoutingTrace(picks, torch.randn(64, LAYERS, 64, generator=g), [(0, 64)], E)
+    train_bundle(trace, epochs=1).save(src / FILENAME)
+    aggregate(src, "prune", tmp_path / "out", experts_per_layer=3, **QUICK)
+    assert (tmp_path / "out" / FILENAME).is_file()
+    assert "history.stored" not in load_file(tmp_path / "out" / "model.safetensors")
+    with moeedge.load(tmp_path / "out", memory_budget="4GiB", max_context=64) as model:
+        assert "history.stored" not in model.checkpoint.dense_names
+        assert model.stats()["prediction"] and torch.isfinite(model.logits(IDS)).all()
+
+
 @pytest.mark.parametrize("row, message", [
     ([0, 0, 1, 1, 2], "must be 6 integers"),
     ([0, 0, 1, 1, 3, 3], "each used"),
@@ -229,7 +247,7 @@ def bad_sources(tmp_path_factory, source) -> dict[str, Path]:
     (["--method", "merge", "--expert-memory", "0"], "in (0, 1]"),
     (["--method", "merge", "--expert-memory", "1.5"], "in (0, 1]"),
     (["--method", "merge", "--expert-memory", "0.1"], "one expert per layer already takes"),
-    (["--method", "merge"], "one of the arguments --experts-per-layer --expert-memory is required"),
+    (["--method", "merge"], "one of the arguments --experts-per-layer --rank --expert-memory is required"),
 ])
 def test_bad_targets_exit_2_with_one_line(source, tmp_path, capsys, args, message):
     assert run_cli(["aggregate", str(source), *args, "-o", str(tmp_path / "out")]) == 2

@@ -19,13 +19,20 @@ def add_parsers(subparsers) -> None:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(run=_cmd_eval)
 
-    ag = subparsers.add_parser("aggregate", help="a smaller variant: merge, average or prune experts")
+    ag = subparsers.add_parser("aggregate", help="a smaller variant: merge, average, prune, low-rank or distill experts")
     ag.add_argument("source", nargs="?", default=None, help="Hugging Face decoder MoE directory")
-    ag.add_argument("--method", required=True, help="merge (aligned, usage-weighted), average, or prune")
+    ag.add_argument("--method", required=True,
+                    help="merge (aligned, usage-weighted), average, prune, lowrank (shared base plus low-rank "
+                         "deltas), or distill (needs --from)")
+    ag.add_argument("--from", dest="distill_from", default=None, metavar="METHOD",
+                    help="distill's starting variant: merge or lowrank")
     target = ag.add_mutually_exclusive_group(required=True)
     target.add_argument("--experts-per-layer", type=int, default=None, metavar="N")
+    target.add_argument("--rank", type=int, default=None, metavar="R",
+                        help="rank of each expert's low-rank factors (lowrank, distill --from lowrank)")
     target.add_argument("--expert-memory", type=float, default=None, metavar="FRACTION",
-                        help="of the source's expert bytes, split across layers by measured sensitivity")
+                        help="of the source's expert bytes (low-rank bases count too), split across layers "
+                             "by measured sensitivity")
     ag.add_argument("--calibration-tokens", type=int, default=4096,
                     help="tokens of the training corpus to calibrate on (default 4096)")
     ag.add_argument("--eval-tokens", type=int, default=8192,
@@ -49,15 +56,25 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     from moeedge.aggregate.pipeline import aggregate
 
     meta = aggregate(args.source, args.method, args.output, experts_per_layer=args.experts_per_layer,
-                     expert_memory=args.expert_memory, calibration_tokens=args.calibration_tokens,
-                     eval_tokens=args.eval_tokens, progress=not args.json)
+                     rank=args.rank, expert_memory=args.expert_memory, distill_from=args.distill_from,
+                     calibration_tokens=args.calibration_tokens, eval_tokens=args.eval_tokens,
+                     progress=not args.json)
     if args.json:
         print(json.dumps(meta))
         return 0
-    before, after = meta["expert_bytes_source"], meta["expert_bytes"]
-    print(f"{args.output}: {meta['method']}, experts per layer {meta['expert_counts']}")
-    print(f"expert bytes: {format_bytes(before)} -> {format_bytes(after)} "
-          f"(saved {format_bytes(before - after)}, {100 * (before - after) / before:.1f}%)")
+    source, offloaded, base = meta["expert_bytes_source"], meta["expert_bytes"], meta["base_bytes"]
+    after = offloaded + base
+    method = meta["method"] + (f" from {meta['distill']['from']}" if "distill" in meta else "")
+    ranks = f", ranks {meta['ranks']}" if "ranks" in meta else ""
+    print(f"{args.output}: {method}, experts per layer {meta['expert_counts']}{ranks}")
+    print(f"expert bytes: {format_bytes(source)} -> {format_bytes(after)} "
+          f"(saved {format_bytes(source - after)}, {100 * (source - after) / source:.1f}%)"
+          + (f": {format_bytes(base)} resident bases, {format_bytes(offloaded)} offloaded factors" if base else ""))
+    if "distill" in meta:
+        d = meta["distill"]
+        errors = ", ".join(f"{b:.4f} -> {a:.4f}" for b, a in zip(d["held_out_error_before"],
+                                                                 d["held_out_error_after"]))
+        print(f"layer output error on {d['held_out_tokens']} held-out calibration tokens: {errors}")
     q = meta["quality"]
     if q is not None:
         print(f"held-out quality against the source ({q['tokens']} tokens): perplexity {q['ppl']:.3f} vs "

@@ -40,9 +40,29 @@ class Experts:
 
 
 @dataclass
+class LowRank:
+    """A layer stored as one resident base expert plus, per expert and weight, the difference
+    from the base as b @ a (rank r): the runtime computes base(x) + b (a x) and never forms
+    the expert's weight. Each triple is (gate, up, down); a: [E, r, in], b: [E, out, r]."""
+    base: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    a: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    b: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+    @property
+    def rank(self) -> int:
+        return self.a[0].shape[1]
+
+    def experts(self) -> Experts:
+        """The E experts the factors stand for, formed here only to measure them."""
+        return Experts(*(base + b @ a for base, a, b in zip(self.base, self.a, self.b)))
+
+
+@dataclass
 class Variant:
     table: list[int]   # [E] router output -> stored expert, -1: dropped
     experts: Experts   # the n stored experts, fp32, already rounded to the checkpoint's dtype
+    lowrank: LowRank | None = None  # set: `experts` are these factors formed (identity table)
+    report: dict | None = None      # what a method measured while building it (distill)
 
 
 @dataclass
@@ -71,26 +91,38 @@ class MoeLayer:
         """[N, H] the source layer's routed output on the calibration states."""
         return self.output(Variant(list(range(self.n_experts)), self.experts))
 
-    def output(self, variant: Variant) -> torch.Tensor:
-        x = self.calibration.hidden
-        table = torch.tensor(variant.table)
-        logits = (x @ self.router.T).masked_fill(table < 0, float("-inf"))   # [N, E]
-        top_w, top_i = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        stored = table[top_i]                                                # [N, K], -1 only at gate 0
+    def gates(self, table: list[int]) -> torch.Tensor:
+        """[N, n] each stored expert's gate per calibration token, two picks of one summed
+        (0: not picked). The router does not change, so neither do these: methods that fit
+        the stored experts (distill) take them as fixed."""
+        key = ("gates", tuple(table))
+        if key not in self.memo:
+            x = self.calibration.hidden
+            t = torch.tensor(table)
+            logits = (x @ self.router.T).masked_fill(t < 0, float("-inf"))   # [N, E]
+            top_w, top_i = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+            if self.norm_topk_prob:
+                top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+            stored = t[top_i]                                                # [N, K], -1 only at gate 0
+            out = torch.zeros(x.shape[0], max(table) + 1)
+            self.memo[key] = out.scatter_add_(1, stored.clamp_min(0), top_w * (stored >= 0))
+        return self.memo[key]
+
+    def output(self, variant: Variant, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, H] the layer's output under the variant (tokens: only these calibration states)."""
+        x, g = self.calibration.hidden, self.gates(variant.table)
+        if tokens is not None:
+            x, g = x[tokens], g[tokens]
         out = torch.zeros_like(x)
         for e in range(len(variant.experts)):
-            picked = stored == e
-            tokens = torch.where(picked.any(dim=-1))[0]
-            gates = (top_w * picked)[tokens].sum(dim=-1, keepdim=True)
-            out.index_add_(0, tokens, variant.experts.forward(e, x[tokens]) * gates)
+            picked = torch.where(g[:, e] > 0)[0]
+            out.index_add_(0, picked, variant.experts.forward(e, x[picked]) * g[picked, e, None])
         return out
 
-    def relative_error(self, variant: Variant) -> float:
-        """||output - source output|| / ||source output|| over the calibration states."""
-        ref = self.reference_output
-        return float((self.output(variant) - ref).norm() / ref.norm().clamp_min(1e-30))
+    def relative_error(self, variant: Variant, tokens: torch.Tensor | None = None) -> float:
+        """||output - source output|| / ||source output|| over the calibration states (or these)."""
+        ref = self.reference_output if tokens is None else self.reference_output[tokens]
+        return float((self.output(variant, tokens) - ref).norm() / ref.norm().clamp_min(1e-30))
 
     def rounded(self, experts: Experts) -> Experts:
         """As they will be stored: rounded to the checkpoint's dtype."""

@@ -1,5 +1,6 @@
-"""`moeedge aggregate`: calibrate, choose experts per layer, build each layer's variant,
-write the directory, and measure it against the source on held-out text."""
+"""`moeedge aggregate`: calibrate, choose each layer's level (experts kept, or the rank of
+its low-rank factors), build each layer's variant (then distill it, for distill), write the
+directory, and measure it against the source on held-out text."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,36 +8,75 @@ from pathlib import Path
 from tqdm import tqdm
 
 import moeedge
-from moeedge.aggregate import average, merge, prune, variant
+from moeedge.aggregate import average, distill, lowrank, merge, prune, variant
 from moeedge.aggregate.calibration import DEFAULT_TOKENS, calibration_windows, gather
 from moeedge.aggregate.clustering import merge_tree
-from moeedge.aggregate.layer import read_layer
-from moeedge.aggregate.targets import measure_sensitivity, split_budget
+from moeedge.aggregate.layer import MoeLayer, read_layer
+from moeedge.aggregate.merge import usage_weights
+from moeedge.aggregate.targets import choose_levels, measure_sensitivity
 from moeedge.derived import check_output, open_decoder_source
 from moeedge.evaluate import DEFAULT_WINDOW, evaluate
 from moeedge.train.corpus import HELD_OUT
 
-METHODS = {"merge": merge.build, "average": average.build, "prune": prune.build}
+METHODS = ("merge", "average", "prune", "lowrank", "distill")
+BUILDERS = {"merge": merge.build, "average": average.build, "prune": prune.build, "lowrank": lowrank.build}
+DISTILL_FROM = ("merge", "lowrank")
 EVAL_TOKENS = 8192
 
 
-def check_targets(n_experts: int, experts_per_layer: int | None, expert_memory: float | None) -> None:
-    if (experts_per_layer is None) == (expert_memory is None):
-        raise ValueError("give exactly one target: --experts-per-layer N or --expert-memory FRACTION")
-    if experts_per_layer is not None and not 1 <= experts_per_layer <= n_experts:
-        raise ValueError(f"--experts-per-layer must be between 1 and {n_experts} (the source's experts per layer), "
-                         f"got {experts_per_layer}")
+def check_method(method: str, distill_from: str | None) -> str:
+    """The method whose variant is built first: distill's starting point, else the method."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
+    if method != "distill":
+        if distill_from is not None:
+            raise ValueError(f"--from is for --method distill, not {method}")
+        return method
+    if distill_from not in DISTILL_FROM:
+        raise ValueError("--method distill starts from a variant: give --from merge or --from lowrank"
+                         + ("" if distill_from is None else f" (got {distill_from!r})"))
+    return distill_from
+
+
+def check_targets(cfg, built: str, experts_per_layer: int | None, rank: int | None,
+                  expert_memory: float | None) -> None:
+    """built: the method whose knob the target sets (lowrank: a rank; the others: experts)."""
+    if sum(t is not None for t in (experts_per_layer, rank, expert_memory)) != 1:
+        raise ValueError("give exactly one target: --experts-per-layer N, --rank R or --expert-memory FRACTION")
+    if rank is not None and built != "lowrank":
+        raise ValueError("--rank is a target of lowrank and distill --from lowrank only: "
+                         "give --experts-per-layer N or --expert-memory FRACTION")
+    if experts_per_layer is not None and built == "lowrank":
+        raise ValueError("--experts-per-layer is not a target of lowrank (nor of distill --from lowrank): "
+                         "give --rank R or --expert-memory FRACTION")
+    if experts_per_layer is not None and not 1 <= experts_per_layer <= cfg.n_experts:
+        raise ValueError(f"--experts-per-layer must be between 1 and {cfg.n_experts} (the source's experts per "
+                         f"layer), got {experts_per_layer}")
+    top = min(cfg.expert_intermediate, cfg.hidden)
+    if rank is not None and not 0 <= rank <= top:
+        raise ValueError(f"--rank must be between 0 and {top} (full rank: the smaller of the experts' "
+                         f"intermediate {cfg.expert_intermediate} and hidden {cfg.hidden} sizes), got {rank}")
     if expert_memory is not None and not 0 < expert_memory <= 1:
         raise ValueError(f"--expert-memory must be a fraction in (0, 1] of the source's expert bytes, "
                          f"got {expert_memory}")
 
 
-def aggregate(source, method: str, out, *, experts_per_layer: int | None = None, expert_memory: float | None = None,
+def level_nbytes(built: str, layer: MoeLayer, level: int, expert_bytes: int) -> tuple[int, int]:
+    """(offloadable expert bytes, resident base bytes) of a layer at a level of the knob."""
+    return lowrank.memory_nbytes(layer, level) if built == "lowrank" else (level * expert_bytes, 0)
+
+
+def layer_levels(built: str, layer: MoeLayer) -> list[int]:
+    """The knob's values a memory target chooses among: ranks, or experts per layer."""
+    return lowrank.levels(layer) if built == "lowrank" else list(range(1, layer.n_experts + 1))
+
+
+def aggregate(source, method: str, out, *, experts_per_layer: int | None = None, rank: int | None = None,
+              expert_memory: float | None = None, distill_from: str | None = None,
               calibration_tokens: int = DEFAULT_TOKENS, eval_tokens: int = EVAL_TOKENS,
               window: int = DEFAULT_WINDOW, memory_budget: int | str = "auto", progress: bool = False) -> dict:
     """Write the variant to `out`; return its description (moeedge_variant.json)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
+    built = check_method(method, distill_from)
     if calibration_tokens < 2 or eval_tokens < 0:
         raise ValueError(f"--calibration-tokens must be at least 2 and --eval-tokens at least 0, "
                          f"got {calibration_tokens} and {eval_tokens}")
@@ -44,7 +84,7 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
     check_output(out)
     ckpt = open_decoder_source(source, "aggregate")
     cfg = ckpt.config
-    check_targets(cfg.n_experts, experts_per_layer, expert_memory)
+    check_targets(cfg, built, experts_per_layer, rank, expert_memory)
     n_layers = len(cfg.moe_layers)
     expert_bytes = [ckpt.layer_expert_nbytes(i) for i in range(n_layers)]
     if expert_memory is not None and expert_memory * ckpt.expert_nbytes < sum(expert_bytes):
@@ -58,26 +98,43 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
         calibration = gather(model, windows, progress)
         layers = [read_layer(model, i, calibration[i]) for i in range(n_layers)]
 
-    build = METHODS[method]
+    build = BUILDERS[built]
+    grids = [layer_levels(built, layer) for layer in layers]
     sensitivity = None
-    if experts_per_layer is not None:
-        counts = [experts_per_layer] * n_layers
-    else:
-        sensitivity = measure_sensitivity(layers, build, progress)
-        counts = split_budget(sensitivity, expert_bytes, int(expert_memory * ckpt.expert_nbytes))
-    variants = [build(layer, n) for layer, n in tqdm(list(zip(layers, counts)), desc=method, unit="layer",
+    if expert_memory is None:
+        levels = [experts_per_layer if rank is None else rank] * n_layers
+    else:  # distill: split by its starting method's errors (distilling every level would cost too much)
+        sensitivity = measure_sensitivity(layers, build, grids, progress)
+        level_bytes = [[sum(level_nbytes(built, layer, n, b)) for n in grid]
+                       for layer, grid, b in zip(layers, grids, expert_bytes)]
+        chosen = choose_levels(sensitivity, level_bytes, int(expert_memory * ckpt.expert_nbytes))
+        levels = [grid[i] for grid, i in zip(grids, chosen)]
+    variants = [build(layer, n) for layer, n in tqdm(list(zip(layers, levels)), desc=built, unit="layer",
                                                        disable=not progress)]
+    if method == "distill":
+        variants = [distill.distill(layer, v) for layer, v in tqdm(list(zip(layers, variants)), desc="distill",
+                                                                    unit="layer", disable=not progress)]
+    stored = [level_nbytes(built, layer, n, b) for layer, n, b in zip(layers, levels, expert_bytes)]
     meta = {
         "method": method, "source": str(Path(ckpt.source).resolve()),
-        "targets": {"experts_per_layer": experts_per_layer, "expert_memory": expert_memory},
+        "targets": {"experts_per_layer": experts_per_layer, "rank": rank, "expert_memory": expert_memory},
         "calibration": {"tokens": sum(map(len, windows)), "windows": len(windows), "split": "train",
                         "held_out_packages_excluded": list(HELD_OUT)},
         "expert_bytes_source": ckpt.expert_nbytes,
-        "expert_bytes": sum(n * b for n, b in zip(counts, expert_bytes)),
+        "expert_bytes": sum(e for e, _ in stored),   # offloadable: what the runtime caches and fetches
+        "base_bytes": sum(b for _, b in stored),     # low-rank bases, resident with the dense weights
         "layer_error": [layer.relative_error(v) for layer, v in zip(layers, variants)],
         "sensitivity": sensitivity,
     }
-    if method in ("merge", "average"):  # the whole tree: any other granularity is one cut away
+    if built == "lowrank":
+        meta["ranks"] = levels
+        meta["sensitivity_ranks"] = grids if sensitivity else None
+        meta["base_weights"] = [usage_weights(layer, list(range(layer.n_experts))).tolist() for layer in layers]
+    if method == "distill":
+        held = calibration[0].held_out
+        meta["distill"] = {"from": distill_from, "fitted_tokens": int((~held).sum()), "held_out_tokens": int(held.sum()),
+                           **{k: [v.report[k] for v in variants] for k in variants[0].report}}
+    if built in ("merge", "average"):  # the whole tree: any other granularity is one cut away
         meta["merge_tree"] = [merge_tree(layer)[:, :3].tolist() for layer in layers]
     variant.write(out, ckpt, variants, meta)
     quality = None

@@ -3,6 +3,9 @@
 - config.json: the source's, unchanged (the router keeps its E outputs);
 - model.safetensors: the source's dense tensors and, per MoE layer, its n stored experts
   under the family's usual names (`...experts.{0..n-1}.w1.weight`), in the source's dtype;
+  a low-rank layer stores its base as `...experts.base.w1.weight` (resident: not an expert
+  tensor) and each expert's factors as `...experts.{e}.w1.lora_A.weight` / `lora_B`
+  (moeedge.formats.hf_checkpoint.expert_tensor_names);
 - the tokenizer files, copied;
 - moeedge_variant.json: `expert_map` (per MoE layer, router output -> stored expert, -1:
   dropped; moeedge.formats.hf_checkpoint reads it), `expert_counts`, the method, source,
@@ -16,32 +19,37 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from moeedge.aggregate.layer import Variant
 from moeedge.derived import publish
 from moeedge.formats.checkpoint import Checkpoint
-from moeedge.formats.hf_checkpoint import EXPERT_NAMES, VARIANT_FILE
+from moeedge.formats.hf_checkpoint import VARIANT_FILE, expert_tensor_names
 
 FORMAT_VERSION = 1
 
 
-def expert_names(ckpt: Checkpoint, moe_layer: int, e: int) -> list[str]:
-    """Tensor names of stored expert e, in (gate, up, down) order."""
+def stored_tensors(ckpt: Checkpoint, moe_layer: int, v: Variant) -> dict[str, torch.Tensor]:
+    """A layer's stored experts (and base) by tensor name, fp32."""
     cfg = ckpt.config
-    block, _, pattern, roles = EXPERT_NAMES[cfg.family]
-    prefix = f"model.layers.{cfg.moe_layers[moe_layer]}.{block}."
-    return [prefix + pattern.format(e=e, w=w) for w in roles]
+    if v.lowrank is None:
+        return {name: t for e in range(len(v.experts))
+                for (_, name), t in zip(expert_tensor_names(cfg, moe_layer, e),
+                                        (v.experts.gate[e], v.experts.up[e], v.experts.down[e]))}
+    lr = v.lowrank
+    out = {name: t for (_, name), t in zip(expert_tensor_names(cfg, moe_layer, "base"), lr.base)}
+    for e in range(len(v.experts)):
+        parts = [t[e] for a, b in zip(lr.a, lr.b) for t in (a, b)]  # gate_a, gate_b, up_a, ...
+        out.update((name, t) for (_, name), t in zip(expert_tensor_names(cfg, moe_layer, e, lowrank=True), parts))
+    return out
 
 
 def write(out: Path, ckpt: Checkpoint, variants: list[Variant], meta: dict) -> None:
     tensors = {name: ckpt.read_dense(name) for name in ckpt.dense_names}
     for moe_layer, v in enumerate(variants):
         dtype = ckpt.expert_parts[moe_layer][0].dtype
-        for e in range(len(v.experts)):
-            parts = (v.experts.gate[e], v.experts.up[e], v.experts.down[e])
-            for name, t in zip(expert_names(ckpt, moe_layer, e), parts):
-                tensors[name] = t.to(dtype).contiguous()
+        tensors.update((name, t.to(dtype).contiguous()) for name, t in stored_tensors(ckpt, moe_layer, v).items())
     with publish(out, ckpt) as staging:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         meta = {"format_version": FORMAT_VERSION, **meta, "expert_counts": [len(v.experts) for v in variants],

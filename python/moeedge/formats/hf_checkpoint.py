@@ -16,6 +16,8 @@ from moeedge.keys import ExpertKey
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 VARIANT_FILE = "moeedge_variant.json"  # written by `moeedge aggregate` (moeedge.aggregate.variant)
+# Trained expert predictors kept beside the weights (moeedge.predict.bundle): not a shard.
+PREDICTOR_FILE = "moeedge_predictor.safetensors"
 
 # family -> (MoE block prefix, router, expert tensor pattern, (gate, up, down) names)
 EXPERT_NAMES = {
@@ -23,6 +25,23 @@ EXPERT_NAMES = {
     "qwen2_moe": ("mlp", "gate", "experts.{e}.{w}.weight", ("gate_proj", "up_proj", "down_proj")),
     "olmoe": ("mlp", "gate", "experts.{e}.{w}.weight", ("gate_proj", "up_proj", "down_proj")),
 }
+# Low-rank variants (moeedge aggregate --method lowrank): a MoE layer whose base expert is
+# stored among the dense weights (as expert "base") stores each expert's weights W as
+# factors of W - base = b @ a, named as PEFT names LoRA factors: a [r, in], b [out, r].
+LOWRANK_FACTORS = (("a", "lora_A"), ("b", "lora_B"))
+
+
+def expert_tensor_names(cfg: DecoderConfig, moe_layer: int, e: int | str, lowrank: bool = False
+                        ) -> list[tuple[str, str]]:
+    """[(role, tensor name)] of stored expert e of a MoE layer, in packing order: gate, up,
+    down, or with lowrank their factors gate_a, gate_b, up_a, ... (e="base": the base)."""
+    block, _, pattern, names = EXPERT_NAMES[cfg.family]
+    prefix = f"model.layers.{cfg.moe_layers[moe_layer]}.{block}."
+    roles = list(zip(("gate", "up", "down"), names))
+    if not lowrank:
+        return [(role, prefix + pattern.format(e=e, w=w)) for role, w in roles]
+    return [(f"{role}_{f}", prefix + pattern.format(e=e, w=f"{w}.{peft}"))
+            for role, w in roles for f, peft in LOWRANK_FACTORS]
 
 
 def shard_files(directory: Path) -> list[Path]:
@@ -37,7 +56,7 @@ def shard_files(directory: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing)}")
         return [directory / n for n in names]
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(p for p in directory.glob("*.safetensors") if p.name != PREDICTOR_FILE)
     if files:
         return files
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -57,12 +76,14 @@ def _tensor_table(files: list[Path]) -> dict[str, TensorInfo]:
     return tensors
 
 
-def expert_table(tensors: dict[str, TensorInfo], files: list[str], shapes: dict[str, tuple[int, ...]],
+def expert_table(tensors: dict[str, TensorInfo], files: list[str], shapes,
                  n_layers: int, n_experts: int | list[int], names, label):
     """Byte ranges and layouts of every expert. n_experts: per layer, or one count for all;
-    names(moe_layer, expert) gives [(role, tensor name)] in packing order; label(moe_layer)
-    names the layer in errors. Checks presence, shapes against the config, and that a
-    layer's experts share dtype and shape."""
+    names(moe_layer, expert) gives [(role, tensor name)] in packing order; shapes: role ->
+    shape, or shapes(moe_layer) where layers differ; label(moe_layer) names the layer in
+    errors. Checks presence, shapes against the config, and that a layer's experts share
+    dtype and shape."""
+    shapes_of = shapes if callable(shapes) else (lambda moe_layer: shapes)
     file_index = {p: i for i, p in enumerate(files)}
     counts = n_experts if isinstance(n_experts, list) else [n_experts] * n_layers
     ranges, parts, expert_names = {}, {}, set()
@@ -73,9 +94,9 @@ def expert_table(tensors: dict[str, TensorInfo], files: list[str], shapes: dict[
                 info = tensors.get(name)
                 if info is None:
                     raise CheckpointError(f"{files[0]}: expert tensor {name!r} is missing")
-                if info.shape != shapes[role]:
+                if info.shape != shapes_of(moe_layer)[role]:
                     raise CheckpointError(f"{info.path}: {name!r} has shape {list(info.shape)}, "
-                                          f"config.json implies {list(shapes[role])}")
+                                          f"config.json implies {list(shapes_of(moe_layer)[role])}")
                 expert_names.add(name)
                 segments.append((file_index[info.path], info.offset, info.nbytes))
                 layout.append(ExpertPart(role, info.dtype, info.shape, offset, info.nbytes))
@@ -111,15 +132,37 @@ def read_variant_map(directory: Path, cfg: DecoderConfig) -> list[list[int]] | N
     return table
 
 
+def _lowrank_rank(cfg: DecoderConfig, tensors: dict[str, TensorInfo], moe_layer: int,
+                  shapes: dict[str, tuple[int, int]]) -> int | None:
+    """The rank of a low-rank layer's factors (None: the layer stores plain experts)."""
+    base = expert_tensor_names(cfg, moe_layer, "base")
+    if base[0][1] not in tensors:
+        return None
+    label = f"layer {cfg.moe_layers[moe_layer]}"
+    for role, name in base:
+        info = tensors.get(name)
+        if info is None or info.shape != shapes[role]:
+            raise CheckpointError(f"{label}: low-rank base {name!r} is missing or not {list(shapes[role])}")
+    if cfg.expert_map is None or cfg.expert_map[moe_layer] != list(range(cfg.n_experts)):
+        raise CheckpointError(f"{label}: a low-rank layer stores every expert (expert_map must be 0..E-1)")
+    first = tensors.get(expert_tensor_names(cfg, moe_layer, 0, lowrank=True)[0][1])
+    return first.shape[0] if first is not None else 0  # missing: expert_table says which
+
+
 def _expert_layout(cfg: DecoderConfig, tensors: dict[str, TensorInfo], files: list[str]):
-    block, _, pattern, roles = EXPERT_NAMES[cfg.family]
-    shapes = {"gate": (cfg.expert_intermediate, cfg.hidden), "up": (cfg.expert_intermediate, cfg.hidden),
-              "down": (cfg.hidden, cfg.expert_intermediate)}
+    dense = {"gate": (cfg.expert_intermediate, cfg.hidden), "up": (cfg.expert_intermediate, cfg.hidden),
+             "down": (cfg.hidden, cfg.expert_intermediate)}
+    ranks = [_lowrank_rank(cfg, tensors, i, dense) for i in range(len(cfg.moe_layers))]
+
+    def shapes(moe_layer: int) -> dict[str, tuple[int, ...]]:
+        r = ranks[moe_layer]
+        if r is None:
+            return dense
+        return {**{f"{role}_a": (r, s[1]) for role, s in dense.items()},
+                **{f"{role}_b": (s[0], r) for role, s in dense.items()}}
 
     def names(moe_layer: int, e: int) -> list[tuple[str, str]]:
-        layer = cfg.moe_layers[moe_layer]
-        return [(role, f"model.layers.{layer}.{block}." + pattern.format(e=e, w=w))
-                for role, w in zip(("gate", "up", "down"), roles)]
+        return expert_tensor_names(cfg, moe_layer, e, lowrank=ranks[moe_layer] is not None)
 
     counts = [max(row) + 1 for row in cfg.expert_map] if cfg.expert_map else cfg.n_experts
     return expert_table(tensors, files, shapes, len(cfg.moe_layers), counts, names,

@@ -1,7 +1,8 @@
 """Decoder-only MoE (Mixtral, Qwen2-MoE, OLMoE) in plain torch, experts offloaded.
 
 Dense weights live in memory as stored; each MoE layer routes with the checkpoint's
-router, then computes its selected experts from the native cache's buffers.
+router, then computes its selected experts from the native cache's buffers (in a
+low-rank variant's layer, each expert's factors on top of the layer's resident base).
 Activations are in `dtype` (fp32 by default), weights stay in the checkpoint's dtype
 and are multiplied as they are (moeedge.kernels.linear). Shapes:
 T = tokens in this step, H = hidden, E = experts, K = top-k, S = cached positions.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moeedge.formats.hf_checkpoint import expert_tensor_names
 from moeedge.formats.hf_config import DecoderConfig
 from moeedge.kernels import NATIVE_MAX_TOKENS, linear
 from moeedge.runtime.experts import ExpertAccess
@@ -51,6 +53,13 @@ class DecoderMoE:
                                                   / cfg.head_dim))
         self.moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
         self.lm_head = dense.get("lm_head.weight", dense["model.embed_tokens.weight"])
+        # A low-rank variant (moeedge aggregate --method lowrank) keeps a MoE layer's base
+        # expert among the dense weights; its experts are factors of their difference from it.
+        self.base = {}
+        for i, layer in enumerate(cfg.moe_layers):
+            names = [name for _, name in expert_tensor_names(cfg, i, "base")]
+            if names[0] in dense:
+                self.base[layer] = tuple(dense[n] for n in names)
 
     @staticmethod
     def kv_cache_bytes(cfg: DecoderConfig, max_context: int, dtype: torch.dtype) -> int:
@@ -100,6 +109,17 @@ class DecoderMoE:
     def _mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
+    @staticmethod
+    def _lowrank_mlp(x: torch.Tensor, gate_base: torch.Tensor, up_base: torch.Tensor, down_base: torch.Tensor,
+                     ew) -> torch.Tensor:
+        """An expert whose weights are base + b @ a: base(x) + b (a x) for each projection,
+        the base's gate and up products given (shared by the layer's experts). The expert's
+        own weights are never formed: a and b are all that was read."""
+        gate = gate_base + linear(linear(x, ew["gate_a"]), ew["gate_b"])
+        up = up_base + linear(linear(x, ew["up_a"]), ew["up_b"])
+        h = F.silu(gate) * up
+        return linear(h, down_base) + linear(linear(h, ew["down_a"]), ew["down_b"])
+
     def route(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, K] gate weights and stored-expert indices, as the checkpoint's router picks them.
         An aggregated variant keeps the router's E outputs and maps them to its stored experts
@@ -137,12 +157,18 @@ class DecoderMoE:
         self.experts.prefetch(moe_layer, missing, priority=1)
         if self.prefetcher is not None:
             self.prefetcher.on_route(moe_layer, x, top_i, decoding=x.shape[0] == 1)
+        base = self.base.get(layer)
+        if base is not None:  # low-rank: the base's products once, for every token
+            gate_base, up_base = linear(x, base[0]), linear(x, base[1])
         outputs: dict[int, torch.Tensor] = {}
         for e in sorted(chosen, key=lambda e: e in missing):
             picked = top_i == e  # [T, K]; a merged variant's token may pick e twice: gates summed
             tokens = torch.where(picked.any(dim=-1))[0]
             ew = self.experts.get(moe_layer, e)
-            y = self._mlp(x[tokens], ew["gate"], ew["up"], ew["down"])
+            if base is None:
+                y = self._mlp(x[tokens], ew["gate"], ew["up"], ew["down"])
+            else:
+                y = self._lowrank_mlp(x[tokens], gate_base[tokens], up_base[tokens], base[2], ew)
             del ew  # unpin before the next expert is read
             outputs[e] = (tokens, y * (top_w * picked)[tokens].sum(dim=-1, keepdim=True))
         out = torch.zeros_like(x)

@@ -1,0 +1,152 @@
+"""Distillation: start from a merged or low-rank variant of a layer and fit its stored
+experts to reproduce the source layer's output (the teacher) on the calibration states,
+layer by layer, with the router and the router-to-stored-expert table as they are.
+
+1. Closed-form least squares for the output projections. With routing fixed, the layer's
+   output is linear in every stored expert's down weight: y = sum_s g_s D_s h_s(x), h_s
+   the expert's intermediate activations. All D_s are solved together (for a low-rank
+   layer: the base's down weight and every expert's down factor b, with a fixed), as a
+   ridge regression towards the starting weights; the ridge is chosen on held-out tokens,
+   and "no change" is one of the choices, so this step never does worse there.
+2. A short gradient refinement of all the stored weights (Adam, mean squared output
+   error, mini-batches of the fitted tokens), kept only where it lowers the error on the
+   held-out tokens.
+
+Fitted tokens and held-out tokens are whole calibration windows (calibration.held_out),
+all from the training corpus. The report gives the held-out relative error before, after
+the least squares and at the end. Shapes: N = tokens, H = hidden, I = intermediate,
+n = stored experts, r = rank, p = unknowns per output dimension.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeedge.aggregate.layer import Experts, LowRank, MoeLayer, Variant
+
+RIDGE = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the normal matrix's mean diagonal
+STEPS = 300
+BATCH = 1024
+LR = 2.5e-3  # Adam's step, relative to each tensor's RMS (weights and factors differ in scale)
+CHECK_EVERY = 25  # steps between held-out measurements; the best state is kept
+
+
+def hidden_acts(experts: Experts, x: torch.Tensor) -> torch.Tensor:
+    """[n, N, I] every stored expert's intermediate activations (before its down weight)."""
+    return torch.stack([F.silu(x @ g.T) * (x @ u.T) for g, u in zip(experts.gate, experts.up)])
+
+
+def design(layer: MoeLayer, v: Variant) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X [N, p], W [p, H]): the layer's output is X @ W, W holding the down weights that
+    least squares solves for."""
+    g = layer.gates(v.table).T[:, :, None]                              # [n, N, 1]
+    h = hidden_acts(v.experts, layer.calibration.hidden) * g            # [n, N, I]
+    if v.lowrank is None:
+        return torch.cat(list(h), dim=1), torch.cat(list(v.experts.down.transpose(1, 2)))
+    a, b = v.lowrank.a[2], v.lowrank.b[2]                               # [E, r, I], [E, H, r]
+    coded = torch.einsum("eni,eri->enr", h, a)                          # [E, N, r]
+    x = torch.cat([h.sum(0), *coded], dim=1)
+    return x, torch.cat([v.lowrank.base[2].T, *b.transpose(1, 2)])
+
+
+def with_down(layer: MoeLayer, v: Variant, w: torch.Tensor) -> Variant:
+    """The variant with the solved down weights W [p, H], rounded as stored."""
+    if v.lowrank is None:
+        down = w.T.reshape(v.experts.down.shape[1], len(v.experts), -1).transpose(0, 1)
+        return Variant(v.table, layer.rounded(Experts(v.experts.gate, v.experts.up, down)))
+    lr = v.lowrank
+    inter, rank = lr.a[2].shape[2], lr.rank
+    base_down = w[:inter].T.to(layer.dtype).float()
+    b_down = w[inter:].reshape(len(lr.a[2]), rank, -1).transpose(1, 2).to(layer.dtype).float()
+    return lowrank_variant(v.table, LowRank((*lr.base[:2], base_down), lr.a, (*lr.b[:2], b_down)))
+
+
+def lowrank_variant(table: list[int], lowrank: LowRank) -> Variant:
+    return Variant(table, lowrank.experts(), lowrank)
+
+
+def least_squares(layer: MoeLayer, v: Variant, fit: torch.Tensor, held: torch.Tensor) -> tuple[Variant, float | None]:
+    """Step 1: the ridge (or None: unchanged) that does best on the held-out tokens."""
+    x, w0 = (t.double() for t in design(layer, v))
+    y = layer.reference_output.double()
+    resid = y[fit] - x[fit] @ w0
+    gram = x[fit].T @ x[fit]
+    evals, evecs = torch.linalg.eigh(gram)
+    rhs = evecs.T @ (x[fit].T @ resid)
+    scale = float(gram.diagonal().mean())
+    best, best_err = None, float((x[held] @ w0 - y[held]).norm())
+    for ridge in RIDGE:
+        w = w0 + evecs @ (rhs / (evals + ridge * scale)[:, None])
+        err = float((x[held] @ w - y[held]).norm())
+        if err < best_err:
+            best, best_err = (ridge, w), err
+    if best is None:
+        return v, None
+    return with_down(layer, v, best[1].float()), best[0]
+
+
+def stored_weights(v: Variant) -> list[torch.Tensor]:
+    """What the variant stores, the tensors refinement moves: base, a, b or gate, up, down."""
+    if v.lowrank is not None:
+        return [*v.lowrank.base, *v.lowrank.a, *v.lowrank.b]
+    return [v.experts.gate, v.experts.up, v.experts.down]
+
+
+def formed(v: Variant, params: list[torch.Tensor]) -> Variant:
+    """The variant computed from params (as stored_weights orders them), differentiably."""
+    if v.lowrank is None:
+        return Variant(v.table, Experts(*params))
+    base, a, b = params[:3], params[3:6], params[6:]
+    return Variant(v.table, Experts(*(bs + bb @ aa for bs, aa, bb in zip(base, a, b))))
+
+
+def as_variant(layer: MoeLayer, v: Variant, params: list[torch.Tensor]) -> Variant:
+    stored = [p.detach().to(layer.dtype).float() for p in params]
+    if v.lowrank is None:
+        return Variant(v.table, Experts(*stored))
+    return lowrank_variant(v.table, LowRank(tuple(stored[:3]), tuple(stored[3:6]), tuple(stored[6:])))
+
+
+def refine(layer: MoeLayer, v: Variant, fit: torch.Tensor, held: torch.Tensor) -> tuple[Variant, int]:
+    """Step 2: (the best state seen on the held-out tokens, at which step; 0: the start)."""
+    y = layer.reference_output
+    params = [t.clone().requires_grad_() for t in stored_weights(v)]
+    opt = torch.optim.Adam([{"params": [p], "lr": LR * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-6))}
+                            for p in params])
+    rng = torch.Generator().manual_seed(layer.index)
+
+    def held_error() -> float:
+        with torch.no_grad():
+            return layer.relative_error(formed(v, params), held)
+
+    best, best_step, best_err = [p.detach().clone() for p in params], 0, held_error()
+    for step in range(1, STEPS + 1):
+        batch = fit[torch.randperm(len(fit), generator=rng)[:BATCH]]
+        out = layer.output(formed(v, params), batch)
+        loss = (out - y[batch]).pow(2).sum() / y[batch].pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % CHECK_EVERY == 0 and (err := held_error()) < best_err:
+            best, best_step, best_err = [p.detach().clone() for p in params], step, err
+    return as_variant(layer, v, best), best_step
+
+
+def distill(layer: MoeLayer, start: Variant) -> Variant:
+    held_mask = layer.calibration.held_out
+    fit, held = torch.where(~held_mask)[0], torch.where(held_mask)[0]
+    before = layer.relative_error(start, held)
+    if before == 0:  # every expert kept as it is: nothing to fit
+        start.report = {"held_out_error_before": 0.0, "held_out_error_lstsq": 0.0, "held_out_error_after": 0.0,
+                        "ridge": None, "refine_steps": 0}
+        return start
+    solved, ridge = least_squares(layer, start, fit, held)
+    if ridge is not None and layer.relative_error(solved, held) >= before:  # undone by rounding
+        solved, ridge = start, None
+    after_lstsq = layer.relative_error(solved, held)
+    refined, step = refine(layer, solved, fit, held)
+    final = refined if step and layer.relative_error(refined, held) < after_lstsq else solved
+    final.report = {"held_out_error_before": before, "held_out_error_lstsq": after_lstsq,
+                    "held_out_error_after": layer.relative_error(final, held), "ridge": ridge,
+                    "refine_steps": step if final is refined else 0}
+    return final
