@@ -153,7 +153,7 @@ def test_variant_decodes_with_the_default_prefetcher(source, tmp_path, method):
     aggregate(source, method, tmp_path / "out", experts_per_layer=1, **QUICK)
     with moeedge.load(tmp_path / "out", memory_budget="4GiB", max_context=64, prefetch=False) as model:
         expected = list(model.stream_ids(IDS[:5], max_new_tokens=8))
-    with moeedge.load(tmp_path / "out", memory_budget="4GiB", max_context=64) as model:
+    with moeedge.load(tmp_path / "out", memory_budget="4GiB", max_context=64, prefetch=True) as model:
         model.cache.set_budget(3 * model.cache.store.slot_bytes(model.cache.store.keys()[0]))
         assert list(model.stream_ids(IDS[:5], max_new_tokens=8)) == expected
         assert model.stats()["prefetch_issued"] > 0

@@ -68,7 +68,7 @@ def test_the_base_is_resident_and_only_the_factors_are_expert_bytes(source, tmp_
     assert meta["expert_bytes"] == factors and meta["base_bytes"] * E == meta["expert_bytes_source"]
     assert meta["quality"]["expert_bytes"] == factors
     assert json.loads(describe(out, 64, json_out=True))["expert_bytes"] == factors
-    with moeedge.load(out, memory_budget="4GiB", max_context=64) as model:
+    with moeedge.load(out, memory_budget="4GiB", max_context=64, prefetch=True) as model:
         ckpt = model.checkpoint
         assert ckpt.expert_nbytes == factors
         roles = {p.role: p.shape for p in ckpt.expert_parts[0]}

@@ -102,7 +102,7 @@ def test_every_predictor_leaves_outputs_unchanged(model_dir, name):
     with moeedge.load(model_dir, predictor=None) as model:
         expected = model.logits(IDS)
         expected_tokens = list(model.stream_ids(IDS.tolist(), max_new_tokens=8))
-    with moeedge.load(model_dir, predictor=name, lookahead=2) as model:
+    with moeedge.load(model_dir, predictor=name, lookahead=2, prefetch=True) as model:
         slot = model.cache.store.slot_bytes(model.cache.store.keys()[0])
         model.cache.set_budget(4 * slot)  # a step's two experts and two guesses: prefetches evict
         assert torch.equal(model.logits(IDS), expected)
@@ -133,7 +133,9 @@ def test_a_cache_that_holds_every_expert_reads_them_all_and_stops_guessing(model
 def test_auto_picks_learned_with_a_file_and_stale_gate_without(model_dir, tmp_path):
     with moeedge.load(model_dir) as model:
         assert model.stats()["prediction"]["predictor"] == "learned"
-    with moeedge.load(model_dir, predictor_file=None, prefetch=False) as model:
+    with moeedge.load(model_dir, predictor_file=None, prefetch=False) as model:  # guesses feed eviction only
+        assert model.stats()["prefetch"] is False and model.stats()["prediction"]["predictor"] == "learned"
+    with moeedge.load(model_dir, predictor=None) as model:
         assert model.stats()["prefetch"] is False and "prediction" not in model.stats()
     bare = tmp_path / "bare"
     make_decoder(bare, "mixtral", seed=3)
@@ -201,7 +203,7 @@ def test_predicted_policy_leaves_outputs_unchanged_and_feeds_scores(model_dir):
             stats = model.stats()
         assert stats["policy"] == "predicted" and model.cache.policy == "score"  # which it drives
         assert stats["evictions"] > 0
-        assert stats["prefetch"] is (predictor is not None and prefetch is not False)
+        assert stats["prefetch"] is False  # reading guesses early is off unless prefetch=True
 
 
 class StubCache:

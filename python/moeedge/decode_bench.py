@@ -58,7 +58,7 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
     torch.set_num_threads(threads)
     start = time.perf_counter()
     model = load(source, memory_budget=memory_budget, prefetch=prefetch, policy=policy, max_context=max_context,
-                 predictor=predictor if prefetch or policy == "predicted" else None)
+                 predictor=predictor if prefetch or policy in ("auto", "predicted") else None)
     load_s = time.perf_counter() - start
     routing = _Routing()
     model.runner.recorder = routing
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-budget", default="auto", help="bytes, 'auto', or 'min' (the smallest workable)")
     parser.add_argument("--prefetch", action="store_true")
     parser.add_argument("--policy", default="lru")
-    parser.add_argument("--predictor", default="auto", help="with --prefetch or --policy predicted (default auto)")
+    parser.add_argument("--predictor", default="auto", help="with --prefetch or --policy auto|predicted (default auto)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 # name -> (what it runs, the precisions it takes). "bf16" runs the Hugging Face directory
 # (llama.cpp: its GGUF BF16 conversion); other precisions run the model's GGUF of that type.
 ENGINES = {
-    "moeedge": "moeedge, prefetch off, LRU eviction",
-    "moeedge-prefetch": "moeedge, prefetch on with the default predictor and policy",
+    "moeedge": "moeedge as loaded by default: the default predictor feeds eviction, no early reads",
+    "moeedge-lru": "moeedge with LRU eviction, no predictor",
+    "moeedge-prefetch": "moeedge with the default predictor and policy, guesses also read early",
     "moeedge-naive": "moeedge with the smallest cache and no prefetch: every expert read on demand",
     "llama.cpp": "llama.cpp through llama-cpp-python, mmap on (its default)",
     "transformers": "transformers; under a limit, accelerate's disk offload",
@@ -39,7 +40,8 @@ def command(run: Run, tokens: int, prompt_tokens: int, threads: int, max_context
     py = [sys.executable, "-m"]
     if run.engine.startswith("moeedge"):
         budget = "min" if run.engine == "moeedge-naive" else str(run.limit_bytes) if run.limit_bytes else "auto"
-        extra = {"moeedge": ["--policy", "lru"], "moeedge-naive": ["--policy", "lru"],
+        extra = {"moeedge": ["--policy", "auto", "--predictor", "auto"], "moeedge-lru": ["--policy", "lru"],
+                 "moeedge-naive": ["--policy", "lru"],
                  "moeedge-prefetch": ["--prefetch", "--policy", "auto", "--predictor", "auto"]}[run.engine]
         return py + ["moeedge.decode_bench", run.source, "--memory-budget", budget, *extra, *common]
     if run.engine == "llama.cpp":
