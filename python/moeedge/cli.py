@@ -73,10 +73,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="expert cache eviction policy (predicted: the next use estimated from the layer schedule, "
                         "pick rates and the predictor; auto: predicted, lru for Switch)")
     p.add_argument("--prefetch", dest="prefetch", action="store_true", default=None,
-                   help="prefetch the next layers' likely experts (default)")
+                   help="also read the next layers' guessed experts early (default off for decoders, whose "
+                        "guesses then feed eviction only; on for Switch)")
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false")
     p.add_argument("--predictor", default="auto",
-                   help="what guesses the experts to prefetch: auto (default), stale-gate, learned, history, "
+                   help="what guesses the next layers' experts: auto (default), stale-gate, learned, history, "
                         "frequency, previous")
     p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to prefetch (1-3, default 1)")
 
