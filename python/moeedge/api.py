@@ -13,6 +13,7 @@ from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.hf_checkpoint import open_hf_directory
 from moeedge.formats.hf_config import DecoderConfig
+from moeedge.formats.safetensors_file import TensorInfo
 from moeedge.formats.switch_checkpoint import SwitchConfig
 from moeedge.models.decoder import DecoderMoE
 from moeedge.models.switch import SwitchMoE
@@ -255,13 +256,13 @@ def compute_dtype(ckpt: Checkpoint, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def plan_for(ckpt: Checkpoint, store: ExpertStore, budget: int, fixed: int, max_context: int,
-             dtype: torch.dtype) -> MemoryPlan:
-    """The memory plan of this checkpoint in this budget; BudgetError below the smallest workable one."""
+             dtype: torch.dtype, on_disk: TensorInfo | None) -> MemoryPlan:
+    """The memory plan of this checkpoint in this budget; BudgetError below the smallest
+    workable one. on_disk: the embedding table left in its file (embedding_on_disk), if any."""
     cfg = ckpt.config
     slot = max(store.slot_bytes(k) for k in store.keys())
     runner = runner_class(cfg)
     dense_bytes = ckpt.dense_nbytes if runner.mixed_precision else ckpt.dense_numel * dtype.itemsize
-    on_disk = embedding_on_disk(ckpt) if runner is DecoderMoE else None
     if on_disk is not None:
         dense_bytes -= on_disk.nbytes
     return plan_memory(budget, fixed, dense_bytes,
@@ -300,9 +301,10 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     dtype = compute_dtype(ckpt, dtype)
     max_context = min(max_context, cfg.max_position)
     store = ExpertStore(ckpt.files, ckpt.expert_ranges, direct_io=direct_io)
+    on_disk = embedding_on_disk(ckpt)  # Switch's tables are named otherwise and tied: None
     if smallest:  # the smallest workable budget, planned from this process's own fixed cost
-        budget = plan_for(ckpt, store, 1 << 62, fixed, max_context, dtype).min_budget_bytes
-    plan = plan_for(ckpt, store, budget, fixed, max_context, dtype)
+        budget = plan_for(ckpt, store, 1 << 62, fixed, max_context, dtype, on_disk).min_budget_bytes
+    plan = plan_for(ckpt, store, budget, fixed, max_context, dtype, on_disk)
     expert_budget = min(plan.expert_cache_bytes, sum(store.slot_bytes(k) for k in store.keys()))
     if policy not in POLICIES + ("auto",):
         raise ValueError(f"unknown policy {policy!r}; choose one of auto, {', '.join(POLICIES)}")
@@ -313,7 +315,6 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     # "predicted" is the native "score" policy, its scores set before each layer
     cache = ExpertCache(store, expert_budget, "score" if policy == "predicted" else policy, io_threads or 2)
     try:
-        on_disk = embedding_on_disk(ckpt) if runner_cls is DecoderMoE else None
         dense = {n: ckpt.read_dense(n) for n in ckpt.dense_names if on_disk is None or n != on_disk.name}
         if on_disk is not None:
             dense[on_disk.name] = DiskEmbedding(on_disk)

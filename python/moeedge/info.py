@@ -7,6 +7,7 @@ import math
 from moeedge._core import ExpertStore
 from moeedge.api import compute_dtype, open_checkpoint, plan_for
 from moeedge.keys import ExpertKey
+from moeedge.runtime.embedding import embedding_on_disk
 from moeedge.runtime.memory import rss_bytes
 from moeedge.units import format_bytes
 
@@ -19,7 +20,7 @@ def facts(source, max_context: int) -> dict:
     dtype = compute_dtype(ckpt, None)
     store = ExpertStore(ckpt.files, ckpt.expert_ranges)
     max_context = min(max_context, cfg.max_position)
-    plan = plan_for(ckpt, store, 1 << 62, fixed, max_context, dtype)
+    plan = plan_for(ckpt, store, 1 << 62, fixed, max_context, dtype, embedding_on_disk(ckpt))
     # per stored expert: aggregated variants store fewer than the router's E per layer
     expert_params = sum(math.prod(p.shape) for key in ckpt.expert_ranges
                         for p in ckpt.parts_of(*ExpertKey.unpack(key)))
