@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import moeedge
+from moeedge.formats.checkpoint import StoredTensor
 from moeedge.formats.safetensors_file import read_header
 from moeedge.runtime.embedding import EMBEDDING, DiskEmbedding
 from tiny_checkpoints import make_decoder
@@ -15,7 +16,7 @@ from tiny_checkpoints import make_decoder
 def test_rows_equal_the_table(tmp_path):
     table = torch.randn(50, 8).to(torch.bfloat16)
     save_file({EMBEDDING: table, "other": torch.ones(3)}, tmp_path / "m.safetensors")
-    rows = DiskEmbedding(read_header(tmp_path / "m.safetensors")[EMBEDDING])
+    rows = DiskEmbedding(StoredTensor(read_header(tmp_path / "m.safetensors")[EMBEDDING]))
     ids = torch.tensor([3, 0, 49, 3])
     assert torch.equal(rows.rows(ids, torch.float32), table[ids].float())
     assert rows.rows(torch.tensor([], dtype=torch.long), torch.float32).shape == (0, 8)

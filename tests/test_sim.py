@@ -18,7 +18,7 @@ import pytest
 from moeedge import ExpertCache, ExpertKey, ExpertStore
 from moeedge.sim import Trace, from_experts, load_trace
 from moeedge.sim.policies import POLICIES, frequency_prior, scores_from_prior, simulate
-from moeedge.sim.predicted import ALPHA
+from moeedge.sim import PICK_RATE_ALPHA as ALPHA
 from moeedge.sim.timing import Timing, previous_token_guesses, stall_per_token
 
 PAGE = 4096

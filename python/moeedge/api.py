@@ -3,29 +3,33 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from moeedge._core import ExpertCache, ExpertStore
-from moeedge.formats.checkpoint import Checkpoint
+from moeedge._core import BudgetError, ExpertCache, ExpertStore
+from moeedge.formats.checkpoint import Checkpoint, StoredTensor
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.hf_checkpoint import open_hf_directory
 from moeedge.formats.hf_config import DecoderConfig
-from moeedge.formats.safetensors_file import TensorInfo
 from moeedge.formats.switch_checkpoint import SwitchConfig
 from moeedge.models.decoder import DecoderMoE
 from moeedge.models.switch import SwitchMoE
-from moeedge.runtime.embedding import DiskEmbedding, embedding_on_disk
+from moeedge.runtime.embedding import EMBEDDING, DiskEmbedding, embedding_on_disk
 from moeedge.runtime.experts import ExpertAccess
-from moeedge.runtime.memory import SLACK_BYTES, MemoryPlan, plan_memory, resolve_budget, rss_bytes
+from moeedge.runtime.memory import MemoryPlan, plan_memory, resolve_budget, rss_bytes
 from moeedge.runtime.prefetcher import build_prefetcher
 from moeedge.runtime.sampling import sample, validate_sampling
 from moeedge.tokenizer import Tokenizer
 
 POLICIES = ("lru", "lfu", "score", "predicted")
-PREFILL_CHUNK = 128  # tokens per prefill step: bounds activation memory
+# Tokens per prefill step, largest first. The largest that fits the budget is used: a
+# smaller chunk holds fewer activations (mixtral-medium: 84 MiB of buffers at 128, 52 at
+# 16), but a prompt's chunks each read the experts they route to that the cache could
+# not keep, so a tight budget trades prefill speed for fitting at all.
+PREFILL_CHUNKS = (128, 64, 32, 16)
 
 
 class ContextOverflowError(ValueError):
@@ -55,13 +59,10 @@ def runner_class(cfg: DecoderConfig | SwitchConfig) -> type[DecoderMoE] | type[S
     return SwitchMoE if isinstance(cfg, SwitchConfig) else DecoderMoE
 
 
-def _buffer_bytes(cfg: DecoderConfig | SwitchConfig, max_context: int) -> int:
-    if isinstance(cfg, SwitchConfig):
+def _buffer_bytes(cfg: DecoderConfig | SwitchConfig, max_context: int, chunk: int) -> int:
+    if isinstance(cfg, SwitchConfig):  # the encoder takes its input at once
         return SwitchMoE.buffer_bytes(cfg, max_context)
-    chunk = min(PREFILL_CHUNK, max_context)
-    widest = max(cfg.expert_intermediate, cfg.dense_intermediate, cfg.shared_expert_intermediate)
-    per_token = 6 * cfg.hidden + 3 * widest + cfg.vocab + cfg.n_heads * max_context  # fp32 activations
-    return chunk * per_token * 4 + SLACK_BYTES
+    return DecoderMoE.buffer_bytes(cfg, max_context, chunk)
 
 
 class MoeModel:
@@ -97,8 +98,8 @@ class MoeModel:
             return self.runner.logits(ids, dec).float()  # one decoder call: capacity counts over all of dec
         if decoder_input_ids is not None:
             raise ValueError("decoder_input_ids is for encoder-decoder models; this one is decoder-only")
-        out = [self.runner.forward(ids[i:i + PREFILL_CHUNK], i, all_logits=True)
-               for i in range(0, len(ids), PREFILL_CHUNK)]
+        chunk = self.plan.prefill_chunk
+        out = [self.runner.forward(ids[i:i + chunk], i, all_logits=True) for i in range(0, len(ids), chunk)]
         self._cached_ids = ids.tolist()
         return torch.cat(out).float()
 
@@ -119,8 +120,9 @@ class MoeModel:
             common += 1
         start = time.perf_counter()
         logits = None
-        for i in range(common, len(ids), PREFILL_CHUNK):
-            logits = self.runner.forward(torch.tensor(ids[i:i + PREFILL_CHUNK]), i)
+        chunk = self.plan.prefill_chunk
+        for i in range(common, len(ids), chunk):
+            logits = self.runner.forward(torch.tensor(ids[i:i + chunk]), i)
         self._cached_ids = list(ids)
         self._counters["prompt_tokens"] += len(ids) - common
         self._counters["prefill_seconds"] += time.perf_counter() - start
@@ -256,18 +258,31 @@ def compute_dtype(ckpt: Checkpoint, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def plan_for(ckpt: Checkpoint, store: ExpertStore, budget: int, fixed: int, max_context: int,
-             dtype: torch.dtype, on_disk: TensorInfo | None) -> MemoryPlan:
-    """The memory plan of this checkpoint in this budget; BudgetError below the smallest
-    workable one. on_disk: the embedding table left in its file (embedding_on_disk), if any."""
+             dtype: torch.dtype, on_disk: StoredTensor | None) -> MemoryPlan:
+    """The memory plan of this checkpoint in this budget, with the largest prefill chunk
+    that fits; BudgetError below the smallest workable budget (that of the smallest chunk),
+    which min_budget_bytes reports. on_disk: the embedding table left in its file
+    (embedding_on_disk), if any."""
     cfg = ckpt.config
     slot = max(store.slot_bytes(k) for k in store.keys())
     runner = runner_class(cfg)
     dense_bytes = ckpt.dense_nbytes if runner.mixed_precision else ckpt.dense_numel * dtype.itemsize
     if on_disk is not None:
-        dense_bytes -= on_disk.nbytes
-    return plan_memory(budget, fixed, dense_bytes,
-                       runner.kv_cache_bytes(cfg, max_context, dtype), _buffer_bytes(cfg, max_context),
-                       cfg.top_k * slot)
+        dense_bytes -= on_disk.info.nbytes
+    kv_bytes = runner.kv_cache_bytes(cfg, max_context, dtype)
+    chunks = sorted({min(c, max_context) for c in PREFILL_CHUNKS}, reverse=True)
+
+    def plan(chunk: int, budget: int) -> MemoryPlan:
+        return plan_memory(budget, fixed, dense_bytes, kv_bytes, _buffer_bytes(cfg, max_context, chunk),
+                           cfg.top_k * slot, chunk)
+
+    smallest = plan(chunks[-1], 1 << 62).min_budget_bytes
+    for chunk in chunks[:-1]:
+        try:
+            return replace(plan(chunk, budget), min_budget_bytes=smallest)
+        except BudgetError:
+            continue
+    return plan(chunks[-1], budget)
 
 
 def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = "auto", device: str = "cpu",
@@ -315,9 +330,9 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     # "predicted" is the native "score" policy, its scores set before each layer
     cache = ExpertCache(store, expert_budget, "score" if policy == "predicted" else policy, io_threads or 2)
     try:
-        dense = {n: ckpt.read_dense(n) for n in ckpt.dense_names if on_disk is None or n != on_disk.name}
+        dense = {n: ckpt.read_dense(n) for n in ckpt.dense_names if on_disk is None or n != EMBEDDING}
         if on_disk is not None:
-            dense[on_disk.name] = DiskEmbedding(on_disk)
+            dense[EMBEDDING] = DiskEmbedding(on_disk)
         if not runner_cls.mixed_precision:
             dense = {n: t.to(dtype) for n, t in dense.items()}
         experts = ExpertAccess(cache, ckpt.expert_parts, None if runner_cls.mixed_precision else dtype,

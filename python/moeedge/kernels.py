@@ -14,6 +14,10 @@ from moeedge.formats.group_quant import QUANTS as GROUP_QUANTS
 # weights always take the native kernels: dequantizing costs more than the product
 # (1.6-7.7x slower at 64-128 tokens, 1024x2048, Q8_0/Q4_0/Q4_K/Q6_K, measured here).
 NATIVE_MAX_TOKENS = 16
+# Above that, weights of another dtype are converted this many bytes of them at a time: a
+# whole fp32 copy would be twice the matrix (224 MiB for a Mixtral-8x7B expert's), which
+# no memory plan could afford at prefill.
+CONVERT_BLOCK_BYTES = 8 << 20
 
 # quant -> native kernel (csrc/linear*.cpp); Q4_0/Q4_K/Q6_K round x to int16 per 32
 # values first (error bound in csrc/linear.h).
@@ -71,4 +75,15 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | 
         out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
         _core.linear_bf16(x.contiguous().numpy(), w.view(torch.int16).numpy(), out.numpy())
         return out if bias is None else out + bias
-    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return _linear_converting(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _linear_converting(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T with w converted to x's dtype CONVERT_BLOCK_BYTES at a time."""
+    rows = max(1, CONVERT_BLOCK_BYTES // (w.shape[-1] * x.element_size()))
+    if rows >= w.shape[0]:
+        return F.linear(x, w.to(x.dtype), bias)
+    out = torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype)
+    for r in range(0, w.shape[0], rows):
+        out[..., r:r + rows] = F.linear(x, w[r:r + rows].to(x.dtype))
+    return out if bias is None else out + bias

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from moeedge.formats.safetensors_file import TensorInfo
 from moeedge.keys import ExpertKey
 
 
@@ -21,6 +22,15 @@ class ExpertPart:
     offset: int               # byte offset in the packed expert
     nbytes: int
     quant: str | None = None  # None: plain dtype; "q8_0", "int4_g128", ...: multiplied as stored
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a dense tensor's bytes lie in its file, as stored: what reading rows of it in
+    place needs (moeedge.runtime.embedding)."""
+
+    info: TensorInfo          # info.shape: the values' shape, [rows, cols]
+    quant: str | None = None  # GGUF blocks, each row whole blocks; None: plain info.dtype
 
 
 @dataclass
@@ -42,6 +52,8 @@ class Checkpoint:
     # Experts whose layout differs from their layer's (ExpertKey.packed -> parts): per-expert
     # bit-widths (moeedge.formats.quant_checkpoint).
     expert_layouts: dict[int, list[ExpertPart]] = field(default_factory=dict)
+    # Where a dense tensor lies as stored (None: not known, the tensor is only read whole).
+    locate: Callable[[str], StoredTensor] | None = None
 
     @property
     def expert_nbytes(self) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moeedge.formats.checkpoint import Checkpoint, ExpertPart
+from moeedge.formats.checkpoint import Checkpoint, ExpertPart, StoredTensor
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.gguf_quants import dequantize
 from moeedge.kernels import QuantTensor
@@ -350,6 +350,12 @@ def _read_dense(f: GGUFFile, cfg: DecoderConfig, dense: dict[str, GGUFTensor], n
     return w
 
 
+def _locate(f: GGUFFile, dense: dict[str, GGUFTensor], name: str) -> StoredTensor:
+    t = dense[name]
+    _, dtype, quant, _, _ = TYPES[t.ggml_type]
+    return StoredTensor(TensorInfo(t.name, f.path, t.offset, t.nbytes, dtype, t.shape), quant)
+
+
 def _tokenizer_factory(f: GGUFFile):
     """The tokenizer embedded in the file, for sentencepiece-style ("llama") vocabularies; None for others."""
     m = f.metadata
@@ -383,4 +389,4 @@ def open_gguf(path: str | os.PathLike) -> Checkpoint:
                       dense_names=sorted(dense), read_dense=functools.partial(_read_dense, f, cfg, dense),
                       dense_numel=sum(math.prod(t.shape) for t in dense.values()),
                       dense_nbytes=sum(t.nbytes for t in dense.values()),
-                      tokenizer_factory=_tokenizer_factory(f))
+                      tokenizer_factory=_tokenizer_factory(f), locate=functools.partial(_locate, f, dense))

@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from moeedge.formats.checkpoint import Checkpoint, ExpertPart
+from moeedge.formats.checkpoint import Checkpoint, ExpertPart, StoredTensor
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.hf_config import DecoderConfig, decoder_config, read_config
 from moeedge.formats.safetensors_file import TensorInfo, read_header, read_tensor
@@ -190,5 +190,6 @@ def open_hf_directory(directory: str | os.PathLike) -> Checkpoint:
     tokenizer = {n: str(directory / n) for n in TOKENIZER_FILES if (directory / n).is_file()}
     return Checkpoint(source=str(directory), config=cfg, files=paths, expert_ranges=ranges, expert_parts=parts,
                       dense_names=dense, read_dense=lambda name: read_tensor(tensors[name]),
+                      locate=lambda name: StoredTensor(tensors[name]),
                       dense_numel=sum(math.prod(tensors[n].shape) for n in dense),
                       dense_nbytes=sum(tensors[n].nbytes for n in dense), tokenizer_files=tokenizer)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from moeedge.formats.checkpoint import Checkpoint, ExpertPart
+from moeedge.formats.checkpoint import Checkpoint, ExpertPart, StoredTensor
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.group_quant import GROUP_SIZES, qweight_shape, quant_name, scales_shape
 from moeedge.formats.hf_checkpoint import EXPERT_NAMES, TOKENIZER_FILES, _tensor_table, shard_files
@@ -116,6 +116,7 @@ def open_quant_directory(directory: Path, raw_config: dict) -> Checkpoint:
     tokenizer = {n: str(directory / n) for n in TOKENIZER_FILES if (directory / n).is_file()}
     return Checkpoint(source=str(directory), config=cfg, files=paths, expert_ranges=ranges, expert_parts=parts,
                       dense_names=dense, read_dense=lambda name: read_tensor(tensors[name]),
+                      locate=lambda name: StoredTensor(tensors[name]),
                       dense_numel=sum(math.prod(tensors[n].shape) for n in dense),
                       dense_nbytes=sum(tensors[n].nbytes for n in dense), tokenizer_files=tokenizer,
                       expert_layouts=differing)

@@ -9,13 +9,29 @@ T = tokens in this step, H = hidden, E = experts, K = top-k, S = cached position
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
 from moeedge.formats.hf_checkpoint import expert_tensor_names
 from moeedge.formats.hf_config import DecoderConfig
-from moeedge.kernels import NATIVE_MAX_TOKENS, linear
+from moeedge.kernels import CONVERT_BLOCK_BYTES, NATIVE_MAX_TOKENS, linear
 from moeedge.runtime.experts import ExpertAccess
+from moeedge.runtime.memory import SLACK_BYTES
+
+# A feed-forward's activations (gate, up, their product: about four [rows, intermediate]
+# tensors) are computed this many bytes of them at a time, so that a prefill chunk of
+# wide experts (64 MiB ones have 58,254 neurons) needs a few MiB rather than one
+# chunk-sized copy per projection; the memory plan counts this, not chunk x intermediate.
+FFN_ACTIVATION_BYTES = 8 << 20
+
+
+def by_rows(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """fn applied to x `rows` rows at a time (each row's result depends on that row only)."""
+    if x.shape[0] <= rows:
+        return fn(x)
+    return torch.cat([fn(part) for part in x.split(rows)])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -52,6 +68,7 @@ class DecoderMoE:
         self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float()
                                                   / cfg.head_dim))
         self.moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
+        self.rows = self.ffn_rows(cfg)
         self.lm_head = dense.get("lm_head.weight", dense["model.embed_tokens.weight"])
         # A low-rank variant (moeedge aggregate --method lowrank) keeps a MoE layer's base
         # expert among the dense weights; its experts are factors of their difference from it.
@@ -65,7 +82,25 @@ class DecoderMoE:
     def kv_cache_bytes(cfg: DecoderConfig, max_context: int, dtype: torch.dtype) -> int:
         return 2 * cfg.n_layers * max_context * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
 
-    # -- attention ---------------------------------------------------------------------
+    @staticmethod
+    def ffn_rows(cfg: DecoderConfig) -> int:
+        """Token rows per feed-forward block (FFN_ACTIVATION_BYTES), fp32 activations."""
+        widest = max(cfg.expert_intermediate, cfg.dense_intermediate, cfg.shared_expert_intermediate)
+        return max(1, FFN_ACTIVATION_BYTES // (4 * widest * 4))
+
+    @staticmethod
+    def buffer_bytes(cfg: DecoderConfig, max_context: int, chunk: int) -> int:
+        """Activations of one forward of `chunk` tokens (fp32): hidden-sized tensors, the
+        attention scores, a chunk's logits, one feed-forward block, and above
+        NATIVE_MAX_TOKENS one block of weights converted to fp32 (moeedge.kernels), plus
+        the allocator's slack."""
+        per_token = 6 * cfg.hidden + cfg.vocab + cfg.n_heads * max_context
+        widest = max(cfg.expert_intermediate, cfg.dense_intermediate, cfg.shared_expert_intermediate)
+        ffn = min(chunk, DecoderMoE.ffn_rows(cfg)) * 4 * widest * 4
+        largest = max(widest, cfg.vocab, cfg.n_heads * cfg.head_dim) * cfg.hidden * 4
+        converted = min(CONVERT_BLOCK_BYTES, largest) if chunk > NATIVE_MAX_TOKENS else 0
+        return chunk * per_token * 4 + ffn + converted + SLACK_BYTES
+
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -105,9 +140,8 @@ class DecoderMoE:
         return linear(out, w[p + "o_proj.weight"])
 
     # -- feed-forward ------------------------------------------------------------------
-    @staticmethod
-    def _mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+    def _mlp(self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        return by_rows(lambda rows: linear(F.silu(linear(rows, gate)) * linear(rows, up), down), x, self.rows)
 
     @staticmethod
     def _lowrank_mlp(x: torch.Tensor, gate_base: torch.Tensor, up_base: torch.Tensor, down_base: torch.Tensor,
@@ -119,6 +153,10 @@ class DecoderMoE:
         up = up_base + linear(linear(x, ew["up_a"]), ew["up_b"])
         h = F.silu(gate) * up
         return linear(h, down_base) + linear(linear(h, ew["down_a"]), ew["down_b"])
+
+    def _lowrank_mlp_block(self, x: torch.Tensor, base: tuple[torch.Tensor, ...], ew) -> torch.Tensor:
+        """_lowrank_mlp for rows whose base products were not computed for the whole step."""
+        return self._lowrank_mlp(x, linear(x, base[0]), linear(x, base[1]), base[2], ew)
 
     def route(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, K] gate weights and stored-expert indices, as the checkpoint's router picks them.
@@ -158,7 +196,9 @@ class DecoderMoE:
         if self.prefetcher is not None:
             self.prefetcher.on_route(moe_layer, x, top_i, decoding=x.shape[0] == 1)
         base = self.base.get(layer)
-        if base is not None:  # low-rank: the base's products once, for every token
+        # low-rank: the base's products once for every token, where they fit in one block
+        shared_base = base is not None and x.shape[0] <= self.rows
+        if shared_base:
             gate_base, up_base = linear(x, base[0]), linear(x, base[1])
         outputs: dict[int, torch.Tensor] = {}
         for e in sorted(chosen, key=lambda e: e in missing):
@@ -167,8 +207,10 @@ class DecoderMoE:
             ew = self.experts.get(moe_layer, e)
             if base is None:
                 y = self._mlp(x[tokens], ew["gate"], ew["up"], ew["down"])
-            else:
+            elif shared_base:
                 y = self._lowrank_mlp(x[tokens], gate_base[tokens], up_base[tokens], base[2], ew)
+            else:
+                y = by_rows(partial(self._lowrank_mlp_block, base=base, ew=ew), x[tokens], self.rows)
             del ew  # unpin before the next expert is read
             outputs[e] = (tokens, y * (top_w * picked)[tokens].sum(dim=-1, keepdim=True))
         out = torch.zeros_like(x)

@@ -1,7 +1,7 @@
 """The token embedding table, left in its file: a token needs one row of it, so an
-untied table (32000 x 4096 bf16 is 250 MiB in Mixtral-8x7B) need not take the budget.
-Rows are read with pread as tokens come; the pages they leave in the page cache are a
-few KiB per token and are dropped after each read."""
+untied table (32000 x 4096 bf16 is 250 MiB in Mixtral-8x7B; 34 MiB in mixtral-medium's
+Q8_0 GGUF) need not take the budget. Rows are read with pread as tokens come; the pages
+they leave in the page cache are a few KiB per token and are dropped after each read."""
 from __future__ import annotations
 
 import os
@@ -9,21 +9,21 @@ import os
 import numpy as np
 import torch
 
-from moeedge.formats.checkpoint import Checkpoint
+from moeedge.formats.checkpoint import Checkpoint, StoredTensor
 from moeedge.formats.errors import CheckpointError
-from moeedge.formats.safetensors_file import TensorInfo, read_header
 
 EMBEDDING = "model.embed_tokens.weight"
+PLAIN = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class DiskEmbedding:
-    """rows(tokens) of a [vocab, hidden] table stored plainly (bf16/fp16/fp32) in a file."""
+    """rows(tokens) of a [vocab, hidden] table stored plainly or in GGUF blocks in a file."""
 
-    def __init__(self, info: TensorInfo):
-        self.info = info
-        self.shape = info.shape
-        self.row_bytes = info.nbytes // info.shape[0]
-        self.fd = os.open(info.path, os.O_RDONLY)
+    def __init__(self, table: StoredTensor):
+        self.info, self.quant = table.info, table.quant
+        self.shape = self.info.shape
+        self.row_bytes = self.info.nbytes // self.shape[0]
+        self.fd = os.open(self.info.path, os.O_RDONLY)
 
     def rows(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         ids = tokens.tolist()
@@ -39,23 +39,23 @@ class DiskEmbedding:
             os.posix_fadvise(self.fd, offset, self.row_bytes, os.POSIX_FADV_DONTNEED)
         if not ids:
             return torch.empty((0, self.shape[1]), dtype=dtype)
-        array = np.frombuffer(buf, dtype=np.uint8)
-        return torch.from_numpy(array.copy()).view(self.info.dtype).view(len(ids), self.shape[1]).to(dtype)
+        raw = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).copy())
+        if self.quant is not None:
+            from moeedge.formats.gguf_quants import dequantize
+
+            return dequantize(raw, self.quant, (len(ids), self.shape[1]), dtype)
+        return raw.view(self.info.dtype).view(len(ids), self.shape[1]).to(dtype)
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-def embedding_on_disk(ckpt: Checkpoint) -> TensorInfo | None:
+def embedding_on_disk(ckpt: Checkpoint) -> StoredTensor | None:
     """Where the embedding table lies, when it can stay there: a decoder whose output
-    projection is its own tensor (untied), stored plainly in a safetensors file."""
-    if EMBEDDING not in ckpt.dense_names or "lm_head.weight" not in ckpt.dense_names:
+    projection is its own tensor (untied), the table stored plainly or in GGUF blocks."""
+    if EMBEDDING not in ckpt.dense_names or "lm_head.weight" not in ckpt.dense_names or ckpt.locate is None:
         return None
-    for path in ckpt.files:
-        if not str(path).endswith(".safetensors"):
-            continue
-        info = read_header(path).get(EMBEDDING)
-        if info is not None:
-            plain = info.dtype in (torch.bfloat16, torch.float16, torch.float32) and len(info.shape) == 2
-            return info if plain else None
-    return None
+    table = ckpt.locate(EMBEDDING)
+    if len(table.info.shape) != 2 or (table.quant is None and table.info.dtype not in PLAIN):
+        return None
+    return table

@@ -73,16 +73,18 @@ class MemoryPlan:
     buffer_bytes: int         # activations of one prefill chunk, logits, slack
     expert_cache_bytes: int
     min_budget_bytes: int     # fixed + dense + KV + one layer's top-k experts + buffers
+    prefill_chunk: int = 0    # tokens per prefill step, whose activations buffer_bytes holds
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
-        return ", ".join(f"{k.removesuffix('_bytes')} {format_bytes(v)}" for k, v in asdict(self).items())
+        return ", ".join(f"{k.removesuffix('_bytes')} {format_bytes(v) if k.endswith('_bytes') else v}"
+                         for k, v in asdict(self).items())
 
 
 def plan_memory(budget_bytes: int, fixed_bytes: int, dense_bytes: int, kv_cache_bytes: int, buffer_bytes: int,
-                min_expert_bytes: int) -> MemoryPlan:
+                min_expert_bytes: int, prefill_chunk: int = 0) -> MemoryPlan:
     """Split the budget; BudgetError with every number when it is below the smallest workable one."""
     committed = fixed_bytes + dense_bytes + kv_cache_bytes + buffer_bytes
     minimum = committed + min_expert_bytes + FIXED_JITTER_BYTES
@@ -94,4 +96,4 @@ def plan_memory(budget_bytes: int, fixed_bytes: int, dense_bytes: int, kv_cache_
             f"{format_bytes(buffer_bytes)} + one MoE layer's top-k experts {format_bytes(min_expert_bytes)}; "
             f"a smaller max_context shrinks the KV cache")
     return MemoryPlan(budget_bytes, fixed_bytes, dense_bytes, kv_cache_bytes, buffer_bytes,
-                      budget_bytes - committed, minimum)
+                      budget_bytes - committed, minimum, prefill_chunk)

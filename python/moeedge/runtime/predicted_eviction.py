@@ -11,7 +11,7 @@ import torch
 
 from moeedge._core import ExpertCache
 from moeedge.keys import ExpertKey
-from moeedge.sim.predicted import ALPHA
+from moeedge.sim import PICK_RATE_ALPHA as ALPHA
 
 
 class PredictedEviction:

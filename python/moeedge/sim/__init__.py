@@ -34,6 +34,11 @@ import numpy as np
 
 POLICIES = ("lru", "lfu", "lfru", "layer", "score", "predicted", "belady")  # see moeedge.sim.policies
 _ITEMSIZE = {"torch.float32": 4, "torch.float16": 2, "torch.bfloat16": 2}
+# The "predicted" policy's moving average of each expert's pick rate: the newest token's
+# weight. Here, not beside the numba loop, because the runtime uses it and must not load
+# numba (60 MiB of the process's fixed cost). On the default model's held-out trace, 0.1
+# beat 0.02, 0.2, 0.35 and 0.5 at capacities 8-16 and was within 0.004 of 0.02 at 20-24.
+PICK_RATE_ALPHA = 0.1
 
 
 @dataclass

@@ -19,9 +19,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-# The moving average's weight of the newest token. On the default model's held-out trace,
-# 0.1 beat 0.02, 0.2, 0.35 and 0.5 at capacities 8-16 and was within 0.004 of 0.02 at 20-24.
-ALPHA = 0.1
 
 
 @njit(cache=True)
