@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 #include <stdexcept>
 
 #include "errors.h"
@@ -70,31 +71,43 @@ void ExpertCache::close() {
 }
 
 void ExpertCache::io_loop() {
+  constexpr int64_t kDemand = std::numeric_limits<int64_t>::max();
   std::unique_lock<std::mutex> lk(mu_);
   for (;;) {
-    work_cv_.wait(lk, [&] { return closed_ || !demand_.empty() || !prefetch_queue_.empty(); });
+    work_cv_.wait(lk, [&] { return closed_ || !demand_.empty() || prefetch_may_start(); });
     if (closed_) return;
     Freed freed;
     std::shared_ptr<Entry> e;
+    int64_t priority = kDemand;
     if (!demand_.empty()) {
       e = demand_.front();
       demand_.pop_front();
     } else {
-      e = next_prefetch(freed);
+      e = next_prefetch(freed, priority);
     }
     if (!freed.empty()) {  // give evicted pages back outside the lock
       lk.unlock();
       freed.clear();
       lk.lock();
     }
-    if (e) load(e, lk);
+    if (!e) continue;
+    ++reading_[priority];
+    load(e, lk);
+    if (--reading_[priority] == 0) reading_.erase(priority);
+    work_cv_.notify_all();  // a prefetch held back for this read may start
   }
 }
 
-std::shared_ptr<CacheEntry> ExpertCache::next_prefetch(Freed& freed) {
+bool ExpertCache::prefetch_may_start() const {
+  if (prefetch_queue_.empty()) return false;
+  return reading_.empty() || -prefetch_queue_.begin()->first.first >= reading_.rbegin()->first;
+}
+
+std::shared_ptr<CacheEntry> ExpertCache::next_prefetch(Freed& freed, int64_t& priority) {
   while (!prefetch_queue_.empty()) {
     auto it = prefetch_queue_.begin();
     uint64_t key = it->second;
+    priority = -it->first.first;
     queued_.erase(key);
     prefetch_queue_.erase(it);
     if (entries_.count(key)) continue;  // loaded on demand meanwhile
@@ -127,12 +140,14 @@ void ExpertCache::load(const std::shared_ptr<Entry>& e, std::unique_lock<std::mu
   lk.unlock();
   uint64_t from_disk = 0;
   std::exception_ptr error;
+  const auto t0 = Clock::now();
   try {
     if (!slab) slab = std::make_shared<Slab>(e->reserved_bytes);
     from_disk = store_->read(key, slab->data());
   } catch (...) {
     error = std::current_exception();
   }
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   lk.lock();
   if (error) {
     e->state = Entry::State::Failed;
@@ -145,6 +160,8 @@ void ExpertCache::load(const std::shared_ptr<Entry>& e, std::unique_lock<std::mu
   } else {
     e->slab = std::move(slab);
     stats_.bytes_read += from_disk;
+    ++stats_.reads;
+    stats_.read_seconds += seconds;
     if (!e->used) e->last_use = ++tick_;  // a landed prefetch counts as recent
     e->state = Entry::State::Ready;
   }

@@ -44,6 +44,8 @@ struct CacheStats {
   uint64_t budget_bytes = 0;
   uint64_t n_resident = 0;
   double wait_seconds = 0;           // time callers spent blocked in get()
+  uint64_t reads = 0;                // loads that finished, from disk
+  double read_seconds = 0;           // their durations summed (concurrent reads overlap)
 };
 
 class ExpertCache;
@@ -116,7 +118,8 @@ class ExpertCache : public std::enable_shared_from_this<ExpertCache> {
   void start(int io_threads);
   void io_loop();
   void load(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk);
-  std::shared_ptr<Entry> next_prefetch(Freed& freed);
+  std::shared_ptr<Entry> next_prefetch(Freed& freed, int64_t& priority);
+  bool prefetch_may_start() const;
   Room make_room(uint64_t bytes, Freed& freed);
   std::shared_ptr<Slab> recycle(Freed& freed, uint64_t bytes);
   Entry* pick_victim();
@@ -136,6 +139,10 @@ class ExpertCache : public std::enable_shared_from_this<ExpertCache> {
   // Queued prefetches, highest priority first, then first come: (-priority, seq) -> key.
   std::map<std::pair<int64_t, uint64_t>, uint64_t> prefetch_queue_;
   std::unordered_map<uint64_t, std::map<std::pair<int64_t, uint64_t>, uint64_t>::iterator> queued_;
+  // Reads in flight by priority (demand reads at the top): a prefetch starts only when
+  // nothing more urgent is being read, so that a guess never shares the disk with a read
+  // the model is waiting for or is about to wait for.
+  std::map<int64_t, int> reading_;
   std::unordered_map<uint64_t, uint64_t> uses_;
   std::unordered_map<uint64_t, double> scores_;
   uint64_t budget_bytes_;

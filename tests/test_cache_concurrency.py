@@ -63,6 +63,25 @@ def test_prefetch_then_get_is_a_prefetch_hit(make_experts, make_cache):
     assert s["prefetch_wasted"] == 0 and s["evictions"] == 0
 
 
+def test_a_prefetch_waits_while_a_more_urgent_read_is_in_flight(tmp_path, make_cache):
+    """A big read at priority 1, then a tiny one at priority 0 on a second IO thread: the
+    tiny one must not start (so cannot land) before the big one has landed."""
+    big, small = key(1, 0), key(1, 1)
+    path = tmp_path / "experts.bin"
+    content = write_file(path, (64 << 20) + 2 * PAGE, seed=7)
+    store = open_store([path], {big: [(0, 0, 64 << 20)], small: [(0, 64 << 20, PAGE)]})
+    for _ in range(3):
+        cache = make_cache(store, 128 << 20, io_threads=2)
+        cache.prefetch([big], 1)
+        cache.prefetch([small], 0)
+        deadline = time.monotonic() + 30
+        while not (cache.contains(big) and cache.contains(small)):
+            assert not (cache.contains(small) and not cache.contains(big)), "the guess shared the disk"
+            assert time.monotonic() < deadline, "prefetches never landed"
+        assert bytes(cache.get(small)) == content[64 << 20:(64 << 20) + PAGE]
+        cache.close()
+
+
 def test_prefetch_then_immediate_get_counts_one_prefetch_hit(make_experts, make_cache):
     e = make_experts(16)
     cache = make_cache(e.store, 16 * e.slot, io_threads=2)

@@ -238,6 +238,76 @@ def test_predicted_eviction_ranks_by_expected_next_use():
     assert evict.p[0, 0] > 0.5 and evict.p[0, 2] < 0.5
 
 
+def test_guesses_are_read_early_only_into_free_slots_or_over_experts_due_later():
+    """Capacity 5, step at layer 0 picks experts 0 and 1 (not yet resident). Residents: two
+    of layer 2, one due soon (often picked), one rarely picked (due last). One slot is free
+    beside the step's experts; a third guess would have to evict a resident."""
+    from moeedge.keys import ExpertKey
+    from moeedge.runtime.predicted_eviction import PredictedEviction
+
+    rate = torch.full((3, 4), 0.5)
+    rate[2, 3] = 0.01
+    cache = StubCache([ExpertKey(2, 0).packed, ExpertKey(2, 3).packed])
+    room = [5]
+    evict = PredictedEviction(cache, 3, 4, rate, lambda: room[0])
+    evict.on_step(0, [0, 1], {1: torch.tensor([0.95, 0.9, 0.02, 0.0])})
+    # layer 1's likely guesses: the first takes the free slot, the second evicts the rarely
+    # picked (2, 3); an unlikely guess is due after (2, 0) and is not read
+    assert evict.worth_reading([(1, 0), (1, 1), (1, 2)]) == [(1, 0), (1, 1)]
+    # what is resident or this step's own is never read again, and takes no slot
+    assert evict.worth_reading([(2, 0), (0, 1), (1, 0)]) == [(1, 0)]
+    # no free slot: (1, 2), due in 1 + 0.98 * 3 / 0.5 steps, may evict (2, 3), due in about
+    # 300; (1, 3), due in 7, may not evict (2, 0), due in 2 + 0.5 * 3 / 0.5 = 5
+    room[0] = 4
+    assert evict.worth_reading([(1, 2), (1, 3)]) == [(1, 2)]
+
+
+def test_guesses_are_read_early_above_the_chance_that_pays():
+    """threshold = 2 read / (2 read + compute), from the cache's read times and the steps'
+    time less their waits; nothing is read early before both are measured."""
+    from moeedge.runtime import prefetcher
+
+    class Cache:
+        stats_now = {"wait_seconds": 0.0, "reads": 0, "read_seconds": 0.0}
+
+        def stats(self):
+            return dict(self.stats_now)
+
+    clock = iter([10.0, 10.5, 11.0])
+    cost = prefetcher.ReadCost(Cache())
+    original = prefetcher.time.perf_counter
+    prefetcher.time.perf_counter = lambda: next(clock)
+    try:
+        cost.step()
+        assert cost.threshold() == 1.0
+        Cache.stats_now = {"wait_seconds": 0.3, "reads": 2, "read_seconds": 0.8}  # 0.4 s a read
+        cost.step()  # a step of 0.5 s, 0.3 of it waiting: 0.2 s of compute
+        assert cost.threshold() == pytest.approx(0.8 / (0.8 + 0.2))
+        cost.pause()  # a new prompt: the next interval is not a decode step
+        cost.step()
+        assert cost.compute == pytest.approx(0.2)
+    finally:
+        prefetcher.time.perf_counter = original
+
+
+def test_guess_chances_are_calibrated_by_how_often_they_came_true():
+    from moeedge.runtime.prefetcher import Prefetcher
+
+    class Experts:
+        cache = type("C", (), {"store": type("S", (), {"keys": lambda self: [0] * 8})()})()
+
+        def cancel(self, layer, experts):
+            pass
+
+    pf = Prefetcher(FrequencyPrior(torch.ones(2, 4)), Experts(), 2, 2, lookahead=1)
+    assert pf._calibrated(0.93) == pytest.approx(0.95)  # before any guess: the bin's middle
+    for _ in range(40):  # guesses at 0.93 that come true one time in four
+        pf.guesses[1] = (1, [0, 1, 2, 3], [0.93] * 4)
+        pf._score(1, torch.tensor([[0, 5]]))
+    assert pf._calibrated(0.93) == pytest.approx((1.9 + 40) / (2 + 160))
+    assert pf._calibrated(0.35) == pytest.approx(0.35)  # other bins are untouched
+
+
 def test_guess_matrix_marks_what_a_predictor_does_not_guess():
     from moeedge.predict.metrics import guess_matrix
 

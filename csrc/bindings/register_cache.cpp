@@ -31,6 +31,8 @@ py::dict stats_dict(const ExpertCache& cache) {
   d["budget_bytes"] = s.budget_bytes;
   d["n_resident"] = s.n_resident;
   d["wait_seconds"] = s.wait_seconds;
+  d["reads"] = s.reads;
+  d["read_seconds"] = s.read_seconds;
   d["policy"] = policy_name(cache.policy());
   d["io_threads"] = cache.io_threads();
   d["direct_io"] = store->direct_io();

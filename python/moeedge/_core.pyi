@@ -156,8 +156,8 @@ class ExpertCache:
         prefetch_dropped, prefetch_wasted (prefetched, evicted unused),
         prefetch_wasted_bytes, evictions, bytes_read, io_errors,
         resident_bytes, peak_resident_bytes, pinned_bytes, budget_bytes,
-        n_resident, wait_seconds, policy, io_threads, direct_io,
-        direct_io_fallback."""
+        n_resident, wait_seconds, reads, read_seconds (their durations summed),
+        policy, io_threads, direct_io, direct_io_fallback."""
     def reset_stats(self) -> None:
         """Zero the counters (peak_resident_bytes restarts from resident_bytes)."""
     @property

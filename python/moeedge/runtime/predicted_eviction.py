@@ -29,17 +29,42 @@ class PredictedEviction:
         for target, chances in guesses.items():
             self.q[target] = chances.double()
         self.q[layer] = -1.0
+        n = self.n_layers
+        layers = torch.arange(n, dtype=torch.float64)[:, None]
+        delta = torch.where(layers > layer, layers - layer, layers - layer + n)
+        chance = torch.where(self.q >= 0, self.q, self.p)
+        self.when = (delta + (1.0 - chance) * n / self.p.clamp(min=1e-6)).tolist()  # [L][E]: steps until due
+        self.now = {ExpertKey(layer, e).packed for e in picked}
         resident = self.cache.resident_keys()
-        if len(resident) + len(picked) > self.room():  # nothing would be evicted: spare the work
-            n = self.n_layers
-            layers = torch.arange(n, dtype=torch.float64)[:, None]
-            delta = torch.where(layers > layer, layers - layer, layers - layer + n)
-            chance = torch.where(self.q >= 0, self.q, self.p)
-            when = (delta + (1.0 - chance) * n / self.p.clamp(min=1e-6)).tolist()
-            now = {ExpertKey(layer, e).packed for e in picked}
+        if len(resident) + len(picked) > self.room():  # else nothing would be evicted: spare the work
             # the runtime pins this step's experts one at a time: the rest must stay meanwhile
-            self.cache.set_scores({key: float("inf") if key in now else -when[self.key_of[key][0]][self.key_of[key][1]]
-                                   for key in resident})
+            self.cache.set_scores({key: float("inf") if key in self.now else -self._due(key) for key in resident})
         used = torch.zeros(self.n_experts, dtype=torch.float64)
         used[picked] = 1.0
         self.p[layer] = (1.0 - ALPHA) * self.p[layer] + ALPHA * used
+
+    def _due(self, key: int) -> float:
+        layer, e = self.key_of[key]
+        return self.when[layer][e]
+
+    def worth_reading(self, wanted: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Of the (layer, expert) guesses in `wanted` (most wanted first), those worth reading
+        early after this step: each takes a free slot, or else the slot of the resident
+        expert due last, and only when it is due before that one. Reading a guess due later
+        would evict a would-be hit, which is how early reads used to cost more than they hid."""
+        resident = set(self.cache.resident_keys())
+        free = self.room() - len(resident | self.now)
+        victims = sorted((self._due(key) for key in resident - self.now), reverse=True)
+        chosen = []
+        for layer, e in wanted:
+            key = ExpertKey(layer, e).packed
+            if key in resident or key in self.now:
+                continue
+            if free > 0:
+                free -= 1
+            elif victims and self.when[layer][e] < victims[0]:
+                victims.pop(0)
+            else:
+                break
+            chosen.append((layer, e))
+        return chosen

@@ -11,6 +11,7 @@ only decides what is read early.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +22,49 @@ from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.predicted_eviction import PredictedEviction
 
 AUTO_PREDICTOR = "learned"  # predictor="auto" where a predictor file exists
+EMA = 0.2  # weight of the newest decode step in the measured compute time
+BINS = 10  # calibration of a predictor's chances: how often guesses in each tenth came true
+
+
+class ReadCost:
+    """Whether reading a guess early pays, from what this run measures: the compute time of
+    a decode step (its time less the time spent waiting for reads) and the time one read
+    takes. A right guess read early hides at most the compute it overlaps, and evicts what
+    its demand read would have evicted a step later. A wrong one takes the disk for a whole
+    read that the next misses wait behind, and evicts an expert for nothing, which may cost
+    another read. So a guess pays when its chance p satisfies p * compute > (1 - p) * 2 *
+    read: p above about 0.95 where a read takes ten times a step's compute (a slow disk:
+    only the surest guesses), below 0.5 where reads are much quicker than compute."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.last = None     # (time, wait_seconds) at the previous decode step
+        self.compute = None  # seconds per step, waits excluded
+        self.read = None     # seconds per read
+
+    def step(self) -> None:
+        """A decode step is routed: measure the interval since the previous one."""
+        now, stats = time.perf_counter(), self.cache.stats()
+        if self.last is not None:
+            waited = stats["wait_seconds"] - self.last[1]
+            self.compute = _ema(self.compute, max(0.0, now - self.last[0] - waited))
+        if stats["reads"]:
+            self.read = stats["read_seconds"] / stats["reads"]
+        self.last = (now, stats["wait_seconds"])
+
+    def pause(self) -> None:
+        """Not decoding (a prompt, a new sequence): the next interval would not be a step."""
+        self.last = None
+
+    def threshold(self) -> float:
+        """The chance above which a guess pays; 1 (none does) until both are measured."""
+        if self.compute is None or self.read is None:
+            return 1.0
+        return 2 * self.read / (2 * self.read + self.compute) if self.read + self.compute > 0 else 0.0
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else (1.0 - EMA) * old + EMA * new
 
 
 class Prefetcher:
@@ -40,11 +84,16 @@ class Prefetcher:
         self.n_layers = n_layers
         self.top_k = top_k
         self.lookahead = lookahead
-        self.pending: dict[int, list[int]] = {}   # target layer -> guessed experts, queued
+        self.guesses: dict[int, tuple[int, list[int]]] = {}  # target layer -> (lookahead, guessed experts)
+        self.pending: dict[int, list[int]] = {}   # target layer -> the guessed experts read early
         self.guessed = [0] * lookahead            # per lookahead: experts guessed that were then needed ...
         self.needed = [0] * lookahead             # ... out of the experts needed
-        self.guess_distance: dict[int, int] = {}  # target layer -> the lookahead its guesses came from
         self.total = len(experts.cache.store.keys())
+        self.cost = ReadCost(experts.cache)
+        # Per tenth of chance, guesses that came true and guesses made, this run; started at
+        # the bin's middle as if two guesses had been seen, so that few observations move it little.
+        self.came_true = [2 * (b + 0.5) / BINS for b in range(BINS)]
+        self.made = [2.0] * BINS
         self.settled = False  # the cache holds every expert: warmed up once, no guessing needed
 
     @property
@@ -56,6 +105,8 @@ class Prefetcher:
         if self.predictor is not None:
             self.predictor.reset()
         self.pending.clear()
+        self.guesses.clear()
+        self.cost.pause()
 
     def on_route(self, layer: int, hidden: torch.Tensor, experts: torch.Tensor, decoding: bool) -> None:
         """Layer `layer` has routed its tokens: hidden [T, H], experts [T, K]."""
@@ -68,7 +119,10 @@ class Prefetcher:
         self._score(layer, experts)
         self.predictor.observe(layer, hidden, experts)
         if not decoding:
+            self.cost.pause()
             return
+        if self.lookahead:
+            self.cost.step()
         # Steps ahead: this token's next layers, then (for predictors that guess it) the
         # next token's first ones; eviction looks as far as predictors are trained (3).
         ahead = {}
@@ -82,19 +136,29 @@ class Prefetcher:
         if self.eviction is not None:
             self.eviction.on_step(layer, experts[-1].tolist(), chances)
         room = max(0, self.experts.capacity - self.top_k)  # beside the step's own experts
+        wanted = []
+        threshold = self.cost.threshold()
         for d, target in ahead.items():
             if d > self.lookahead or room == 0:
                 break
-            n = min(self.top_k, room)
-            top = torch.topk(chances[target], n)
+            top = torch.topk(chances[target], min(self.top_k, room))
             guess = top.indices[top.values > 0].tolist()  # a variant stores fewer experts than E
-            earlier = self.pending.get(target)  # a guess from farther away: this nearer one replaces it
-            if earlier:
-                self.experts.cancel(target, [e for e in earlier if e not in guess])
-            self.experts.prefetch(target, guess, priority=self.lookahead - d)
-            self.pending[target] = guess
-            self.guess_distance[target] = d
-            room -= n
+            values = top.values[top.values > 0].tolist()
+            self.guesses[target] = (d, guess, values)  # scored when the target layer routes
+            wanted += [(target, e) for e, p in zip(guess, values) if self._calibrated(p) > threshold]
+            room -= len(top.indices)
+        if self.eviction is not None:
+            wanted = self.eviction.worth_reading(wanted)
+        for d, target in ahead.items():
+            if d > self.lookahead:
+                break
+            read = [e for t, e in wanted if t == target]
+            earlier = [e for e in self.pending.get(target, []) if e not in read]
+            if earlier:  # read for a farther guess: this nearer one replaces it
+                self.experts.cancel(target, earlier)
+            if read:
+                self.experts.prefetch(target, read, priority=self.lookahead - d)
+            self.pending[target] = read
 
     def _holds_all(self) -> bool:
         if self.experts.capacity < self.total:  # the budget can shrink at run time
@@ -103,6 +167,7 @@ class Prefetcher:
             # Read every expert not yet resident behind the demand reads, once.
             self.experts.cache.prefetch(list(self.experts.cache.store.keys()), -1)
             self.pending.clear()
+            self.guesses.clear()
             self.settled = True
         return self.settled
 
@@ -116,19 +181,29 @@ class Prefetcher:
         return out.clamp(max=1.0)
 
     def _score(self, layer: int, experts: torch.Tensor) -> None:
-        guess = self.pending.pop(layer, None)
-        if guess is None:
-            return
         picked = set(experts[-1].tolist())
-        d = self.guess_distance.pop(layer) - 1
-        self.guessed[d] += len(picked.intersection(guess))
-        self.needed[d] += len(picked)
-        wrong = [e for e in guess if e not in picked]
+        read = self.pending.pop(layer, [])
+        wrong = [e for e in read if e not in picked]
         if wrong:
             self.experts.cancel(layer, wrong)
+        if layer in self.guesses:
+            d, guess, chances = self.guesses.pop(layer)
+            self.guessed[d - 1] += len(picked.intersection(guess))
+            self.needed[d - 1] += len(picked)
+            for e, p in zip(guess, chances):
+                b = min(int(p * BINS), BINS - 1)
+                self.made[b] += 1
+                self.came_true[b] += e in picked
+
+    def _calibrated(self, chance: float) -> float:
+        """How often this run's guesses at about this chance came true: learned predictors
+        are confident beyond their precision (a guess at 0.9 may come true far less often)."""
+        b = min(int(chance * BINS), BINS - 1)
+        return self.came_true[b] / self.made[b]
 
     def stats(self) -> dict:
         return {"predictor": self.name, "lookahead": self.lookahead,
+                "read_early_above": round(self.cost.threshold(), 4) if self.lookahead else None,
                 "prediction_recall": [round(g / n, 4) if n else None for g, n in zip(self.guessed, self.needed)],
                 "predicted_needed": list(self.needed)}
 
