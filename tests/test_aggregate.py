@@ -266,7 +266,7 @@ def run_cli(argv: list[str]) -> int:
 
 @pytest.mark.parametrize("which, message", [
     ("gguf", "GGUF files are not supported"),
-    ("switch", "Switch Transformers checkpoints are not supported"),
+    ("switch", "has no tokenizer.model: the corpus is encoded with"),
     ("llama", "model_type 'llama' is not supported"),
     ("variant", "an aggregated variant; aggregate its source instead"),
 ])

@@ -5,7 +5,14 @@ model with the same tokenizer, also the perplexity ratio, the per-token divergen
 KL(reference || model) of the next-token distributions (mean and 99th percentile, in
 nats) and how often both pick the same most likely token. The default text is the
 held-out split of the default model's corpus (the stdlib packages asyncio/ and email/,
-moeedge.train.corpus), which training never saw. Shapes: T = tokens of a window, V = vocabulary.
+moeedge.train.corpus), which training never saw.
+
+A Switch Transformers (encoder-decoder) model is scored as its trainer scores it
+(moeedge.train.switch_card): windows of the split's token stream, spread evenly over it,
+span-corrupted as in training (a fixed seed), and the decoder teacher-forced over the
+targets (sentinels, masked spans, </s>): span-corruption loss and accuracy per target
+token, `ppl` = exp(loss), and the KL and agreement of the decoder's next-token
+distributions. Shapes: T = tokens of a window (Switch: its targets), V = vocabulary.
 """
 from __future__ import annotations
 
@@ -20,9 +27,15 @@ import torch
 
 import moeedge
 from moeedge.train import corpus as corpus_lib
+from moeedge.train.span_corruption import SpanCorruption, encode_stream, shift_right
 
 DEFAULT_TOKENS = 16384
-DEFAULT_WINDOW = 256  # the default model's training length
+DEFAULT_WINDOW = 256  # the default model's training length, and the Switch model's
+# The Switch trainer's corruption (moeedge.train.switch_model.SwitchTrainConfig) and the
+# held-out seed of its model card (moeedge.train.switch_card.EVAL_SEED).
+NOISE_DENSITY, MEAN_SPAN = 0.15, 3.0
+SPAN_EVAL_SEED = 20210111
+SAMPLE = 'def read_lines(path):\n    """Lines of a file."""\n    with open(path) as f:\n        return list(f)\n'
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,6 +74,41 @@ def corpus_windows(tokenizer, split: str, n_tokens: int, window: int, seed: int 
             return out
 
 
+@functools.lru_cache(maxsize=2)
+def split_stream(tokenizer_model: str, split: str) -> np.ndarray:
+    """[N] int32: the split's files encoded back to back, as the Switch trainer streams them."""
+    return encode_stream(Path(tokenizer_model), _corpus().texts(split))
+
+
+def span_examples(stream: np.ndarray, vocab: int, n_examples: int, window: int, seed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs [B, Ti], targets [B, Tt]): n_examples windows of `window` tokens spread evenly
+    over the stream (as moeedge.train.model_card.windows draws them; not imported, it loads
+    transformers), each span-corrupted as the Switch trainer corrupts them."""
+    available = len(stream) // window
+    if available == 0:
+        raise ValueError(f"the text is too short: span corruption takes windows of {window} tokens, "
+                         f"it has {len(stream)}")
+    count = max(1, min(available, n_examples))
+    starts = np.linspace(0, (available - 1) * window, count).astype(np.int64) // window * window
+    windows = np.stack([stream[s:s + window] for s in starts]).astype(np.int64)
+    return SpanCorruption(window, NOISE_DENSITY, MEAN_SPAN, vocab).batch(windows, np.random.default_rng(seed))
+
+
+def switch_examples(model, split: str, text: str | None, n_tokens: int, window: int, seed: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """About n_tokens tokens of the corpus split (or of text), span-corrupted in windows."""
+    if text is not None:
+        stream = np.asarray(_tokenizer(model).encode(text, add_bos=False), dtype=np.int64)
+    else:
+        spm = model.checkpoint.tokenizer_files.get("tokenizer.model")
+        if spm is None:
+            raise ValueError(f"{model.checkpoint.source} has no tokenizer.model: the Switch model's corpus "
+                             f"is encoded with its sentencepiece model")
+        stream = split_stream(spm, split)
+    return span_examples(stream, model.config.vocab, max(1, n_tokens // window), window, seed)
+
+
 def text_windows(tokenizer, text: str, n_tokens: int, window: int) -> list[list[int]]:
     """The first n_tokens tokens of text, in consecutive windows of at most `window`."""
     ids = tokenizer.encode(text)[:n_tokens]
@@ -79,33 +127,47 @@ class Quality:
     kl_p99: float | None = None
     top1_agreement: float | None = None
     expert_bytes_reference: int | None = None
+    # Switch: span-corruption loss (nats per target token; ppl is its exp) and accuracy
+    span_loss: float | None = None
+    span_accuracy: float | None = None
+    span_loss_reference: float | None = None
+    span_accuracy_reference: float | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None or not k.startswith("span_")}
 
 
 def _log_probs(model, window: list[int]) -> torch.Tensor:
     return torch.log_softmax(model.logits(window)[:-1].double(), dim=-1)  # [T-1, V]: next-token log p
 
 
-def measure(model, windows: list[list[int]], reference=None) -> Quality:
-    """Perplexity of `model` over the windows; with a reference, the comparison figures."""
+def _span_log_probs(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[Tt, V] the decoder's log p of each target, teacher-forced."""
+    logits = model.logits(inputs.tolist(), shift_right(targets[None])[0].tolist())
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def _measure(model, reference, cases: list, span: bool = False) -> Quality:
+    """cases: (log_probs(m) -> [T, V] next-token log p under model m, targets [T])."""
     nll = nll_ref = 0.0
-    kls, agree, count = [], 0, 0
-    for w in windows:
-        target = torch.tensor(w[1:])[:, None]
-        lp = _log_probs(model, w)
-        nll -= float(lp.gather(1, target).sum())
-        count += len(w) - 1
+    kls, agree, right, right_ref, count = [], 0, 0, 0, 0
+    for log_probs, target in cases:
+        lp = log_probs(model)
+        nll -= float(lp.gather(1, target[:, None]).sum())
+        right += int((lp.argmax(-1) == target).sum())
+        count += len(target)
         if reference is not None:
-            lr = _log_probs(reference, w)
-            nll_ref -= float(lr.gather(1, target).sum())
-            kls.append((lr.exp() * (lr - lp)).sum(-1))                    # [T-1]
+            lr = log_probs(reference)
+            nll_ref -= float(lr.gather(1, target[:, None]).sum())
+            right_ref += int((lr.argmax(-1) == target).sum())
+            kls.append((lr.exp() * (lr - lp)).sum(-1))                    # [T]
             agree += int((lr.argmax(-1) == lp.argmax(-1)).sum())
     if count == 0:
         raise ValueError("the text is too short to evaluate (fewer than 2 tokens)")
-    q = Quality(tokens=count, windows=len(windows), ppl=math.exp(nll / count),
+    q = Quality(tokens=count, windows=len(cases), ppl=math.exp(nll / count),
                 expert_bytes=model.checkpoint.expert_nbytes)
+    if span:
+        q.span_loss, q.span_accuracy = nll / count, right / count
     if reference is not None:
         kl = torch.cat(kls)
         q.ppl_reference = math.exp(nll_ref / count)
@@ -114,7 +176,22 @@ def measure(model, windows: list[list[int]], reference=None) -> Quality:
         q.kl_p99 = float(torch.quantile(kl, 0.99))
         q.top1_agreement = agree / count
         q.expert_bytes_reference = reference.checkpoint.expert_nbytes
+        if span:
+            q.span_loss_reference, q.span_accuracy_reference = nll_ref / count, right_ref / count
     return q
+
+
+def measure(model, windows: list[list[int]], reference=None) -> Quality:
+    """Perplexity of `model` over the windows; with a reference, the comparison figures."""
+    cases = [(functools.partial(_log_probs, window=w), torch.tensor(w[1:])) for w in windows]
+    return _measure(model, reference, cases)
+
+
+def measure_switch(model, inputs: torch.Tensor, targets: torch.Tensor, reference=None) -> Quality:
+    """Span-corruption loss and accuracy of a Switch model over the examples; with a
+    reference, the comparison figures of the decoder's next-token distributions."""
+    cases = [(functools.partial(_span_log_probs, inputs=i, targets=t), t) for i, t in zip(inputs, targets)]
+    return _measure(model, reference, cases, span=True)
 
 
 def _tokenizer(model):
@@ -134,6 +211,23 @@ def check_same_vocabulary(model, reference, sample: str) -> None:
                          f"they cannot be compared token by token")
 
 
+def check_same_kind(model, reference) -> None:
+    """A Switch model compares with a Switch model of the same configuration (its variants
+    keep the source's config.json), a decoder-only model with a decoder-only one."""
+    a, b = model.checkpoint.source, reference.checkpoint.source
+    if model.encoder_decoder != reference.encoder_decoder:
+        kinds = ["an encoder-decoder (Switch)" if m.encoder_decoder else "a decoder-only" for m in (model, reference)]
+        raise ValueError(f"{a} is {kinds[0]} model and --reference {b} is {kinds[1]} one: they cannot be "
+                         f"compared token by token")
+    if model.encoder_decoder:
+        ours, theirs = vars(model.config), vars(reference.config)
+        differ = [f"{k} {ours[k]} vs {theirs[k]}" for k in ours if k not in ("expert_map", "dtype")
+                  and ours[k] != theirs[k]]
+        if differ:
+            raise ValueError(f"{a} and --reference {b} have different configurations ({', '.join(differ)}): "
+                             f"a variant keeps its source's")
+
+
 def read_text(path: str | Path) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -151,19 +245,34 @@ def evaluate(source, reference=None, text: str | None = None, n_tokens: int = DE
     with moeedge.load(source, memory_budget=memory_budget, max_context=window) as model:
         tok = _tokenizer(model)
         window = min(window, model.runner.max_context)
-        windows = (text_windows(tok, text, n_tokens, window) if text is not None
-                   else corpus_windows(tok, "heldout", n_tokens, window))
+        if model.encoder_decoder:
+            inputs, targets = switch_examples(model, "heldout", text, n_tokens, window, SPAN_EVAL_SEED)
+            sample = text[:4096] if text is not None else SAMPLE
+            run = functools.partial(measure_switch, model, inputs, targets)
+        else:
+            windows = (text_windows(tok, text, n_tokens, window) if text is not None
+                       else corpus_windows(tok, "heldout", n_tokens, window))
+            sample = text[:4096] if text is not None else tok.decode(windows[0])
+            run = functools.partial(measure, model, windows)
         if reference is None:
-            return measure(model, windows)
+            return run()
         with moeedge.load(reference, memory_budget=memory_budget, max_context=window) as ref:
-            check_same_vocabulary(model, ref, text[:4096] if text is not None else tok.decode(windows[0]))
-            return measure(model, windows, ref)
+            check_same_kind(model, ref)
+            check_same_vocabulary(model, ref, sample)
+            return run(ref)
 
 
 def describe(q: Quality, source: str, reference: str | None, text: str | None) -> str:
     where = text or f"the held-out corpus ({', '.join(p + '/' for p in corpus_lib.HELD_OUT)})"
-    lines = [f"{source}: perplexity {q.ppl:.3f} over {q.tokens} tokens ({q.windows} windows) of {where}"]
+    if q.span_loss is None:
+        lines = [f"{source}: perplexity {q.ppl:.3f} over {q.tokens} tokens ({q.windows} windows) of {where}"]
+    else:
+        lines = [f"{source}: span-corruption loss {q.span_loss:.4f} nats/token, accuracy "
+                 f"{100 * q.span_accuracy:.2f}% over {q.tokens} target tokens ({q.windows} corrupted windows) of {where}"]
     if reference is not None:
+        if q.span_loss is not None:
+            lines.append(f"against {reference}: span-corruption loss {q.span_loss_reference:.4f}, accuracy "
+                         f"{100 * q.span_accuracy_reference:.2f}%")
         lines.append(f"against {reference}: perplexity {q.ppl_reference:.3f}, ratio {q.ppl_ratio:.4f}, "
                      f"KL mean {q.kl_mean:.4f} p99 {q.kl_p99:.4f} nats/token, "
                      f"top-1 agreement {100 * q.top1_agreement:.2f}%")

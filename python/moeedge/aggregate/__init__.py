@@ -1,5 +1,5 @@
-"""Expert aggregation: smaller variants of a decoder MoE checkpoint that moeedge loads like
-any other (`moeedge aggregate`, issue #7).
+"""Expert aggregation: smaller variants of a decoder-only or Switch Transformers MoE
+checkpoint that moeedge loads like any other (`moeedge aggregate`, issue #7).
 
 - `calibration`: runs the source model over training-corpus text and keeps, per MoE layer,
   the hidden states entering it, how the router used each expert, and which tokens are

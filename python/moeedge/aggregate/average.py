@@ -8,9 +8,8 @@ from moeedge.aggregate.clustering import clustered_variant
 from moeedge.aggregate.layer import MoeLayer, Variant
 
 
-def mean_cluster(layer: MoeLayer, members: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    picked = layer.experts.select(members)
-    return picked.gate.mean(0), picked.up.mean(0), picked.down.mean(0)
+def mean_cluster(layer: MoeLayer, members: list[int]) -> tuple[torch.Tensor, ...]:
+    return tuple(t.mean(0) for t in layer.experts.select(members).parts)
 
 
 def build(layer: MoeLayer, n: int) -> Variant:

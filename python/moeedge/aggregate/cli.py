@@ -15,12 +15,13 @@ def add_parsers(subparsers) -> None:
     ev.add_argument("--reference", default=None, help="compare with this checkpoint (same tokenizer)")
     ev.add_argument("--text", default=None, help="UTF-8 text file (default: the default model's held-out corpus)")
     ev.add_argument("--tokens", type=int, default=16384, help="tokens to evaluate (default 16384)")
-    ev.add_argument("--window", type=int, default=256, help="tokens per sequence (default 256)")
+    ev.add_argument("--window", type=int, default=256,
+                    help="tokens per sequence (default 256; Switch: per span-corrupted window)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(run=_cmd_eval)
 
     ag = subparsers.add_parser("aggregate", help="a smaller variant: merge, average, prune, low-rank or distill experts")
-    ag.add_argument("source", nargs="?", default=None, help="Hugging Face decoder MoE directory")
+    ag.add_argument("source", nargs="?", default=None, help="Hugging Face MoE directory: decoder-only, or Switch Transformers")
     ag.add_argument("--method", required=True,
                     help="merge (aligned, usage-weighted), average, prune, lowrank (shared base plus low-rank "
                          "deltas), or distill (needs --from)")
@@ -76,6 +77,10 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
                                                                  d["held_out_error_after"]))
         print(f"layer output error on {d['held_out_tokens']} held-out calibration tokens: {errors}")
     q = meta["quality"]
+    if q is not None and "span_loss" in q:
+        print(f"held-out span corruption ({q['tokens']} target tokens): loss {q['span_loss']:.4f} vs "
+              f"{q['span_loss_reference']:.4f}, accuracy {100 * q['span_accuracy']:.2f}% vs "
+              f"{100 * q['span_accuracy_reference']:.2f}%")
     if q is not None:
         print(f"held-out quality against the source ({q['tokens']} tokens): perplexity {q['ppl']:.3f} vs "
               f"{q['ppl_reference']:.3f} (ratio {q['ppl_ratio']:.4f}), KL mean {q['kl_mean']:.4f} "

@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 from scipy.cluster.hierarchy import linkage
 
-from moeedge.aggregate.layer import Experts, MoeLayer, Variant
+from moeedge.aggregate.layer import MoeLayer, Variant
 
 
 def merge_tree(layer: MoeLayer) -> np.ndarray:
     """[E-1, 4] scipy linkage: row j joins clusters a and b (ids >= E name earlier rows) at a distance."""
     if "tree" not in layer.memo:
-        points = layer.expert_outputs.mean(dim=1).double().numpy()   # [E, H]
+        points = layer.mean_outputs.double().numpy()   # [E, H]
         layer.memo["tree"] = linkage(points, method="average", metric="euclidean")
     return layer.memo["tree"]
 
@@ -40,9 +40,8 @@ def table_of(clusters: list[list[int]], n_experts: int) -> list[int]:
 
 def clustered_variant(layer: MoeLayer, n: int, combine) -> Variant:
     """The layer with its experts cut into n clusters, each stored as combine(layer, members)
-    -> (gate, up, down); a cluster of one keeps its expert as it is."""
+    -> its parts (gate, up, down or wi, wo); a cluster of one keeps its expert as it is."""
     clusters = cut(merge_tree(layer), layer.n_experts, n)
     src = layer.experts
-    stored = [(src.gate[c[0]], src.up[c[0]], src.down[c[0]]) if len(c) == 1 else combine(layer, c)
-              for c in clusters]
-    return Variant(table_of(clusters, layer.n_experts), layer.rounded(Experts.stack(stored)))
+    stored = [tuple(t[c[0]] for t in src.parts) if len(c) == 1 else combine(layer, c) for c in clusters]
+    return Variant(table_of(clusters, layer.n_experts), layer.rounded(src.stacked(stored)))

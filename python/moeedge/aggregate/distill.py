@@ -7,7 +7,8 @@ layer by layer, with the router and the router-to-stored-expert table as they ar
    the expert's intermediate activations. All D_s are solved together (for a low-rank
    layer: the base's down weight and every expert's down factor b, with a fixed), as a
    ridge regression towards the starting weights; the ridge is chosen on held-out tokens,
-   and "no change" is one of the choices, so this step never does worse there.
+   and "no change" is one of the choices, so this step never does worse there. With top-1
+   routing (Switch) and no shared base, each stored expert's down weight is solved alone.
 2. A short gradient refinement of all the stored weights (Adam, mean squared output
    error, mini-batches of the fitted tokens), kept only where it lowers the error on the
    held-out tokens.
@@ -20,9 +21,8 @@ n = stored experts, r = rank, p = unknowns per output dimension.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from moeedge.aggregate.layer import Experts, LowRank, MoeLayer, Variant
+from moeedge.aggregate.layer import LowRank, MoeLayer, Variant
 
 RIDGE = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the normal matrix's mean diagonal
 STEPS = 300
@@ -31,34 +31,55 @@ LR = 2.5e-3  # Adam's step, relative to each tensor's RMS (weights and factors d
 CHECK_EVERY = 25  # steps between held-out measurements; the best state is kept
 
 
-def hidden_acts(experts: Experts, x: torch.Tensor) -> torch.Tensor:
-    """[n, N, I] every stored expert's intermediate activations (before its down weight)."""
-    return torch.stack([F.silu(x @ g.T) * (x @ u.T) for g, u in zip(experts.gate, experts.up)])
-
-
 def design(layer: MoeLayer, v: Variant) -> tuple[torch.Tensor, torch.Tensor]:
     """(X [N, p], W [p, H]): the layer's output is X @ W, W holding the down weights that
-    least squares solves for."""
-    g = layer.gates(v.table).T[:, :, None]                              # [n, N, 1]
-    h = hidden_acts(v.experts, layer.calibration.hidden) * g            # [n, N, I]
+    least squares solves for. Each stored expert runs on its own tokens only."""
+    g = layer.gates(v.table)                                            # [N, n]
+    x = layer.calibration.hidden
+    down = v.experts.parts[-1]                                          # [n, H, I]
+    inter, n = down.shape[2], len(v.experts)
+    width = n * inter if v.lowrank is None else inter + n * v.lowrank.rank
+    out = torch.zeros(len(x), width)
+    for s in range(n):
+        tokens = torch.where(g[:, s] > 0)[0]
+        h = v.experts.hidden(s, x[tokens]) * g[tokens, s, None]         # [M, I]
+        if v.lowrank is None:
+            out[tokens, s * inter:(s + 1) * inter] = h
+        else:  # the base's down weight sees every expert's activations; expert s's b, its a h
+            r = v.lowrank.rank
+            out[tokens, :inter] += h
+            out[tokens, inter + s * r:inter + (s + 1) * r] = h @ v.lowrank.a[-1][s].T
     if v.lowrank is None:
-        return torch.cat(list(h), dim=1), torch.cat(list(v.experts.down.transpose(1, 2)))
-    a, b = v.lowrank.a[2], v.lowrank.b[2]                               # [E, r, I], [E, H, r]
-    coded = torch.einsum("eni,eri->enr", h, a)                          # [E, N, r]
-    x = torch.cat([h.sum(0), *coded], dim=1)
-    return x, torch.cat([v.lowrank.base[2].T, *b.transpose(1, 2)])
+        return out, torch.cat(list(down.transpose(1, 2)))
+    return out, torch.cat([v.lowrank.base[-1].T, *v.lowrank.b[-1].transpose(1, 2)])
+
+
+def problems(layer: MoeLayer, v: Variant) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The independent least-squares problems (tokens [M], X [M, p], W [p, H]) the layer's
+    output splits into. With top-1 routing and no shared base, every token's output is one
+    stored expert's: each expert is a problem of its own (its block of the normal matrix),
+    which keeps Switch's 1,024-wide experts small enough to solve."""
+    g = layer.gates(v.table)
+    x = layer.calibration.hidden
+    if v.lowrank is not None or int((g > 0).sum(1).max()) > 1:
+        return [(torch.arange(len(x)), *design(layer, v))]
+    out = []
+    for s in range(len(v.experts)):
+        tokens = torch.where(g[:, s] > 0)[0]
+        out.append((tokens, v.experts.hidden(s, x[tokens]) * g[tokens, s, None], v.experts.parts[-1][s].T))
+    return out
 
 
 def with_down(layer: MoeLayer, v: Variant, w: torch.Tensor) -> Variant:
     """The variant with the solved down weights W [p, H], rounded as stored."""
     if v.lowrank is None:
-        down = w.T.reshape(v.experts.down.shape[1], len(v.experts), -1).transpose(0, 1)
-        return Variant(v.table, layer.rounded(Experts(v.experts.gate, v.experts.up, down)))
+        down = w.T.reshape(v.experts.parts[-1].shape[1], len(v.experts), -1).transpose(0, 1)
+        return Variant(v.table, layer.rounded(v.experts.like((*v.experts.parts[:-1], down))))
     lr = v.lowrank
-    inter, rank = lr.a[2].shape[2], lr.rank
+    inter, rank = lr.a[-1].shape[2], lr.rank
     base_down = w[:inter].T.to(layer.dtype).float()
-    b_down = w[inter:].reshape(len(lr.a[2]), rank, -1).transpose(1, 2).to(layer.dtype).float()
-    return lowrank_variant(v.table, LowRank((*lr.base[:2], base_down), lr.a, (*lr.b[:2], b_down)))
+    b_down = w[inter:].reshape(len(lr.a[-1]), rank, -1).transpose(1, 2).to(layer.dtype).float()
+    return lowrank_variant(v.table, LowRank((*lr.base[:-1], base_down), lr.a, (*lr.b[:-1], b_down), lr.kind))
 
 
 def lowrank_variant(table: list[int], lowrank: LowRank) -> Variant:
@@ -67,44 +88,58 @@ def lowrank_variant(table: list[int], lowrank: LowRank) -> Variant:
 
 def least_squares(layer: MoeLayer, v: Variant, fit: torch.Tensor, held: torch.Tensor) -> tuple[Variant, float | None]:
     """Step 1: the ridge (or None: unchanged) that does best on the held-out tokens."""
-    x, w0 = (t.double() for t in design(layer, v))
     y = layer.reference_output.double()
-    resid = y[fit] - x[fit] @ w0
-    gram = x[fit].T @ x[fit]
-    evals, evecs = torch.linalg.eigh(gram)
-    rhs = evecs.T @ (x[fit].T @ resid)
-    scale = float(gram.diagonal().mean())
-    best, best_err = None, float((x[held] @ w0 - y[held]).norm())
+    is_fit = torch.zeros(len(y), dtype=torch.bool).index_fill_(0, fit, True)
+    is_held = torch.zeros(len(y), dtype=torch.bool).index_fill_(0, held, True)
+    solved, diagonals = [], []
+    for tokens, x, w0 in problems(layer, v):
+        x, w0, yt = x.double(), w0.double(), y[tokens]
+        xf, f, h = x[is_fit[tokens]], is_fit[tokens], is_held[tokens]
+        gram = xf.T @ xf
+        evals, evecs = torch.linalg.eigh(gram)
+        rhs = evecs.T @ (xf.T @ (yt[f] - xf @ w0))
+        solved.append((x[h], yt[h], w0, evals, evecs, rhs))
+        diagonals.append(gram.diagonal())
+    scale = float(torch.cat(diagonals).mean())
+
+    def held_error(ridge: float | None) -> tuple[float, list[torch.Tensor]]:
+        ws = [w0 if ridge is None else w0 + evecs @ (rhs / (evals + ridge * scale)[:, None])
+              for _, _, w0, evals, evecs, rhs in solved]
+        return sum(float((xh @ w - yh).pow(2).sum()) for (xh, yh, *_), w in zip(solved, ws)), ws
+
+    best, best_err = None, held_error(None)[0]
     for ridge in RIDGE:
-        w = w0 + evecs @ (rhs / (evals + ridge * scale)[:, None])
-        err = float((x[held] @ w - y[held]).norm())
+        err, ws = held_error(ridge)
         if err < best_err:
-            best, best_err = (ridge, w), err
+            best, best_err = (ridge, ws), err
     if best is None:
         return v, None
-    return with_down(layer, v, best[1].float()), best[0]
+    return with_down(layer, v, torch.cat(best[1]).float()), best[0]
 
 
 def stored_weights(v: Variant) -> list[torch.Tensor]:
-    """What the variant stores, the tensors refinement moves: base, a, b or gate, up, down."""
+    """What the variant stores, the tensors refinement moves: base, a, b or the expert weights."""
     if v.lowrank is not None:
         return [*v.lowrank.base, *v.lowrank.a, *v.lowrank.b]
-    return [v.experts.gate, v.experts.up, v.experts.down]
+    return list(v.experts.parts)
 
 
 def formed(v: Variant, params: list[torch.Tensor]) -> Variant:
     """The variant computed from params (as stored_weights orders them), differentiably."""
     if v.lowrank is None:
-        return Variant(v.table, Experts(*params))
-    base, a, b = params[:3], params[3:6], params[6:]
-    return Variant(v.table, Experts(*(bs + bb @ aa for bs, aa, bb in zip(base, a, b))))
+        return Variant(v.table, v.experts.like(params))
+    k = len(v.lowrank.base)
+    base, a, b = params[:k], params[k:2 * k], params[2 * k:]
+    return Variant(v.table, v.experts.like(bs + bb @ aa for bs, aa, bb in zip(base, a, b)))
 
 
 def as_variant(layer: MoeLayer, v: Variant, params: list[torch.Tensor]) -> Variant:
     stored = [p.detach().to(layer.dtype).float() for p in params]
     if v.lowrank is None:
-        return Variant(v.table, Experts(*stored))
-    return lowrank_variant(v.table, LowRank(tuple(stored[:3]), tuple(stored[3:6]), tuple(stored[6:])))
+        return Variant(v.table, v.experts.like(stored))
+    k = len(v.lowrank.base)
+    return lowrank_variant(v.table, LowRank(tuple(stored[:k]), tuple(stored[k:2 * k]), tuple(stored[2 * k:]),
+                                            v.lowrank.kind))
 
 
 def refine(layer: MoeLayer, v: Variant, fit: torch.Tensor, held: torch.Tensor) -> tuple[Variant, int]:

@@ -15,30 +15,28 @@ from __future__ import annotations
 
 import torch
 
-from moeedge.aggregate.layer import Experts, LowRank, MoeLayer, Variant
+from moeedge.aggregate.layer import LowRank, MoeLayer, Variant
 from moeedge.aggregate.merge import usage_weights
 
 LEVELS = 32  # ranks tried per layer when a memory target is split by sensitivity
 
 
 def max_rank(layer: MoeLayer) -> int:
-    return min(layer.experts.gate.shape[1:])
+    return min(layer.experts.parts[0].shape[1:])
 
 
-def base_expert(layer: MoeLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gate, up, down): the usage-weighted mean of the layer's experts, rounded as stored."""
+def base_expert(layer: MoeLayer) -> tuple[torch.Tensor, ...]:
+    """(gate, up, down) or (wi, wo): the usage-weighted mean of the layer's experts, rounded as stored."""
     w = usage_weights(layer, list(range(layer.n_experts))).float()
-    src = layer.experts
-    return tuple(torch.einsum("e,eij->ij", w, t).to(layer.dtype).float() for t in (src.gate, src.up, src.down))
+    return tuple(torch.einsum("e,eij->ij", w, t).to(layer.dtype).float() for t in layer.experts.parts)
 
 
 def decomposition(layer: MoeLayer) -> tuple[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """The base, and per weight (gate, up, down) the SVD (U [E, out, m], S [E, m], Vh [E, m, in])
+    """The base, and per weight (gate, up, down or wi, wo) the SVD (U [E, out, m], S [E, m], Vh [E, m, in])
     of every expert's difference from it, m = min(out, in). Kept: every rank is a slice."""
     if "lowrank" not in layer.memo:
         base = base_expert(layer)
-        src = layer.experts
-        svd = [torch.linalg.svd((t - b).double(), full_matrices=False) for t, b in zip((src.gate, src.up, src.down), base)]
+        svd = [torch.linalg.svd((t - b).double(), full_matrices=False) for t, b in zip(layer.experts.parts, base)]
         layer.memo["lowrank"] = base, svd
     return layer.memo["lowrank"]
 
@@ -51,13 +49,13 @@ def factors(layer: MoeLayer, rank: int) -> LowRank:
         root = s[:, :rank].sqrt()
         a.append((root[:, :, None] * vh[:, :rank]).to(layer.dtype).float())
         b.append((u[:, :, :rank] * root[:, None, :]).to(layer.dtype).float())
-    return LowRank(base, tuple(a), tuple(b))
+    return LowRank(base, tuple(a), tuple(b), layer.experts)
 
 
 def build(layer: MoeLayer, rank: int) -> Variant:
     if rank == 0:
         base, _ = decomposition(layer)
-        return Variant([0] * layer.n_experts, Experts(*(t[None] for t in base)))
+        return Variant([0] * layer.n_experts, layer.experts.like(t[None] for t in base))
     lowrank = factors(layer, rank)
     return Variant(list(range(layer.n_experts)), lowrank.experts(), lowrank)
 
@@ -70,9 +68,9 @@ def levels(layer: MoeLayer) -> list[int]:
 
 def expert_nbytes(layer: MoeLayer, rank: int) -> int:
     """One expert's bytes: its factors (rank 0: the one stored expert, the base)."""
-    inter, hidden = layer.experts.gate.shape[1:]
-    per_rank = 3 * (inter + hidden) * layer.dtype.itemsize
-    return rank * per_rank if rank else 3 * inter * hidden * layer.dtype.itemsize
+    inter, hidden = layer.experts.parts[0].shape[1:]
+    n_parts = len(layer.experts.parts)
+    return n_parts * (rank * (inter + hidden) if rank else inter * hidden) * layer.dtype.itemsize
 
 
 def memory_nbytes(layer: MoeLayer, rank: int) -> tuple[int, int]:

@@ -4,9 +4,10 @@ first permuted to line up with the representative's (the Hungarian method on wei
 similarity), then the members are averaged with weights proportional to how often the
 router picked them on the calibration text.
 
-Permuting rows of gate/up and the matching columns of down together leaves an expert's
-function unchanged (silu(x G^T) * (x U^T) is elementwise over neurons, and D sums over
-them): it only decides which neurons get averaged together. Shapes: I = intermediate, H = hidden.
+Permuting rows of gate/up (Switch: wi) and the matching columns of down (wo) together
+leaves an expert's function unchanged (silu(x G^T) * (x U^T), or relu(x Wi^T), is
+elementwise over neurons, and D sums over them): it only decides which neurons get
+averaged together. Shapes: I = intermediate, H = hidden.
 """
 from __future__ import annotations
 
@@ -14,21 +15,22 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from moeedge.aggregate.clustering import clustered_variant
-from moeedge.aggregate.layer import Experts, MoeLayer, Variant
+from moeedge.aggregate.layer import ExpertSet, MoeLayer, Variant
 
 
-def alignment(experts: Experts, rep: int, member: int) -> torch.Tensor:
+def alignment(experts: ExpertSet, rep: int, member: int) -> torch.Tensor:
     """[I] perm: member's neuron perm[i] best matches rep's neuron i, maximising the summed
-    dot products of their gate rows, up rows and down columns."""
-    sim = (experts.gate[rep] @ experts.gate[member].T + experts.up[rep] @ experts.up[member].T
-           + experts.down[rep].T @ experts.down[member])                       # [I, I]
+    dot products of their input rows (gate and up, or wi) and output columns (down, wo)."""
+    *ins, down = experts.parts
+    sim = sum(t[rep] @ t[member].T for t in ins) + down[rep].T @ down[member]   # [I, I]
     _, cols = linear_sum_assignment(sim.double().numpy(), maximize=True)
     return torch.from_numpy(cols)
 
 
-def permuted(experts: Experts, e: int, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Expert e with its intermediate neurons reordered: the same function."""
-    return experts.gate[e][perm], experts.up[e][perm], experts.down[e][:, perm]
+def permuted(experts: ExpertSet, e: int, perm: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Expert e's parts with its intermediate neurons reordered: the same function."""
+    *ins, down = experts.parts
+    return (*(t[e][perm] for t in ins), down[e][:, perm])
 
 
 def usage_weights(layer: MoeLayer, members: list[int]) -> torch.Tensor:
@@ -37,15 +39,15 @@ def usage_weights(layer: MoeLayer, members: list[int]) -> torch.Tensor:
     return counts / counts.sum() if counts.sum() > 0 else torch.full_like(counts, 1 / len(members))
 
 
-def merge_cluster(layer: MoeLayer, members: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def merge_cluster(layer: MoeLayer, members: list[int]) -> tuple[torch.Tensor, ...]:
     weights = usage_weights(layer, members)
     rep = members[int(weights.argmax())]
-    merged = [torch.zeros_like(t) for t in (layer.experts.gate[0], layer.experts.up[0], layer.experts.down[0])]
+    merged = [torch.zeros_like(t[0]) for t in layer.experts.parts]
     for m, w in zip(members, weights.tolist()):
         key = ("align", rep, m)
         if m != rep and key not in layer.memo:
             layer.memo[key] = alignment(layer.experts, rep, m)
-        perm = layer.memo[key] if m != rep else torch.arange(layer.experts.gate.shape[1])
+        perm = layer.memo[key] if m != rep else torch.arange(layer.experts.parts[0].shape[1])
         for acc, part in zip(merged, permuted(layer.experts, m, perm)):
             acc.add_(part, alpha=w)
     return tuple(merged)

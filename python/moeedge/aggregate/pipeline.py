@@ -1,6 +1,8 @@
 """`moeedge aggregate`: calibrate, choose each layer's level (experts kept, or the rank of
 its low-rank factors), build each layer's variant (then distill it, for distill), write the
-directory, and measure it against the source on held-out text."""
+directory, and measure it against the source on held-out text. Sources: decoder-only
+(Mixtral, Qwen2-MoE, OLMoE) and Switch Transformers checkpoints, whose MoE layers are the
+encoder's and then the decoder's."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,19 +11,50 @@ from tqdm import tqdm
 
 import moeedge
 from moeedge.aggregate import average, distill, lowrank, merge, prune, variant
-from moeedge.aggregate.calibration import DEFAULT_TOKENS, calibration_windows, gather
+from moeedge.aggregate.calibration import (DEFAULT_TOKENS, calibration_examples, calibration_windows, gather,
+                                           gather_switch)
 from moeedge.aggregate.clustering import merge_tree
 from moeedge.aggregate.layer import MoeLayer, read_layer
 from moeedge.aggregate.merge import usage_weights
 from moeedge.aggregate.targets import choose_levels, measure_sensitivity
+from moeedge.api import open_checkpoint
 from moeedge.derived import check_output, open_decoder_source
 from moeedge.evaluate import DEFAULT_WINDOW, evaluate
+from moeedge.formats.checkpoint import Checkpoint
+from moeedge.formats.switch_checkpoint import SwitchConfig
 from moeedge.train.corpus import HELD_OUT
 
 METHODS = ("merge", "average", "prune", "lowrank", "distill")
 BUILDERS = {"merge": merge.build, "average": average.build, "prune": prune.build, "lowrank": lowrank.build}
 DISTILL_FROM = ("merge", "lowrank")
 EVAL_TOKENS = 8192
+
+
+def open_source(source) -> Checkpoint:
+    """A Switch Transformers directory that is not already a variant, or a decoder source
+    as moeedge.derived.open_decoder_source checks it (ValueError saying why not)."""
+    if source is None or not Path(source).is_dir():
+        return open_decoder_source(source, "aggregate")
+    ckpt = open_checkpoint(source)
+    if not isinstance(ckpt.config, SwitchConfig):
+        return open_decoder_source(source, "aggregate")
+    if ckpt.config.expert_map is not None:
+        raise ValueError(f"{ckpt.source}: an aggregated variant; aggregate its source instead")
+    if "tokenizer.model" not in ckpt.tokenizer_files:
+        raise ValueError(f"{ckpt.source} has no tokenizer.model: the corpus is encoded with the Switch "
+                         f"model's sentencepiece model")
+    return ckpt
+
+
+def calibrate(model, n_tokens: int, progress: bool) -> tuple[list, int, int]:
+    """(per MoE layer calibration, tokens (Switch: encoder inputs), windows) from the training split."""
+    if model.tokenizer is None:
+        raise ValueError(f"{model.checkpoint.source} has no tokenizer files: calibration needs one")
+    if model.encoder_decoder:
+        examples = calibration_examples(model.tokenizer, model.config.vocab, n_tokens, model.runner.max_context)
+        return gather_switch(model, examples, progress), sum(len(i) for i, _ in examples), len(examples)
+    windows = calibration_windows(model.tokenizer, n_tokens, model.runner.max_context)
+    return gather(model, windows, progress), sum(map(len, windows)), len(windows)
 
 
 def check_method(method: str, distill_from: str | None) -> str:
@@ -82,20 +115,17 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
                          f"got {calibration_tokens} and {eval_tokens}")
     out = Path(out)
     check_output(out)
-    ckpt = open_decoder_source(source, "aggregate")
+    ckpt = open_source(source)
     cfg = ckpt.config
     check_targets(cfg, built, experts_per_layer, rank, expert_memory)
-    n_layers = len(cfg.moe_layers)
+    n_layers = len(ckpt.expert_parts)
     expert_bytes = [ckpt.layer_expert_nbytes(i) for i in range(n_layers)]
     if expert_memory is not None and expert_memory * ckpt.expert_nbytes < sum(expert_bytes):
         raise ValueError(f"--expert-memory {expert_memory}: one expert per layer already takes "
                          f"{sum(expert_bytes) / ckpt.expert_nbytes:.4g} of the expert bytes")
 
     with moeedge.load(ckpt.source, memory_budget=memory_budget, max_context=window) as model:
-        if model.tokenizer is None:
-            raise ValueError(f"{ckpt.source} has no tokenizer files: calibration needs one")
-        windows = calibration_windows(model.tokenizer, calibration_tokens, model.runner.max_context)
-        calibration = gather(model, windows, progress)
+        calibration, calibration_total, n_windows = calibrate(model, calibration_tokens, progress)
         layers = [read_layer(model, i, calibration[i]) for i in range(n_layers)]
 
     build = BUILDERS[built]
@@ -118,7 +148,7 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
     meta = {
         "method": method, "source": str(Path(ckpt.source).resolve()),
         "targets": {"experts_per_layer": experts_per_layer, "rank": rank, "expert_memory": expert_memory},
-        "calibration": {"tokens": sum(map(len, windows)), "windows": len(windows), "split": "train",
+        "calibration": {"tokens": calibration_total, "windows": n_windows, "split": "train",
                         "held_out_packages_excluded": list(HELD_OUT)},
         "expert_bytes_source": ckpt.expert_nbytes,
         "expert_bytes": sum(e for e, _ in stored),   # offloadable: what the runtime caches and fetches

@@ -2,7 +2,9 @@
 
 - config.json: the source's, unchanged (the router keeps its E outputs);
 - model.safetensors: the source's dense tensors and, per MoE layer, its n stored experts
-  under the family's usual names (`...experts.{0..n-1}.w1.weight`), in the source's dtype;
+  under the family's usual names (`...experts.{0..n-1}.w1.weight`; Switch:
+  `...mlp.experts.expert_{0..n-1}.wi.weight`, moeedge.formats.switch_checkpoint), in the
+  source's dtype;
   a low-rank layer stores its base as `...experts.base.w1.weight` (resident: not an expert
   tensor) and each expert's factors as `...experts.{e}.w1.lora_A.weight` / `lora_B`
   (moeedge.formats.hf_checkpoint.expert_tensor_names);
@@ -25,7 +27,9 @@ from safetensors.torch import save_file
 from moeedge.aggregate.layer import Variant
 from moeedge.derived import publish
 from moeedge.formats.checkpoint import Checkpoint
+from moeedge.formats import switch_checkpoint
 from moeedge.formats.hf_checkpoint import VARIANT_FILE, expert_tensor_names
+from moeedge.formats.switch_checkpoint import SwitchConfig
 
 FORMAT_VERSION = 1
 
@@ -33,15 +37,15 @@ FORMAT_VERSION = 1
 def stored_tensors(ckpt: Checkpoint, moe_layer: int, v: Variant) -> dict[str, torch.Tensor]:
     """A layer's stored experts (and base) by tensor name, fp32."""
     cfg = ckpt.config
+    names = switch_checkpoint.expert_tensor_names if isinstance(cfg, SwitchConfig) else expert_tensor_names
     if v.lowrank is None:
-        return {name: t for e in range(len(v.experts))
-                for (_, name), t in zip(expert_tensor_names(cfg, moe_layer, e),
-                                        (v.experts.gate[e], v.experts.up[e], v.experts.down[e]))}
+        return {name: t[e] for e in range(len(v.experts))
+                for (_, name), t in zip(names(cfg, moe_layer, e), v.experts.parts)}
     lr = v.lowrank
-    out = {name: t for (_, name), t in zip(expert_tensor_names(cfg, moe_layer, "base"), lr.base)}
+    out = {name: t for (_, name), t in zip(names(cfg, moe_layer, "base"), lr.base)}
     for e in range(len(v.experts)):
-        parts = [t[e] for a, b in zip(lr.a, lr.b) for t in (a, b)]  # gate_a, gate_b, up_a, ...
-        out.update((name, t) for (_, name), t in zip(expert_tensor_names(cfg, moe_layer, e, lowrank=True), parts))
+        parts = [t[e] for a, b in zip(lr.a, lr.b) for t in (a, b)]  # gate_a, gate_b, up_a, ... (wi_a, wi_b, ...)
+        out.update((name, t) for (_, name), t in zip(names(cfg, moe_layer, e, lowrank=True), parts))
     return out
 
 

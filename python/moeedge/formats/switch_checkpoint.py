@@ -1,17 +1,25 @@
 """Switch Transformers (encoder-decoder, top-1 routing) checkpoints as transformers 5.x
 save_pretrained writes them: `{encoder,decoder}.block.B.layer.L.mlp.experts.expert_E.wi/wo`
-with L = 1 in the encoder and 2 in the decoder (after cross-attention)."""
+with L = 1 in the encoder and 2 in the decoder (after cross-attention).
+
+Aggregated variants (`moeedge aggregate`) are read as the decoder's are
+(moeedge.formats.hf_checkpoint): moeedge_variant.json's `expert_map` maps router outputs
+to the n stored experts `expert_0..expert_{n-1}`; a low-rank layer keeps its base as the
+dense `...mlp.experts.base.wi/wo.weight` and each expert's factors as
+`...expert_E.wi.lora_A.weight` / `lora_B`."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.errors import CheckpointError
-from moeedge.formats.hf_checkpoint import TOKENIZER_FILES, _tensor_table, expert_table, shard_files
+from moeedge.formats.hf_checkpoint import (LOWRANK_FACTORS, TOKENIZER_FILES, _tensor_table, expert_table,
+                                           read_variant_map, shard_files)
 from moeedge.formats.hf_config import _dtype, _eos, _require
 from moeedge.formats.safetensors_file import TensorInfo, read_tensor
 
@@ -52,6 +60,8 @@ class SwitchConfig:
     max_position: int = MAX_POSITION
     dtype: torch.dtype = torch.float32
     family: str = "switch_transformers"
+    # Aggregated variants: per MoE layer, router output -> stored expert, -1: dropped (pruned).
+    expert_map: list[list[int]] | None = None
 
     # The names the memory planner shares with DecoderConfig.
     @property
@@ -171,14 +181,53 @@ def _check_dense(cfg: SwitchConfig, tensors: dict[str, TensorInfo], source: str)
                                   f"config.json implies {list(shape)}")
 
 
+def expert_tensor_names(cfg: SwitchConfig, moe_layer: int, e: int | str, lowrank: bool = False
+                        ) -> list[tuple[str, str]]:
+    """[(role, tensor name)] of stored expert e of a MoE layer in packing order: wi, wo, or
+    with lowrank their factors wi_a, wi_b, wo_a, wo_b (e="base": the low-rank base)."""
+    prefix = ff_prefix(*cfg.moe_blocks()[moe_layer]) + "mlp.experts." + ("base" if e == "base" else f"expert_{e}")
+    if not lowrank:
+        return [(role, f"{prefix}.{role}.weight") for role in ("wi", "wo")]
+    return [(f"{role}_{f}", f"{prefix}.{role}.{peft}.weight") for role in ("wi", "wo") for f, peft in LOWRANK_FACTORS]
+
+
+def _lowrank_rank(cfg: SwitchConfig, tensors: dict[str, TensorInfo], moe_layer: int,
+                  shapes: dict[str, tuple[int, int]], label: str) -> int | None:
+    """The rank of a low-rank layer's factors (None: the layer stores plain experts)."""
+    base = expert_tensor_names(cfg, moe_layer, "base")
+    if base[0][1] not in tensors:
+        return None
+    for role, name in base:
+        info = tensors.get(name)
+        if info is None or info.shape != shapes[role]:
+            raise CheckpointError(f"{label}: low-rank base {name!r} is missing or not {list(shapes[role])}")
+    if cfg.expert_map is None or cfg.expert_map[moe_layer] != list(range(cfg.n_experts)):
+        raise CheckpointError(f"{label}: a low-rank layer stores every expert (expert_map must be 0..E-1)")
+    first = tensors.get(expert_tensor_names(cfg, moe_layer, 0, lowrank=True)[0][1])
+    return first.shape[0] if first is not None else 0  # missing: expert_table says which
+
+
 def _expert_layout(cfg: SwitchConfig, tensors: dict[str, TensorInfo], files: list[str]):
     blocks = cfg.moe_blocks()
+    dense = {"wi": (cfg.ff, cfg.hidden), "wo": (cfg.hidden, cfg.ff)}
+
+    def label(moe_layer: int) -> str:
+        return "{} block {}".format(*blocks[moe_layer])
+
+    ranks = [_lowrank_rank(cfg, tensors, i, dense, label(i)) for i in range(len(blocks))]
+
+    def shapes(moe_layer: int) -> dict[str, tuple[int, ...]]:
+        r = ranks[moe_layer]
+        if r is None:
+            return dense
+        return {**{f"{role}_a": (r, s[1]) for role, s in dense.items()},
+                **{f"{role}_b": (s[0], r) for role, s in dense.items()}}
 
     def names(moe_layer: int, e: int) -> list[tuple[str, str]]:
-        return [(role, f"{ff_prefix(*blocks[moe_layer])}mlp.experts.expert_{e}.{role}.weight") for role in ("wi", "wo")]
+        return expert_tensor_names(cfg, moe_layer, e, lowrank=ranks[moe_layer] is not None)
 
-    return expert_table(tensors, files, {"wi": (cfg.ff, cfg.hidden), "wo": (cfg.hidden, cfg.ff)}, len(blocks),
-                        cfg.n_experts, names, lambda moe_layer: "{} block {}".format(*blocks[moe_layer]))
+    counts = [max(row) + 1 for row in cfg.expert_map] if cfg.expert_map else cfg.n_experts
+    return expert_table(tensors, files, shapes, len(blocks), counts, names, label)
 
 
 def open_switch(directory: Path, raw: dict) -> Checkpoint:
@@ -186,6 +235,8 @@ def open_switch(directory: Path, raw: dict) -> Checkpoint:
     cfg = switch_config(raw, directory / "config.json")
     if cfg.moe_layers == 0:
         raise CheckpointError(f"{directory / 'config.json'}: no sparse blocks; nothing to offload")
+    # read_variant_map checks one row of n_experts router outputs per MoE layer
+    cfg.expert_map = read_variant_map(directory, SimpleNamespace(moe_layers=cfg.moe_blocks(), n_experts=cfg.n_experts))
     files = shard_files(directory)
     tensors = _tensor_table(files)
     paths = [str(p) for p in files]

@@ -4,8 +4,11 @@ As transformers computes it: T5 blocks (RMS layer norm without mean, relative po
 bias from each stack's first block shared by all its blocks, unscaled dot-product
 attention), and a top-1 router in fp32 that drops the tokens past an expert's capacity,
 counted in sequence order over the tokens of one forward call. A dropped token gets no
-expert output; only its residual passes. Shapes: Ts = encoder tokens, T = tokens in
-this step, S = positions attended to, H = heads, D = head dim, E = experts.
+expert output; only its residual passes. An aggregated variant (moeedge aggregate) keeps
+the router's E outputs and maps them to its stored experts (cfg.expert_map); a low-rank
+layer computes each expert from the layer's resident base plus the expert's factors.
+Shapes: Ts = encoder tokens, T = tokens in this step, S = positions attended to,
+H = heads, D = head dim, E = experts, I = d_ff.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moeedge.formats.switch_checkpoint import SwitchConfig, ff_prefix
+from moeedge.formats.switch_checkpoint import SwitchConfig, expert_tensor_names, ff_prefix
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.memory import SLACK_BYTES
 
@@ -116,6 +119,13 @@ class SwitchMoE:
         self.embed = dense["shared.weight"] if "shared.weight" in dense else dense["encoder.embed_tokens.weight"]
         self.lm_head = self.embed if cfg.tie_embeddings else dense["lm_head.weight"]
         self.act = ACT[cfg.act]
+        # Variants: router output -> stored expert (-1: pruned), and low-rank layers' bases (wi, wo).
+        self.tables = None if cfg.expert_map is None else [torch.tensor(row) for row in cfg.expert_map]
+        self.base = {}
+        for i in range(cfg.moe_layers):
+            names = [name for _, name in expert_tensor_names(cfg, i, "base")]
+            if names[0] in dense:
+                self.base[i] = tuple(dense[n] for n in names)
         # Per MoE layer, the expert each token of the last call went to; -1: dropped past capacity.
         self.last_routing: list[torch.Tensor | None] = [None] * cfg.moe_layers
         self.recorder = None  # recorder(moe_layer, experts [T, 1], gates [T, 1], hidden [T, H]); -1: dropped
@@ -133,6 +143,8 @@ class SwitchMoE:
         per_token = 8 * cfg.hidden + 3 * cfg.inner + 6 * cfg.n_experts  # the router's int64 one-hot and cumsum
         scores = 4 * cfg.n_heads * chunk * max_context  # scores, bias, mask, softmax of one chunk
         ffn = 2 * min(cfg.expert_capacity, max_context) * cfg.ff + chunk * cfg.ff
+        if cfg.expert_map is not None:  # a low-rank layer's base product over every token
+            ffn += max_context * cfg.ff
         return (max_context * per_token + scores + ffn + chunk * cfg.vocab) * 4 + SLACK_BYTES
 
     # -- sublayers ---------------------------------------------------------------------
@@ -148,14 +160,22 @@ class SwitchMoE:
 
     # -- mixture of experts ------------------------------------------------------------
     def route(self, x: torch.Tensor, moe_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T] expert of each token (-1: past the expert's capacity) and [T] its probability,
-        as SwitchTransformersTop1Router in eval (no jitter; the z-loss only trains)."""
+        """[T] stored expert of each token (-1: past the expert's capacity) and [T] its
+        probability, as SwitchTransformersTop1Router in eval (no jitter; the z-loss only
+        trains). In a variant, experts that pruning dropped leave the softmax (as the
+        decoder's route does), and capacity counts per router output, as in the source:
+        merging changes no token's router pick, so none is dropped that the source kept."""
         weight, bias = self.routers[moe_layer]
         logits = F.linear(x.to(weight.dtype), weight, bias)  # [T, E]
+        table = None if self.tables is None else self.tables[moe_layer]
+        if table is not None:
+            logits = logits.masked_fill(table < 0, float("-inf"))
         probs = torch.softmax(logits, dim=-1, dtype=weight.dtype).to(x.dtype)
         expert = probs.argmax(dim=-1)
         priority = F.one_hot(expert, self.cfg.n_experts).cumsum(dim=0)  # [T, E] tokens so far per expert
         kept = priority.gather(1, expert[:, None])[:, 0] <= self.cfg.expert_capacity
+        if table is not None:
+            expert = table[expert]
         return torch.where(kept, expert, -1), probs.max(dim=-1).values
 
     def _moe(self, x: torch.Tensor, moe_layer: int) -> torch.Tensor:
@@ -170,11 +190,18 @@ class SwitchMoE:
         self.experts.prefetch(moe_layer, missing, priority=1)
         if self.prefetch:
             self._prefetch_next(x, moe_layer)
+        base = self.base.get(moe_layer)
+        if base is not None:  # low-rank: the base's wi product once, for every token
+            wi_base = F.linear(x, base[0])  # [T, I]
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for e in sorted(chosen, key=lambda e: e in missing):
             tokens = torch.where(expert == e)[0]
             ew = self.experts.get(moe_layer, e)
-            y = F.linear(self.act(F.linear(x[tokens], ew["wi"])), ew["wo"])
+            if base is None:
+                y = F.linear(self.act(F.linear(x[tokens], ew["wi"])), ew["wo"])
+            else:  # weights base + b @ a, never formed: base(x) + b (a x) per projection
+                h = self.act(wi_base[tokens] + F.linear(F.linear(x[tokens], ew["wi_a"]), ew["wi_b"]))
+                y = F.linear(h, base[1]) + F.linear(F.linear(h, ew["wo_a"]), ew["wo_b"])
             del ew  # unpin before the next expert is read
             outputs[e] = (tokens, y * prob[tokens, None])
         out = torch.zeros_like(x)
