@@ -132,27 +132,27 @@ def read_variant_map(directory: Path, cfg: DecoderConfig) -> list[list[int]] | N
     return table
 
 
-def _lowrank_rank(cfg: DecoderConfig, tensors: dict[str, TensorInfo], moe_layer: int,
-                  shapes: dict[str, tuple[int, int]]) -> int | None:
-    """The rank of a low-rank layer's factors (None: the layer stores plain experts)."""
-    base = expert_tensor_names(cfg, moe_layer, "base")
+def lowrank_rank(cfg, tensors: dict[str, TensorInfo], moe_layer: int, shapes: dict[str, tuple[int, int]],
+                 label: str, names=expert_tensor_names) -> int | None:
+    """The rank of a low-rank layer's factors (None: the layer stores plain experts).
+    names: the format's expert_tensor_names (decoders' here, Switch's its own)."""
+    base = names(cfg, moe_layer, "base")
     if base[0][1] not in tensors:
         return None
-    label = f"layer {cfg.moe_layers[moe_layer]}"
     for role, name in base:
         info = tensors.get(name)
         if info is None or info.shape != shapes[role]:
             raise CheckpointError(f"{label}: low-rank base {name!r} is missing or not {list(shapes[role])}")
     if cfg.expert_map is None or cfg.expert_map[moe_layer] != list(range(cfg.n_experts)):
         raise CheckpointError(f"{label}: a low-rank layer stores every expert (expert_map must be 0..E-1)")
-    first = tensors.get(expert_tensor_names(cfg, moe_layer, 0, lowrank=True)[0][1])
+    first = tensors.get(names(cfg, moe_layer, 0, lowrank=True)[0][1])
     return first.shape[0] if first is not None else 0  # missing: expert_table says which
 
 
 def _expert_layout(cfg: DecoderConfig, tensors: dict[str, TensorInfo], files: list[str]):
     dense = {"gate": (cfg.expert_intermediate, cfg.hidden), "up": (cfg.expert_intermediate, cfg.hidden),
              "down": (cfg.hidden, cfg.expert_intermediate)}
-    ranks = [_lowrank_rank(cfg, tensors, i, dense) for i in range(len(cfg.moe_layers))]
+    ranks = [lowrank_rank(cfg, tensors, i, dense, f"layer {layer}") for i, layer in enumerate(cfg.moe_layers)]
 
     def shapes(moe_layer: int) -> dict[str, tuple[int, ...]]:
         r = ranks[moe_layer]

@@ -19,7 +19,7 @@ import torch
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.hf_checkpoint import (LOWRANK_FACTORS, TOKENIZER_FILES, _tensor_table, expert_table,
-                                           read_variant_map, shard_files)
+                                           lowrank_rank, read_variant_map, shard_files)
 from moeedge.formats.hf_config import _dtype, _eos, _require
 from moeedge.formats.safetensors_file import TensorInfo, read_tensor
 
@@ -191,22 +191,6 @@ def expert_tensor_names(cfg: SwitchConfig, moe_layer: int, e: int | str, lowrank
     return [(f"{role}_{f}", f"{prefix}.{role}.{peft}.weight") for role in ("wi", "wo") for f, peft in LOWRANK_FACTORS]
 
 
-def _lowrank_rank(cfg: SwitchConfig, tensors: dict[str, TensorInfo], moe_layer: int,
-                  shapes: dict[str, tuple[int, int]], label: str) -> int | None:
-    """The rank of a low-rank layer's factors (None: the layer stores plain experts)."""
-    base = expert_tensor_names(cfg, moe_layer, "base")
-    if base[0][1] not in tensors:
-        return None
-    for role, name in base:
-        info = tensors.get(name)
-        if info is None or info.shape != shapes[role]:
-            raise CheckpointError(f"{label}: low-rank base {name!r} is missing or not {list(shapes[role])}")
-    if cfg.expert_map is None or cfg.expert_map[moe_layer] != list(range(cfg.n_experts)):
-        raise CheckpointError(f"{label}: a low-rank layer stores every expert (expert_map must be 0..E-1)")
-    first = tensors.get(expert_tensor_names(cfg, moe_layer, 0, lowrank=True)[0][1])
-    return first.shape[0] if first is not None else 0  # missing: expert_table says which
-
-
 def _expert_layout(cfg: SwitchConfig, tensors: dict[str, TensorInfo], files: list[str]):
     blocks = cfg.moe_blocks()
     dense = {"wi": (cfg.ff, cfg.hidden), "wo": (cfg.hidden, cfg.ff)}
@@ -214,7 +198,7 @@ def _expert_layout(cfg: SwitchConfig, tensors: dict[str, TensorInfo], files: lis
     def label(moe_layer: int) -> str:
         return "{} block {}".format(*blocks[moe_layer])
 
-    ranks = [_lowrank_rank(cfg, tensors, i, dense, label(i)) for i in range(len(blocks))]
+    ranks = [lowrank_rank(cfg, tensors, i, dense, label(i), expert_tensor_names) for i in range(len(blocks))]
 
     def shapes(moe_layer: int) -> dict[str, tuple[int, ...]]:
         r = ranks[moe_layer]
