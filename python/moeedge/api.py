@@ -345,9 +345,8 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
             runner.prefetch = predictor is not None and prefetch is not False
         else:
             # Guesses feed eviction (policy="predicted"); reading them early is off unless asked
-            # (prefetch=True): with predicted eviction, early reads cost more than they hid, 9.2
-            # against 6.6 tok/s on mixtral-medium at half its size, 4.3 against 3.5 on default-64m
-            # at a quarter of its experts (README, Results).
+            # (prefetch=True): even read only where it pays (runtime/prefetcher.py) it measured
+            # 0.93-1.07x of this default under memory limits (README, Results).
             runner.prefetcher = build_prefetcher(ckpt, runner.w, experts, predictor, lookahead if prefetch else 0,
                                                  predictor_file, policy)
         if ckpt.tokenizer_factory is not None:
