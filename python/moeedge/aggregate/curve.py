@@ -1,8 +1,10 @@
 """Quality against memory: each aggregation method at several shares of the expert
 bytes, measured on held-out text, written as JSON and a PNG plot.
 
-    python -m moeedge.aggregate.curve [SOURCE] --methods prune,average,merge,lowrank
+    python -m moeedge.aggregate.curve [SOURCE] --methods prune,average,merge,lowrank,distill:lowrank
         --levels 1.0,0.75,0.5,0.3,0.2,0.125 [--eval-tokens 4096] -o OUT_DIR
+
+A method "distill:M" is distillation starting from method M (merge or lowrank).
 
 Whole-expert methods stop at one expert per layer (1/E of the bytes); lowrank's rank 0
 is that too, its base counted. A level a method cannot reach is recorded as refused.
@@ -30,7 +32,9 @@ def measure(source, methods: list[str], levels: list[float], eval_tokens: int, w
                     points.append({"method": method, "level": 1.0, "share": 1.0, "ppl_ratio": 1.0,
                                    "top1_agreement": 1.0, "kl_mean": 0.0})
                     continue
-                meta = aggregate(source, method, out, expert_memory=level, eval_tokens=eval_tokens)
+                name, _, start = method.partition(":")
+                meta = aggregate(source, name, out, expert_memory=level, distill_from=start or None,
+                                 eval_tokens=eval_tokens)
             except ValueError as e:
                 points.append({"method": method, "level": level, "refused": str(e)})
                 print(json.dumps(points[-1]), flush=True)
