@@ -26,8 +26,8 @@ from moeedge.tokenizer import Tokenizer
 
 POLICIES = ("lru", "lfu", "score", "predicted")
 # Tokens per prefill step, largest first. The largest that fits the budget is used: a
-# smaller chunk holds fewer activations (mixtral-medium: 84 MiB of buffers at 128, 52 at
-# 16), but a prompt's chunks each read the experts they route to that the cache could
+# smaller chunk holds fewer activations (mixtral-medium at max_context 256: 84 MiB of
+# buffers at 128, 52 at 16, as `moeedge.load(...).plan` reports them), but a prompt's chunks each read the experts they route to that the cache could
 # not keep, so a tight budget trades prefill speed for fitting at all.
 PREFILL_CHUNKS = (128, 64, 32, 16)
 

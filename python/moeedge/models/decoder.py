@@ -83,10 +83,13 @@ class DecoderMoE:
         return 2 * cfg.n_layers * max_context * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
 
     @staticmethod
+    def widest_ffn(cfg: DecoderConfig) -> int:
+        return max(cfg.expert_intermediate, cfg.dense_intermediate, cfg.shared_expert_intermediate)
+
+    @staticmethod
     def ffn_rows(cfg: DecoderConfig) -> int:
         """Token rows per feed-forward block (FFN_ACTIVATION_BYTES), fp32 activations."""
-        widest = max(cfg.expert_intermediate, cfg.dense_intermediate, cfg.shared_expert_intermediate)
-        return max(1, FFN_ACTIVATION_BYTES // (4 * widest * 4))
+        return max(1, FFN_ACTIVATION_BYTES // (4 * DecoderMoE.widest_ffn(cfg) * 4))
 
     @staticmethod
     def buffer_bytes(cfg: DecoderConfig, max_context: int, chunk: int) -> int:
@@ -95,7 +98,7 @@ class DecoderMoE:
         NATIVE_MAX_TOKENS one block of weights converted to fp32 (moeedge.kernels), plus
         the allocator's slack."""
         per_token = 6 * cfg.hidden + cfg.vocab + cfg.n_heads * max_context
-        widest = max(cfg.expert_intermediate, cfg.dense_intermediate, cfg.shared_expert_intermediate)
+        widest = DecoderMoE.widest_ffn(cfg)
         ffn = min(chunk, DecoderMoE.ffn_rows(cfg)) * 4 * widest * 4
         largest = max(widest, cfg.vocab, cfg.n_heads * cfg.head_dim) * cfg.hidden * 4
         converted = min(CONVERT_BLOCK_BYTES, largest) if chunk > NATIVE_MAX_TOKENS else 0

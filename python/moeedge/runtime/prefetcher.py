@@ -142,10 +142,10 @@ class Prefetcher:
             if d > self.lookahead or room == 0:
                 break
             top = torch.topk(chances[target], min(self.top_k, room))
-            guess = top.indices[top.values > 0].tolist()  # a variant stores fewer experts than E
-            values = top.values[top.values > 0].tolist()
-            self.guesses[target] = (d, guess, values)  # scored when the target layer routes
-            wanted += [(target, e) for e, p in zip(guess, values) if self._calibrated(p) > threshold]
+            # a variant stores fewer experts than E: those it lacks have chance 0
+            picks = [(e, p) for e, p in zip(top.indices.tolist(), top.values.tolist()) if p > 0]
+            self.guesses[target] = (d, [e for e, _ in picks], [p for _, p in picks])  # scored when it routes
+            wanted += [(target, e) for e, p in picks if self._calibrated(p) > threshold]
             room -= len(top.indices)
         if self.eviction is not None:
             wanted = self.eviction.worth_reading(wanted)
