@@ -125,12 +125,14 @@ def stored_weights(v: Variant) -> list[torch.Tensor]:
 
 
 def formed(v: Variant, params: list[torch.Tensor]) -> Variant:
-    """The variant computed from params (as stored_weights orders them), differentiably."""
+    """The variant computed from params (as stored_weights orders them), differentiably. Its
+    parts are tuples of per-expert tensors: taking expert e of a stacked tensor would cost a
+    zero-filled gradient of the whole stack per expert in the backward pass (n-squared)."""
     if v.lowrank is None:
-        return Variant(v.table, v.experts.like(params))
+        return Variant(v.table, v.experts.like(p.unbind(0) for p in params))
     k = len(v.lowrank.base)
     base, a, b = params[:k], params[k:2 * k], params[2 * k:]
-    return Variant(v.table, v.experts.like(bs + bb @ aa for bs, aa, bb in zip(base, a, b)))
+    return Variant(v.table, v.experts.like((bs + bb @ aa).unbind(0) for bs, aa, bb in zip(base, a, b)))
 
 
 def as_variant(layer: MoeLayer, v: Variant, params: list[torch.Tensor]) -> Variant:

@@ -36,7 +36,7 @@ class ExpertSet:
         raise NotImplementedError
 
     def __len__(self) -> int:
-        return self.parts[0].shape[0]
+        return len(self.parts[0])  # a stacked tensor, or a tuple of per-expert tensors
 
     def select(self, index: list[int]) -> "ExpertSet":
         return self.like(t[index] for t in self.parts)
