@@ -86,15 +86,24 @@ def _gguf_blocks(quant: str, rows: int, cols: int, seed: int = 0) -> torch.Tenso
     return torch.from_numpy(blocks.reshape(-1))
 
 
+@pytest.fixture(params=[p for p in _core.linear_paths() if p != "scalar"])
+def simd(request):
+    """Each SIMD path this CPU has (the widest is what the runtime takes)."""
+    _core.linear_force_path(request.param)
+    yield request.param
+    _core.linear_force_path("")
+
+
 @pytest.mark.parametrize("tokens", [1, 16], ids=["tg1", "tg16"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_matvec_expert_formats(benchmark, measured, fmt, tokens):
+def test_matvec_expert_formats(benchmark, measured, simd, fmt, tokens):
     """One 14336x4096 expert matrix times T tokens' activations through moeedge.kernels.linear,
-    each format read as stored: GB/s of stored bytes, and time relative to bf16 and Q8_0."""
+    each format read as stored, on each SIMD path: GB/s of stored bytes, and time relative to
+    bf16 and Q8_0 on the same path."""
     from moeedge.formats.gguf_quants import dequantize
     from moeedge.kernels import QuantTensor
 
-    benchmark.group = f"matvec_expert_{EXPERT_ROWS}x{EXPERT_COLS}_t{tokens}"
+    benchmark.group = f"matvec_expert_{EXPERT_ROWS}x{EXPERT_COLS}_t{tokens}_{simd}"
     rows, cols = EXPERT_ROWS, EXPERT_COLS
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, cols, generator=gen)
@@ -118,11 +127,11 @@ def test_matvec_expert_formats(benchmark, measured, fmt, tokens):
     # Q4/Q6/int8/int4 round x to int16 per 32 values: relative error ~2**-16 of the block's largest activation.
     torch.testing.assert_close(out, expected, atol=1e-3 * expected.abs().max().item(), rtol=1e-3)
     seconds = benchmark.stats["median"]
-    measured[f"{fmt}_t{tokens}"] = seconds
+    measured[f"{fmt}_t{tokens}_{simd}"] = seconds
     benchmark.extra_info["gb_per_s"] = nbytes / seconds / 1e9
     benchmark.extra_info["gweights_per_s"] = rows * cols * tokens / seconds / 1e9
     benchmark.extra_info["bits_per_weight"] = nbytes * 8 / (rows * cols)
     for base in ("bf16", "q8_0"):
-        if f"{base}_t{tokens}" in measured:
-            benchmark.extra_info[f"speedup_vs_{base}"] = measured[f"{base}_t{tokens}"] / seconds
+        if f"{base}_t{tokens}_{simd}" in measured:
+            benchmark.extra_info[f"speedup_vs_{base}"] = measured[f"{base}_t{tokens}_{simd}"] / seconds
     benchmark.extra_info["path"] = _core.linear_path()

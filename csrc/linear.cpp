@@ -2,6 +2,8 @@
 
 #include <atomic>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "linear_impl.h"
@@ -12,21 +14,39 @@ namespace detail {
 
 namespace {
 
-std::atomic<bool> force_scalar{false};
+std::atomic<int> forced{-1};  // a Path, or -1: the CPU's best
 
+Path cpu_path() {
 #ifdef MOEEDGE_X86
-bool has_avx2() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c"))
+    return Path::scalar;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    return Path::avx512;
+  return Path::avx2;
+#else
+  return Path::scalar;
 #endif
+}
+
+const char* const kPathNames[] = {"scalar", "avx2", "avx512"};
 
 }  // namespace
 
-bool use_avx2() {
+Path best_path() {
+  static const Path best = cpu_path();
+  return best;
+}
+
+Path path() {
+  const int f = forced.load();
+  return f < 0 ? best_path() : static_cast<Path>(f);
+}
+
+bool has_avx512vnni() {
 #ifdef MOEEDGE_X86
-  static const bool avx2 = has_avx2();
-  return avx2 && !force_scalar.load();
+  static const bool vnni = (__builtin_cpu_init(), __builtin_cpu_supports("avx512vnni") != 0);
+  return vnni;
 #else
   return false;
 #endif
@@ -87,36 +107,10 @@ void bf16_scalar(const float* x, size_t tokens, const uint8_t* w8, size_t cols, 
   }
 }
 
-void q8_0_scalar(const float* x, size_t tokens, const uint8_t* w, size_t cols, float* out, size_t rows,
-                 size_t begin, size_t end) {
-  const size_t blocks = cols / kQ8Block;
-  for (size_t r = begin; r < end; ++r) {
-    const uint8_t* row = w + r * blocks * kQ8BlockBytes;
-    for (size_t t = 0; t < tokens; ++t) {
-      const float* xt = x + t * cols;
-      float acc = 0.f;
-      for (size_t b = 0; b < blocks; ++b) {
-        const uint8_t* block = row + b * kQ8BlockBytes;
-        uint16_t d;
-        std::memcpy(&d, block, 2);
-        const auto* q = reinterpret_cast<const int8_t*>(block + 2);
-        float dot = 0.f;
-        for (size_t i = 0; i < kQ8Block; ++i) dot += xt[b * kQ8Block + i] * q[i];
-        acc += half_to_float(d) * dot;
-      }
-      out[t * rows + r] = acc;
-    }
-  }
-}
-
 #ifdef MOEEDGE_X86
 MOEEDGE_AVX2 inline __m256 load8_bf16(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-MOEEDGE_AVX2 inline __m256 load8_q8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
 // x is given pre-split (split_even_odd): per 16 columns, their 8 even then their 8 odd
@@ -165,31 +159,59 @@ MOEEDGE_AVX2 void bf16_avx2(const float* xs, size_t tokens, const uint8_t* w8, s
   }
 }
 
-MOEEDGE_AVX2 void q8_0_avx2(const float* x, size_t tokens, const uint8_t* w, size_t cols, float* out, size_t rows,
-                            size_t begin, size_t end) {
-  const size_t blocks = cols / kQ8Block;
-  for (size_t r = begin; r < end; ++r) {
-    const uint8_t* row = w + r * blocks * kQ8BlockBytes;
+MOEEDGE_AVX512 inline __m512 even(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+MOEEDGE_AVX512 inline __m512 odd(__m512i v, __m512i high) { return _mm512_castsi512_ps(_mm512_and_si512(v, high)); }
+
+// The AVX-512 version of bf16_avx2: 32 columns per load, x split per 32 (16 evens, 16 odds).
+MOEEDGE_AVX512 void bf16_avx512(const float* xs, size_t tokens, const uint8_t* w8, size_t cols, float* out,
+                                size_t rows, size_t begin, size_t end) {
+  const auto* w = reinterpret_cast<const uint16_t*>(w8);
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  size_t r = begin;
+  for (; r + 4 <= end; r += 4) {
+    const uint16_t* row[4] = {w + r * cols, w + (r + 1) * cols, w + (r + 2) * cols, w + (r + 3) * cols};
     for (size_t t = 0; t < tokens; ++t) {
-      const float* xt = x + t * cols;
-      __m256 acc = _mm256_setzero_ps();
-      for (size_t b = 0; b < blocks; ++b) {
-        const uint8_t* block = row + b * kQ8BlockBytes;
-        uint16_t d;
-        std::memcpy(&d, block, 2);
-        const auto* q = reinterpret_cast<const int8_t*>(block + 2);
-        const float* xb = xt + b * kQ8Block;
-        __m256 dot = _mm256_mul_ps(load8_q8(q), _mm256_loadu_ps(xb));
-        dot = _mm256_fmadd_ps(load8_q8(q + 8), _mm256_loadu_ps(xb + 8), dot);
-        dot = _mm256_fmadd_ps(load8_q8(q + 16), _mm256_loadu_ps(xb + 16), dot);
-        dot = _mm256_fmadd_ps(load8_q8(q + 24), _mm256_loadu_ps(xb + 24), dot);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(d)), dot, acc);
+      const float* xt = xs + t * cols;
+      __m512 acc[4][2];
+      for (auto& a : acc) a[0] = a[1] = _mm512_setzero_ps();
+      for (size_t c = 0; c < cols; c += 32) {
+        const __m512 xe = _mm512_loadu_ps(xt + c), xo = _mm512_loadu_ps(xt + c + 16);
+        for (int i = 0; i < 4; ++i) {
+          const __m512i v = _mm512_loadu_si512(row[i] + c);
+          acc[i][0] = _mm512_fmadd_ps(even(v), xe, acc[i][0]);
+          acc[i][1] = _mm512_fmadd_ps(odd(v, high), xo, acc[i][1]);
+        }
       }
-      out[t * rows + r] = detail::hsum(acc);
+      for (int i = 0; i < 4; ++i) out[t * rows + r + i] = detail::hsum(_mm512_add_ps(acc[i][0], acc[i][1]));
+    }
+  }
+  for (; r < end; ++r) {
+    const uint16_t* row = w + r * cols;
+    for (size_t t = 0; t < tokens; ++t) {
+      const float* xt = xs + t * cols;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      for (size_t c = 0; c < cols; c += 32) {
+        const __m512i v = _mm512_loadu_si512(row + c);
+        a0 = _mm512_fmadd_ps(even(v), _mm512_loadu_ps(xt + c), a0);
+        a1 = _mm512_fmadd_ps(odd(v, high), _mm512_loadu_ps(xt + c + 16), a1);
+      }
+      out[t * rows + r] = detail::hsum(_mm512_add_ps(a0, a1));
     }
   }
 }
 #endif
+
+// x with each `width` columns' evens first, then their odds (what the SIMD bf16 kernels read).
+std::vector<float> split_even_odd(const float* x, size_t tokens, size_t cols, size_t width) {
+  std::vector<float> split(tokens * cols);
+  for (size_t t = 0; t < tokens; ++t)
+    for (size_t c = 0; c < cols; c += width)
+      for (size_t j = 0; j < width / 2; ++j) {
+        split[t * cols + c + j] = x[t * cols + c + 2 * j];
+        split[t * cols + c + width / 2 + j] = x[t * cols + c + 2 * j + 1];
+      }
+  return split;
+}
 
 void run_rows(RowsFn fn, const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
               int threads) {
@@ -203,34 +225,38 @@ void linear_bf16(const float* x, size_t tokens, const uint16_t* w, size_t rows, 
                  int threads) {
   const auto* w8 = reinterpret_cast<const uint8_t*>(w);
 #ifdef MOEEDGE_X86
+  if (detail::use_avx512() && cols % 32 == 0) {
+    run_rows(bf16_avx512, split_even_odd(x, tokens, cols, 32).data(), tokens, w8, rows, cols, out, threads);
+    return;
+  }
   if (use_avx2() && cols % 16 == 0) {
-    // Even/odd columns apart, per 16 (what bf16_avx2 reads); x is small beside W.
-    std::vector<float> split(tokens * cols);
-    for (size_t t = 0; t < tokens; ++t)
-      for (size_t c = 0; c < cols; c += 16)
-        for (size_t j = 0; j < 8; ++j) {
-          split[t * cols + c + j] = x[t * cols + c + 2 * j];
-          split[t * cols + c + 8 + j] = x[t * cols + c + 2 * j + 1];
-        }
-    run_rows(bf16_avx2, split.data(), tokens, w8, rows, cols, out, threads);
+    run_rows(bf16_avx2, split_even_odd(x, tokens, cols, 16).data(), tokens, w8, rows, cols, out, threads);
     return;
   }
 #endif
   run_rows(bf16_scalar, x, tokens, w8, rows, cols, out, threads);
 }
 
-void linear_q8_0(const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
-                 int threads) {
-#ifdef MOEEDGE_X86
-  RowsFn fn = use_avx2() ? q8_0_avx2 : q8_0_scalar;
-#else
-  RowsFn fn = q8_0_scalar;
-#endif
-  run_rows(fn, x, tokens, w, rows, cols, out, threads);
+const char* linear_path() { return detail::kPathNames[static_cast<int>(detail::path())]; }
+
+std::vector<std::string> linear_paths() {
+  std::vector<std::string> names;
+  for (int p = 0; p <= static_cast<int>(detail::best_path()); ++p) names.emplace_back(detail::kPathNames[p]);
+  return names;
 }
 
-const char* linear_path() { return use_avx2() ? "avx2" : "scalar"; }
-
-void linear_force_scalar(bool force) { detail::force_scalar = force; }
+void linear_force_path(const std::string& name) {
+  const auto paths = linear_paths();
+  detail::forced = -1;
+  if (name.empty()) return;
+  for (size_t p = 0; p < paths.size(); ++p)
+    if (paths[p] == name) {
+      detail::forced = static_cast<int>(p);
+      return;
+    }
+  std::string have;
+  for (const auto& p : paths) have += (have.empty() ? "" : ", ") + p;
+  throw std::invalid_argument("no kernel path '" + name + "' on this CPU (it has: " + have + ")");
+}
 
 }  // namespace moeedge

@@ -6,13 +6,16 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace moeedge {
 
 void linear_bf16(const float* x, size_t tokens, const uint16_t* w, size_t rows, size_t cols, float* out,
                  int threads);
 
-// Q8_0: each row is cols / 32 blocks of {fp16 scale d, 32 int8 q}, weight = d * q.
+// GGUF Q8_0, multiplied by linear_group.cpp as int8 with groups of 32: each row is
+// cols / 32 blocks of {fp16 scale d, 32 int8 q}, weight = d * q.
 constexpr size_t kQ8Block = 32;
 constexpr size_t kQ8BlockBytes = 34;
 void linear_q8_0(const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
@@ -25,7 +28,7 @@ void linear_q8_0(const float* x, size_t tokens, const uint8_t* w, size_t rows, s
 //   mins for 8 sub-blocks of 32, 128 bytes of nibbles}; weight = d * sc * q - dmin * m.
 // - Q6_K: 256 weights in 210 bytes {ql[128] low 4 bits, qh[64] high 2 bits, int8
 //   scales[16] for 16 weights each, fp16 d}; weight = d * scale * (q - 32).
-// Unlike bf16 and Q8_0 they take x rounded to int16 with one fp32 scale per 32 values,
+// Unlike bf16 they (and Q8_0) take x rounded to int16 with one fp32 scale per 32 values,
 // so that the products are exact integer multiply-adds (AVX2 madd_epi16, 16 per
 // instruction). That moves each x[i] by at most 0.51 s, s = max|x| over its 32-block /
 // 32767, so an output differs from fp32 arithmetic on the dequantized weights by at most
@@ -58,10 +61,16 @@ void linear_int8(const float* x, size_t tokens, const uint8_t* q, const uint8_t*
 void linear_int4(const float* x, size_t tokens, const uint8_t* q, const uint8_t* scales, size_t rows, size_t cols,
                  size_t group, float* out, int threads);
 
-// Which path the kernels take on this CPU: "avx2" or "scalar".
+// Which path the kernels take now: "scalar", "avx2" or "avx512" (AVX-512 F+BW+VL: bf16,
+// Q8_0 and group-wise int8/int4, with VNNI where the CPU has it; the K-quants and Q4_0
+// take AVX2 there).
 const char* linear_path();
 
-// For tests: force the portable path (true) or go back to run-time choice (false).
-void linear_force_scalar(bool force);
+// The paths this CPU can take, narrowest first.
+std::vector<std::string> linear_paths();
+
+// For tests and benchmarks: take this path (one of linear_paths()), or the CPU's best for
+// "". std::invalid_argument for a path the CPU lacks.
+void linear_force_path(const std::string& name);
 
 }  // namespace moeedge

@@ -10,8 +10,10 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define MOEEDGE_X86 1
-// Per function, so the rest of the library stays portable; use_avx2() picks at run time.
+// Per function, so the rest of the library stays portable; path() picks at run time.
 #define MOEEDGE_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define MOEEDGE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define MOEEDGE_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #endif
 
 namespace moeedge::detail {
@@ -19,8 +21,16 @@ namespace moeedge::detail {
 // IEEE half to float, without F16C (the portable path).
 float half_to_float(uint16_t h);
 
-// Whether to take the AVX2+FMA+F16C path: the CPU has it and tests have not forced scalar.
-bool use_avx2();
+// The widest path the CPU has, unless tests forced a narrower one (linear_force_path):
+// scalar; AVX2+FMA+F16C; AVX-512 F+BW+VL on top of those. Kernels without an AVX-512
+// version take AVX2 on the AVX-512 path.
+enum class Path { scalar, avx2, avx512 };
+Path best_path();  // what the CPU has
+Path path();       // what the kernels take now
+inline bool use_avx2() { return path() >= Path::avx2; }
+inline bool use_avx512() { return path() == Path::avx512; }
+// AVX-512 VNNI (one instruction for madd + add of int16 pairs), checked once.
+bool has_avx512vnni();
 
 inline uint16_t load_u16(const uint8_t* p) {
   uint16_t v;
@@ -47,6 +57,8 @@ MOEEDGE_AVX2 inline float hsum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+
+MOEEDGE_AVX512 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 #endif
 
 }  // namespace moeedge::detail

@@ -235,3 +235,31 @@ def make_cache():
     for cache in caches:
         with contextlib.suppress(RuntimeError):
             cache.close()
+
+
+# --------------------------------------------------------------------------- kernel paths
+
+@contextlib.contextmanager
+def kernel_path(name: str):
+    """The native kernels take path `name` ("scalar", "avx2", "avx512") inside the block."""
+    from moeedge import _core
+
+    _core.linear_force_path(name)
+    try:
+        yield name
+    finally:
+        _core.linear_force_path("")
+
+
+@pytest.fixture(params=None)
+def path(request):
+    """Each kernel path this CPU can take (the tests that use it run once per path)."""
+    with kernel_path(request.param) as name:
+        yield name
+
+
+def pytest_generate_tests(metafunc):
+    if "path" in metafunc.fixturenames:
+        from moeedge import _core
+
+        metafunc.parametrize("path", _core.linear_paths(), indirect=True)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import gguf_fixtures as gf
+from conftest import kernel_path
 import moeedge
 from moeedge import _core
 from moeedge.formats.errors import CheckpointError
@@ -196,16 +197,13 @@ def test_quantized_experts_stay_quantized_and_logits_match_the_dequantized_model
     ids = torch.randint(0, gf.KQUANT_MIXTRAL["vocab"], (12,), generator=torch.Generator().manual_seed(0))
     with moeedge.load(dequantized, memory_budget="8GiB") as model:
         expected = model.logits(ids)
-    for scalar in (False, True):
-        _core.linear_force_scalar(scalar)
-        try:
+    for name in _core.linear_paths():
+        with kernel_path(name):
             with tight(moeedge.load(path, memory_budget="8GiB")) as model:
                 got = model.logits(ids)  # 12 tokens: every product goes through the native kernels
                 assert model.stats()["evictions"] > 0
-        finally:
-            _core.linear_force_scalar(False)
         diff = (got - expected).abs()
-        assert diff.max() <= 3e-3, f"{quant} scalar={scalar}: max abs diff {diff.max():.3g}"
+        assert diff.max() <= 3e-3, f"{quant} on the {name} path: max abs diff {diff.max():.3g}"
 
 
 # --------------------------------------------------------------------------- tokenizer

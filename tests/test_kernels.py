@@ -8,13 +8,8 @@ import torch.nn.functional as F
 
 from moeedge import _core
 from moeedge.kernels import linear
+from conftest import kernel_path
 
-
-@pytest.fixture(params=["native", "scalar"])
-def path(request):
-    _core.linear_force_scalar(request.param == "scalar")
-    yield request.param
-    _core.linear_force_scalar(False)
 
 
 @pytest.mark.parametrize("tokens, rows, cols", [(1, 3584, 1024), (3, 257, 1031), (5, 258, 1040), (16, 64, 7), (1, 1, 32)])
@@ -27,18 +22,25 @@ def test_matches_torch_fp32_on_the_same_weights(path, tokens, rows, cols):
     torch.testing.assert_close(out, F.linear(x, w.float()), atol=1e-4 * cols ** 0.5, rtol=1e-5)
 
 
-def test_paths_agree_within_float_rounding():
+@pytest.mark.parametrize("cols", [1000, 1024])  # 1024: every SIMD path's width; 1000: AVX2's and scalar
+def test_paths_agree_within_float_rounding(cols):
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(512, 1000, generator=gen).to(torch.bfloat16)
-    x = torch.randn(2, 1000, generator=gen)
+    w = torch.randn(512, cols, generator=gen).to(torch.bfloat16)
+    x = torch.randn(2, cols, generator=gen)
     outs = []
-    for scalar in (False, True):
-        _core.linear_force_scalar(scalar)
-        out = torch.empty(2, 512)
-        _core.linear_bf16(x.numpy(), w.view(torch.int16).numpy(), out.numpy())
-        outs.append(out)
-    _core.linear_force_scalar(False)
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-5)
+    for name in _core.linear_paths():
+        with kernel_path(name):
+            out = torch.empty(2, 512)
+            _core.linear_bf16(x.numpy(), w.view(torch.int16).numpy(), out.numpy())
+            outs.append(out)
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-4, rtol=1e-5)
+
+
+def test_forcing_a_path_the_cpu_lacks_names_the_paths_it_has():
+    with pytest.raises(ValueError, match=r"no kernel path 'sse9'.*it has: scalar"):
+        _core.linear_force_path("sse9")
+    assert _core.linear_path() == _core.linear_paths()[-1]
 
 
 def test_linear_dispatch_handles_bias_and_large_batches():

@@ -19,16 +19,11 @@ import gguf_fixtures as gf
 from moeedge import _core
 from moeedge.formats.gguf_quants import BLOCKS, dequantize
 from moeedge.kernels import QuantTensor, linear
+from conftest import kernel_path
 
 QUANTS = ("q4_0", "q4_k", "q6_k")
 KERNELS = {"q4_0": _core.linear_q4_0, "q4_k": _core.linear_q4_k, "q6_k": _core.linear_q6_k}
 
-
-@pytest.fixture(params=["native", "scalar"])
-def path(request):
-    _core.linear_force_scalar(request.param == "scalar")
-    yield request.param
-    _core.linear_force_scalar(False)
 
 
 def weights(quant: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -92,15 +87,13 @@ def test_paths_agree_within_float_rounding(quant):
     raw = weights(quant, rows, cols, seed=1)
     x = torch.randn(5, cols, generator=torch.Generator().manual_seed(1))
     outs = []
-    for scalar in (False, True):
-        _core.linear_force_scalar(scalar)
-        try:
+    for name in _core.linear_paths():
+        with kernel_path(name):
             outs.append(run(quant, x, raw, rows))
-        finally:
-            _core.linear_force_scalar(False)
     w, m = dequantize(raw, quant, (rows, cols), torch.float64), mins(quant, raw, (rows, cols)).double()
     terms = ((w + m).abs() + m.abs()) @ x.double().abs().T
-    assert ((outs[0] - outs[1]).abs() <= 2 * (cols / 16 + 40) * 2.0 ** -24 * terms.T.float()).all()
+    for out in outs[1:]:
+        assert ((out - outs[0]).abs() <= 2 * (cols / 16 + 40) * 2.0 ** -24 * terms.T.float()).all()
 
 
 @pytest.mark.parametrize("quant", QUANTS)

@@ -33,12 +33,6 @@ KERNELS = {8: _core.linear_int8, 4: _core.linear_int4}
 CASES = [(bits, group) for bits in (8, 4) for group in GROUP_SIZES]
 
 
-@pytest.fixture(params=["native", "scalar"])
-def path(request):
-    _core.linear_force_scalar(request.param == "scalar")
-    yield request.param
-    _core.linear_force_scalar(False)
-
 
 def random_matrix(rows: int, cols: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

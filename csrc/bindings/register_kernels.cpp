@@ -1,4 +1,5 @@
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 
@@ -138,9 +139,10 @@ void register_kernels(py::module_& m) {
   def_quant_linear(m, "linear_q6_k", "Q6_K", kQKBlock, kQ6KBlockBytes, &linear_q6_k);
   def_group_linear(m, "linear_int8", 8, &linear_int8);
   def_group_linear(m, "linear_int4", 4, &linear_int4);
-  m.def("linear_path", &linear_path, "The path the kernels take on this CPU: 'avx2' or 'scalar'.");
-  m.def("linear_force_scalar", &linear_force_scalar, py::arg("force"),
-        "For tests: force the portable path, or go back to the run-time choice.");
+  m.def("linear_path", &linear_path, "The path the kernels take now: 'scalar', 'avx2' or 'avx512'.");
+  m.def("linear_paths", &linear_paths, "The paths this CPU can take, narrowest first.");
+  m.def("linear_force_path", &linear_force_path, py::arg("name"),
+        "For tests and benchmarks: take this path (one of linear_paths()), or the CPU's best for ''.");
 }
 
 }  // namespace moeedge

@@ -30,7 +30,8 @@ def linear_bf16(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
     """w: bf16 [rows, cols] as 2-byte items (e.g. a torch.bfloat16 tensor viewed as int16)."""
 
 def linear_q8_0(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
-    """w: GGUF Q8_0 blocks of [rows, cols], rows * cols / 32 * 34 bytes; cols % 32 == 0."""
+    """w: GGUF Q8_0 blocks of [rows, cols], rows * cols / 32 * 34 bytes; cols % 32 == 0. x is
+    rounded to int16 per 32 values, as for linear_q4_0."""
 
 def linear_q4_0(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
     """w: GGUF Q4_0 blocks, rows * cols / 32 * 18 bytes; cols % 32 == 0. x is rounded
@@ -54,10 +55,15 @@ def linear_int4(x: Buffer, qweight: Buffer, scales: Buffer, out: Buffer, group: 
     its low nibble and 2i + 1 in its high one, each as q + 8 (q in -8..7)."""
 
 def linear_path() -> str:
-    """The path the kernels take on this CPU: 'avx2' or 'scalar'."""
+    """The path the kernels take now: 'scalar', 'avx2' or 'avx512' (AVX-512 F+BW+VL: bf16,
+    Q8_0 and int8/int4 with VNNI where the CPU has it; Q4_0 and the K-quants take AVX2)."""
 
-def linear_force_scalar(force: bool) -> None:
-    """For tests: force the portable path (True), or go back to the run-time choice."""
+def linear_paths() -> list[str]:
+    """The paths this CPU can take, narrowest first."""
+
+def linear_force_path(name: str) -> None:
+    """For tests and benchmarks: take this path (one of linear_paths()), or the CPU's best
+    for ''. ValueError naming the paths it has for one it lacks."""
 
 class ExpertStore:
     """Byte ranges of experts over one or more files, validated when opened.
