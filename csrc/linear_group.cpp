@@ -199,8 +199,8 @@ MOEEDGE_AVX2 void rows_avx2(const QuantX& x, const Matrix& m, float* out, size_t
 // blocks b and b + 1, then their odds; load_pair splits a pair of weight blocks the same
 // way. Two vpdpwssd then leave 16 int32 lanes, 0-7 block b's and 8-15 block b + 1's, each
 // lane 4 products as in the AVX2 path, and each half takes its own block's scale. (One
-// block per word, with the AVX2 split, was 0.5-0.9x the AVX2 path on a Sapphire Rapids
-// core: 512-bit integer ops issue on fewer ports.)
+// block per word, with the AVX2 split, spent as many instructions per block as AVX2 and
+// ran at 0.5-0.9x its speed on a Sapphire Rapids Xeon; bench/kernel_paths.py.)
 void pair_layout(QuantX& x) {
   std::vector<int16_t> q(x.q.size());
   constexpr size_t half = kXBlock / 2;

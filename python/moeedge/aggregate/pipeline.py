@@ -5,18 +5,20 @@ directory, and measure it against the source on held-out text. Sources: decoder-
 encoder's and then the decoder's."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 import moeedge
-from moeedge.aggregate import average, distill, lowrank, merge, prune, variant
+from moeedge.aggregate import average, distill, lowrank, merge, prune, targets, variant
 from moeedge.aggregate.calibration import (DEFAULT_TOKENS, calibration_examples, calibration_windows, gather,
                                            gather_switch)
 from moeedge.aggregate.clustering import merge_tree
 from moeedge.aggregate.layer import MoeLayer, read_layer
 from moeedge.aggregate.merge import usage_weights
-from moeedge.aggregate.targets import choose_levels, measure_sensitivity
+from moeedge.aggregate.targets import choose_levels
 from moeedge.api import open_checkpoint
 from moeedge.derived import check_output, open_decoder_source
 from moeedge.evaluate import DEFAULT_WINDOW, evaluate
@@ -104,6 +106,34 @@ def layer_levels(built: str, layer: MoeLayer) -> list[int]:
     return lowrank.levels(layer) if built == "lowrank" else list(range(1, layer.n_experts + 1))
 
 
+@dataclass
+class BuiltLayer:
+    """What the variant keeps of one MoE layer once the layer's fp32 copy is gone."""
+    table: list[int]                  # router output -> stored expert, -1: dropped
+    count: int                        # stored experts
+    tensors: dict[str, torch.Tensor]  # stored experts (and base) by name, in the checkpoint's dtype
+    nbytes: tuple[int, int]           # (offloadable expert bytes, resident base bytes)
+    error: float                      # relative output error on the calibration states
+    report: dict | None               # distillation's
+    base_weights: list[float] | None  # lowrank's usage weights
+    merge_tree: list | None           # merge's and average's clustering tree
+
+
+def build_layer(ckpt: Checkpoint, layer: MoeLayer, built: str, level: int, expert_bytes: int, *,
+                distilled: bool) -> BuiltLayer:
+    v = BUILDERS[built](layer, level)
+    if distilled:
+        v = distill.distill(layer, v)
+    dtype = ckpt.expert_parts[layer.index][0].dtype
+    # Copies, so that no view keeps the layer's fp32 stacks alive.
+    tensors = {name: t.to(dtype, copy=True, memory_format=torch.contiguous_format)
+               for name, t in variant.stored_tensors(ckpt, layer.index, v).items()}
+    return BuiltLayer(v.table, len(v.experts), tensors, level_nbytes(built, layer, level, expert_bytes),
+                      layer.relative_error(v), v.report,
+                      usage_weights(layer, list(range(layer.n_experts))).tolist() if built == "lowrank" else None,
+                      merge_tree(layer)[:, :3].tolist() if built in ("merge", "average") else None)
+
+
 def aggregate(source, method: str, out, *, experts_per_layer: int | None = None, rank: int | None = None,
               expert_memory: float | None = None, distill_from: str | None = None,
               calibration_tokens: int = DEFAULT_TOKENS, eval_tokens: int = EVAL_TOKENS,
@@ -124,27 +154,30 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
         raise ValueError(f"--expert-memory {expert_memory}: one expert per layer already takes "
                          f"{sum(expert_bytes) / ckpt.expert_nbytes:.4g} of the expert bytes")
 
+    # One layer's fp32 copy at a time (Switch-Base-128's are 2.4 GB each, 29 GB in all): the
+    # sensitivity pass and the build pass each read the layers one by one from the model.
+    build = BUILDERS[built]
     with moeedge.load(ckpt.source, memory_budget=memory_budget, max_context=window) as model:
         calibration, calibration_total, n_windows = calibrate(model, calibration_tokens, progress)
-        layers = [read_layer(model, i, calibration[i]) for i in range(n_layers)]
 
-    build = BUILDERS[built]
-    grids = [layer_levels(built, layer) for layer in layers]
-    sensitivity = None
-    if expert_memory is None:
-        levels = [experts_per_layer if rank is None else rank] * n_layers
-    else:  # distill: split by its starting method's errors (distilling every level would cost too much)
-        sensitivity = measure_sensitivity(layers, build, grids, progress)
-        level_bytes = [[sum(level_nbytes(built, layer, n, b)) for n in grid]
-                       for layer, grid, b in zip(layers, grids, expert_bytes)]
-        chosen = choose_levels(sensitivity, level_bytes, int(expert_memory * ckpt.expert_nbytes))
-        levels = [grid[i] for grid, i in zip(grids, chosen)]
-    variants = [build(layer, n) for layer, n in tqdm(list(zip(layers, levels)), desc=built, unit="layer",
-                                                       disable=not progress)]
-    if method == "distill":
-        variants = [distill.distill(layer, v) for layer, v in tqdm(list(zip(layers, variants)), desc="distill",
-                                                                    unit="layer", disable=not progress)]
-    stored = [level_nbytes(built, layer, n, b) for layer, n, b in zip(layers, levels, expert_bytes)]
+        def layers(desc: str):
+            for i in tqdm(range(n_layers), desc=desc, unit="layer", disable=not progress):
+                yield read_layer(model, i, calibration[i])
+
+        sensitivity, grids = None, None
+        if expert_memory is None:
+            levels = [experts_per_layer if rank is None else rank] * n_layers
+        else:  # distill: split by its starting method's errors (distilling every level would cost too much)
+            sensitivity, level_bytes, grids = [], [], []
+            for layer, b in zip(layers("sensitivity"), expert_bytes):
+                grids.append(layer_levels(built, layer))
+                sensitivity.append(targets.sensitivity(layer, build, grids[-1]))
+                level_bytes.append([sum(level_nbytes(built, layer, n, b)) for n in grids[-1]])
+            chosen = choose_levels(sensitivity, level_bytes, int(expert_memory * ckpt.expert_nbytes))
+            levels = [grid[i] for grid, i in zip(grids, chosen)]
+        built_layers = [build_layer(ckpt, layer, built, n, b, distilled=method == "distill")
+                        for layer, n, b in zip(layers(method), levels, expert_bytes)]
+    stored = [bl.nbytes for bl in built_layers]
     meta = {
         "method": method, "source": str(Path(ckpt.source).resolve()),
         "targets": {"experts_per_layer": experts_per_layer, "rank": rank, "expert_memory": expert_memory},
@@ -153,20 +186,20 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
         "expert_bytes_source": ckpt.expert_nbytes,
         "expert_bytes": sum(e for e, _ in stored),   # offloadable: what the runtime caches and fetches
         "base_bytes": sum(b for _, b in stored),     # low-rank bases, resident with the dense weights
-        "layer_error": [layer.relative_error(v) for layer, v in zip(layers, variants)],
+        "layer_error": [bl.error for bl in built_layers],
         "sensitivity": sensitivity,
     }
     if built == "lowrank":
         meta["ranks"] = levels
-        meta["sensitivity_ranks"] = grids if sensitivity else None
-        meta["base_weights"] = [usage_weights(layer, list(range(layer.n_experts))).tolist() for layer in layers]
+        meta["sensitivity_ranks"] = grids
+        meta["base_weights"] = [bl.base_weights for bl in built_layers]
     if method == "distill":
         held = calibration[0].held_out
         meta["distill"] = {"from": distill_from, "fitted_tokens": int((~held).sum()), "held_out_tokens": int(held.sum()),
-                           **{k: [v.report[k] for v in variants] for k in variants[0].report}}
+                           **{k: [bl.report[k] for bl in built_layers] for k in built_layers[0].report}}
     if built in ("merge", "average"):  # the whole tree: any other granularity is one cut away
-        meta["merge_tree"] = [merge_tree(layer)[:, :3].tolist() for layer in layers]
-    variant.write(out, ckpt, variants, meta)
+        meta["merge_tree"] = [bl.merge_tree for bl in built_layers]
+    variant.write(out, ckpt, built_layers, meta)
     quality = None
     if eval_tokens:
         quality = evaluate(out, reference=ckpt.source, n_tokens=eval_tokens, window=window,

@@ -13,8 +13,8 @@
   dropped; moeedge.formats.hf_checkpoint reads it), `expert_counts`, the method, source,
   targets, calibration, bytes, and the measured quality.
 
-The directory is assembled beside OUT and renamed into place when complete. All tensors
-are held in memory while the file is written: fine for the models this runs on today.
+The directory is assembled beside OUT and renamed into place when complete. The variant's
+tensors (not the source's experts) are held in memory while the file is written.
 """
 from __future__ import annotations
 
@@ -49,15 +49,16 @@ def stored_tensors(ckpt: Checkpoint, moe_layer: int, v: Variant) -> dict[str, to
     return out
 
 
-def write(out: Path, ckpt: Checkpoint, variants: list[Variant], meta: dict) -> None:
+def write(out: Path, ckpt: Checkpoint, layers: list, meta: dict) -> None:
+    """layers: per MoE layer, its stored tensors (by name, as stored), `count` and `table`
+    (moeedge.aggregate.pipeline.BuiltLayer)."""
     tensors = {name: ckpt.read_dense(name) for name in ckpt.dense_names}
-    for moe_layer, v in enumerate(variants):
-        dtype = ckpt.expert_parts[moe_layer][0].dtype
-        tensors.update((name, t.to(dtype).contiguous()) for name, t in stored_tensors(ckpt, moe_layer, v).items())
+    for layer in layers:
+        tensors.update(layer.tensors)
     with publish(out, ckpt) as staging:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        meta = {"format_version": FORMAT_VERSION, **meta, "expert_counts": [len(v.experts) for v in variants],
-                "expert_map": [v.table for v in variants]}
+        meta = {"format_version": FORMAT_VERSION, **meta, "expert_counts": [layer.count for layer in layers],
+                "expert_map": [layer.table for layer in layers]}
         (staging / VARIANT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
 
