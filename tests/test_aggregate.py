@@ -248,6 +248,7 @@ def bad_sources(tmp_path_factory, source) -> dict[str, Path]:
     (["--method", "merge", "--expert-memory", "1.5"], "in (0, 1]"),
     (["--method", "merge", "--expert-memory", "0.1"], "one expert per layer already takes"),
     (["--method", "merge"], "one of the arguments --experts-per-layer --rank --expert-memory is required"),
+    (["--method", "merge", "--experts-per-layer", "2", "--memory-budget", "lots"], "not a byte count: 'lots'"),
 ])
 def test_bad_targets_exit_2_with_one_line(source, tmp_path, capsys, args, message):
     assert run_cli(["aggregate", str(source), *args, "-o", str(tmp_path / "out")]) == 2

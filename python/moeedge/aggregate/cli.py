@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from moeedge.units import format_bytes
+from moeedge.units import format_bytes, parse_bytes
 
 
 def add_parsers(subparsers) -> None:
@@ -38,6 +38,9 @@ def add_parsers(subparsers) -> None:
                     help="tokens of the training corpus to calibrate on (default 4096)")
     ag.add_argument("--eval-tokens", type=int, default=8192,
                     help="held-out tokens to measure the variant on (default 8192; 0: skip)")
+    ag.add_argument("--memory-budget", default="auto",
+                    help="memory for the source model while it is calibrated and read, e.g. 4GiB (default: "
+                         "auto); one layer's fp32 copy and the variant's tensors come on top")
     ag.add_argument("-o", "--output", required=True, help="new directory for the variant")
     ag.add_argument("--json", action="store_true", help="print the variant's description as one JSON object")
     ag.set_defaults(run=_cmd_aggregate)
@@ -53,13 +56,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(text: str) -> str | int:
+    return text if text.strip().lower() in ("auto", "min") else parse_bytes(text)
+
+
 def _cmd_aggregate(args: argparse.Namespace) -> int:
     from moeedge.aggregate.pipeline import aggregate
 
     meta = aggregate(args.source, args.method, args.output, experts_per_layer=args.experts_per_layer,
                      rank=args.rank, expert_memory=args.expert_memory, distill_from=args.distill_from,
                      calibration_tokens=args.calibration_tokens, eval_tokens=args.eval_tokens,
-                     progress=not args.json)
+                     memory_budget=_budget(args.memory_budget), progress=not args.json)
     if args.json:
         print(json.dumps(meta))
         return 0
