@@ -19,6 +19,8 @@ import time
 import numpy as np
 import torch
 
+from moeedge.units import parse_bytes
+
 
 def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
     """n token ids in [3, vocab): past the usual special ids (unk, bos, eos)."""
@@ -99,7 +101,8 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moeedge.decode_bench")
     parser.add_argument("source")
-    parser.add_argument("--memory-budget", default="auto", help="bytes, 'auto', or 'min' (the smallest workable)")
+    parser.add_argument("--memory-budget", default="auto",
+                        help="bytes (4096, 1.5GiB), 'auto', or 'min' (the smallest workable)")
     parser.add_argument("--prefetch", action="store_true")
     parser.add_argument("--policy", default="lru")
     parser.add_argument("--predictor", default="auto", help="with --prefetch or --policy auto|predicted (default auto)")
@@ -108,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-context", type=int, default=1024, help="tokens the KV cache holds (default 1024)")
     args = parser.parse_args(argv)
-    budget = args.memory_budget if args.memory_budget in ("auto", "min") else int(args.memory_budget)
+    try:
+        budget = args.memory_budget if args.memory_budget in ("auto", "min") else parse_bytes(args.memory_budget)
+    except ValueError as e:
+        parser.error(f"--memory-budget: {e}")
     print(json.dumps(measure(args.source, budget, args.prefetch, args.tokens, args.prompt_tokens, args.policy,
                              args.threads, args.predictor, args.max_context), default=str))
     return 0
