@@ -291,3 +291,28 @@ def test_cli_prints_bytes_saved_and_quality(source, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "experts per layer [3, 3, 3]" in out and "(saved" in out and "50.0%" in out
     assert "perplexity" in out and "top-1 agreement" in out
+
+
+@pytest.mark.parametrize("target", [dict(experts_per_layer=3), dict(expert_memory=0.6)])
+def test_layers_are_read_one_at_a_time(source, tmp_path, monkeypatch, target):
+    """A source's fp32 layer copies never pile up (Switch-Base-128's are 2.4 GB each): at most
+    the layer being built and the one being read are alive."""
+    import gc
+    import weakref
+
+    from moeedge.aggregate import pipeline
+
+    refs, most = [], [0]
+
+    def read_layer(*args):
+        gc.collect()
+        layer = real(*args)
+        refs.append(weakref.ref(layer))
+        most[0] = max(most[0], sum(r() is not None for r in refs))
+        return layer
+
+    real = pipeline.read_layer
+    monkeypatch.setattr(pipeline, "read_layer", read_layer)
+    meta = aggregate(source, "merge", tmp_path / "out", eval_tokens=0, **target)
+    assert len(meta["expert_counts"]) == LAYERS
+    assert most[0] <= 2

@@ -106,6 +106,13 @@ def layer_levels(built: str, layer: MoeLayer) -> list[int]:
     return lowrank.levels(layer) if built == "lowrank" else list(range(1, layer.n_experts + 1))
 
 
+def layer_sensitivity(layer: MoeLayer, built: str, expert_bytes: int) -> tuple[list[int], list[float], list[int]]:
+    """(the knob's levels, the layer's output error at each, its bytes at each)."""
+    grid = layer_levels(built, layer)
+    return (grid, targets.sensitivity(layer, BUILDERS[built], grid),
+            [sum(level_nbytes(built, layer, n, expert_bytes)) for n in grid])
+
+
 @dataclass
 class BuiltLayer:
     """What the variant keeps of one MoE layer once the layer's fp32 copy is gone."""
@@ -156,7 +163,6 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
 
     # One layer's fp32 copy at a time (Switch-Base-128's are 2.4 GB each, 29 GB in all): the
     # sensitivity pass and the build pass each read the layers one by one from the model.
-    build = BUILDERS[built]
     with moeedge.load(ckpt.source, memory_budget=memory_budget, max_context=window) as model:
         calibration, calibration_total, n_windows = calibrate(model, calibration_tokens, progress)
 
@@ -168,11 +174,8 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
         if expert_memory is None:
             levels = [experts_per_layer if rank is None else rank] * n_layers
         else:  # distill: split by its starting method's errors (distilling every level would cost too much)
-            sensitivity, level_bytes, grids = [], [], []
-            for layer, b in zip(layers("sensitivity"), expert_bytes):
-                grids.append(layer_levels(built, layer))
-                sensitivity.append(targets.sensitivity(layer, build, grids[-1]))
-                level_bytes.append([sum(level_nbytes(built, layer, n, b)) for n in grids[-1]])
+            measured = [layer_sensitivity(layer, built, b) for layer, b in zip(layers("sensitivity"), expert_bytes)]
+            grids, sensitivity, level_bytes = (list(m) for m in zip(*measured))
             chosen = choose_levels(sensitivity, level_bytes, int(expert_memory * ckpt.expert_nbytes))
             levels = [grid[i] for grid, i in zip(grids, chosen)]
         built_layers = [build_layer(ckpt, layer, built, n, b, distilled=method == "distill")
