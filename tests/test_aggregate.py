@@ -16,7 +16,7 @@ from moeedge.aggregate.pipeline import aggregate
 from moeedge.aggregate.targets import split_budget
 from moeedge.cli import main
 from moeedge.formats.errors import CheckpointError
-from tiny_checkpoints import DECODERS, make_decoder, write_tokenizer
+from tiny_checkpoints import DECODERS, load_shards, make_decoder, write_tokenizer
 from tiny_switch import make_switch
 
 IDS = torch.randint(3, 160, (40,), generator=torch.Generator().manual_seed(11)).tolist()
@@ -136,7 +136,7 @@ def test_smaller_variants_load_run_and_report_sizes(source, tmp_path, method):
     out = tmp_path / "out"
     meta = aggregate(source, method, out, experts_per_layer=2, calibration_tokens=256, eval_tokens=200)
     assert meta["expert_bytes"] * 3 == meta["expert_bytes_source"]
-    stored = load_file(out / "model.safetensors")
+    stored = load_shards(out)
     assert sum(".experts." in name for name in stored) == 3 * 2 * LAYERS
     with moeedge.load(out, memory_budget="4GiB", max_context=64, prefetch=False) as model:
         assert model.checkpoint.expert_nbytes == meta["expert_bytes"]
@@ -171,7 +171,7 @@ def test_a_predictor_file_beside_the_weights_is_not_read_as_a_shard(tmp_path):
     train_bundle(trace, epochs=1).save(src / FILENAME)
     aggregate(src, "prune", tmp_path / "out", experts_per_layer=3, **QUICK)
     assert (tmp_path / "out" / FILENAME).is_file()
-    assert "history.stored" not in load_file(tmp_path / "out" / "model.safetensors")
+    assert "history.stored" not in load_shards(tmp_path / "out")
     with moeedge.load(tmp_path / "out", memory_budget="4GiB", max_context=64) as model:
         assert "history.stored" not in model.checkpoint.dense_names
         assert model.stats()["prediction"] and torch.isfinite(model.logits(IDS)).all()

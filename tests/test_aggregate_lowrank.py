@@ -17,7 +17,7 @@ from moeedge.api import open_checkpoint
 from moeedge.formats.errors import CheckpointError
 from moeedge.info import describe
 from test_aggregate import E, IDS, LAYERS, QUICK, checkpoint, expert, logits, run_cli
-from tiny_checkpoints import DECODERS
+from tiny_checkpoints import DECODERS, load_shards
 
 HIDDEN, INTER = 64, 96  # the tiny Mixtral's; full rank is the smaller
 
@@ -47,7 +47,7 @@ def test_rank_zero_is_every_expert_merged_into_the_usage_weighted_base(source, t
     assert meta["expert_map"] == [[0] * E] * LAYERS and meta["expert_counts"] == [1] * LAYERS
     assert meta["base_bytes"] == 0 and meta["expert_bytes"] * E == meta["expert_bytes_source"]
     src = load_file(source / "model.safetensors")
-    stored = load_file(tmp_path / "out" / "model.safetensors")
+    stored = load_shards(tmp_path / "out")
     merged = tmp_path / "merged"   # the source with every expert replaced by its layer's weighted mean
     shutil.copytree(source, merged)
     for layer, weights in enumerate(meta["base_weights"]):
@@ -83,7 +83,7 @@ def test_the_base_is_resident_and_only_the_factors_are_expert_bytes(source, tmp_
 def test_the_runtime_computes_what_the_factors_stand_for(source, tmp_path):
     """base(x) + b (a x) at run time equals the expert base + b @ a written out in full."""
     aggregate(source, "lowrank", tmp_path / "out", rank=8, **QUICK)
-    stored = load_file(tmp_path / "out" / "model.safetensors")
+    stored = load_shards(tmp_path / "out")
     formed = load_file(source / "model.safetensors")
     for layer in range(LAYERS):
         for w in ("w1", "w2", "w3"):

@@ -78,3 +78,14 @@ if __name__ == "__main__":  # python tests/tiny_checkpoints.py DIR [family]: a t
     make_decoder(out, sys.argv[2] if len(sys.argv) > 2 else "mixtral", seed=4)
     write_tokenizer(out)
     print(out)
+
+
+def load_shards(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, whether one file or shards."""
+    import json
+
+    from safetensors.torch import load_file
+
+    index = Path(directory) / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    return {name: t for f in files for name, t in load_file(Path(directory) / f).items()}

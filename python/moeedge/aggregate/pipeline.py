@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 import moeedge
@@ -20,7 +19,7 @@ from moeedge.aggregate.layer import MoeLayer, read_layer
 from moeedge.aggregate.merge import usage_weights
 from moeedge.aggregate.targets import choose_levels
 from moeedge.api import open_checkpoint
-from moeedge.derived import check_output, open_decoder_source
+from moeedge.derived import check_output, open_decoder_source, publish
 from moeedge.evaluate import DEFAULT_WINDOW, evaluate
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.switch_checkpoint import SwitchConfig
@@ -118,7 +117,6 @@ class BuiltLayer:
     """What the variant keeps of one MoE layer once the layer's fp32 copy is gone."""
     table: list[int]                  # router output -> stored expert, -1: dropped
     count: int                        # stored experts
-    tensors: dict[str, torch.Tensor]  # stored experts (and base) by name, in the checkpoint's dtype
     nbytes: tuple[int, int]           # (offloadable expert bytes, resident base bytes)
     error: float                      # relative output error on the calibration states
     report: dict | None               # distillation's
@@ -126,16 +124,15 @@ class BuiltLayer:
     merge_tree: list | None           # merge's and average's clustering tree
 
 
-def build_layer(ckpt: Checkpoint, layer: MoeLayer, built: str, level: int, expert_bytes: int, *,
-                distilled: bool) -> BuiltLayer:
+def build_layer(ckpt: Checkpoint, layer: MoeLayer, built: str, level: int, expert_bytes: int,
+                shards: variant.ShardWriter, *, distilled: bool) -> BuiltLayer:
+    """The layer's variant, written as its shard; what the description needs of it."""
     v = BUILDERS[built](layer, level)
     if distilled:
         v = distill.distill(layer, v)
     dtype = ckpt.expert_parts[layer.index][0].dtype
-    # Copies, so that no view keeps the layer's fp32 stacks alive.
-    tensors = {name: t.to(dtype, copy=True, memory_format=torch.contiguous_format)
-               for name, t in variant.stored_tensors(ckpt, layer.index, v).items()}
-    return BuiltLayer(v.table, len(v.experts), tensors, level_nbytes(built, layer, level, expert_bytes),
+    shards.write({name: t.to(dtype).contiguous() for name, t in variant.stored_tensors(ckpt, layer.index, v).items()})
+    return BuiltLayer(v.table, len(v.experts), level_nbytes(built, layer, level, expert_bytes),
                       layer.relative_error(v), v.report,
                       usage_weights(layer, list(range(layer.n_experts))).tolist() if built == "lowrank" else None,
                       merge_tree(layer)[:, :3].tolist() if built in ("merge", "average") else None)
@@ -163,7 +160,8 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
 
     # One layer's fp32 copy at a time (Switch-Base-128's are 2.4 GB each, 29 GB in all): the
     # sensitivity pass and the build pass each read the layers one by one from the model.
-    with moeedge.load(ckpt.source, memory_budget=memory_budget, max_context=window) as model:
+    with publish(out, ckpt) as staging, moeedge.load(ckpt.source, memory_budget=memory_budget,
+                                                    max_context=window) as model:
         calibration, calibration_total, n_windows = calibrate(model, calibration_tokens, progress)
 
         def layers(desc: str):
@@ -178,31 +176,34 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
             grids, sensitivity, level_bytes = (list(m) for m in zip(*measured))
             chosen = choose_levels(sensitivity, level_bytes, int(expert_memory * ckpt.expert_nbytes))
             levels = [grid[i] for grid, i in zip(grids, chosen)]
-        built_layers = [build_layer(ckpt, layer, built, n, b, distilled=method == "distill")
+        shards = variant.ShardWriter(staging, 1 + n_layers)
+        variant.write_dense(shards, ckpt)
+        built_layers = [build_layer(ckpt, layer, built, n, b, shards, distilled=method == "distill")
                         for layer, n, b in zip(layers(method), levels, expert_bytes)]
-    stored = [bl.nbytes for bl in built_layers]
-    meta = {
-        "method": method, "source": str(Path(ckpt.source).resolve()),
-        "targets": {"experts_per_layer": experts_per_layer, "rank": rank, "expert_memory": expert_memory},
-        "calibration": {"tokens": calibration_total, "windows": n_windows, "split": "train",
-                        "held_out_packages_excluded": list(HELD_OUT)},
-        "expert_bytes_source": ckpt.expert_nbytes,
-        "expert_bytes": sum(e for e, _ in stored),   # offloadable: what the runtime caches and fetches
-        "base_bytes": sum(b for _, b in stored),     # low-rank bases, resident with the dense weights
-        "layer_error": [bl.error for bl in built_layers],
-        "sensitivity": sensitivity,
-    }
-    if built == "lowrank":
-        meta["ranks"] = levels
-        meta["sensitivity_ranks"] = grids
-        meta["base_weights"] = [bl.base_weights for bl in built_layers]
-    if method == "distill":
-        held = calibration[0].held_out
-        meta["distill"] = {"from": distill_from, "fitted_tokens": int((~held).sum()), "held_out_tokens": int(held.sum()),
-                           **{k: [bl.report[k] for bl in built_layers] for k in built_layers[0].report}}
-    if built in ("merge", "average"):  # the whole tree: any other granularity is one cut away
-        meta["merge_tree"] = [bl.merge_tree for bl in built_layers]
-    variant.write(out, ckpt, built_layers, meta)
+        shards.finish()
+        stored = [bl.nbytes for bl in built_layers]
+        meta = {
+            "method": method, "source": str(Path(ckpt.source).resolve()),
+            "targets": {"experts_per_layer": experts_per_layer, "rank": rank, "expert_memory": expert_memory},
+            "calibration": {"tokens": calibration_total, "windows": n_windows, "split": "train",
+                            "held_out_packages_excluded": list(HELD_OUT)},
+            "expert_bytes_source": ckpt.expert_nbytes,
+            "expert_bytes": sum(e for e, _ in stored),   # offloadable: what the runtime caches and fetches
+            "base_bytes": sum(b for _, b in stored),     # low-rank bases, resident with the dense weights
+            "layer_error": [bl.error for bl in built_layers],
+            "sensitivity": sensitivity,
+        }
+        if built == "lowrank":
+            meta["ranks"] = levels
+            meta["sensitivity_ranks"] = grids
+            meta["base_weights"] = [bl.base_weights for bl in built_layers]
+        if method == "distill":
+            held = calibration[0].held_out
+            meta["distill"] = {"from": distill_from, "fitted_tokens": int((~held).sum()), "held_out_tokens": int(held.sum()),
+                               **{k: [bl.report[k] for bl in built_layers] for k in built_layers[0].report}}
+        if built in ("merge", "average"):  # the whole tree: any other granularity is one cut away
+            meta["merge_tree"] = [bl.merge_tree for bl in built_layers]
+        variant.write_meta(staging, built_layers, meta)
     quality = None
     if eval_tokens:
         quality = evaluate(out, reference=ckpt.source, n_tokens=eval_tokens, window=window,
