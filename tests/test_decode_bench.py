@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from moeedge import decode_bench
 from moeedge.default_model import default_model_path
@@ -21,3 +22,19 @@ def test_a_bad_budget_is_one_line_and_exit_2(capsys):
         decode_bench.main([str(default_model_path()), "--memory-budget", "lots"])
     assert e.value.code == 2
     assert "--memory-budget: not a byte count: 'lots'" in capsys.readouterr().err
+
+
+def test_transformers_engine_decodes_switch_as_moeedge_does(tmp_path, capsys):
+    """The harness's transformers engine runs an encoder-decoder the way moeedge does (the
+    prompt through the encoder, greedy from the decoder's start token): same tokens.
+    bfloat16 on both sides, as the harness runs them."""
+    from moeedge.harness import transformers_decode
+    from tiny_switch import make_switch
+
+    make_switch(tmp_path / "switch", dtype=torch.bfloat16)
+    args = [str(tmp_path / "switch"), "--tokens", "6", "--prompt-tokens", "5", "--max-context", "32"]
+    assert transformers_decode.main(args) == 0
+    theirs = json.loads(capsys.readouterr().out)
+    assert decode_bench.main([*args, "--memory-budget", "1GiB"]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    assert theirs["tokens"] == 6 and theirs["generated"] == ours["generated"]

@@ -1,6 +1,8 @@
 """One transformers decode measurement, the way a transformers user fits a model into
 less memory than it needs: accelerate's disk offload (`device_map="auto"`, `max_memory`,
 `offload_folder`). Printed as one JSON object in the shape of `python -m moeedge.decode_bench`.
+Encoder-decoder models (Switch) run as moeedge runs them: the prompt through the encoder,
+then greedy decoding from the decoder's start token.
 
     python -m moeedge.harness.transformers_decode HF_DIR [--max-memory BYTES] [--tokens 32]
 
@@ -34,19 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {"dtype": torch.bfloat16}
     if args.max_memory is not None:
         kwargs.update(device_map="auto", max_memory={"cpu": args.max_memory}, offload_folder=offload.name)
+    seq2seq = transformers.AutoConfig.from_pretrained(args.source).is_encoder_decoder
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
     start = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.source, **kwargs).eval()
+    model = auto.from_pretrained(args.source, **kwargs).eval()
     load_s = time.perf_counter() - start
     prompt = torch.tensor([prompt_ids(model.config.vocab_size, args.prompt_tokens)])
     with torch.inference_mode():
         last = time.perf_counter()
-        out = model(input_ids=prompt, use_cache=True)
+        if seq2seq:  # as moeedge runs Switch: the prompt through the encoder, the decoder from its start token
+            encoded = model.get_encoder()(input_ids=prompt)
+            step = {"encoder_outputs": encoded}
+            out = model(decoder_input_ids=torch.tensor([[model.config.decoder_start_token_id]]), use_cache=True,
+                        **step)
+        else:
+            step = {}
+            out = model(input_ids=prompt, use_cache=True)
         prefill_s = time.perf_counter() - last
         token = int(out.logits[0, -1].argmax())
         generated, times, cache = [token], [], out.cache
         for _ in range(args.tokens - 1):
             last = time.perf_counter()
-            out = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
+            ids = {"decoder_input_ids" if seq2seq else "input_ids": torch.tensor([[token]])}
+            out = model(**ids, cache=cache, use_cache=True, **step)
             times.append(time.perf_counter() - last)
             token, cache = int(out.logits[0, -1].argmax()), out.cache
             generated.append(token)
