@@ -24,7 +24,8 @@ def test_a_bad_budget_is_one_line_and_exit_2(capsys):
     assert "--memory-budget: not a byte count: 'lots'" in capsys.readouterr().err
 
 
-def test_transformers_engine_decodes_switch_as_moeedge_does(tmp_path, capsys):
+@pytest.mark.parametrize("start_token", ["named", "unnamed"])  # unnamed: T5's pad token (Switch-Base-128's config)
+def test_transformers_engine_decodes_switch_as_moeedge_does(tmp_path, capsys, start_token):
     """The harness's transformers engine runs an encoder-decoder the way moeedge does (the
     prompt through the encoder, greedy from the decoder's start token): same tokens.
     bfloat16 on both sides, as the harness runs them."""
@@ -32,6 +33,10 @@ def test_transformers_engine_decodes_switch_as_moeedge_does(tmp_path, capsys):
     from tiny_switch import make_switch
 
     make_switch(tmp_path / "switch", dtype=torch.bfloat16)
+    if start_token == "unnamed":
+        config = json.loads((tmp_path / "switch" / "config.json").read_text())
+        del config["decoder_start_token_id"]
+        (tmp_path / "switch" / "config.json").write_text(json.dumps(config))
     args = [str(tmp_path / "switch"), "--tokens", "6", "--prompt-tokens", "5", "--max-context", "32"]
     assert transformers_decode.main(args) == 0
     theirs = json.loads(capsys.readouterr().out)

@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         if seq2seq:  # as moeedge runs Switch: the prompt through the encoder, the decoder from its start token
             encoded = model.get_encoder()(input_ids=prompt)
             step = {"encoder_outputs": encoded}
-            out = model(decoder_input_ids=torch.tensor([[model.config.decoder_start_token_id]]), use_cache=True,
-                        **step)
+            # T5's convention where the config names no start token: the pad token, else 0 (as moeedge reads it)
+            first = getattr(model.config, "decoder_start_token_id", None)
+            first = first if first is not None else getattr(model.config, "pad_token_id", None) or 0
+            out = model(decoder_input_ids=torch.tensor([[first]]), use_cache=True, **step)
         else:
             step = {}
             out = model(input_ids=prompt, use_cache=True)
