@@ -131,14 +131,12 @@ class DecoderMoE:
         S = start + T
         keys = self.k_cache[layer, :S].transpose(0, 1)  # [KVH, S, D]
         vals = self.v_cache[layer, :S].transpose(0, 1)
-        groups = cfg.n_heads // cfg.n_kv_heads
-        if groups > 1:
-            keys = keys.repeat_interleave(groups, dim=0)
-            vals = vals.repeat_interleave(groups, dim=0)
         mask = None
         if T > 1:  # causal over the new tokens; everything cached before is visible
             mask = torch.arange(S)[None, :] <= torch.arange(start, S)[:, None]  # [T, S]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, vals, attn_mask=mask)  # [H, T, D]
+        # enable_gqa: each group of query heads reads its KV head in place, no repeated copy per step
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, vals, attn_mask=mask,
+                                             enable_gqa=cfg.n_heads != cfg.n_kv_heads)  # [H, T, D]
         out = out.transpose(0, 1).reshape(T, cfg.n_heads * cfg.head_dim)
         return linear(out, w[p + "o_proj.weight"])
 
