@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-from tqdm import tqdm
-
 from moeedge.aggregate.layer import MoeLayer, Variant
 
 
@@ -50,8 +48,3 @@ def split_budget(errors: list[list[float]], expert_bytes: list[int], budget_byte
     level_bytes = [[n * b for n in range(1, len(e) + 1)] for e, b in zip(errors, expert_bytes)]
     return [i + 1 for i in choose_levels(errors, level_bytes, budget_bytes)]
 
-
-def measure_sensitivity(layers: list[MoeLayer], build, levels: list[list[int]],
-                        progress: bool = False) -> list[list[float]]:
-    return [sensitivity(layer, build, lv) for layer, lv in tqdm(list(zip(layers, levels)), desc="sensitivity",
-                                                               unit="layer", disable=not progress)]
