@@ -159,27 +159,30 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
                          f"{sum(expert_bytes) / ckpt.expert_nbytes:.4g} of the expert bytes")
 
     # One layer's fp32 copy at a time (Switch-Base-128's are 2.4 GB each, 29 GB in all): the
-    # sensitivity pass and the build pass each read the layers one by one from the model.
+    # sensitivity pass and the build pass each read the layers one by one from the model,
+    # and each layer's shard is written as soon as it is built.
     with publish(out, ckpt) as staging, moeedge.load(ckpt.source, memory_budget=memory_budget,
                                                     max_context=window) as model:
         calibration, calibration_total, n_windows = calibrate(model, calibration_tokens, progress)
 
-        def layers(desc: str):
-            for i in tqdm(range(n_layers), desc=desc, unit="layer", disable=not progress):
-                yield read_layer(model, i, calibration[i])
+        def layer(i: int) -> MoeLayer:  # passed straight to its user, so it is freed before the next is read
+            return read_layer(model, i, calibration[i])
+
+        def each_layer(desc: str):
+            return tqdm(range(n_layers), desc=desc, unit="layer", disable=not progress)
 
         sensitivity, grids = None, None
         if expert_memory is None:
             levels = [experts_per_layer if rank is None else rank] * n_layers
         else:  # distill: split by its starting method's errors (distilling every level would cost too much)
-            measured = [layer_sensitivity(layer, built, b) for layer, b in zip(layers("sensitivity"), expert_bytes)]
+            measured = [layer_sensitivity(layer(i), built, expert_bytes[i]) for i in each_layer("sensitivity")]
             grids, sensitivity, level_bytes = (list(m) for m in zip(*measured))
             chosen = choose_levels(sensitivity, level_bytes, int(expert_memory * ckpt.expert_nbytes))
             levels = [grid[i] for grid, i in zip(grids, chosen)]
         shards = variant.ShardWriter(staging, 1 + n_layers)
         variant.write_dense(shards, ckpt)
-        built_layers = [build_layer(ckpt, layer, built, n, b, shards, distilled=method == "distill")
-                        for layer, n, b in zip(layers(method), levels, expert_bytes)]
+        built_layers = [build_layer(ckpt, layer(i), built, levels[i], expert_bytes[i], shards,
+                                    distilled=method == "distill") for i in each_layer(method)]
         shards.finish()
         stored = [bl.nbytes for bl in built_layers]
         meta = {
