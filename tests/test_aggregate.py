@@ -316,3 +316,14 @@ def test_layers_are_read_one_at_a_time(source, tmp_path, monkeypatch, target):
     meta = aggregate(source, "merge", tmp_path / "out", eval_tokens=0, **target)
     assert len(meta["expert_counts"]) == LAYERS
     assert most[0] == 1
+
+
+def test_the_budget_covers_the_layer_being_aggregated(source):
+    """The source model gets the budget less three fp32 copies of its largest layer's experts."""
+    from moeedge.aggregate.pipeline import source_budget
+    from moeedge.api import open_checkpoint
+
+    ckpt = open_checkpoint(source)
+    layer = E * ckpt.layer_expert_nbytes(0) * 4 // ckpt.expert_parts[0][0].dtype.itemsize
+    assert source_budget(2 ** 30, ckpt) == 2 ** 30 - 3 * layer
+    assert source_budget(layer, ckpt) == "min" and source_budget("min", ckpt) == "min"
