@@ -115,7 +115,8 @@ def layer_sensitivity(layer: MoeLayer, built: str, expert_bytes: int) -> tuple[l
 
 # What aggregating one layer holds beside the source model, in multiples of the layer's
 # experts in fp32: its copy, the variant and what the method computes from them (seen on
-# Switch-Base-128 with prune: 9.0 GB peak for a 3 GiB model and 2.4 GB layers).
+# Switch-Base-128 with prune: 9.0 GB peak for a 3 GiB model and 2.4 GB layers). Not yet
+# counted: lowrank's float64 SVD of the layer, about 2.5 more.
 LAYER_WORKING_SET = 3
 
 
