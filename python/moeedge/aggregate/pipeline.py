@@ -157,6 +157,32 @@ def build_layer(ckpt: Checkpoint, layer: MoeLayer, built: str, level: int, exper
                       merge_tree(layer)[:, :3].tolist() if built in ("merge", "average") else None)
 
 
+def description(ckpt: Checkpoint, method: str, built: str, distill_from: str | None, targets_given: dict,
+                calibration: dict, built_layers: list[BuiltLayer], levels: list[int], sensitivity, grids,
+                held) -> dict:
+    """moeedge_variant.json's fields, less the per-layer tables variant.write_meta adds."""
+    stored = [bl.nbytes for bl in built_layers]
+    meta = {
+        "method": method, "source": str(Path(ckpt.source).resolve()), "targets": targets_given,
+        "calibration": calibration,
+        "expert_bytes_source": ckpt.expert_nbytes,
+        "expert_bytes": sum(e for e, _ in stored),   # offloadable: what the runtime caches and fetches
+        "base_bytes": sum(b for _, b in stored),     # low-rank bases, resident with the dense weights
+        "layer_error": [bl.error for bl in built_layers],
+        "sensitivity": sensitivity,
+    }
+    if built == "lowrank":
+        meta["ranks"] = levels
+        meta["sensitivity_ranks"] = grids
+        meta["base_weights"] = [bl.base_weights for bl in built_layers]
+    if method == "distill":
+        meta["distill"] = {"from": distill_from, "fitted_tokens": int((~held).sum()), "held_out_tokens": int(held.sum()),
+                           **{k: [bl.report[k] for bl in built_layers] for k in built_layers[0].report}}
+    if built in ("merge", "average"):  # the whole tree: any other granularity is one cut away
+        meta["merge_tree"] = [bl.merge_tree for bl in built_layers]
+    return meta
+
+
 def aggregate(source, method: str, out, *, experts_per_layer: int | None = None, rank: int | None = None,
               expert_memory: float | None = None, distill_from: str | None = None,
               calibration_tokens: int = DEFAULT_TOKENS, eval_tokens: int = EVAL_TOKENS,
@@ -203,28 +229,12 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
         built_layers = [build_layer(ckpt, layer(i), built, levels[i], expert_bytes[i], shards,
                                     distilled=method == "distill") for i in each_layer(method)]
         shards.finish()
-        stored = [bl.nbytes for bl in built_layers]
-        meta = {
-            "method": method, "source": str(Path(ckpt.source).resolve()),
-            "targets": {"experts_per_layer": experts_per_layer, "rank": rank, "expert_memory": expert_memory},
-            "calibration": {"tokens": calibration_total, "windows": n_windows, "split": "train",
+        held = calibration[0].held_out
+        meta = description(ckpt, method, built, distill_from,
+                           {"experts_per_layer": experts_per_layer, "rank": rank, "expert_memory": expert_memory},
+                           {"tokens": calibration_total, "windows": n_windows, "split": "train",
                             "held_out_packages_excluded": list(HELD_OUT)},
-            "expert_bytes_source": ckpt.expert_nbytes,
-            "expert_bytes": sum(e for e, _ in stored),   # offloadable: what the runtime caches and fetches
-            "base_bytes": sum(b for _, b in stored),     # low-rank bases, resident with the dense weights
-            "layer_error": [bl.error for bl in built_layers],
-            "sensitivity": sensitivity,
-        }
-        if built == "lowrank":
-            meta["ranks"] = levels
-            meta["sensitivity_ranks"] = grids
-            meta["base_weights"] = [bl.base_weights for bl in built_layers]
-        if method == "distill":
-            held = calibration[0].held_out
-            meta["distill"] = {"from": distill_from, "fitted_tokens": int((~held).sum()), "held_out_tokens": int(held.sum()),
-                               **{k: [bl.report[k] for bl in built_layers] for k in built_layers[0].report}}
-        if built in ("merge", "average"):  # the whole tree: any other granularity is one cut away
-            meta["merge_tree"] = [bl.merge_tree for bl in built_layers]
+                           built_layers, levels, sensitivity, grids, held)
         variant.write_meta(staging, built_layers, meta)
     quality = None
     if eval_tokens:
