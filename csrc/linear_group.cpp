@@ -193,6 +193,87 @@ MOEEDGE_AVX2 void rows_avx2(const QuantX& x, const Matrix& m, float* out, size_t
   }
 }
 
+// One token, int8 weights (int8, Q8_0), the decode step's case: x re-laid in natural order
+// (natural_layout), so that a block's weights sign-extend straight from memory (vpmovsxbw)
+// instead of being split into evens and odds by three shifts; two rows per pass share x's
+// loads. Same integer sums as row_tile, only the float summation order differs. Q8_0 on
+// Mixtral-medium's 3584 x 1024 experts, one thread, from cache: 1.8x row_tile's speed.
+void natural_layout(QuantX& x) {
+  constexpr size_t half = kXBlock / 2;
+  std::vector<int16_t> q(x.q.size());
+  for (size_t b = 0; b < x.stride; ++b) {
+    const int16_t* src = x.block(0, b);
+    int16_t* dst = q.data() + b * kXBlock;
+    for (size_t i = 0; i < half; ++i) {
+      dst[2 * i] = src[i];
+      dst[2 * i + 1] = src[half + i];
+    }
+  }
+  x.q.swap(q);
+}
+
+MOEEDGE_AVX2 inline __m256 block_dot_natural(const uint8_t* p, const int16_t* xq) {
+  const __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+  const __m256i a = _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+  const __m256i b = _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16)));
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
+}
+
+// s[b] = ds[b] * xs[b] for row r: its blocks' weight scales times x's.
+MOEEDGE_AVX2 void row_scales(const Matrix& m, size_t r, const QuantX& x, float* s) {
+  block_scales_avx2(m, r, x.blocks, s);
+  const float* xs = x.scales(0, 0);
+  size_t b = 0;
+  for (; b + 8 <= x.blocks; b += 8)
+    _mm256_storeu_ps(s + b, _mm256_mul_ps(_mm256_loadu_ps(s + b), _mm256_loadu_ps(xs + b)));
+  for (; b < x.blocks; ++b) s[b] *= xs[b];
+}
+
+// Read ahead in each row: without it a matrix streamed from memory ran at 0.76x ggml's
+// Q8_0 speed on the same bytes, with it at 0.93-1.06x (bench/ggml_compare.py, 14336 x 4096).
+constexpr size_t kPrefetchBytes = 1024;
+
+// A block's scale times x's. kInline: the weight scale read with its block (one per block;
+// Q8_0's sit between its 34-byte blocks, where gathering a row's first cost 1.6x the
+// time); otherwise from the row's block scales formed first, 8 per instruction (row_scales).
+template <bool kInline>
+MOEEDGE_AVX2 inline __m256 decode_scale(const Matrix& m, size_t r, size_t b, const float* xs, const float* s) {
+  if constexpr (kInline) return _mm256_set1_ps(_cvtsh_ss(load_u16(m.scale(r, b))) * xs[b]);
+  else return _mm256_broadcast_ss(s + b);
+}
+
+template <bool kInline>
+MOEEDGE_AVX2 void rows_avx2_int8_decode(const QuantX& x, const Matrix& m, float* out, size_t rows, size_t begin,
+                                        size_t end) {
+  const float* xs = x.scales(0, 0);
+  std::vector<float> s0(kInline ? 0 : x.stride), s1(kInline ? 0 : x.stride);
+  size_t r = begin;
+  for (; r + 2 <= end; r += 2) {
+    if constexpr (!kInline) {
+      row_scales(m, r, x, s0.data());
+      row_scales(m, r + 1, x, s1.data());
+    }
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (size_t b = 0; b < x.blocks; ++b) {
+      const int16_t* xq = x.block(0, b);
+      _mm_prefetch(reinterpret_cast<const char*>(m.block(r + 8, b)), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(m.block(r + 8 + 1, b)), _MM_HINT_T0);
+      a0 = _mm256_fmadd_ps(block_dot_natural(m.block(r, b), xq), decode_scale<kInline>(m, r, b, xs, s0.data()), a0);
+      a1 = _mm256_fmadd_ps(block_dot_natural(m.block(r + 1, b), xq), decode_scale<kInline>(m, r + 1, b, xs, s1.data()), a1);
+    }
+    out[r] = detail::hsum(a0);
+    out[r + 1] = detail::hsum(a1);
+  }
+  if (r < end) {
+    if constexpr (!kInline) row_scales(m, r, x, s0.data());
+    __m256 a0 = _mm256_setzero_ps();
+    for (size_t b = 0; b < x.blocks; ++b)
+      a0 = _mm256_fmadd_ps(block_dot_natural(m.block(r, b), x.block(0, b)), decode_scale<kInline>(m, r, b, xs, s0.data()), a0);
+    out[r] = detail::hsum(a0);
+  }
+}
+
 // --------------------------------------------------------------------------- AVX-512 VNNI
 
 // Two blocks per 512-bit word: x's blocks are re-laid in pairs (pair_layout), the evens of
@@ -282,6 +363,12 @@ void run(const float* x, size_t tokens, const Matrix& m, size_t rows, size_t col
   QuantX qx = detail::quantize_x(x, tokens, cols);
 #ifdef MOEEDGE_X86
   if (fn == rows_avx512<Bits>) pair_layout(qx);
+  if constexpr (Bits == 8) {
+    if (fn == rows_avx2<Bits> && tokens == 1) {
+      natural_layout(qx);
+      fn = m.per_group == 1 ? rows_avx2_int8_decode<true> : rows_avx2_int8_decode<false>;
+    }
+  }
 #endif
   detail::for_rows(rows, cols, threads, [&](size_t begin, size_t end) { fn(qx, m, out, rows, begin, end); });
 }

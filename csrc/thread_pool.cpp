@@ -1,8 +1,38 @@
 #include "thread_pool.h"
 
 #include <algorithm>
+#include <chrono>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MOEEDGE_PAUSE() _mm_pause()
+#else
+#define MOEEDGE_PAUSE() std::this_thread::yield()
+#endif
 
 namespace moeedge {
+
+namespace {
+
+// How long a thread spins for the next call (or for the others to finish) before it
+// sleeps: longer than the gap between a decode step's products, short enough that an idle
+// pool gives its cores back at once to the IO threads and to torch.
+constexpr auto kSpin = std::chrono::microseconds(200);
+
+// Spins until done() or kSpin has passed; true if done.
+template <class Done>
+bool spin_until(const Done& done) {
+  const auto until = std::chrono::steady_clock::now() + kSpin;
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (done()) return true;
+      MOEEDGE_PAUSE();
+    }
+    if (std::chrono::steady_clock::now() > until) return false;
+  }
+}
+
+}  // namespace
 
 ThreadPool::ThreadPool(int threads) {
   for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { work(i); });
@@ -18,41 +48,48 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::work(int index) {
-  unsigned seen = 0;
+  uint64_t seen = 0;
+  const auto called = [&] { return stop_.load(std::memory_order_acquire) ||
+                                   call_.load(std::memory_order_acquire) != seen; };
   for (;;) {
-    std::unique_lock<std::mutex> lk(mu_);
-    start_cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
+    if (!spin_until(called)) {
+      std::unique_lock<std::mutex> lk(mu_);
+      start_cv_.wait(lk, called);
+    }
     if (stop_) return;
-    seen = generation_;
-    if (index >= parts_) continue;
-    const size_t begin = n_ * index / parts_, end = n_ * (index + 1) / parts_;
-    const auto* fn = fn_;
-    lk.unlock();
-    (*fn)(begin, end);
-    lk.lock();
-    if (--pending_ == 0) done_cv_.notify_one();
+    seen = call_.load(std::memory_order_acquire);
+    const size_t parts = seen & 0xffff;
+    if (static_cast<size_t>(index) >= parts) continue;
+    (*fn_)(n_ * index / parts, n_ * (index + 1) / parts);
+    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard<std::mutex> lk(mu_);  // the caller checks pending_ under mu_ before it sleeps
+      done_cv_.notify_one();
+    }
   }
 }
 
 void ThreadPool::parallel_for(size_t n, int parts, const std::function<void(size_t, size_t)>& fn) {
-  parts = std::max(1, std::min({parts, size(), static_cast<int>(n)}));
+  parts = std::max(1, std::min({parts, size(), static_cast<int>(std::min<size_t>(n, 0xffff))}));
   if (parts == 1) {
     fn(0, n);
     return;
   }
   std::lock_guard<std::mutex> call(call_mu_);
+  fn_ = &fn;
+  n_ = n;
+  pending_.store(parts - 1, std::memory_order_relaxed);
   {
-    std::lock_guard<std::mutex> lk(mu_);
-    fn_ = &fn;
-    n_ = n;
-    parts_ = parts;
-    pending_ = parts - 1;
-    ++generation_;
+    std::lock_guard<std::mutex> lk(mu_);  // a worker about to sleep sees the new call or is woken
+    const uint64_t calls = (call_.load(std::memory_order_relaxed) >> 16) + 1;
+    call_.store(calls << 16 | static_cast<uint64_t>(parts), std::memory_order_release);
   }
   start_cv_.notify_all();
   fn(0, n / parts);
-  std::unique_lock<std::mutex> lk(mu_);
-  done_cv_.wait(lk, [&] { return pending_ == 0; });
+  const auto finished = [&] { return pending_.load(std::memory_order_acquire) == 0; };
+  if (!spin_until(finished)) {
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, finished);
+  }
 }
 
 ThreadPool& kernel_pool() {

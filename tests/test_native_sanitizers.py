@@ -39,9 +39,11 @@ def _ctest(tmp_path: Path, sanitize: str, options: str) -> str:
 def test_stress_under_address_and_undefined_sanitizers(tmp_path):
     out = _ctest(tmp_path, "address,undefined", "")
     assert out.count("; ok") == 2  # buffered and O_DIRECT runs
+    assert "stress_pool: ok" in out
 
 
 @pytest.mark.slow
 def test_stress_under_thread_sanitizer(tmp_path):
     out = _ctest(tmp_path, "thread", "halt_on_error=1")
     assert out.count("; ok") == 2
+    assert "stress_pool: ok" in out
