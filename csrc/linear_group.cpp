@@ -230,9 +230,10 @@ MOEEDGE_AVX2 void row_scales(const Matrix& m, size_t r, const QuantX& x, float* 
   for (; b < x.blocks; ++b) s[b] *= xs[b];
 }
 
-// Read ahead in each row: without it a matrix streamed from memory ran at 0.76x ggml's
-// Q8_0 speed on the same bytes, with it at 0.93-1.06x (bench/ggml_compare.py, 14336 x 4096).
-constexpr size_t kPrefetchBytes = 1024;
+// Rows read ahead, the same blocks kAheadRows rows on: without it a matrix streamed from
+// memory ran at 0.76x ggml's Q8_0 speed on the same bytes (bench/ggml_compare.py, 14336 x
+// 4096, one thread). 2, 4 and 8 rows were within noise of each other.
+constexpr size_t kAheadRows = 4;
 
 // A block's scale times x's. kInline: the weight scale read with its block (one per block;
 // Q8_0's sit between its 34-byte blocks, where gathering a row's first cost 1.6x the
@@ -257,8 +258,8 @@ MOEEDGE_AVX2 void rows_avx2_int8_decode(const QuantX& x, const Matrix& m, float*
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (size_t b = 0; b < x.blocks; ++b) {
       const int16_t* xq = x.block(0, b);
-      _mm_prefetch(reinterpret_cast<const char*>(m.block(r + 8, b)), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(m.block(r + 8 + 1, b)), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(m.block(r + kAheadRows, b)), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(m.block(r + kAheadRows + 1, b)), _MM_HINT_T0);
       a0 = _mm256_fmadd_ps(block_dot_natural(m.block(r, b), xq), decode_scale<kInline>(m, r, b, xs, s0.data()), a0);
       a1 = _mm256_fmadd_ps(block_dot_natural(m.block(r + 1, b), xq), decode_scale<kInline>(m, r + 1, b, xs, s1.data()), a1);
     }
