@@ -1,13 +1,15 @@
 """The native kernels on each SIMD path this CPU has, side by side on the same bytes.
 
     python bench/kernel_paths.py [--formats bf16,q8_0,int8_g32,int4_g32] [--tokens 1,16]
-        [--threads 1,0] [--rows 14336 --cols 4096] [--reps 20] [--json OUT]
+        [--threads 1,0] [--rows 14336 --cols 4096] [--reps 20] [--copies 1] [--json OUT]
 
 One expert matrix (Mixtral-8x7B's w1 shape by default) per format, timed on every path
 (scalar is left out: it is there for portability, not speed), the paths alternating call by
 call so that machine noise hits all of them; threads 0 means every core. Prints the median
 time, GB/s of stored weight bytes and each path's speed relative to the narrowest SIMD path,
 and checks that the paths agree (the same integer sums; only float rounding differs).
+--copies N cycles each call through N copies of the weights, so that a matrix the CPU's
+caches would hold (3584 x 1024) is read from memory, as a decode step reads its experts.
 """
 from __future__ import annotations
 
@@ -51,17 +53,19 @@ def call(fmt: str, x: np.ndarray, args: tuple, out: np.ndarray, threads: int) ->
         kernel(x, args[0], args[1], out, args[2], threads)
 
 
-def measure(fmt: str, tokens: int, threads: int, rows: int, cols: int, reps: int, paths: list[str]) -> dict:
+def measure(fmt: str, tokens: int, threads: int, rows: int, cols: int, reps: int, paths: list[str],
+            copies: int = 1) -> dict:
     args, nbytes = weights(fmt, rows, cols)
+    copied = [args] + [tuple(a.copy() if isinstance(a, np.ndarray) else a for a in args) for _ in range(copies - 1)]
     x = np.random.default_rng(tokens).standard_normal((tokens, cols)).astype(np.float32)
     outs = {p: np.empty((tokens, rows), np.float32) for p in paths}
     times: dict[str, list[float]] = {p: [] for p in paths}
     try:
         for rep in range(reps + 1):
-            for p in paths:
+            for i, p in enumerate(paths):
                 _core.linear_force_path(p)
                 start = time.perf_counter()
-                call(fmt, x, args, outs[p], threads)
+                call(fmt, x, copied[(rep * len(paths) + i) % copies], outs[p], threads)
                 if rep:  # the first round warms caches and the thread pool
                     times[p].append(time.perf_counter() - start)
     finally:
@@ -69,7 +73,7 @@ def measure(fmt: str, tokens: int, threads: int, rows: int, cols: int, reps: int
     ref = outs[paths[0]]
     scale = float(np.abs(ref).max()) or 1.0
     record = {"format": fmt, "tokens": tokens, "threads": threads or os.cpu_count(), "rows": rows, "cols": cols,
-              "bytes": nbytes, "paths": {}}
+              "bytes": nbytes, "copies": copies, "paths": {}}
     for p in paths:
         median = statistics.median(times[p])
         record["paths"][p] = {"median_ms": median * 1e3, "gb_per_s": nbytes / median / 1e9,
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=14336)
     parser.add_argument("--cols", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--copies", type=int, default=1, help="copies of the weights the calls cycle through")
     parser.add_argument("--json", default=None)
     a = parser.parse_args(argv)
     paths = [p for p in _core.linear_paths() if p != "scalar"]
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     for fmt in a.formats.split(","):
         for tokens in map(int, a.tokens.split(",")):
             for threads in map(int, a.threads.split(",")):
-                r = measure(fmt, tokens, threads, a.rows, a.cols, a.reps, paths)
+                r = measure(fmt, tokens, threads, a.rows, a.cols, a.reps, paths, max(1, a.copies))
                 records.append(r)
                 cells = "  ".join(f"{p} {v['median_ms']:8.3f} ms {v['gb_per_s']:6.1f} GB/s x{v['speedup']:.2f} "
                                   f"(diff {v['max_rel_diff']:.1e})" for p, v in r["paths"].items())
