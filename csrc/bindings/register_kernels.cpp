@@ -2,7 +2,9 @@
 #include <pybind11/stl.h>
 
 #include <string>
+#include <tuple>
 
+#include "expert_ffn.h"
 #include "linear.h"
 #include "register.h"
 
@@ -113,9 +115,74 @@ void def_group_linear(py::module_& m, const char* name, int bits, GroupLinear fn
        " read as stored (GIL released; threads=0: all cores).").c_str());
 }
 
+StoredMatrix stored_matrix(const std::string& format, py::ssize_t offset, py::ssize_t rows, py::ssize_t cols,
+                           py::ssize_t group, const char* role) {
+  if (offset < 0 || rows <= 0 || cols <= 0 || group < 0)
+    throw std::invalid_argument(std::string(role) + ": offset, rows, cols and group must be non-negative (rows and "
+                                "cols positive), got " + std::to_string(offset) + ", " + std::to_string(rows) +
+                                ", " + std::to_string(cols) + ", " + std::to_string(group));
+  StoredMatrix sm{weight_format(format), static_cast<size_t>(offset), static_cast<size_t>(rows),
+                  static_cast<size_t>(cols), static_cast<size_t>(group)};
+  try {
+    sm.nbytes();
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(std::string(role) + ": " + e.what());
+  }
+  return sm;
+}
+
+struct ExpertFfn {
+  StoredMatrix gate, up, down;
+};
+
+using MatrixArgs = std::tuple<std::string, py::ssize_t, py::ssize_t, py::ssize_t, py::ssize_t>;
+
+void def_expert_ffn(py::module_& m) {
+  py::class_<ExpertFfn>(m, "ExpertFfn",
+                        "Where an expert's gate, up and down matrices lie in its bytes, each (format, offset, "
+                        "rows, cols, group): format 'bf16', 'q8_0', 'q4_0', 'q4_k', 'q6_k', 'int8' or 'int4' "
+                        "(group: int8/int4's, else 0). Call it as ffn(x, expert, out, scale=1.0, threads=0): "
+                        "out = scale * down(silu(gate(x)) * up(x)), x float32 [tokens, in], out float32 "
+                        "[tokens, out], expert the expert's bytes (an ExpertBuffer); GIL released.")
+      .def(py::init([](const MatrixArgs& g, const MatrixArgs& u, const MatrixArgs& d) {
+             const auto make = [](const MatrixArgs& a, const char* role) {
+               return stored_matrix(std::get<0>(a), std::get<1>(a), std::get<2>(a), std::get<3>(a), std::get<4>(a),
+                                    role);
+             };
+             ExpertFfn f{make(g, "gate"), make(u, "up"), make(d, "down")};
+             if (f.up.rows != f.gate.rows || f.up.cols != f.gate.cols || f.down.cols != f.gate.rows)
+               throw std::invalid_argument("expert shapes do not chain: gate [" + std::to_string(f.gate.rows) + ", " +
+                                           std::to_string(f.gate.cols) + "], up [" + std::to_string(f.up.rows) +
+                                           ", " + std::to_string(f.up.cols) + "], down [" +
+                                           std::to_string(f.down.rows) + ", " + std::to_string(f.down.cols) + "]");
+             return f;
+           }),
+           py::arg("gate"), py::arg("up"), py::arg("down"))
+      .def(
+          "__call__",
+          [](const ExpertFfn& f, const py::buffer& x, const py::buffer& expert, const py::buffer& out, float scale,
+             int threads) {
+            auto xi = matrix(x, 4, false, "x (float32 [tokens, in])");
+            auto oi = matrix(out, 4, true, "out (float32 [tokens, out])");
+            py::buffer_info ei = expert.request();
+            if (!contiguous(ei)) throw std::invalid_argument("expert bytes must be C-contiguous");
+            if (static_cast<size_t>(xi.shape[1]) != f.gate.cols || oi.shape[0] != xi.shape[0] ||
+                static_cast<size_t>(oi.shape[1]) != f.down.rows)
+              throw std::invalid_argument("shapes do not fit: x [" + std::to_string(xi.shape[0]) + ", " +
+                                          std::to_string(xi.shape[1]) + "], out [" + std::to_string(oi.shape[0]) +
+                                          ", " + std::to_string(oi.shape[1]) + "] for an expert " +
+                                          std::to_string(f.gate.cols) + " -> " + std::to_string(f.down.rows));
+            py::gil_scoped_release release;
+            expert_ffn(static_cast<const float*>(xi.ptr), xi.shape[0], static_cast<const uint8_t*>(ei.ptr),
+                       ei.size * ei.itemsize, f.gate, f.up, f.down, scale, static_cast<float*>(oi.ptr), threads);
+          },
+          py::arg("x"), py::arg("expert"), py::arg("out"), py::arg("scale") = 1.0f, py::arg("threads") = 0);
+}
+
 }  // namespace
 
 void register_kernels(py::module_& m) {
+  def_expert_ffn(m);
   m.def(
       "linear_bf16",
       [](const py::buffer& x, const py::buffer& w, const py::buffer& out, int threads) {

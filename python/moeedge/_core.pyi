@@ -54,6 +54,20 @@ def linear_int4(x: Buffer, qweight: Buffer, scales: Buffer, out: Buffer, group: 
     """As linear_int8 with qweight rows * cols / 2 bytes: byte i of a row holds weight 2i in
     its low nibble and 2i + 1 in its high one, each as q + 8 (q in -8..7)."""
 
+class ExpertFfn:
+    """Where an expert's gate, up and down matrices lie in its bytes, each as (format,
+    offset, rows, cols, group): format 'bf16', 'q8_0', 'q4_0', 'q4_k', 'q6_k', 'int8' or
+    'int4' (group: int8/int4's, else 0; their scales follow the qweight bytes). ValueError
+    naming the role for an unknown format, a width that is not whole blocks, or shapes that
+    do not chain (gate and up [I, H], down [H, I])."""
+    def __init__(self, gate: tuple[str, int, int, int, int], up: tuple[str, int, int, int, int],
+                 down: tuple[str, int, int, int, int]) -> None: ...
+    def __call__(self, x: Buffer, expert: Buffer, out: Buffer, scale: float = 1.0, threads: int = 0) -> None:
+        """out = scale * down(silu(gate(x)) * up(x)), each product by the kernels above on the
+        bytes as stored; x float32 [tokens, H], out float32 [tokens, H], expert its bytes (an
+        ExpertBuffer). ValueError naming the role and byte range of a matrix past the
+        expert's end, or the shapes of an x or out that do not fit. GIL released."""
+
 def linear_path() -> str:
     """The path the kernels take now: 'scalar', 'avx2' or 'avx512' (AVX-512 F+BW+VL: bf16,
     Q8_0 and int8/int4 with VNNI where the CPU has it; Q4_0 and the K-quants take AVX2)."""

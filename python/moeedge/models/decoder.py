@@ -227,6 +227,11 @@ class DecoderMoE:
             gates[e] += g
         outputs = {}
         for e in sorted(chosen, key=lambda e: e in missing):
+            ffn = self.experts.ffn(moe_layer, e) if x.dtype == torch.float32 == top_w.dtype else None
+            if ffn is not None:  # one native call (moeedge._core.ExpertFfn)
+                outputs[e] = torch.empty_like(x)
+                ffn(x.numpy(), self.experts.buffer(moe_layer, e), outputs[e].numpy(), gates[e])
+                continue
             ew = self.experts.get(moe_layer, e)
             y = linear(F.silu(linear(x, ew["gate"])) * linear(x, ew["up"]), ew["down"])
             outputs[e] = y.mul_(gates[e]) if y.dtype == top_w.dtype else (y * top_w.new_tensor(gates[e])).to(x.dtype)

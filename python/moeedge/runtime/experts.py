@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from moeedge._core import ExpertCache
+from moeedge._core import ExpertBuffer, ExpertCache, ExpertFfn
 from moeedge.expert_tensor import expert_view
 from moeedge.formats.checkpoint import ExpertPart
 from moeedge.keys import ExpertKey
-from moeedge.kernels import QuantTensor
+from moeedge.formats.group_quant import QUANTS as GROUP_QUANTS
+from moeedge.kernels import NATIVE_QUANTS, QuantTensor
 
 
 class ExpertWeights:
@@ -33,6 +34,28 @@ class ExpertWeights:
         return self.weights[role]
 
 
+def native_ffn(parts: list[ExpertPart]) -> ExpertFfn | None:
+    """The expert's gate, up and down as the native FFN takes them, where all three are in a
+    format its kernels multiply as stored (bf16, GGUF blocks, moeedge's int8/int4)."""
+    by_role = {part.role: part for part in parts}
+    if set(by_role) != {"gate", "up", "down"}:
+        return None
+    specs = []
+    for role in ("gate", "up", "down"):
+        part = by_role[role]
+        rows, cols = part.shape
+        if part.quant in NATIVE_QUANTS:
+            specs.append((part.quant, part.offset, rows, cols, 0))
+        elif part.quant in GROUP_QUANTS:
+            bits, group = GROUP_QUANTS[part.quant]
+            specs.append((f"int{bits}", part.offset, rows, cols, group))
+        elif part.quant is None and part.dtype == torch.bfloat16:
+            specs.append(("bf16", part.offset, rows, cols, 0))
+        else:
+            return None
+    return ExpertFfn(*specs)
+
+
 class ExpertAccess:
     """Get, prefetch and ask residency of experts by (MoE layer, expert)."""
 
@@ -43,6 +66,23 @@ class ExpertAccess:
         self.expert_layouts = expert_layouts or {}  # ExpertKey.packed -> parts, where an expert differs
         self.dtype = dtype
         self.slot = max(cache.store.slot_bytes(k) for k in cache.store.keys())
+        self._ffns: dict[int, ExpertFfn | None] = {}  # id(parts) -> its native FFN
+
+    def ffn(self, layer: int, expert: int) -> ExpertFfn | None:
+        """The native FFN for this expert's layout (None: the torch path), when weights are
+        multiplied as stored (dtype None)."""
+        if self.dtype is not None:
+            return None
+        parts = self.parts[layer]
+        if self.expert_layouts:
+            parts = self.expert_layouts.get(ExpertKey(layer, expert).packed, parts)
+        if id(parts) not in self._ffns:
+            self._ffns[id(parts)] = native_ffn(parts)
+        return self._ffns[id(parts)]
+
+    def buffer(self, layer: int, expert: int) -> ExpertBuffer:
+        """The expert's bytes, pinned while referenced."""
+        return self.cache.get(ExpertKey(layer, expert).packed)
 
     @property
     def capacity(self) -> int:
