@@ -125,8 +125,9 @@ class DecoderMoE:
         k = k.view(T, cfg.n_kv_heads, cfg.head_dim)
         v = v.view(T, cfg.n_kv_heads, cfg.head_dim)
         cos, sin = rope
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        qk = torch.cat((q, k), dim=1)  # one rotation for both: 6 fewer small ops a layer
+        qk = qk * cos + rotate_half(qk) * sin
+        q, k = qk[:, :cfg.n_heads], qk[:, cfg.n_heads:]
         self.k_cache[layer, start:start + T] = k
         self.v_cache[layer, start:start + T] = v
         S = start + T
@@ -199,7 +200,8 @@ class DecoderMoE:
         top_w, top_i = self.route(x, layer)
         if self.recorder is not None:
             self.recorder(moe_layer, top_i, top_w, x)
-        chosen = torch.unique(top_i).tolist()
+        # (torch.unique sorts: about 70 µs a call here, for two numbers)
+        chosen = sorted(set(top_i[0].tolist())) if x.shape[0] == 1 else torch.unique(top_i).tolist()
         # Resident experts first while the missing ones are read; each expert's
         # output is summed in expert order afterwards, so the result does not
         # depend on what happened to be cached.
