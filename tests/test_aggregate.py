@@ -319,7 +319,8 @@ def test_layers_are_read_one_at_a_time(source, tmp_path, monkeypatch, target):
 
 
 def test_the_budget_covers_the_layer_being_aggregated(source):
-    """The source model gets the budget less three fp32 copies of its largest layer's experts."""
+    """The source model gets the budget less three fp32 copies of its largest layer's experts
+    (and lowrank's SVD of them)."""
     from moeedge.aggregate.pipeline import source_budget
     from moeedge.api import open_checkpoint
 
@@ -327,3 +328,8 @@ def test_the_budget_covers_the_layer_being_aggregated(source):
     layer = E * ckpt.layer_expert_nbytes(0) * 4 // ckpt.expert_parts[0][0].dtype.itemsize
     assert source_budget(2 ** 30, ckpt) == 2 ** 30 - 3 * layer
     assert source_budget(layer, ckpt) == "min" and source_budget("min", ckpt) == "min"
+    # lowrank also holds the float64 SVD of every expert matrix's difference from the base
+    svd = sum(E * 8 * min(p.shape) * (sum(p.shape) + 1) for p in ckpt.expert_parts[0])
+    widest = max(8 * (E * p.shape[0] * p.shape[1] + 4 * min(p.shape) ** 2 + 8 * min(p.shape) + max(p.shape))
+                 for p in ckpt.expert_parts[0])  # one difference in float64, and LAPACK's workspace
+    assert source_budget(2 ** 30, ckpt, "lowrank") == 2 ** 30 - 3 * layer - svd - widest

@@ -40,7 +40,8 @@ def add_parsers(subparsers) -> None:
                     help="held-out tokens to measure the variant on (default 8192; 0: skip)")
     ag.add_argument("--memory-budget", default="auto",
                     help="memory the whole process may use while aggregating, e.g. 8GiB (default: auto); the "
-                         "source model gets what the layer being aggregated (about 3x its experts in fp32) leaves")
+                         "source model gets what the layer being aggregated (about 3x its experts in fp32; lowrank about "
+                         "5-6x, its SVD in float64) leaves")
     ag.add_argument("-o", "--output", required=True, help="new directory for the variant")
     ag.add_argument("--json", action="store_true", help="print the variant's description as one JSON object")
     ag.set_defaults(run=_cmd_aggregate)

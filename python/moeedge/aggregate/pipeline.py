@@ -115,19 +115,34 @@ def layer_sensitivity(layer: MoeLayer, built: str, expert_bytes: int) -> tuple[l
 
 # What aggregating one layer holds beside the source model, in multiples of the layer's
 # experts in fp32: its copy, the variant and what the method computes from them (seen on
-# Switch-Base-128 with prune: 9.0 GB peak for a 3 GiB model and 2.4 GB layers). Not yet
-# counted: lowrank's float64 SVD of the layer, about 2.5 more.
+# Switch-Base-128 with prune: 9.0 GB peak for a 3 GiB model and 2.4 GB layers).
 LAYER_WORKING_SET = 3
 
 
-def source_budget(memory_budget: int | str, ckpt: Checkpoint) -> int | str:
+def layer_working_set(ckpt: Checkpoint, layer: int, built: str) -> int:
+    """Bytes aggregating MoE layer `layer` holds beside the source model: LAYER_WORKING_SET
+    fp32 copies of its experts, and for lowrank (distill from it too) the float64 SVD of
+    each matrix's difference from the base, kept for every rank the layer tries (U, S and Vh
+    of all E experts), with one matrix's difference in float64 and LAPACK's workspace while
+    it is decomposed (gesdd: about 4k^2 + 8k + max(rows, cols) doubles, k = min(rows, cols);
+    without it a 3 GiB budget peaked 1.4 MiB above 3 GiB on mixtral-medium)."""
+    n = ckpt.config.n_experts
+    shapes = [part.shape for part in ckpt.expert_parts[layer]]
+    total = LAYER_WORKING_SET * n * sum(rows * cols for rows, cols in shapes) * 4
+    if built == "lowrank":
+        total += sum(n * 8 * min(rows, cols) * (rows + 1 + cols) for rows, cols in shapes)
+        total += max(8 * (n * rows * cols + 4 * min(rows, cols) ** 2 + 8 * min(rows, cols) + max(rows, cols))
+                     for rows, cols in shapes)
+    return total
+
+
+def source_budget(memory_budget: int | str, ckpt: Checkpoint, built: str = "merge") -> int | str:
     """The source model's budget when the whole process may use `memory_budget`: what is
     left after the largest layer's working set ("min" where that leaves too little)."""
     if isinstance(memory_budget, str) and memory_budget.strip().lower() == "min":
         return "min"
-    largest = max(ckpt.config.n_experts * ckpt.layer_expert_nbytes(i) * 4 // ckpt.expert_parts[i][0].dtype.itemsize
-                  for i in range(len(ckpt.expert_parts)))
-    left = resolve_budget(memory_budget) - LAYER_WORKING_SET * largest
+    largest = max(layer_working_set(ckpt, i, built) for i in range(len(ckpt.expert_parts)))
+    left = resolve_budget(memory_budget) - largest
     return left if left > 0 else "min"
 
 
@@ -206,7 +221,7 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
     # One layer's fp32 copy at a time (Switch-Base-128's are 2.4 GB each, 29 GB in all): the
     # sensitivity pass and the build pass each read the layers one by one from the model,
     # and each layer's shard is written as soon as it is built.
-    with publish(out, ckpt) as staging, moeedge.load(ckpt.source, memory_budget=source_budget(memory_budget, ckpt),
+    with publish(out, ckpt) as staging, moeedge.load(ckpt.source, memory_budget=source_budget(memory_budget, ckpt, built),
                                                     max_context=window) as model:
         calibration, calibration_total, n_windows = calibrate(model, calibration_tokens, progress)
 
