@@ -123,6 +123,14 @@ void linear_stored(const float* x, size_t tokens, const uint8_t* expert, const S
   }
 }
 
+void check_chain(const StoredMatrix& gate, const StoredMatrix& up, const StoredMatrix& down) {
+  if (up.rows != gate.rows || up.cols != gate.cols || down.cols != gate.rows)
+    throw std::invalid_argument("expert shapes do not chain: gate [" + std::to_string(gate.rows) + ", " +
+                                std::to_string(gate.cols) + "], up [" + std::to_string(up.rows) + ", " +
+                                std::to_string(up.cols) + "], down [" + std::to_string(down.rows) + ", " +
+                                std::to_string(down.cols) + "]");
+}
+
 void expert_ffn(const float* x, size_t tokens, const uint8_t* expert, size_t expert_bytes, const StoredMatrix& gate,
                 const StoredMatrix& up, const StoredMatrix& down, float scale, float* out, int threads) {
   const char* roles[] = {"gate", "up", "down"};
@@ -134,11 +142,7 @@ void expert_ffn(const float* x, size_t tokens, const uint8_t* expert, size_t exp
                                   std::to_string(ms[i]->offset + n) + " of an expert of " +
                                   std::to_string(expert_bytes));
   }
-  if (up.rows != gate.rows || up.cols != gate.cols || down.cols != gate.rows)
-    throw std::invalid_argument("expert shapes do not chain: gate [" + std::to_string(gate.rows) + ", " +
-                                std::to_string(gate.cols) + "], up [" + std::to_string(up.rows) + ", " +
-                                std::to_string(up.cols) + "], down [" + std::to_string(down.rows) + ", " +
-                                std::to_string(down.cols) + "]");
+  check_chain(gate, up, down);
   std::vector<float> g(tokens * gate.rows), u(tokens * gate.rows);
   linear_stored(x, tokens, expert, gate, g.data(), threads);
   linear_stored(x, tokens, expert, up, u.data(), threads);

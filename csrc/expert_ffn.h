@@ -28,9 +28,12 @@ struct StoredMatrix {
 void linear_stored(const float* x, size_t tokens, const uint8_t* expert, const StoredMatrix& m, float* out,
                    int threads);
 
-// x [tokens, gate.cols] -> out [tokens, down.rows]. The shapes must chain (gate and up
-// [I, H], down [H, I]) and every matrix lie within `expert_bytes`: std::invalid_argument
-// naming the role and the numbers otherwise.
+// std::invalid_argument naming the shapes unless they chain: gate and up [I, H], down [H, I].
+void check_chain(const StoredMatrix& gate, const StoredMatrix& up, const StoredMatrix& down);
+
+// x [tokens, gate.cols] -> out [tokens, down.rows]. The shapes must chain (check_chain) and
+// every matrix lie within `expert_bytes`: std::invalid_argument naming the role and the
+// numbers otherwise.
 void expert_ffn(const float* x, size_t tokens, const uint8_t* expert, size_t expert_bytes, const StoredMatrix& gate,
                 const StoredMatrix& up, const StoredMatrix& down, float scale, float* out, int threads);
 

@@ -150,11 +150,7 @@ void def_expert_ffn(py::module_& m) {
                                     role);
              };
              ExpertFfn f{make(g, "gate"), make(u, "up"), make(d, "down")};
-             if (f.up.rows != f.gate.rows || f.up.cols != f.gate.cols || f.down.cols != f.gate.rows)
-               throw std::invalid_argument("expert shapes do not chain: gate [" + std::to_string(f.gate.rows) + ", " +
-                                           std::to_string(f.gate.cols) + "], up [" + std::to_string(f.up.rows) +
-                                           ", " + std::to_string(f.up.cols) + "], down [" +
-                                           std::to_string(f.down.rows) + ", " + std::to_string(f.down.cols) + "]");
+             check_chain(f.gate, f.up, f.down);
              return f;
            }),
            py::arg("gate"), py::arg("up"), py::arg("down"))
