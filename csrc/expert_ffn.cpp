@@ -36,8 +36,9 @@ void block_of(WeightFormat f, size_t* weights, size_t* bytes) {
 
 size_t group_q_bytes(const StoredMatrix& m) { return m.rows * m.cols * (m.format == WeightFormat::int8 ? 8 : 4) / 8; }
 
-// h = silu(g) * u = g / (1 + e^-g) * u, in place in g. std::exp one value at a time cost
-// as much as the Python calls the native FFN saves (about 40 µs for 3584 values here).
+// h = silu(g) * u = g / (1 + e^-g) * u, in place in g. With std::exp one value at a time
+// the native FFN was no faster than the separate calls it replaces (482 against 479 µs for
+// a Mixtral-medium Q8_0 expert, timed in one process).
 void silu_mul_scalar(float* g, const float* u, size_t n) {
   for (size_t i = 0; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
