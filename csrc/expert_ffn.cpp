@@ -10,6 +10,7 @@
 namespace moeedge {
 
 WeightFormat weight_format(const std::string& name) {
+  if (name == "f32") return WeightFormat::f32;
   if (name == "bf16") return WeightFormat::bf16;
   if (name == "q8_0") return WeightFormat::q8_0;
   if (name == "q4_0") return WeightFormat::q4_0;
@@ -18,7 +19,7 @@ WeightFormat weight_format(const std::string& name) {
   if (name == "int8") return WeightFormat::int8;
   if (name == "int4") return WeightFormat::int4;
   throw std::invalid_argument("unknown weight format '" + name +
-                              "' (bf16, q8_0, q4_0, q4_k, q6_k, int8 or int4)");
+                              "' (f32, bf16, q8_0, q4_0, q4_k, q6_k, int8 or int4)");
 }
 
 namespace {
@@ -44,32 +45,11 @@ void silu_mul_scalar(float* g, const float* u, size_t n) {
 }
 
 #ifdef MOEEDGE_X86
-// e^x for 8 floats: 2^k * e^r with k = round(x / ln 2), |r| <= ln 2 / 2, e^r by its
-// degree-6 Taylor polynomial (relative error below 2e-7, a few float roundings); x is
-// clamped to [-88, 88], where e^x stays a normal float, which silu needs no more of.
-MOEEDGE_AVX2 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-88.f));
-  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // r = x - k ln 2, ln 2 in two parts so that k * its first part is exact
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 MOEEDGE_AVX2 void silu_mul_avx2(float* g, const float* u, size_t n) {
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 x = _mm256_loadu_ps(g + i);
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+    const __m256 e = detail::exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
     const __m256 s = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e));
     _mm256_storeu_ps(g + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
   }
@@ -88,6 +68,8 @@ void silu_mul(float* g, const float* u, size_t n) {
 
 size_t StoredMatrix::nbytes() const {
   switch (format) {
+    case WeightFormat::f32:
+      return rows * cols * 4;
     case WeightFormat::bf16:
       return rows * cols * 2;
     case WeightFormat::int8:
@@ -111,6 +93,8 @@ void linear_stored(const float* x, size_t tokens, const uint8_t* expert, const S
                    int threads) {
   const uint8_t* w = expert + m.offset;
   switch (m.format) {
+    case WeightFormat::f32:
+      return linear_f32(x, tokens, reinterpret_cast<const float*>(w), m.rows, m.cols, out, threads);
     case WeightFormat::bf16:
       return linear_bf16(x, tokens, reinterpret_cast<const uint16_t*>(w), m.rows, m.cols, out, threads);
     case WeightFormat::q8_0: return linear_q8_0(x, tokens, w, m.rows, m.cols, out, threads);

@@ -107,6 +107,18 @@ void bf16_scalar(const float* x, size_t tokens, const uint8_t* w8, size_t cols, 
   }
 }
 
+void f32_scalar(const float* x, size_t tokens, const uint8_t* w8, size_t cols, float* out, size_t rows,
+                size_t begin, size_t end) {
+  const auto* w = reinterpret_cast<const float*>(w8);
+  for (size_t r = begin; r < end; ++r)
+    for (size_t t = 0; t < tokens; ++t) {
+      const float* xt = x + t * cols;
+      float acc = 0.f;
+      for (size_t c = 0; c < cols; ++c) acc += xt[c] * w[r * cols + c];
+      out[t * rows + r] = acc;
+    }
+}
+
 #ifdef MOEEDGE_X86
 MOEEDGE_AVX2 inline __m256 load8_bf16(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -122,41 +134,52 @@ MOEEDGE_AVX2 inline __m256 load8_bf16(const uint16_t* p) {
 MOEEDGE_AVX2 inline __m256 even(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 MOEEDGE_AVX2 inline __m256 odd(__m256i v, __m256i high) { return _mm256_castsi256_ps(_mm256_and_si256(v, high)); }
 
+template <int R>
 MOEEDGE_AVX2 void bf16_avx2(const float* xs, size_t tokens, const uint8_t* w8, size_t cols, float* out, size_t rows,
                             size_t begin, size_t end) {
   const auto* w = reinterpret_cast<const uint16_t*>(w8);
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   size_t r = begin;
-  for (; r + 4 <= end; r += 4) {
-    const uint16_t* row[4] = {w + r * cols, w + (r + 1) * cols, w + (r + 2) * cols, w + (r + 3) * cols};
+  for (; r + R <= end; r += R) {
+    const uint16_t* row[R];
+    for (int i = 0; i < R; ++i) row[i] = w + (r + i) * cols;
     for (size_t t = 0; t < tokens; ++t) {
       const float* xt = xs + t * cols;
-      __m256 acc[4][2];
+      __m256 acc[R][2];
       for (auto& a : acc) a[0] = a[1] = _mm256_setzero_ps();
       for (size_t c = 0; c < cols; c += 16) {
         const __m256 xe = _mm256_loadu_ps(xt + c), xo = _mm256_loadu_ps(xt + c + 8);
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < R; ++i) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[i] + c));
           acc[i][0] = _mm256_fmadd_ps(even(v), xe, acc[i][0]);
           acc[i][1] = _mm256_fmadd_ps(odd(v, high), xo, acc[i][1]);
         }
       }
-      for (int i = 0; i < 4; ++i) out[t * rows + r + i] = detail::hsum(_mm256_add_ps(acc[i][0], acc[i][1]));
+      for (int i = 0; i < R; ++i) out[t * rows + r + i] = detail::hsum(_mm256_add_ps(acc[i][0], acc[i][1]));
     }
   }
-  for (; r < end; ++r) {
-    const uint16_t* row = w + r * cols;
+  if constexpr (R > 1) bf16_avx2<1>(xs, tokens, w8, cols, out, rows, r, end);
+}
+
+// fp32 weights (small checkpoints, GGUF's F32 routers): 8 columns per FMA, two
+// accumulators; any width (a scalar tail).
+MOEEDGE_AVX2 void f32_avx2(const float* x, size_t tokens, const uint8_t* w8, size_t cols, float* out, size_t rows,
+                           size_t begin, size_t end) {
+  const auto* w = reinterpret_cast<const float*>(w8);
+  for (size_t r = begin; r < end; ++r)
     for (size_t t = 0; t < tokens; ++t) {
-      const float* xt = xs + t * cols;
+      const float* xt = x + t * cols;
+      const float* row = w + r * cols;
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      for (size_t c = 0; c < cols; c += 16) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));
-        a0 = _mm256_fmadd_ps(even(v), _mm256_loadu_ps(xt + c), a0);
-        a1 = _mm256_fmadd_ps(odd(v, high), _mm256_loadu_ps(xt + c + 8), a1);
+      size_t c = 0;
+      for (; c + 16 <= cols; c += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + c), _mm256_loadu_ps(xt + c), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(row + c + 8), _mm256_loadu_ps(xt + c + 8), a1);
       }
-      out[t * rows + r] = detail::hsum(_mm256_add_ps(a0, a1));
+      float acc = detail::hsum(_mm256_add_ps(a0, a1));
+      for (; c < cols; ++c) acc += xt[c] * row[c];
+      out[t * rows + r] = acc;
     }
-  }
 }
 
 MOEEDGE_AVX512 inline __m512 even(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
@@ -230,11 +253,22 @@ void linear_bf16(const float* x, size_t tokens, const uint16_t* w, size_t rows, 
     return;
   }
   if (use_avx2() && cols % 16 == 0) {
-    run_rows(bf16_avx2, split_even_odd(x, tokens, cols, 16).data(), tokens, w8, rows, cols, out, threads);
+    // Four rows per pass share x's loads; one token's rows under detail::kSharedRowBytes
+    // stream faster one at a time (with more tokens the shared loads of x win).
+    const RowsFn fn = tokens == 1 && cols * 2 < detail::kSharedRowBytes ? bf16_avx2<1> : bf16_avx2<4>;
+    run_rows(fn, split_even_odd(x, tokens, cols, 16).data(), tokens, w8, rows, cols, out, threads);
     return;
   }
 #endif
   run_rows(bf16_scalar, x, tokens, w8, rows, cols, out, threads);
+}
+
+void linear_f32(const float* x, size_t tokens, const float* w, size_t rows, size_t cols, float* out, int threads) {
+  const auto* w8 = reinterpret_cast<const uint8_t*>(w);
+#ifdef MOEEDGE_X86
+  if (use_avx2()) return run_rows(f32_avx2, x, tokens, w8, rows, cols, out, threads);
+#endif
+  run_rows(f32_scalar, x, tokens, w8, rows, cols, out, threads);
 }
 
 const char* linear_path() { return detail::kPathNames[static_cast<int>(detail::path())]; }

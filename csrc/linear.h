@@ -13,6 +13,7 @@ namespace moeedge {
 
 void linear_bf16(const float* x, size_t tokens, const uint16_t* w, size_t rows, size_t cols, float* out,
                  int threads);
+void linear_f32(const float* x, size_t tokens, const float* w, size_t rows, size_t cols, float* out, int threads);
 
 // GGUF Q8_0, multiplied by linear_group.cpp as int8 with groups of 32: each row is
 // cols / 32 blocks of {fp16 scale d, 32 int8 q}, weight = d * q.

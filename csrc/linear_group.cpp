@@ -244,33 +244,32 @@ MOEEDGE_AVX2 inline __m256 decode_scale(const Matrix& m, size_t r, size_t b, con
   else return _mm256_broadcast_ss(s + b);
 }
 
-template <bool kInline>
+// R rows per pass share x's loads; rows under detail::kSharedRowBytes take one per pass.
+template <bool kInline, int R>
 MOEEDGE_AVX2 void rows_avx2_int8_decode(const QuantX& x, const Matrix& m, float* out, size_t rows, size_t begin,
-                                        size_t end) {
+                                          size_t end) {
   const float* xs = x.scales(0, 0);
-  std::vector<float> s0(kInline ? 0 : x.stride), s1(kInline ? 0 : x.stride);
+  std::vector<float> s[R];
+  if constexpr (!kInline) for (auto& v : s) v.resize(x.stride);
   size_t r = begin;
-  for (; r + 2 <= end; r += 2) {
-    if constexpr (!kInline) {
-      row_scales(m, r, x, s0.data());
-      row_scales(m, r + 1, x, s1.data());
-    }
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; r + R <= end; r += R) {
+    if constexpr (!kInline) for (int i = 0; i < R; ++i) row_scales(m, r + i, x, s[i].data());
+    __m256 a[R];
+    for (int i = 0; i < R; ++i) a[i] = _mm256_setzero_ps();
     for (size_t b = 0; b < x.blocks; ++b) {
       const int16_t* xq = x.block(0, b);
-      _mm_prefetch(reinterpret_cast<const char*>(m.block(r + kAheadRows, b)), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(m.block(r + kAheadRows + 1, b)), _MM_HINT_T0);
-      a0 = _mm256_fmadd_ps(block_dot_natural(m.block(r, b), xq), decode_scale<kInline>(m, r, b, xs, s0.data()), a0);
-      a1 = _mm256_fmadd_ps(block_dot_natural(m.block(r + 1, b), xq), decode_scale<kInline>(m, r + 1, b, xs, s1.data()), a1);
+      for (int i = 0; i < R; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(m.block(r + kAheadRows + i, b)), _MM_HINT_T0);
+        a[i] = _mm256_fmadd_ps(block_dot_natural(m.block(r + i, b), xq), decode_scale<kInline>(m, r + i, b, xs, kInline ? nullptr : s[i].data()), a[i]);
+      }
     }
-    out[r] = detail::hsum(a0);
-    out[r + 1] = detail::hsum(a1);
+    for (int i = 0; i < R; ++i) out[r + i] = detail::hsum(a[i]);
   }
-  if (r < end) {
-    if constexpr (!kInline) row_scales(m, r, x, s0.data());
+  for (; r < end; ++r) {
+    if constexpr (!kInline) row_scales(m, r, x, s[0].data());
     __m256 a0 = _mm256_setzero_ps();
     for (size_t b = 0; b < x.blocks; ++b)
-      a0 = _mm256_fmadd_ps(block_dot_natural(m.block(r, b), x.block(0, b)), decode_scale<kInline>(m, r, b, xs, s0.data()), a0);
+      a0 = _mm256_fmadd_ps(block_dot_natural(m.block(r, b), x.block(0, b)), decode_scale<kInline>(m, r, b, xs, kInline ? nullptr : s[0].data()), a0);
     out[r] = detail::hsum(a0);
   }
 }
@@ -367,7 +366,9 @@ void run(const float* x, size_t tokens, const Matrix& m, size_t rows, size_t col
   if constexpr (Bits == 8) {
     if (fn == rows_avx2<Bits> && tokens == 1) {
       natural_layout(qx);
-      fn = m.per_group == 1 ? rows_avx2_int8_decode<true> : rows_avx2_int8_decode<false>;
+      const bool shared = m.row_bytes >= detail::kSharedRowBytes;
+      if (m.per_group == 1) fn = shared ? rows_avx2_int8_decode<true, 2> : rows_avx2_int8_decode<true, 1>;
+      else fn = shared ? rows_avx2_int8_decode<false, 2> : rows_avx2_int8_decode<false, 1>;
     }
   }
 #endif

@@ -1,9 +1,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <string>
 #include <tuple>
+#include <vector>
 
+#include "attention_step.h"
 #include "expert_ffn.h"
 #include "linear.h"
 #include "register.h"
@@ -175,10 +178,117 @@ void def_expert_ffn(py::module_& m) {
           py::arg("x"), py::arg("expert"), py::arg("out"), py::arg("scale") = 1.0f, py::arg("threads") = 0);
 }
 
+// A contiguous float32 buffer of exactly n values; ValueError naming `what` otherwise.
+float* floats(const py::buffer& b, size_t n, bool writable, const std::string& what) {
+  py::buffer_info info = b.request(writable);
+  if (info.itemsize != 4 || info.format != py::format_descriptor<float>::format())
+    throw std::invalid_argument(what + " must be float32");
+  if (!contiguous(info)) throw std::invalid_argument(what + " must be C-contiguous");
+  if (static_cast<size_t>(info.size) != n)
+    throw std::invalid_argument(what + " has " + std::to_string(info.size) + " values, " + std::to_string(n) +
+                                " expected");
+  return static_cast<float*>(info.ptr);
+}
+
+// (format, buffer, rows, cols, group): a matrix as stored, its buffer exactly its bytes.
+DenseMatrix dense_matrix(const py::handle& spec, const std::string& name, std::vector<py::object>& owners) {
+  const auto t = spec.cast<py::tuple>();
+  if (t.size() != 5) throw std::invalid_argument(name + " must be (format, buffer, rows, cols, group)");
+  DenseMatrix m;
+  m.layout = stored_matrix(t[0].cast<std::string>(), 0, t[2].cast<py::ssize_t>(), t[3].cast<py::ssize_t>(),
+                           t[4].cast<py::ssize_t>(), name.c_str());
+  const py::buffer buffer = t[1].cast<py::buffer>();
+  auto info = bytes_of(buffer, static_cast<py::ssize_t>(m.layout.nbytes()), name,
+                       t[0].cast<std::string>() + " [" + std::to_string(m.layout.rows) + ", " +
+                           std::to_string(m.layout.cols) + "]");
+  m.data = static_cast<const uint8_t*>(info.ptr);
+  owners.push_back(buffer);  // the bytes stay alive as long as the step
+  return m;
+}
+
+std::vector<float> vector_of(const py::dict& weights, const char* name) {
+  if (!weights.contains(name) || weights[name].is_none()) return {};
+  const py::buffer b = weights[name].cast<py::buffer>();
+  py::buffer_info info = b.request();
+  const float* p = floats(b, static_cast<size_t>(info.size), false, name);
+  return std::vector<float>(p, p + info.size);
+}
+
+struct BoundAttention {
+  std::unique_ptr<AttentionStep> step;
+  std::vector<py::object> owners;  // the weights' and the KV cache's buffers
+};
+
+void def_attention_step(py::module_& m) {
+  py::class_<BoundAttention>(
+      m, "AttentionStep",
+      "One token through a decoder layer's attention block (csrc/attention_step.h): pre-norm, q/k/v "
+      "projections (+ biases, q/k norms, clamp), rotary embedding, the KV cache at pos, grouped-head attention, "
+      "o projection added to h, then the post-attention norm and the router's logits. weights: 'q', 'k', "
+      "'v', 'o' and optionally 'router' as (format, buffer, rows, cols, group); 'in_norm', 'post_norm' and "
+      "optionally 'q_bias', 'k_bias', 'v_bias', 'q_norm', 'k_norm' as float32 buffers. k_cache, v_cache: "
+      "this layer's float32 [capacity, kv_heads, head_dim], kept alive and written in place.")
+      .def(py::init([](size_t hidden, size_t heads, size_t kv_heads, size_t head_dim, float eps, float clip,
+                       const py::dict& weights, const py::buffer& k_cache, const py::buffer& v_cache) {
+             auto bound = std::make_unique<BoundAttention>();
+             AttentionWeights w;
+             const auto matrix_of = [&](const char* name, bool required) {
+               if (!weights.contains(name) || weights[name].is_none()) {
+                 if (required) throw std::invalid_argument(std::string(name) + " is missing");
+                 return DenseMatrix{};
+               }
+               return dense_matrix(weights[name], name, bound->owners);
+             };
+             w.q = matrix_of("q", true), w.k = matrix_of("k", true), w.v = matrix_of("v", true);
+             w.o = matrix_of("o", true), w.router = matrix_of("router", false);
+             w.in_norm = vector_of(weights, "in_norm"), w.post_norm = vector_of(weights, "post_norm");
+             w.q_bias = vector_of(weights, "q_bias"), w.k_bias = vector_of(weights, "k_bias");
+             w.v_bias = vector_of(weights, "v_bias");
+             w.q_norm = vector_of(weights, "q_norm"), w.k_norm = vector_of(weights, "k_norm");
+             AttentionShape shape{hidden, heads, kv_heads, head_dim, 0, eps, clip};
+             const size_t per_position = kv_heads * head_dim;
+             py::buffer_info ki = k_cache.request(true);
+             if (per_position == 0 || ki.size == 0 || static_cast<size_t>(ki.size) % per_position != 0)
+               throw std::invalid_argument("k_cache holds " + std::to_string(ki.size) +
+                                           " values, not whole positions of kv_heads x head_dim = " +
+                                           std::to_string(per_position));
+             shape.capacity = static_cast<size_t>(ki.size) / per_position;
+             float* k = floats(k_cache, ki.size, true, "k_cache");
+             float* v = floats(v_cache, ki.size, true, "v_cache");
+             bound->owners.push_back(k_cache);
+             bound->owners.push_back(v_cache);
+             bound->step = std::make_unique<AttentionStep>(shape, std::move(w), k, v);
+             return bound;
+           }),
+           py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"),
+           py::arg("clip"), py::arg("weights"), py::arg("k_cache"), py::arg("v_cache"))
+      .def_property_readonly("router_rows", [](const BoundAttention& b) { return b.step->router_rows(); })
+      .def(
+          "__call__",
+          [](const BoundAttention& b, const py::buffer& h, size_t pos, const py::buffer& cos, const py::buffer& sin,
+             const py::buffer& post, const py::object& logits, int threads) {
+            const AttentionShape& s = b.step->shape();
+            float* hp = floats(h, s.hidden, true, "h");
+            const float* cp = floats(cos, s.head_dim, false, "cos");
+            const float* sp = floats(sin, s.head_dim, false, "sin");
+            float* pp = floats(post, s.hidden, true, "post");
+            float* lp = nullptr;
+            if (b.step->router_rows() > 0) {
+              if (logits.is_none()) throw std::invalid_argument("this layer has a router: logits are needed");
+              lp = floats(logits.cast<py::buffer>(), b.step->router_rows(), true, "logits");
+            }
+            py::gil_scoped_release release;
+            b.step->run(hp, pos, cp, sp, pp, lp, threads);
+          },
+          py::arg("h"), py::arg("pos"), py::arg("cos"), py::arg("sin"), py::arg("post"), py::arg("logits") = py::none(),
+          py::arg("threads") = 0);
+}
+
 }  // namespace
 
 void register_kernels(py::module_& m) {
   def_expert_ffn(m);
+  def_attention_step(m);
   m.def(
       "linear_bf16",
       [](const py::buffer& x, const py::buffer& w, const py::buffer& out, int threads) {

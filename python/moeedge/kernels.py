@@ -52,6 +52,25 @@ class QuantTensor:
         return dequantize(raw.reshape(-1), self.quant, (len(index), self.shape[1]), dtype)
 
 
+def stored(w: torch.Tensor | QuantTensor) -> tuple | None:
+    """w as the native kernels take it whole: (format, bytes, rows, cols, group), the
+    formats of moeedge._core.ExpertFfn; None where they cannot multiply it as stored."""
+    if isinstance(w, QuantTensor):
+        if w.quant in NATIVE_QUANTS:
+            return (w.quant, w.raw.numpy(), *w.shape, 0)
+        if w.quant in GROUP_QUANTS:
+            bits, group = GROUP_QUANTS[w.quant]
+            return (f"int{bits}", w.raw.numpy(), *w.shape, group)
+        return None
+    if w.dim() != 2 or not w.is_contiguous():
+        return None
+    if w.dtype == torch.bfloat16:
+        return ("bf16", w.view(torch.int16).numpy(), *w.shape, 0)
+    if w.dtype == torch.float32:
+        return ("f32", w.numpy(), *w.shape, 0)
+    return None
+
+
 def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ w[out, in].T (+ bias), in x's dtype."""
     if isinstance(w, QuantTensor):

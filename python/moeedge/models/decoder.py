@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from moeedge.formats.hf_checkpoint import expert_tensor_names
 from moeedge.formats.hf_config import DecoderConfig
-from moeedge.kernels import CONVERT_BLOCK_BYTES, NATIVE_MAX_TOKENS, linear
+from moeedge import _core
+from moeedge.kernels import CONVERT_BLOCK_BYTES, NATIVE_MAX_TOKENS, linear, stored
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.memory import SLACK_BYTES
 
@@ -77,6 +78,9 @@ class DecoderMoE:
             names = [name for _, name in expert_tensor_names(cfg, i, "base")]
             if names[0] in dense:
                 self.base[layer] = tuple(dense[n] for n in names)
+        # A decode step's attention block per layer as one native call, where its weights
+        # are in formats the kernels multiply as stored (None: the torch path).
+        self.steps = [self._attention_step(layer) for layer in range(cfg.n_layers)]
 
     @staticmethod
     def kv_cache_bytes(cfg: DecoderConfig, max_context: int, dtype: torch.dtype) -> int:
@@ -103,6 +107,38 @@ class DecoderMoE:
         largest = max(widest, cfg.vocab, cfg.n_heads * cfg.head_dim) * cfg.hidden * 4
         converted = min(CONVERT_BLOCK_BYTES, largest) if chunk > NATIVE_MAX_TOKENS else 0
         return chunk * per_token * 4 + ffn + converted + SLACK_BYTES
+
+    def _router_name(self, layer: int) -> str:
+        return f"model.layers.{layer}.{'block_sparse_moe' if self.cfg.family == 'mixtral' else 'mlp'}.gate.weight"
+
+    def _attention_step(self, layer: int) -> _core.AttentionStep | None:
+        """The native one-token attention block of this layer (moeedge._core.AttentionStep)."""
+        cfg, w = self.cfg, self.w
+        if self.dtype != torch.float32:
+            return None
+        p = f"model.layers.{layer}."
+        a = p + "self_attn."
+        names = {"q": a + "q_proj.weight", "k": a + "k_proj.weight", "v": a + "v_proj.weight",
+                 "o": a + "o_proj.weight"}
+        if layer in self.moe_index:
+            names["router"] = self._router_name(layer)
+        weights = {}
+        for key, name in names.items():
+            weights[key] = stored(w[name])
+            if weights[key] is None:
+                return None
+        vectors = {"in_norm": p + "input_layernorm.weight", "post_norm": p + "post_attention_layernorm.weight",
+                   "q_bias": a + "q_proj.bias", "k_bias": a + "k_proj.bias", "v_bias": a + "v_proj.bias",
+                   "q_norm": a + "q_norm.weight", "k_norm": a + "k_norm.weight"}
+        for key, name in vectors.items():
+            if name not in w:
+                continue
+            if not isinstance(w[name], torch.Tensor):
+                return None
+            weights[key] = w[name].float().contiguous().numpy()
+        return _core.AttentionStep(cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps,
+                                   cfg.clip_qkv or 0.0, weights, self.k_cache[layer].numpy(),
+                                   self.v_cache[layer].numpy())
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
@@ -171,12 +207,14 @@ class DecoderMoE:
         """_lowrank_mlp for rows whose base products were not computed for the whole step."""
         return self._lowrank_mlp(x, linear(x, base[0]), linear(x, base[1]), base[2], ew)
 
-    def route(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T, K] gate weights and stored-expert indices, as the checkpoint's router picks them.
+    def route(self, x: torch.Tensor, layer: int,
+              logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, K] gate weights and stored-expert indices, as the checkpoint's router picks them
+        (from its logits [T, E] where they were computed already).
         An aggregated variant keeps the router's E outputs and maps them to its stored experts
         (cfg.expert_map): two picks may then name one expert, which _moe runs once."""
-        p = f"model.layers.{layer}.{'block_sparse_moe' if self.cfg.family == 'mixtral' else 'mlp'}."
-        logits = linear(x, self.w[p + "gate.weight"])  # [T, E]
+        if logits is None:
+            logits = linear(x, self.w[self._router_name(layer)])  # [T, E]
         table = None if self.cfg.expert_map is None else torch.tensor(self.cfg.expert_map[self.moe_index[layer]])
         if table is not None:  # experts a pruned variant dropped leave the router, as in NAEE
             logits = logits.masked_fill(table < 0, float("-inf"))
@@ -195,9 +233,9 @@ class DecoderMoE:
             top_w = top_w.masked_fill(dropped, 0.0)
         return top_w, top_i
 
-    def _moe(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+    def _moe(self, x: torch.Tensor, layer: int, logits: torch.Tensor | None = None) -> torch.Tensor:
         moe_layer = self.moe_index[layer]
-        top_w, top_i = self.route(x, layer)
+        top_w, top_i = self.route(x, layer, logits)
         if self.recorder is not None:
             self.recorder(moe_layer, top_i, top_w, x)
         # (torch.unique sorts: about 70 µs a call here, for two numbers)
@@ -269,9 +307,9 @@ class DecoderMoE:
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
 
-    def _ffn(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+    def _ffn(self, x: torch.Tensor, layer: int, logits: torch.Tensor | None = None) -> torch.Tensor:
         if layer in self.moe_index:
-            return self._moe(x, layer)
+            return self._moe(x, layer, logits)
         p = f"model.layers.{layer}.mlp."
         return self._mlp(x, self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"])
 
@@ -301,7 +339,18 @@ class DecoderMoE:
         else:
             h = F.embedding(tokens, embed).to(self.dtype)
         rope = self._rope(torch.arange(start, start + tokens.shape[0]))
+        one = tokens.shape[0] == 1
+        if one:
+            cos, sin = (t.reshape(-1).contiguous().numpy() for t in rope)  # [D] each
         for layer in range(cfg.n_layers):
+            step = self.steps[layer] if one else None
+            if step is not None:  # one native call, h updated in place
+                h = h.contiguous()
+                x = torch.empty_like(h)
+                logits = torch.empty(1, step.router_rows) if step.router_rows else None
+                step(h.numpy(), start, cos, sin, x.numpy(), None if logits is None else logits.numpy())
+                h = h + self._ffn(x, layer, logits)
+                continue
             p = f"model.layers.{layer}."
             h = h + self._attention(rms_norm(h, w[p + "input_layernorm.weight"], cfg.rms_eps), layer, start, rope)
             h = h + self._ffn(rms_norm(h, w[p + "post_attention_layernorm.weight"], cfg.rms_eps), layer)

@@ -49,8 +49,8 @@ def native_ffn(parts: list[ExpertPart]) -> ExpertFfn | None:
         elif part.quant in GROUP_QUANTS:
             bits, group = GROUP_QUANTS[part.quant]
             specs.append((f"int{bits}", part.offset, rows, cols, group))
-        elif part.quant is None and part.dtype == torch.bfloat16:
-            specs.append(("bf16", part.offset, rows, cols, 0))
+        elif part.quant is None and part.dtype in (torch.bfloat16, torch.float32):
+            specs.append(("bf16" if part.dtype == torch.bfloat16 else "f32", part.offset, rows, cols, 0))
         else:
             return None
     return ExpertFfn(*specs)
