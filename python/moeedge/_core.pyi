@@ -56,8 +56,8 @@ def linear_int4(x: Buffer, qweight: Buffer, scales: Buffer, out: Buffer, group: 
 
 class ExpertFfn:
     """Where an expert's gate, up and down matrices lie in its bytes, each as (format,
-    offset, rows, cols, group): format 'bf16', 'q8_0', 'q4_0', 'q4_k', 'q6_k', 'int8' or
-    'int4' (group: int8/int4's, else 0; their scales follow the qweight bytes). ValueError
+    offset, rows, cols, group): format 'f32', 'bf16', 'q8_0', 'q4_0', 'q4_k', 'q6_k', 'int8'
+    or 'int4' (group: int8/int4's, else 0; their scales follow the qweight bytes). ValueError
     naming the role for an unknown format, a width that is not whole blocks, or shapes that
     do not chain (gate and up [I, H], down [H, I])."""
     def __init__(self, gate: tuple[str, int, int, int, int], up: tuple[str, int, int, int, int],
@@ -67,6 +67,30 @@ class ExpertFfn:
         bytes as stored; x float32 [tokens, H], out float32 [tokens, H], expert its bytes (an
         ExpertBuffer). ValueError naming the role and byte range of a matrix past the
         expert's end, or the shapes of an x or out that do not fit. GIL released."""
+
+class AttentionStep:
+    """One token through a decoder layer's attention block, in one call (csrc/attention_step.h):
+    rms_norm(h) * in_norm; q, k, v projections (+ q_bias, k_bias, v_bias; q and k rms-normed
+    whole by q_norm, k_norm; clamped to +-clip if clip > 0); rotary embedding (rotate-half);
+    k, v written to the cache at pos; grouped-head attention over positions 0..pos; h += o
+    projection; post = rms_norm(h) * post_norm; logits = router(post).
+    weights: 'q', 'k', 'v', 'o' and optionally 'router' as (format, buffer, rows, cols,
+    group) in ExpertFfn's formats, the buffer exactly the matrix's bytes; 'in_norm',
+    'post_norm' and optionally the biases and q/k norms as float32 buffers (copied).
+    k_cache, v_cache: this layer's float32 [capacity, kv_heads, head_dim], kept alive and
+    written in place. ValueError naming the weight and the shapes for anything that does
+    not fit the layer."""
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float, clip: float,
+                 weights: Mapping[str, object], k_cache: Buffer, v_cache: Buffer) -> None: ...
+    @property
+    def router_rows(self) -> int:
+        """The router's outputs (experts); 0 in a dense layer."""
+    def __call__(self, h: Buffer, pos: int, cos: Buffer, sin: Buffer, post: Buffer, logits: Buffer | None = None,
+                 threads: int = 0) -> None:
+        """h float32 [hidden] in place; cos, sin float32 [head_dim] of position pos; post
+        float32 [hidden]; logits float32 [router_rows] (needed where there is a router).
+        IndexError for pos past the cache; ValueError naming a buffer that does not fit, before
+        anything is written. GIL released."""
 
 def linear_path() -> str:
     """The path the kernels take now: 'scalar', 'avx2' or 'avx512' (AVX-512 F+BW+VL: bf16,

@@ -4,7 +4,10 @@ Dense weights live in memory as stored; each MoE layer routes with the checkpoin
 router, then computes its selected experts from the native cache's buffers (in a
 low-rank variant's layer, each expert's factors on top of the layer's resident base).
 Activations are in `dtype` (fp32 by default), weights stay in the checkpoint's dtype
-and are multiplied as they are (moeedge.kernels.linear). Shapes:
+and are multiplied as they are (moeedge.kernels.linear). A decode step (one token) runs
+each layer's attention block as one native call (moeedge._core.AttentionStep) and each
+expert as another (ExpertFfn); the torch ops below remain for prefill and for weights the
+kernels do not take as stored. Shapes:
 T = tokens in this step, H = hidden, E = experts, K = top-k, S = cached positions.
 """
 from __future__ import annotations
