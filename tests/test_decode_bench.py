@@ -17,6 +17,20 @@ def test_a_budget_with_units_is_taken(capsys):
     assert record["memory_budget"] == 2 ** 30 and record["tokens"] == 3
 
 
+def test_warm_measures_a_resident_model(capsys):
+    """--warm reads every expert and decodes once first: the timed tokens never miss, and
+    they are the tokens a cold run generates."""
+    args = [str(default_model_path()), "--memory-budget", "2GiB", "--tokens", "4", "--prompt-tokens", "3",
+            "--max-context", "16"]
+    assert decode_bench.main([*args, "--warm"]) == 0
+    warm = json.loads(capsys.readouterr().out)
+    assert decode_bench.main(args) == 0
+    cold = json.loads(capsys.readouterr().out)
+    assert warm["warm"] and not cold["warm"]
+    assert warm["hit_rate"] == 1.0 and cold["hit_rate"] < 1.0
+    assert warm["generated"] == cold["generated"] and warm["routing"] == cold["routing"]
+
+
 def test_a_bad_budget_is_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         decode_bench.main([str(default_model_path()), "--memory-budget", "lots"])

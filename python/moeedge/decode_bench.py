@@ -1,7 +1,7 @@
 """One decode measurement in this process, printed as one JSON object: run it under a
 memory cgroup (moeedge.cgroup.run_limited) to measure a budget for real.
 
-    python -m moeedge.decode_bench SOURCE --memory-budget B [--prefetch] [--tokens 64]
+    python -m moeedge.decode_bench SOURCE --memory-budget B [--prefetch] [--tokens 64] [--warm]
 
 The prompt is `prompt_ids(vocab, n)`, the same ids every engine of the benchmark harness
 (moeedge.harness) decodes greedily from. The record carries the routing of every token
@@ -54,7 +54,9 @@ class _Routing:
 
 
 def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_tokens: int, policy: str,
-            threads: int, predictor: str | None = "auto", max_context: int = 1024) -> dict:
+            threads: int, predictor: str | None = "auto", max_context: int = 1024, warm: bool = False) -> dict:
+    """warm: read every expert first (as many as the cache holds) and decode the prompt once
+    untimed, so that a budget that holds the model measures compute alone."""
     from moeedge.api import load
 
     torch.set_num_threads(threads)
@@ -65,6 +67,16 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
     routing = _Routing()
     model.runner.recorder = routing
     prompt = prompt_ids(model.config.vocab, prompt_tokens)
+    if warm:
+        for key in model.cache.store.keys():
+            del_ = model.cache.get(key)
+            del del_  # unpinned: a cache too small for all of them keeps the last it read
+        other = prompt_ids(model.config.vocab, prompt_tokens, seed=1)  # no shared prefix: the timed
+        other[0] = 3 if prompt[0] != 3 else 4                         # prompt is prefilled whole
+        for _ in model.stream_ids(other, max_new_tokens=tokens):
+            pass
+        routing.layers.clear()
+        model.cache.reset_stats()
     times, waits = [], []
     last = time.perf_counter()
     waited = model.cache.stats()["wait_seconds"]
@@ -81,7 +93,8 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
     steps, step_waits = times[1:], waits[1:]  # the first includes the prefill
     first_decoder_layer = len(model.config.encoder_moe_blocks) if model.encoder_decoder else 0
     return {
-        "source": source, "memory_budget": model.plan.budget_bytes, "prefetch": prefetch, "policy": stats["policy"],
+        "source": source, "memory_budget": model.plan.budget_bytes, "warm": warm, "prefetch": prefetch,
+        "policy": stats["policy"],
         "predictor": stats.get("prediction", {}).get("predictor"),
         "tokens": len(times), "prompt_tokens": prompt_tokens, "threads": threads,
         **latency_summary(steps),
@@ -110,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-context", type=int, default=1024, help="tokens the KV cache holds (default 1024)")
+    parser.add_argument("--warm", action="store_true",
+                        help="read every expert and decode once first: measure compute, not the disk")
     args = parser.parse_args(argv)
     try:
         budget = args.memory_budget if args.memory_budget in ("auto", "min") else parse_bytes(args.memory_budget)
     except ValueError as e:
         parser.error(f"--memory-budget: {e}")
     print(json.dumps(measure(args.source, budget, args.prefetch, args.tokens, args.prompt_tokens, args.policy,
-                             args.threads, args.predictor, args.max_context), default=str))
+                             args.threads, args.predictor, args.max_context, args.warm), default=str))
     return 0
 
 
