@@ -213,7 +213,7 @@ void AttentionStep::attend(const float* q, size_t positions, float* out, int thr
   // Short contexts: one thread (a hand-off costs more than the few thousand products).
   if (shape_.heads < 2 || positions * shape_.heads * d < (1u << 15)) return heads(0, shape_.heads);
   ThreadPool& pool = kernel_pool();
-  pool.parallel_for(shape_.heads, threads > 0 ? threads : pool.size(), heads);
+  pool.parallel_for(shape_.heads, threads > 0 ? threads : kernel_threads(), heads);
 }
 
 }  // namespace moeedge

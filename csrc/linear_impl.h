@@ -54,7 +54,7 @@ void for_rows(size_t rows, size_t cols, int threads, const Fn& fn) {
     return;
   }
   ThreadPool& pool = kernel_pool();
-  pool.parallel_for(rows, threads > 0 ? threads : pool.size(), [&](size_t begin, size_t end) { fn(begin, end); });
+  pool.parallel_for(rows, threads > 0 ? threads : kernel_threads(), [&](size_t begin, size_t end) { fn(begin, end); });
 }
 
 #ifdef MOEEDGE_X86

@@ -3,6 +3,10 @@
 #include <algorithm>
 #include <chrono>
 
+#ifdef __linux__
+#include <sched.h>
+#endif
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define MOEEDGE_PAUSE() _mm_pause()
@@ -49,17 +53,21 @@ ThreadPool::~ThreadPool() {
 
 void ThreadPool::work(int index) {
   uint64_t seen = 0;
+  bool took_part = false;
   const auto called = [&] { return stop_.load(std::memory_order_acquire) ||
                                    call_.load(std::memory_order_acquire) != seen; };
   for (;;) {
-    if (!spin_until(called)) {
+    // A worker left out of the last call sleeps at once: calls limited to fewer threads
+    // (set_kernel_threads) leave the other CPUs to the rest of the process and the machine.
+    if (!took_part || !spin_until(called)) {
       std::unique_lock<std::mutex> lk(mu_);
       start_cv_.wait(lk, called);
     }
     if (stop_) return;
     seen = call_.load(std::memory_order_acquire);
     const size_t parts = seen & 0xffff;
-    if (static_cast<size_t>(index) >= parts) continue;
+    took_part = static_cast<size_t>(index) < parts;
+    if (!took_part) continue;
     (*fn_)(n_ * index / parts, n_ * (index + 1) / parts);
     if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
       std::lock_guard<std::mutex> lk(mu_);  // the caller checks pending_ under mu_ before it sleeps
@@ -92,9 +100,31 @@ void ThreadPool::parallel_for(size_t n, int parts, const std::function<void(size
   }
 }
 
+namespace {
+
+int allowed_cpus() {
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+std::atomic<int> requested_threads{0};
+
+}  // namespace
+
 ThreadPool& kernel_pool() {
-  static ThreadPool pool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  static ThreadPool pool(allowed_cpus());
   return pool;
+}
+
+void set_kernel_threads(int n) { requested_threads.store(std::max(0, n), std::memory_order_relaxed); }
+
+int kernel_threads() {
+  const int n = requested_threads.load(std::memory_order_relaxed);
+  const int size = kernel_pool().size();
+  return n > 0 ? std::min(n, size) : size;
 }
 
 }  // namespace moeedge

@@ -44,7 +44,13 @@ class ThreadPool {
   std::atomic<bool> stop_{false};
 };
 
-// The process-wide pool for kernels, sized to the hardware threads.
+// The process-wide pool for kernels, one thread per CPU this process may run on (its
+// affinity mask: taskset and cpuset limits count).
 ThreadPool& kernel_pool();
+
+// Threads a kernel call with threads = 0 uses: n (at most the pool's size), or for n = 0
+// the whole pool, the default. Process-wide, like torch.set_num_threads.
+void set_kernel_threads(int n);
+int kernel_threads();
 
 }  // namespace moeedge

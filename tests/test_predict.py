@@ -97,6 +97,50 @@ def test_bundle_round_trip_gives_the_same_scores(model_dir):
     assert saved.learned.next_token and (trace.n_layers - 1, 1) in saved.learned.nets  # last layer -> next token
 
 
+def test_the_learned_predictor_reads_the_token_before_the_target():
+    """Each sequence keeps one set of experts per layer for all its tokens, and the hidden
+    states are noise: only the token before the target says which, and the learned
+    predictor learns to read it (a layer to come: the previous token's; the next token's
+    layer: this one's). Without it nothing beats a guess (top-2 of 8: recall 0.25)."""
+    from moeedge.predict.learned import train_learned
+
+    def trace(seed: int) -> RoutingTrace:
+        g = torch.Generator().manual_seed(seed)
+        windows = [(a, a + 16) for a in range(0, 4096, 16)]
+        picks = torch.empty(4096, 4, 2, dtype=torch.int64)
+        for a, b in windows:
+            picks[a:b] = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(4)])
+        return RoutingTrace(picks, torch.randn(4096, 4, 16, generator=g), windows, 8)
+
+    train, held = trace(0), trace(1)
+    predictor = train_learned(train.hidden, train.experts, 8, train.windows, max_lookahead=1, width=64, epochs=30)
+    assert not predictor.stateless and predictor.next_token
+    acc = evaluate(predictor, held, max_lookahead=1)
+    # the first token of each sequence (1 in 16) has nothing before it at a layer to come
+    assert acc.recall(1, 2) > 0.9 and acc.recall(1, 2, next_token=True) > 0.9
+
+
+def test_a_learned_predictor_from_before_the_previous_token_still_loads(tmp_path):
+    """Predictor files written before the previous token's features: nets that read this
+    token's features alone, which depend on nothing else (replayed a sequence at a time)."""
+    from moeedge.predict.bundle import Bundle
+    from moeedge.predict.learned import LearnedPredictor, make_net
+    from moeedge.predict.predictors import build_history
+
+    trace = synthetic_trace()
+    nets = {(layer, 1): make_net(16, 8, 32, previous=False) for layer in range(4)}
+    meta = {"hidden": 16, "width": 32, "max_lookahead": 1}
+    old = LearnedPredictor(trace.experts.new_ones(4, 8).float(), nets, meta)
+    history = build_history(trace.experts, trace.windows, 8, 1)
+    Bundle(old.prior, history, old, {"n_layers": 4, "n_experts": 8, "top_k": 2, "max_lookahead": 1}).save(
+        tmp_path / FILENAME)
+    loaded = load_bundle(tmp_path / FILENAME, 4, 8).learned
+    assert loaded.stateless and not loaded.previous
+    h, e = trace.hidden[:5, 2], trace.experts[:5, 2]
+    torch.testing.assert_close(loaded.scores(2, h, e, 1), old.scores(2, h, e, 1))
+    assert evaluate(loaded, trace, max_lookahead=1).recall(1, 2) > 0
+
+
 @pytest.mark.parametrize("name", PREDICTORS)
 def test_every_predictor_leaves_outputs_unchanged(model_dir, name):
     with moeedge.load(model_dir, predictor=None) as model:
@@ -328,7 +372,10 @@ def test_all_lookaheads_at_once_equal_one_at_a_time(name):
         predictor = model.runner.prefetcher.predictor
         gen = torch.Generator().manual_seed(1)
         hidden, experts = torch.randn(3, model.config.hidden, generator=gen), torch.tensor([[0, 5], [2, 3], [1, 7]])
+        for layer in range(predictor.n_layers):  # a token before: what the learned nets also read
+            predictor.observe(layer, torch.randn(1, model.config.hidden, generator=gen), torch.tensor([[layer, 6]]))
         for layer in range(predictor.n_layers):
+            predictor.observe(layer, hidden, experts)
             # only the learned predictor guesses past the last layer, into the next token
             ds = [d for d in (1, 2, 3) if predictor.next_token or layer + d < predictor.n_layers]
             together = predictor.probabilities_ahead(layer, hidden, experts, ds, 2)

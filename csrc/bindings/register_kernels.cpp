@@ -10,6 +10,7 @@
 #include "expert_ffn.h"
 #include "linear.h"
 #include "register.h"
+#include "thread_pool.h"
 
 namespace py = pybind11;
 
@@ -316,6 +317,18 @@ void register_kernels(py::module_& m) {
   m.def("linear_paths", &linear_paths, "The paths this CPU can take, narrowest first.");
   m.def("linear_force_path", &linear_force_path, py::arg("name"),
         "For tests and benchmarks: take this path (one of linear_paths()), or the CPU's best for ''.");
+  m.def(
+      "set_kernel_threads",
+      [](int n) {
+        if (n < 0) throw std::invalid_argument("threads must be 0 (every CPU allowed) or more, got " + std::to_string(n));
+        set_kernel_threads(n);
+      },
+      py::arg("n"),
+      "Threads the kernels use when a call does not say (threads=0): n, at most the CPUs this process may "
+      "run on; 0 for all of them (the default). Process-wide.");
+  m.def("kernel_threads", &kernel_threads,
+        "Threads a kernel call uses when it does not say: set_kernel_threads's n, or the CPUs this process may "
+        "run on (its affinity mask).");
 }
 
 }  // namespace moeedge

@@ -92,6 +92,15 @@ class AttentionStep:
         IndexError for pos past the cache; ValueError naming a buffer that does not fit, before
         anything is written. GIL released."""
 
+def set_kernel_threads(n: int) -> None:
+    """Threads the kernels use when a call does not say (threads=0): n, at most the CPUs
+    this process may run on; 0 for all of them (the default). Process-wide. ValueError for
+    n < 0."""
+
+def kernel_threads() -> int:
+    """Threads a kernel call uses when it does not say: set_kernel_threads's n, or the CPUs
+    this process may run on (its affinity mask: taskset and cpusets count)."""
+
 def linear_path() -> str:
     """The path the kernels take now: 'scalar', 'avx2' or 'avx512' (AVX-512 F+BW+VL: bf16,
     Q8_0 and int8/int4 with VNNI where the CPU has it; Q4_0 and the K-quants take AVX2)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from moeedge._core import BudgetError, ExpertCache, ExpertStore
+from moeedge._core import BudgetError, ExpertCache, ExpertStore, set_kernel_threads
 from moeedge.formats.checkpoint import Checkpoint, StoredTensor
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.hf_checkpoint import open_hf_directory
@@ -288,7 +288,8 @@ def plan_for(ckpt: Checkpoint, store: ExpertStore, budget: int, fixed: int, max_
 def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = "auto", device: str = "cpu",
          prefetch: bool | None = None, predictor: str | None = "auto", lookahead: int = 1,
          predictor_file: str | os.PathLike | None = None, policy: str = "auto", io_threads: int | None = None,
-         max_context: int = 2048, direct_io: bool = True, dtype: torch.dtype | None = None) -> MoeModel:
+         max_context: int = 2048, direct_io: bool = True, dtype: torch.dtype | None = None,
+         threads: int | None = None) -> MoeModel:
     """Open a checkpoint and plan it into memory_budget (the whole process's memory).
 
     predictor: what guesses the experts of the next layers (moeedge.predict): "stale-gate",
@@ -298,7 +299,9 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     predictor_file: the trained predictors (default: moeedge_predictor.safetensors in the
     checkpoint directory). dtype is the activations' dtype (default: fp32 for decoder
     models on CPU). memory_budget: bytes ("4GiB"), "auto" (the cgroup's limit, else most of
-    what is free), or "min" (the smallest workable: one layer's experts cached)."""
+    what is free), or "min" (the smallest workable: one layer's experts cached). threads:
+    the compute threads, moeedge's kernels and torch's (process-wide, as
+    torch.set_num_threads; default: every CPU this process may run on)."""
     fixed = rss_bytes()  # measured before anything of the model is read
     if device != "cpu":
         raise ValueError(f"device {device!r} is not supported yet; use 'cpu'")
@@ -308,6 +311,11 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
         raise ValueError(f"lookahead must be 1, 2 or 3 MoE layers, got {lookahead}")
     if io_threads is not None and not 1 <= io_threads <= 64:
         raise ValueError(f"io_threads must be between 1 and 64, got {io_threads}")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        set_kernel_threads(threads)
+        torch.set_num_threads(threads)
     smallest = isinstance(memory_budget, str) and memory_budget.strip().lower() == "min"
     budget = 0 if smallest else resolve_budget(memory_budget)
     ckpt = open_checkpoint(source)

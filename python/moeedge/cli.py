@@ -80,6 +80,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="what guesses the next layers' experts: auto (default), stale-gate, learned, history, "
                         "frequency, previous")
     p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to prefetch (1-3, default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads (default: every CPU this process may run on)")
 
 
 def _budget(text: str) -> str | int:
@@ -91,8 +93,11 @@ def _load(args: argparse.Namespace):
 
     if args.max_context < 1:
         raise UsageError(f"--max-context must be positive, got {args.max_context}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
     return load(args.source, memory_budget=args.memory_budget, max_context=args.max_context,
-                policy=args.policy, prefetch=args.prefetch, predictor=args.predictor, lookahead=args.lookahead)
+                policy=args.policy, prefetch=args.prefetch, predictor=args.predictor, lookahead=args.lookahead,
+                threads=args.threads)
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:

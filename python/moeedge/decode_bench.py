@@ -59,10 +59,9 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
     untimed, so that a budget that holds the model measures compute alone."""
     from moeedge.api import load
 
-    torch.set_num_threads(threads)
     start = time.perf_counter()
     model = load(source, memory_budget=memory_budget, prefetch=prefetch, policy=policy, max_context=max_context,
-                 predictor=predictor if prefetch or policy in ("auto", "predicted") else None)
+                 predictor=predictor if prefetch or policy in ("auto", "predicted") else None, threads=threads)
     load_s = time.perf_counter() - start
     routing = _Routing()
     model.runner.recorder = routing

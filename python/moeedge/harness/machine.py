@@ -94,9 +94,10 @@ def matvec_bandwidth(threads: int, rows: int = 14336, cols: int = 4096, repeats:
     The fastest is the compute side of the bound (what this CPU can stream)."""
     import torch
 
-    from moeedge import kernels
+    from moeedge import _core, kernels
 
     torch.set_num_threads(threads)
+    _core.set_kernel_threads(threads)
     w32 = torch.randn(rows, cols)
     w16 = w32.to(torch.bfloat16)
     x32 = torch.randn(1, cols)

@@ -80,7 +80,7 @@ def load_bundle(path: str | Path, n_layers: int | None = None, n_experts: int | 
             p = f"learned.l{layer}.d{d}."
             state = {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
             if state:
-                net = make_net(lm["hidden"], meta["n_experts"], lm["width"])
+                net = make_net(lm["hidden"], meta["n_experts"], lm["width"], lm.get("previous", False))
                 net.load_state_dict(state)
                 nets[(layer, d)] = net.eval()
     return Bundle(prior, history, LearnedPredictor(prior, nets, lm), meta)

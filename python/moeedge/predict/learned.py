@@ -2,7 +2,13 @@
 router input and this token's chosen experts to the experts `lookahead` layers on,
 trained on a trace recorded with hidden states (`moeedge trace --hidden`) over
 training text. A lookahead past the last MoE layer lands in the next token's first
-layers (the next token is not known yet; the current one's state says much about it)."""
+layers (the next token is not known yet; the current one's state says much about it).
+
+Each net also reads the router input and experts of the token before the target token
+at the target layer (zeros at a sequence's start): the previous token's, for a layer of
+this token; this token's own, for a layer of the next one. Attention at the target layer
+mixes in the earlier tokens, and the one just before says most about it: one layer
+ahead this took top-2 recall on the default model from 0.814 to 0.857."""
 from __future__ import annotations
 
 import math
@@ -14,19 +20,29 @@ from torch import nn
 from moeedge.predict.predictors import Predictor
 
 
-def make_net(hidden: int, n_experts: int, width: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(hidden + n_experts, width), nn.GELU(), nn.Linear(width, n_experts))
+def make_net(hidden: int, n_experts: int, width: int, previous: bool = True) -> nn.Sequential:
+    inputs = (hidden + n_experts) * (2 if previous else 1)
+    return nn.Sequential(nn.Linear(inputs, width), nn.GELU(), nn.Linear(width, n_experts))
+
+
+def _onehot(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    return torch.zeros(experts.shape[0], n_experts).scatter_(1, experts.long().clamp(min=0), 1.0)
 
 
 def _features(hidden: torch.Tensor, experts: torch.Tensor, n_experts: int) -> torch.Tensor:
-    onehot = torch.zeros(hidden.shape[0], n_experts)
-    onehot.scatter_(1, experts.long().clamp(min=0), 1.0)
-    return torch.cat([hidden.float(), onehot], dim=1)
+    return torch.cat([hidden.float(), _onehot(experts, n_experts)], dim=1)
+
+
+def _shifted(x: torch.Tensor, windows: list[tuple[int, int]]) -> torch.Tensor:
+    """Row i = row i - 1 of x within its sequence; zeros at each sequence's start."""
+    out = torch.zeros_like(x)
+    for a, b in windows:
+        out[a + 1:b] = x[a:b - 1]
+    return out
 
 
 class LearnedPredictor(Predictor):
     name = "learned"
-    stateless = True
 
     def __init__(self, prior: torch.Tensor, nets: dict[tuple[int, int], nn.Sequential], meta: dict):
         super().__init__(prior)
@@ -34,34 +50,71 @@ class LearnedPredictor(Predictor):
         self.meta = meta
         self.max_lookahead = int(meta["max_lookahead"])
         self.next_token = any(layer + d >= self.n_layers for layer, d in nets)
+        # Nets trained before the previous token's features (moeedge-predictor files without
+        # "previous") read this token's alone, and then depend on nothing else.
+        self.previous = bool(meta.get("previous", False))
+        self.stateless = not self.previous
         self._fused_cache: dict = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> the latest token's features there
+
+    def observe(self, layer, hidden, experts):
+        if self.previous:
+            self.last[layer] = (hidden[-1:].float(), experts[-1:])
+
+    def _before_target(self, layer: int, lookahead: int, tokens: int) -> torch.Tensor:
+        """[tokens, H + E]: for each of the call's tokens, the features of the token before
+        its target token at the target layer, the latest observed there: for a layer to come
+        the previous token's (known for the first row only), for the next token's layers the
+        token's own (known for the last row only, observe keeping the last). Rows whose token
+        before is not known yet get zeros, as a sequence's first token does."""
+        target = (layer + lookahead) % self.n_layers
+        out = torch.zeros(tokens, self.meta["hidden"] + self.n_experts)
+        if target in self.last:
+            row = 0 if layer + lookahead < self.n_layers else tokens - 1
+            out[row] = _features(*self.last[target], self.n_experts)[0]
+        return out
+
+    def _inputs(self, layer, hidden, experts, lookahead) -> torch.Tensor:
+        x = _features(hidden, experts, self.n_experts)
+        if not self.previous:
+            return x
+        return torch.cat([x, self._before_target(layer, lookahead, hidden.shape[0])], dim=1)
 
     @torch.inference_mode()
     def scores(self, layer, hidden, experts, lookahead):
         net = self.nets.get((layer, lookahead))
         if net is None:
             return self._prior((layer + lookahead) % self.n_layers, hidden.shape[0])
-        return net(_features(hidden, experts, self.n_experts))
+        return net(self._inputs(layer, hidden, experts, lookahead))
 
     @torch.inference_mode()
     def probabilities_ahead(self, layer, hidden, experts, lookaheads, k):
-        # One product for the first layers of all the lookaheads' nets: they read the same features.
+        # One product for the part of the first layers of all the lookaheads' nets that reads
+        # this token's features; each adds its own product of the token before its target.
         ds = [d for d in lookaheads if (layer, d) in self.nets]
         out = {d: self.probabilities(layer, hidden, experts, d, k)[-1] for d in lookaheads if d not in ds}
         if ds:
-            first, seconds, width = self._fused(layer, tuple(ds))
-            h = F.gelu(F.linear(_features(hidden[-1:], experts[-1:], self.n_experts), *first))
-            for i, (d, second) in enumerate(zip(ds, seconds)):
-                out[d] = torch.sigmoid(F.linear(h[:, i * width:(i + 1) * width], *second))[-1]
+            first, befores, seconds, width = self._fused(layer, tuple(ds))
+            h = F.linear(_features(hidden[-1:], experts[-1:], self.n_experts), *first)
+            for i, (d, before, second) in enumerate(zip(ds, befores, seconds)):
+                part = h[:, i * width:(i + 1) * width]
+                if before is not None:
+                    part = part + F.linear(self._before_target(layer, d, hidden.shape[0])[-1:], before)
+                out[d] = torch.sigmoid(F.linear(F.gelu(part), *second))[-1]
         return out
 
     def _fused(self, layer: int, ds: tuple[int, ...]):
         key = (layer, ds)
         if key not in self._fused_cache:
             nets = [self.nets[(layer, d)] for d in ds]
-            first = (torch.cat([n[0].weight for n in nets]), torch.cat([n[0].bias for n in nets]))
+            own = self.meta["hidden"] + self.n_experts  # the first columns: this token's features
+            first = (torch.cat([n[0].weight[:, :own] for n in nets]), torch.cat([n[0].bias for n in nets]))
+            befores = [n[0].weight[:, own:] if self.previous else None for n in nets]
             seconds = [(n[2].weight, n[2].bias) for n in nets]
-            self._fused_cache[key] = (first, seconds, nets[0][0].out_features)
+            self._fused_cache[key] = (first, befores, seconds, nets[0][0].out_features)
         return self._fused_cache[key]
 
     def probabilities(self, layer, hidden, experts, lookahead, k):
@@ -92,16 +145,19 @@ def train_learned(hidden: torch.Tensor, experts: torch.Tensor, n_experts: int, w
     nets = {}
     for layer, d in pairs(n_layers, max_lookahead):
         x = _features(hidden[:, layer], experts[:, layer], n_experts)
-        if layer + d < n_layers:
-            target = experts[:, layer + d]
-        else:  # the next token's layer: only tokens whose next token is in their window
-            x, target = x[:-1][has_next[:-1]], experts[1:, layer + d - n_layers][has_next[:-1]]
-        y = torch.zeros(len(target), n_experts).scatter_(1, target.long().clamp(min=0), 1.0)
+        t = (layer + d) % n_layers
+        before = _features(hidden[:, t], experts[:, t], n_experts)  # at the target layer
+        if layer + d < n_layers:  # the token before the target is the previous one
+            x, target = torch.cat([x, _shifted(before, windows)], dim=1), experts[:, t]
+        else:  # the next token's layer: only tokens whose next token is in their window; before it, this one
+            keep = has_next[:-1]
+            x, target = torch.cat([x, before], dim=1)[:-1][keep], experts[1:, t][keep]
+        y = _onehot(target, n_experts)
         nets[(layer, d)] = _fit(make_net(hidden.shape[2], n_experts, width), x, y, epochs)
         if progress is not None:
             progress(layer, d)
     meta = {"hidden": int(hidden.shape[2]), "width": width, "max_lookahead": max_lookahead, "epochs": epochs,
-            "train_tokens": int(n), "seed": seed, "trained_on": source}
+            "train_tokens": int(n), "seed": seed, "trained_on": source, "previous": True}
     return LearnedPredictor(usage(experts, n_experts), nets, meta)
 
 
