@@ -13,12 +13,15 @@ import random
 import moeedge
 from moeedge.train.corpus import collect
 
-COMBINATIONS = (("lru", None), ("lru", "stale-gate"), ("lru", "learned"), ("predicted", None),
-                ("predicted", "learned"))
+# (policy, predictor, read guesses early): under LRU a predictor acts only through prefetch;
+# under "predicted" it feeds eviction (the default set-up: nothing read early).
+COMBINATIONS = (("lru", None, False), ("lru", "stale-gate", True), ("lru", "learned", True),
+                ("predicted", None, False), ("predicted", "learned", False))
 
 
-def measure(source, capacity: int, policy: str, predictor: str | None, prompt: str, tokens: int) -> dict:
-    with moeedge.load(source, policy=policy, predictor=predictor, max_context=1024) as model:
+def measure(source, capacity: int, policy: str, predictor: str | None, prefetch: bool, prompt: str,
+            tokens: int) -> dict:
+    with moeedge.load(source, policy=policy, predictor=predictor, prefetch=prefetch, max_context=1024) as model:
         slot = model.cache.store.slot_bytes(model.cache.store.keys()[0])
         model.cache.set_budget(capacity * slot)
         ids = model.tokenizer.encode(prompt)[:200]
@@ -37,13 +40,14 @@ def main() -> None:
     texts = collect().texts("heldout")
     random.Random(1).shuffle(texts)
     prompt = texts[0][:600]
-    print(f"{'experts':>7} {'policy':10} {'predictor':10} {'hit rate':>8} {'misses':>6} {'prefetched':>10} "
+    print(f"{'experts':>7} {'policy':10} {'predictor':16} {'hit rate':>8} {'misses':>6} {'prefetched':>10} "
           f"{'used':>5} {'recall':>6}")
     for capacity in (int(c) for c in args.capacities.split(",")):
-        for policy, predictor in COMBINATIONS:
-            s = measure(args.source, capacity, policy, predictor, prompt, args.tokens)
-            recall = s.get("prediction", {}).get("prediction_recall", [None])[0]
-            print(f"{capacity:7d} {policy:10} {str(predictor):10} {s['hit_rate']:8.3f} {s['misses']:6d} "
+        for policy, predictor, prefetch in COMBINATIONS:
+            s = measure(args.source, capacity, policy, predictor, prefetch, prompt, args.tokens)
+            recall = (s.get("prediction", {}).get("prediction_recall") or [None])[0]
+            name = f"{predictor} early" if prefetch else str(predictor)
+            print(f"{capacity:7d} {policy:10} {name:16} {s['hit_rate']:8.3f} {s['misses']:6d} "
                   f"{s['prefetch_issued']:10d} {s['prefetch_hits']:5d} {'-' if recall is None else f'{recall:.3f}':>6}")
 
 
