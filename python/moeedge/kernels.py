@@ -56,6 +56,8 @@ def stored(w: torch.Tensor | QuantTensor) -> tuple | None:
     """w as the native kernels take it whole: (format, bytes, rows, cols, group), the
     formats of moeedge._core.ExpertFfn; None where they cannot multiply it as stored."""
     if isinstance(w, QuantTensor):
+        if not w.raw.is_contiguous():
+            return None
         if w.quant in NATIVE_QUANTS:
             return (w.quant, w.raw.numpy(), *w.shape, 0)
         if w.quant in GROUP_QUANTS:
