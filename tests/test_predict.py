@@ -91,7 +91,8 @@ def test_bundle_round_trip_gives_the_same_scores(model_dir):
     saved = load_bundle(model_dir / FILENAME, trace.n_layers, trace.n_experts)
     fresh = train_bundle(trace, epochs=1)
     h, e = trace.hidden[:3, 0], trace.experts[:3, 0]
-    torch.testing.assert_close(saved.learned.scores(0, h, e, 1), fresh.learned.scores(0, h, e, 1))
+    # the file keeps the nets in fp16
+    torch.testing.assert_close(saved.learned.scores(0, h, e, 1), fresh.learned.scores(0, h, e, 1), rtol=0, atol=5e-3)
     torch.testing.assert_close(saved.history.scores(0, h, e, 2), fresh.history.scores(0, h, e, 2))
     assert saved.meta["train_tokens"] == len(trace.experts)
     assert saved.learned.next_token and (trace.n_layers - 1, 1) in saved.learned.nets  # last layer -> next token
@@ -137,7 +138,7 @@ def test_a_learned_predictor_from_before_the_previous_token_still_loads(tmp_path
     loaded = load_bundle(tmp_path / FILENAME, 4, 8).learned
     assert loaded.stateless and not loaded.previous
     h, e = trace.hidden[:5, 2], trace.experts[:5, 2]
-    torch.testing.assert_close(loaded.scores(2, h, e, 1), old.scores(2, h, e, 1))
+    torch.testing.assert_close(loaded.scores(2, h, e, 1), old.scores(2, h, e, 1), rtol=0, atol=1e-3)  # fp16 file
     assert evaluate(loaded, trace, max_lookahead=1).recall(1, 2) > 0
 
 
