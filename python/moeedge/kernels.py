@@ -52,25 +52,33 @@ class QuantTensor:
         return dequantize(raw.reshape(-1), self.quant, (len(index), self.shape[1]), dtype)
 
 
-def stored(w: torch.Tensor | QuantTensor) -> tuple | None:
-    """w as the native kernels take it whole: (format, bytes, rows, cols, group), the
-    formats of moeedge._core.ExpertFfn; None where they cannot multiply it as stored."""
-    if isinstance(w, QuantTensor):
-        if not w.raw.is_contiguous():
-            return None
-        if w.quant in NATIVE_QUANTS:
-            return (w.quant, w.raw.numpy(), *w.shape, 0)
-        if w.quant in GROUP_QUANTS:
-            bits, group = GROUP_QUANTS[w.quant]
-            return (f"int{bits}", w.raw.numpy(), *w.shape, group)
-        return None
-    if w.dim() != 2 or not w.is_contiguous():
-        return None
-    if w.dtype == torch.bfloat16:
-        return ("bf16", w.view(torch.int16).numpy(), *w.shape, 0)
-    if w.dtype == torch.float32:
-        return ("f32", w.numpy(), *w.shape, 0)
+NATIVE_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+def native_format(quant: str | None, dtype: torch.dtype | None) -> tuple[str, int] | None:
+    """(format, group) as moeedge._core.ExpertFfn and AttentionStep name a matrix stored as
+    `quant` (None: plain `dtype`); None where the kernels cannot multiply it as stored."""
+    if quant in NATIVE_QUANTS:
+        return quant, 0
+    if quant in GROUP_QUANTS:
+        bits, group = GROUP_QUANTS[quant]
+        return f"int{bits}", group
+    if quant is None and dtype in NATIVE_DTYPES:
+        return NATIVE_DTYPES[dtype], 0
     return None
+
+
+def stored(w: torch.Tensor | QuantTensor) -> tuple | None:
+    """w as the native kernels take it whole: (format, bytes, rows, cols, group); None where
+    they cannot multiply it as stored."""
+    quant = w.quant if isinstance(w, QuantTensor) else None
+    raw = w.raw if quant is not None else w
+    found = native_format(quant, None if quant is not None else w.dtype)
+    if found is None or len(w.shape) != 2 or not raw.is_contiguous():
+        return None
+    if raw.dtype == torch.bfloat16:
+        raw = raw.view(torch.int16)  # numpy has no bf16
+    return (found[0], raw.numpy(), *w.shape, found[1])
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:

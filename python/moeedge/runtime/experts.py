@@ -7,8 +7,7 @@ from moeedge._core import ExpertBuffer, ExpertCache, ExpertFfn
 from moeedge.expert_tensor import expert_view
 from moeedge.formats.checkpoint import ExpertPart
 from moeedge.keys import ExpertKey
-from moeedge.formats.group_quant import QUANTS as GROUP_QUANTS
-from moeedge.kernels import NATIVE_QUANTS, QuantTensor
+from moeedge.kernels import QuantTensor, native_format
 
 
 class ExpertWeights:
@@ -43,16 +42,10 @@ def native_ffn(parts: list[ExpertPart]) -> ExpertFfn | None:
     specs = []
     for role in ("gate", "up", "down"):
         part = by_role[role]
-        rows, cols = part.shape
-        if part.quant in NATIVE_QUANTS:
-            specs.append((part.quant, part.offset, rows, cols, 0))
-        elif part.quant in GROUP_QUANTS:
-            bits, group = GROUP_QUANTS[part.quant]
-            specs.append((f"int{bits}", part.offset, rows, cols, group))
-        elif part.quant is None and part.dtype in (torch.bfloat16, torch.float32):
-            specs.append(("bf16" if part.dtype == torch.bfloat16 else "f32", part.offset, rows, cols, 0))
-        else:
+        found = native_format(part.quant, part.dtype)
+        if found is None:
             return None
+        specs.append((found[0], part.offset, *part.shape, found[1]))
     return ExpertFfn(*specs)
 
 
