@@ -17,8 +17,9 @@ std::string bytes_str(uint64_t n) { return std::to_string(n) + " bytes"; }
 
 }  // namespace
 
-ExpertPin::ExpertPin(std::shared_ptr<ExpertCache> cache, std::shared_ptr<CacheEntry> entry, uint64_t nbytes)
-    : cache_(std::move(cache)), entry_(std::move(entry)), slab_(entry_->slab), nbytes_(nbytes) {}
+ExpertPin::ExpertPin(std::shared_ptr<ExpertCache> cache, std::shared_ptr<CacheEntry> entry, uint64_t offset,
+                     uint64_t nbytes)
+    : cache_(std::move(cache)), entry_(std::move(entry)), slab_(entry_->slab), offset_(offset), nbytes_(nbytes) {}
 
 ExpertPin::~ExpertPin() { cache_->unpin(entry_.get()); }
 
@@ -304,7 +305,7 @@ std::unique_ptr<ExpertPin> ExpertCache::get(uint64_t key) {
     --e->pins;
     std::rethrow_exception(e->error);
   }
-  return std::make_unique<ExpertPin>(shared_from_this(), e, store_->nbytes(key));
+  return std::make_unique<ExpertPin>(shared_from_this(), e, store_->data_offset(key), store_->nbytes(key));
 }
 
 size_t ExpertCache::prefetch(const std::vector<uint64_t>& keys, int64_t priority) {

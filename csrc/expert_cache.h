@@ -66,19 +66,20 @@ struct CacheEntry {
 // Keeps one entry pinned and its bytes alive while it exists.
 class ExpertPin {
  public:
-  ExpertPin(std::shared_ptr<ExpertCache> cache, std::shared_ptr<CacheEntry> entry, uint64_t nbytes);
+  ExpertPin(std::shared_ptr<ExpertCache> cache, std::shared_ptr<CacheEntry> entry, uint64_t offset, uint64_t nbytes);
   ~ExpertPin();
   ExpertPin(const ExpertPin&) = delete;
   ExpertPin& operator=(const ExpertPin&) = delete;
 
   uint64_t key() const { return entry_->key; }
-  const uint8_t* data() const { return slab_->data(); }
+  const uint8_t* data() const { return slab_->data() + offset_; }
   uint64_t nbytes() const { return nbytes_; }
 
  private:
   std::shared_ptr<ExpertCache> cache_;
   std::shared_ptr<CacheEntry> entry_;
   std::shared_ptr<Slab> slab_;
+  uint64_t offset_;  // where the packed bytes start in the slab (ExpertStore::data_offset)
   uint64_t nbytes_;
 };
 

@@ -35,25 +35,29 @@ class ExpertStore {
   // What a cache must reserve to read this expert: pages for the packed bytes
   // plus, with O_DIRECT, room for the aligned supersets of its segments.
   uint64_t slot_bytes(uint64_t key) const;
+  // Where in its slot the expert's packed bytes start (below one page): with O_DIRECT
+  // they are placed so that most segments land where their aligned reads put them.
+  uint64_t data_offset(uint64_t key) const;
   uint64_t total_bytes() const { return total_bytes_; }
 
   std::vector<std::string> paths() const;
   bool direct_io() const;                 // true when every file reads with O_DIRECT
   std::string direct_io_fallback() const;  // why not, when asked for
 
-  // Reads the expert's segments packed back to back into buf (page-aligned,
-  // slot_bytes(key) long). Returns the bytes read from disk, O_DIRECT padding
-  // included. Throws ReadError naming file and offset.
-  uint64_t read(uint64_t key, uint8_t* buf) const;
+  // Reads the expert's segments packed back to back into slot + data_offset(key)
+  // (slot page-aligned, slot_bytes(key) long). Returns the bytes read from disk,
+  // O_DIRECT padding included. Throws ReadError naming file and offset.
+  uint64_t read(uint64_t key, uint8_t* slot) const;
 
  private:
   struct Expert {
     std::vector<Segment> segments;
     uint64_t nbytes = 0;
     uint64_t slot_bytes = 0;
+    uint64_t data_offset = 0;
   };
   const Expert& expert(uint64_t key) const;
-  uint64_t direct_slot_bytes(const std::vector<Segment>& segments) const;
+  void place(Expert& e) const;
 
   std::vector<std::unique_ptr<File>> files_;
   std::unordered_map<uint64_t, Expert> ranges_;

@@ -3,7 +3,8 @@
 The bytes of every expert must equal the file's bytes for single-segment,
 multi-segment and multi-file experts, at unaligned offsets and odd lengths, with
 buffered and O_DIRECT reads, whether read by ``store.read``, ``cache.get`` +
-numpy, or ``expert_view`` (torch). Buffers are read-only, zero-copy and aligned.
+numpy, or ``expert_view`` (torch). Buffers are read-only and zero-copy; with O_DIRECT
+most segments are read into place (no copy) at the remainder their file offsets share.
 """
 from __future__ import annotations
 
@@ -111,10 +112,37 @@ def test_direct_slot_bytes_cover_the_pages(odirect_dir):
         assert slot % PAGE == 0, hex(k)
 
 
+def test_buffered_reads_start_the_slot(tmp_path):
+    e = build_layout("multi_segment", tmp_path, direct_io=False)
+    assert all(e.store.data_offset(k) == 0 for k in e.keys)
+
+
+def test_direct_reads_place_segments_by_the_remainder_most_bytes_share(odirect_dir):
+    # A 50-byte segment, then 4000 bytes whose file offset leaves the remainder the packed
+    # position needs (in place: its aligned read covers the page under the first segment,
+    # whose bytes must survive), then 300 bytes at another remainder (read aside, moved).
+    content = write_file(odirect_dir / "placed.bin", 6 * PAGE, seed=5)
+    first = (0, PAGE + 100, 50)
+    second = (0, 3 * PAGE + 150, 4000)
+    third = (0, 5 * PAGE + 7, 300)
+    ranges = {key(0, 0): [first, second, third], key(0, 1): [second], key(0, 2): [third, first]}
+    store = open_store([odirect_dir / "placed.bin"], ranges, direct_io=True)
+    assert store.direct_io
+    assert store.data_offset(key(0, 0)) == 100  # 150 - 50: the 4000 bytes' remainder
+    assert store.data_offset(key(0, 1)) == 150
+    assert store.data_offset(key(0, 2)) == 7    # 300 bytes at 7 beat 50 at 100 - 300
+    for k, segments in ranges.items():
+        expected = b"".join(content[o:o + n] for _, o, n in segments)
+        assert store.read(k) == expected, hex(k)
+        assert store.slot_bytes(k) >= store.data_offset(k) + len(expected)
+        with ExpertCache(store, store.slot_bytes(k)) as cache:
+            assert bytes(cache.get(k)) == expected, hex(k)
+
+
 def test_store_unknown_key_raises_key_error(tmp_path):
     e = build_layout("single", tmp_path, direct_io=False)
     missing = key(9, 9)
-    for method in (e.store.nbytes, e.store.slot_bytes, e.store.segments, e.store.read):
+    for method in (e.store.nbytes, e.store.slot_bytes, e.store.data_offset, e.store.segments, e.store.read):
         with pytest.raises(KeyError, match=str(missing)):
             method(missing)
 
@@ -238,7 +266,8 @@ def test_buffer_properties(io_mode):
             assert isinstance(buf, ExpertBuffer)
             assert buf.key == k
             assert buf.nbytes == len(buf) == e.store.nbytes(k)
-            assert buf.address % 64 == 0, f"buffer of {hex(k)} at {buf.address:#x} not 64-byte aligned"
+            # the packed bytes start where the store placed them in a page-aligned slot
+            assert buf.address % PAGE == e.store.data_offset(k), hex(k)
             mv = memoryview(buf)
             assert mv.ndim == 1 and mv.format == "B" and mv.itemsize == 1
             assert mv.shape == (e.store.nbytes(k),)

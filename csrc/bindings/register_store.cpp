@@ -100,6 +100,7 @@ void register_store(py::module_& m) {
       })
       .def("nbytes", &ExpertStore::nbytes, py::arg("key"))
       .def("slot_bytes", &ExpertStore::slot_bytes, py::arg("key"))
+      .def("data_offset", &ExpertStore::data_offset, py::arg("key"))
       .def("segments",
            [](const ExpertStore& s, uint64_t key) {
              std::vector<std::tuple<uint32_t, uint64_t, uint64_t>> out;
@@ -116,7 +117,7 @@ void register_store(py::module_& m) {
                py::gil_scoped_release release;
                s.read(key, slab.data());
              }
-             return py::bytes(reinterpret_cast<const char*>(slab.data()), n);
+             return py::bytes(reinterpret_cast<const char*>(slab.data() + s.data_offset(key)), n);
            },
            py::arg("key"), "Read one expert synchronously (GIL released).")
       .def("__repr__", [](const ExpertStore& s) {

@@ -143,14 +143,18 @@ class ExpertStore:
     def slot_bytes(self, key: int) -> int:
         """Bytes the cache reserves for this expert: nbytes rounded up to pages,
         plus, with direct IO, the alignment padding held while it is read."""
+    def data_offset(self, key: int) -> int:
+        """Where the packed bytes start in the slot (under 4096; 0 without direct IO):
+        chosen so that O_DIRECT reads land most segments in place, without a copy."""
     def total_bytes(self) -> int:
         """Sum of nbytes over all experts."""
     def read(self, key: int) -> bytes:
         """Read one expert synchronously (GIL released), for tools and tests."""
 
 class ExpertBuffer:
-    """A pinned expert: read-only buffer protocol (1-D uint8), start aligned to
-    at least 64 bytes (page-aligned in practice). The entry stays pinned (never
+    """A pinned expert: read-only buffer protocol (1-D uint8), starting at the store's
+    data_offset in a page-aligned slot (page-aligned without direct IO, else at the
+    remainder its file offsets share, as the file aligns it). The entry stays pinned (never
     evicted or overwritten) while this object lives; torch.frombuffer and
     numpy.frombuffer keep it alive."""
     @property

@@ -95,11 +95,14 @@ def least_squares(layer: MoeLayer, v: Variant, fit: torch.Tensor, held: torch.Te
     for tokens, x, w0 in problems(layer, v):
         x, w0, yt = x.double(), w0.double(), y[tokens]
         xf, f, h = x[is_fit[tokens]], is_fit[tokens], is_held[tokens]
-        gram = xf.T @ xf
-        evals, evecs = torch.linalg.eigh(gram)
-        rhs = evecs.T @ (xf.T @ (yt[f] - xf @ w0))
+        # The normal matrix's eigenvectors from a thin SVD of X: with fewer tokens than
+        # unknowns (Switch's experts see tens of tokens, 3,072 wide) this is M^2 p instead
+        # of eigh's p^3, and the directions it leaves out carry no right-hand side.
+        u, sv, vh = torch.linalg.svd(xf, full_matrices=False)
+        evals, evecs = sv.square(), vh.T
+        rhs = sv[:, None] * (u.T @ (yt[f] - xf @ w0))
         solved.append((x[h], yt[h], w0, evals, evecs, rhs))
-        diagonals.append(gram.diagonal())
+        diagonals.append(xf.square().sum(0))
     scale = float(torch.cat(diagonals).mean())
 
     def held_error(ridge: float | None) -> tuple[float, list[torch.Tensor]]:
