@@ -66,36 +66,64 @@ void ExpertCache::close() {
   }
   work_cv_.notify_all();
   done_cv_.notify_all();
+  pause_cv_.notify_all();
   std::lock_guard<std::mutex> join_lk(join_mu_);
   for (auto& t : threads_)
     if (t.joinable()) t.join();
 }
 
+namespace {
+constexpr int64_t kDemand = std::numeric_limits<int64_t>::max();
+}  // namespace
+
 void ExpertCache::io_loop() {
-  constexpr int64_t kDemand = std::numeric_limits<int64_t>::max();
   std::unique_lock<std::mutex> lk(mu_);
   for (;;) {
     work_cv_.wait(lk, [&] { return closed_ || !demand_.empty() || prefetch_may_start(); });
     if (closed_) return;
-    Freed freed;
-    std::shared_ptr<Entry> e;
-    int64_t priority = kDemand;
-    if (!demand_.empty()) {
-      e = demand_.front();
-      demand_.pop_front();
+    load_next(lk, std::numeric_limits<int64_t>::min());
+  }
+}
+
+void ExpertCache::load_next(std::unique_lock<std::mutex>& lk, int64_t above) {
+  // The next read more urgent than `above`: a demand read, else the first queued prefetch.
+  Freed freed;
+  std::shared_ptr<Entry> e;
+  int64_t priority = kDemand;
+  if (!demand_.empty()) {
+    e = demand_.front();
+    demand_.pop_front();
+  } else if (!prefetch_queue_.empty() && -prefetch_queue_.begin()->first.first > above) {
+    e = next_prefetch(freed, priority);
+  }
+  if (!freed.empty()) {  // give evicted pages back outside the lock
+    lk.unlock();
+    freed.clear();
+    lk.lock();
+  }
+  if (!e) return;
+  ++reading_[priority];
+  load(e, lk, priority);
+  if (--reading_[priority] == 0) reading_.erase(priority);
+  work_cv_.notify_all();  // a prefetch held back for this read may start
+  pause_cv_.notify_all();
+}
+
+bool ExpertCache::keep_reading(const Entry& e, int64_t priority, std::unique_lock<std::mutex>& lk) {
+  // Between two chunks of a prefetch. Whatever is more urgent goes first: a queued read
+  // is read here, on this thread; one that another thread reads is waited for, so that
+  // the disk serves the read the model waits for alone.
+  for (;;) {
+    if (closed_) return false;
+    if (e.pins > 0) return true;  // no longer a guess: someone waits for it
+    if (e.stop) return false;
+    if (!demand_.empty() || (!prefetch_queue_.empty() && -prefetch_queue_.begin()->first.first > priority)) {
+      load_next(lk, priority);
+    } else if (!reading_.empty() && reading_.rbegin()->first > priority) {
+      pause_cv_.wait(lk);
     } else {
-      e = next_prefetch(freed, priority);
+      return true;
     }
-    if (!freed.empty()) {  // give evicted pages back outside the lock
-      lk.unlock();
-      freed.clear();
-      lk.lock();
-    }
-    if (!e) continue;
-    ++reading_[priority];
-    load(e, lk);
-    if (--reading_[priority] == 0) reading_.erase(priority);
-    work_cv_.notify_all();  // a prefetch held back for this read may start
   }
 }
 
@@ -134,33 +162,57 @@ std::shared_ptr<CacheEntry> ExpertCache::next_prefetch(Freed& freed, int64_t& pr
   return nullptr;
 }
 
-void ExpertCache::load(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk) {
+void ExpertCache::load(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk, int64_t priority) {
   e->state = Entry::State::Loading;
   const uint64_t key = e->key;
   std::shared_ptr<Slab> slab = std::move(e->slab);  // recycled from an eviction, or none yet
   lk.unlock();
   uint64_t from_disk = 0;
+  bool stopped = false;
   std::exception_ptr error;
   const auto t0 = Clock::now();
   try {
     if (!slab) slab = std::make_shared<Slab>(e->reserved_bytes);
-    from_disk = store_->read(key, slab->data());
+    std::function<bool()> go_on;
+    if (e->prefetched) go_on = [&] {
+      std::unique_lock<std::mutex> l(mu_);
+      return keep_reading(*e, priority, l);
+    };
+    from_disk = store_->read(key, slab->data(), go_on);
+  } catch (const ReadStopped& s) {
+    stopped = true;
+    from_disk = s.bytes;
   } catch (...) {
     error = std::current_exception();
   }
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   lk.lock();
-  if (error) {
+  stats_.bytes_read += from_disk;
+  if (stopped && e->pins > 0 && !closed_) {
+    // Pinned after it stopped: read it again, now on demand.
+    e->state = Entry::State::Queued;
+    e->prefetched = false;
+    e->slab = std::move(slab);
+    demand_.push_front(e);
+    work_cv_.notify_one();
+    return;
+  }
+  if (stopped || error) {
     e->state = Entry::State::Failed;
-    e->error = error;
-    ++stats_.io_errors;
+    e->error = error ? error : std::make_exception_ptr(std::runtime_error(
+        "the expert cache was closed before " + describe_key(key) + " was read"));
+    if (stopped) {
+      ++stats_.prefetch_stopped;
+      stats_.prefetch_stopped_bytes += from_disk;
+    } else {
+      ++stats_.io_errors;
+    }
     auto it = entries_.find(key);
     if (it != entries_.end() && it->second == e) entries_.erase(it);
     stats_.resident_bytes -= e->reserved_bytes;
     e->reserved_bytes = 0;
   } else {
     e->slab = std::move(slab);
-    stats_.bytes_read += from_disk;
     ++stats_.reads;
     stats_.read_seconds += seconds;
     if (!e->used) e->last_use = ++tick_;  // a landed prefetch counts as recent
@@ -282,6 +334,7 @@ std::unique_ptr<ExpertPin> ExpertCache::get(uint64_t key) {
       }
       demand_.push_back(e);
       work_cv_.notify_one();
+      pause_cv_.notify_all();  // a prefetch being read gives way to it
       break;
     }
     done_cv_.wait(lk);  // a prefetch being read frees room once it lands
@@ -297,6 +350,7 @@ std::unique_ptr<ExpertPin> ExpertCache::get(uint64_t key) {
   if (e->prefetched && !e->used) ++stats_.prefetch_hits;
   e->used = true;
   if (!ready) {
+    pause_cv_.notify_all();  // if it is a prefetch paused for something else, it now goes on
     done_cv_.wait(lk, [&] { return e->state == Entry::State::Ready || e->state == Entry::State::Failed; });
     waited = true;
   }
@@ -328,19 +382,30 @@ size_t ExpertCache::prefetch(const std::vector<uint64_t>& keys, int64_t priority
   }
   stats_.prefetch_issued += queued;
   lk.unlock();
-  if (queued) work_cv_.notify_all();
+  if (queued) {
+    work_cv_.notify_all();
+    pause_cv_.notify_all();
+  }
   return queued;
 }
 
 size_t ExpertCache::cancel_prefetches(const std::vector<uint64_t>* keys) {
   std::lock_guard<std::mutex> lk(mu_);
   size_t n = 0;
+  auto stop_reading = [&](uint64_t key) {
+    auto it = entries_.find(key);
+    if (it == entries_.end()) return;
+    Entry& e = *it->second;
+    if (e.state == Entry::State::Loading && e.prefetched && e.pins == 0) e.stop = true;
+  };
   if (!keys) {
     n = prefetch_queue_.size();
     prefetch_queue_.clear();
     queued_.clear();
+    for (const auto& kv : entries_) stop_reading(kv.first);
   } else {
     for (uint64_t key : *keys) {
+      stop_reading(key);
       auto q = queued_.find(key);
       if (q == queued_.end()) continue;
       prefetch_queue_.erase(q->second);
@@ -349,6 +414,7 @@ size_t ExpertCache::cancel_prefetches(const std::vector<uint64_t>* keys) {
     }
   }
   stats_.prefetch_cancelled += n;
+  pause_cv_.notify_all();
   return n;
 }
 

@@ -3,7 +3,9 @@
 // Every entry's slot is reserved against the budget before its memory is mapped,
 // so resident bytes (padding and buffers being filled included) never exceed the
 // budget. A pinned entry (a live ExpertPin, or a reader waiting for it) is never
-// evicted. Demand reads go before prefetches; queued prefetches can be cancelled.
+// evicted. Demand reads go before prefetches. A prefetch being read gives the disk to
+// any more urgent read between its chunks (reading it on its own thread, or waiting for
+// the thread that does), and a cancelled one stops there, unless someone waits for it.
 #pragma once
 
 #include <condition_variable>
@@ -31,7 +33,9 @@ struct CacheStats {
   uint64_t prefetch_issued = 0;      // keys queued by prefetch()
   uint64_t prefetch_hits = 0;        // first get of an entry a prefetch loaded or is loading
   uint64_t prefetch_late = 0;        // a get came before the queued prefetch started: read on demand
-  uint64_t prefetch_cancelled = 0;   // dropped by cancel_prefetches()
+  uint64_t prefetch_cancelled = 0;   // dropped from the queue by cancel_prefetches()
+  uint64_t prefetch_stopped = 0;     // being read when cancelled: stopped between chunks
+  uint64_t prefetch_stopped_bytes = 0;  // what they had read (also in bytes_read)
   uint64_t prefetch_dropped = 0;     // no room when the read would start
   uint64_t prefetch_wasted = 0;      // prefetched, then evicted without a get
   uint64_t prefetch_wasted_bytes = 0;
@@ -58,6 +62,7 @@ struct CacheEntry {
   State state = State::Queued;
   int pins = 0;
   bool prefetched = false;
+  bool stop = false;  // cancelled while being read: stop at the next chunk unless pinned
   bool used = false;
   uint64_t last_use = 0;
   std::exception_ptr error;
@@ -118,7 +123,9 @@ class ExpertCache : public std::enable_shared_from_this<ExpertCache> {
   ExpertCache(std::shared_ptr<const ExpertStore> store, uint64_t budget_bytes, Policy policy);
   void start(int io_threads);
   void io_loop();
-  void load(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk);
+  void load(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk, int64_t priority);
+  void load_next(std::unique_lock<std::mutex>& lk, int64_t above);
+  bool keep_reading(const Entry& e, int64_t priority, std::unique_lock<std::mutex>& lk);
   std::shared_ptr<Entry> next_prefetch(Freed& freed, int64_t& priority);
   bool prefetch_may_start() const;
   Room make_room(uint64_t bytes, Freed& freed);
@@ -135,6 +142,7 @@ class ExpertCache : public std::enable_shared_from_this<ExpertCache> {
   mutable std::mutex mu_;
   std::condition_variable work_cv_;  // IO threads: a demand or prefetch is queued
   std::condition_variable done_cv_;  // readers: a load finished or failed
+  std::condition_variable pause_cv_;  // prefetches paused for a more urgent read: look again
   std::unordered_map<uint64_t, std::shared_ptr<Entry>> entries_;
   std::deque<std::shared_ptr<Entry>> demand_;
   // Queued prefetches, highest priority first, then first come: (-priority, seq) -> key.

@@ -18,9 +18,13 @@ std::string describe_segment(const std::string& path, uint64_t key, const Segmen
 
 }  // namespace
 
-ExpertStore::ExpertStore(const std::vector<std::string>& paths, RangeTable ranges, bool direct_io)
-    : want_direct_(direct_io) {
+ExpertStore::ExpertStore(const std::vector<std::string>& paths, RangeTable ranges, bool direct_io,
+                         uint64_t read_chunk_bytes)
+    : want_direct_(direct_io), read_chunk_(read_chunk_bytes) {
   if (paths.empty()) throw std::invalid_argument("ExpertStore needs at least one file");
+  if (read_chunk_bytes == 0 || read_chunk_bytes % kDirectAlign != 0)
+    throw std::invalid_argument("read_chunk_bytes must be a positive multiple of " + std::to_string(kDirectAlign) +
+                                ", got " + std::to_string(read_chunk_bytes));
   for (const auto& path : paths) files_.push_back(std::make_unique<File>(path, direct_io));
 
   for (auto& [key, segments] : ranges) {
@@ -124,9 +128,26 @@ std::string ExpertStore::direct_io_fallback() const {
   return "";
 }
 
-uint64_t ExpertStore::read(uint64_t key, uint8_t* slot) const {
+uint64_t ExpertStore::read(uint64_t key, uint8_t* slot, const std::function<bool()>& go_on) const {
   const Expert& e = expert(key);
   uint64_t pos = e.data_offset, from_disk = 0;
+  bool first = true;
+  auto next_chunk = [&] {
+    if (!first && go_on && !go_on()) throw ReadStopped{from_disk};
+    first = false;
+  };
+  // [offset, offset + len) of f into dst; O_DIRECT: all three aligned, and `need` bytes
+  // must arrive (the last page may stop at the end of the file).
+  auto read_direct = [&](const File& f, uint8_t* dst, uint64_t len, uint64_t offset, uint64_t need) {
+    for (uint64_t done = 0; done < len;) {
+      next_chunk();
+      uint64_t n = std::min(read_chunk_, len - done);
+      uint64_t got = f.read_direct(dst + done, n, offset + done, need > done ? std::min(n, need - done) : 0, key);
+      from_disk += got;
+      done += got;
+      if (got < n) break;  // the end of the file
+    }
+  };
   for (const auto& s : e.segments) {
     const File& f = *files_[s.file];
     uint8_t* dst = slot + pos;
@@ -139,16 +160,21 @@ uint64_t ExpertStore::read(uint64_t key, uint8_t* slot) const {
         // hold the end of earlier segments: keep them aside and put them back.
         uint8_t kept[kDirectAlign];
         std::memcpy(kept, dst - head, head);
-        from_disk += f.read_direct(dst - head, a1 - a0, a0, head + s.length, key);
+        read_direct(f, dst - head, a1 - a0, a0, head + s.length);
         std::memcpy(dst - head, kept, head);
       } else {
         uint8_t* staging = slot + round_up(pos, kDirectAlign);
-        from_disk += f.read_direct(staging, a1 - a0, a0, head + s.length, key);
+        read_direct(f, staging, a1 - a0, a0, head + s.length);
         std::memmove(dst, staging + head, s.length);
       }
     } else {
-      f.read_buffered(dst, s.length, s.offset, key);
-      from_disk += s.length;
+      for (uint64_t done = 0; done < s.length;) {
+        next_chunk();
+        uint64_t n = std::min(read_chunk_, s.length - done);
+        f.read_buffered(dst + done, n, s.offset + done, key);
+        from_disk += n;
+        done += n;
+      }
     }
     pos += s.length;
   }

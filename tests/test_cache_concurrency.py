@@ -2,7 +2,7 @@
 
 Nothing here asserts on time: background work is awaited by polling a condition
 with a generous deadline, and counters are checked once things have settled
-(for cancellation: issued == completed + cancelled + dropped).
+(for cancellation: issued == completed + cancelled + dropped + stopped).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import EXPERT_BYTES, PAGE, Experts, key, open_store, wait_until, write_file
-from moeedge import BudgetError, ExpertCache
+from conftest import EXPERT_BYTES, PAGE, WAIT_S, Experts, key, open_store, wait_until, write_file
+from moeedge import BudgetError, ExpertCache, ExpertStore
 from moeedge.expert_tensor import expert_view
 
 
@@ -36,7 +36,8 @@ def settle_prefetches(cache, keys) -> dict:
         ready = len(ready_keys(cache, keys))
         state.update(s, ready=ready)
         return (ready == s["n_resident"]
-                and ready + s["prefetch_cancelled"] + s["prefetch_dropped"] == s["prefetch_issued"])
+                and ready + s["prefetch_cancelled"] + s["prefetch_dropped"] + s["prefetch_stopped"]
+                == s["prefetch_issued"])
 
     wait_until(settled, "prefetches to settle (issued == completed + cancelled + dropped)")
     return state
@@ -152,6 +153,71 @@ def test_prefetched_then_evicted_unused_is_wasted(make_experts, make_cache):
     assert s["prefetch_wasted"] == 1
     assert s["prefetch_wasted_bytes"] == e.store.nbytes(a)
     assert s["prefetch_hits"] == 0
+
+
+# An expert read one page per call (read_chunk_bytes): long enough that the tests below
+# can act while it is being read. A run where the read won the race outright is retried.
+SLOW_BYTES = 16 << 20
+
+
+def slow_store(tmp_path) -> tuple[ExpertStore, int, int, bytes]:
+    content = write_file(tmp_path / "slow.bin", SLOW_BYTES + PAGE, seed=21)
+    big, small = key(1, 0), key(1, 1)
+    store = ExpertStore([str(tmp_path / "slow.bin")], {big: [(0, 0, SLOW_BYTES)], small: [(0, SLOW_BYTES, PAGE)]},
+                        read_chunk_bytes=PAGE)
+    assert store.read_chunk_bytes == PAGE
+    return store, big, small, content
+
+
+def test_a_demand_read_goes_before_the_rest_of_a_prefetch_being_read(tmp_path, make_cache):
+    store, big, small, content = slow_store(tmp_path)
+    for _ in range(ATTEMPTS):
+        cache = make_cache(store, store.slot_bytes(big) + store.slot_bytes(small), io_threads=1)
+        cache.prefetch([big])
+        time.sleep(0.002)  # the one IO thread starts reading it
+        assert bytes(cache.get(small)) == content[SLOW_BYTES:SLOW_BYTES + PAGE]
+        overtaken = not cache.contains(big)  # one IO thread: it read small between big's pages
+        wait_until(lambda: cache.contains(big), "the prefetch to go on and finish")
+        assert bytes(cache.get(big)) == content[:SLOW_BYTES]
+        s = cache.stats()
+        assert s["prefetch_stopped"] == 0 and s["reads"] == 2
+        if overtaken:
+            return
+    pytest.fail(f"the prefetch had finished before the get in {ATTEMPTS} attempts")
+
+
+def test_cancelling_a_prefetch_being_read_stops_it(tmp_path, make_cache):
+    store, big, small, content = slow_store(tmp_path)
+    for _ in range(ATTEMPTS):
+        cache = make_cache(store, store.slot_bytes(big), io_threads=1)
+        cache.prefetch([big])
+        time.sleep(0.002)
+        queued = cache.cancel_prefetches([big])
+        wait_until(lambda: cache.stats()["prefetch_stopped"] + cache.contains(big) + queued == 1,
+                   "the prefetch to stop, finish or be dropped")
+        s = cache.stats()
+        if s["prefetch_stopped"]:
+            assert not cache.contains(big) and s["resident_bytes"] == 0 and s["n_resident"] == 0
+            assert 0 < s["prefetch_stopped_bytes"] == s["bytes_read"] < SLOW_BYTES
+            assert bytes(cache.get(big)) == content[:SLOW_BYTES]  # read again, whole
+            return
+    pytest.fail(f"the prefetch was never stopped part way in {ATTEMPTS} attempts")
+
+
+def test_a_prefetch_cancelled_while_someone_waits_for_it_is_read_whole(tmp_path, make_cache):
+    store, big, small, content = slow_store(tmp_path)
+    cache = make_cache(store, store.slot_bytes(big), io_threads=1)
+    cache.prefetch([big])
+    time.sleep(0.002)
+    got: dict = {}
+    waiter = threading.Thread(target=lambda: got.update(bytes=bytes(cache.get(big))), daemon=True)
+    waiter.start()
+    time.sleep(0.002)
+    cache.cancel_prefetches([big])
+    waiter.join(WAIT_S)
+    assert not waiter.is_alive(), "the get never returned"
+    assert got["bytes"] == content[:SLOW_BYTES]
+    assert cache.stats()["reads"] == 1  # whole once: read on, or stopped and then read on demand
 
 
 def test_cancel_with_nothing_queued_returns_zero(make_experts, make_cache):

@@ -19,6 +19,8 @@ py::dict stats_dict(const ExpertCache& cache) {
   d["prefetch_hits"] = s.prefetch_hits;
   d["prefetch_late"] = s.prefetch_late;
   d["prefetch_cancelled"] = s.prefetch_cancelled;
+  d["prefetch_stopped"] = s.prefetch_stopped;
+  d["prefetch_stopped_bytes"] = s.prefetch_stopped_bytes;
   d["prefetch_dropped"] = s.prefetch_dropped;
   d["prefetch_wasted"] = s.prefetch_wasted;
   d["prefetch_wasted_bytes"] = s.prefetch_wasted_bytes;

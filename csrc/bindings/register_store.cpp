@@ -72,13 +72,14 @@ std::vector<std::string> parse_paths(const py::iterable& paths) {
 void register_store(py::module_& m) {
   py::class_<ExpertStore, std::shared_ptr<ExpertStore>>(m, "ExpertStore",
                                                         "Byte ranges of experts over one or more files, validated when opened.")
-      .def(py::init([](const py::iterable& paths, const py::dict& ranges, bool direct_io) {
+      .def(py::init([](const py::iterable& paths, const py::dict& ranges, bool direct_io, uint64_t read_chunk_bytes) {
              auto p = parse_paths(paths);
              auto table = parse_ranges(ranges, p);
              py::gil_scoped_release release;
-             return std::make_shared<ExpertStore>(p, std::move(table), direct_io);
+             return std::make_shared<ExpertStore>(p, std::move(table), direct_io, read_chunk_bytes);
            }),
-           py::arg("paths"), py::arg("ranges"), py::arg("direct_io") = false)
+           py::arg("paths"), py::arg("ranges"), py::arg("direct_io") = false, py::arg("read_chunk_bytes") = kReadChunk)
+      .def_property_readonly("read_chunk_bytes", &ExpertStore::read_chunk_bytes)
       .def_property_readonly("paths", &ExpertStore::paths)
       .def_property_readonly("direct_io", &ExpertStore::direct_io)
       .def_property_readonly("direct_io_fallback", &ExpertStore::direct_io_fallback)

@@ -125,7 +125,11 @@ class ExpertStore:
     store falls back to buffered reads and says why in ``direct_io_fallback``.
     """
     def __init__(self, paths: Sequence[str], ranges: Mapping[int, Sequence[tuple[int, int, int]]],
-                 direct_io: bool = False) -> None: ...
+                 direct_io: bool = False, read_chunk_bytes: int = 8 << 20) -> None: ...
+    @property
+    def read_chunk_bytes(self) -> int:
+        """Bytes per read call (a positive multiple of 4096, else ValueError): between two,
+        a prefetch gives the disk to a more urgent read, or stops when cancelled."""
     @property
     def paths(self) -> list[str]: ...
     @property
@@ -197,8 +201,9 @@ class ExpertCache:
         for an expert larger than the budget. A prefetch that finds no room
         when its read would start is dropped (``prefetch_dropped``)."""
     def cancel_prefetches(self, keys: Iterable[int] | None = None) -> int:
-        """Drop queued (not started) prefetches: all, or those of ``keys``.
-        Returns how many were dropped."""
+        """Drop queued prefetches: all, or those of ``keys``, and stop those being read
+        at their next chunk (unless a get waits for them; counted in prefetch_stopped
+        when they stop). Returns how many queued ones were dropped."""
     def set_budget(self, budget_bytes: int) -> None:
         """Change the budget. Shrinking evicts unpinned entries until the
         resident bytes fit; if pinned and loading entries alone exceed it,
@@ -210,6 +215,8 @@ class ExpertCache:
     def resident_keys(self) -> list[int]: ...
     def stats(self) -> dict[str, int | float | bool | str]:
         """hits, misses, prefetch_issued, prefetch_hits, prefetch_cancelled,
+        prefetch_stopped (cancelled while being read, stopped between chunks),
+        prefetch_stopped_bytes,
         prefetch_dropped, prefetch_wasted (prefetched, evicted unused),
         prefetch_wasted_bytes, evictions, bytes_read, io_errors,
         resident_bytes, peak_resident_bytes, pinned_bytes, budget_bytes,

@@ -90,7 +90,10 @@ int run(const Options& o) {
   const uint64_t seg = 64 * 1024 + 123;
   const uint64_t file_bytes = n_experts * (seg + 5) + 64 * 1024;
   const std::string path = write_file(o.dir, file_bytes);
-  auto store = std::make_shared<ExpertStore>(std::vector<std::string>{path}, make_ranges(n_experts, seg, file_bytes), o.direct);
+  // Reads of one page a call: every expert takes many, so prefetches pause for demand
+  // reads and stop when cancelled while other threads get, prefetch and cancel.
+  auto store = std::make_shared<ExpertStore>(std::vector<std::string>{path}, make_ranges(n_experts, seg, file_bytes),
+                                             o.direct, kDirectAlign);
   const auto keys = store->keys();
   const uint64_t slot = store->slot_bytes(keys[0]);
   const uint64_t pins_per_thread = 2;

@@ -99,5 +99,6 @@ class ExpertAccess:
             self.cache.prefetch(keys, priority)
 
     def cancel(self, layer: int, experts: list[int]) -> None:
-        """Drop these experts' prefetches if they are still queued (not yet reading)."""
+        """Drop these experts' prefetches if queued, and stop them if being read
+        (unless the model already waits for them)."""
         self.cache.cancel_prefetches([ExpertKey(layer, e).packed for e in experts])

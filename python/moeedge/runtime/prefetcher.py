@@ -5,9 +5,10 @@ After a decode step is routed in MoE layer l, the experts guessed for the next
 `lookahead` layers (past the last one, the next token's first layers, when the
 predictor guesses those) are queued (nearer first, at higher priority), within what the
 cache can hold beside the step's own experts. When layer l+d is routed, its guesses
-are scored against what it really picked, and the wrong ones still waiting in the
-queue are cancelled before they spend bandwidth. Prediction never touches outputs: it
-only decides what is read early.
+are scored against what it really picked, and the wrong ones are cancelled: dropped
+from the queue, or stopped at their next chunk if being read. Reading a guess never
+delays a read the model waits for: the cache reads that between the guess's chunks.
+Prediction never touches outputs: it only decides what is read early.
 """
 from __future__ import annotations
 
