@@ -1,5 +1,6 @@
 """The memory plan's buffers: feed-forward activations and converted weights in bounded
-blocks, the prefill chunk chosen to fit the budget, the embedding table left in its file
+blocks, the prefill chunk chosen to fit the budget and its activations lent by the expert
+cache while a prompt is read, the embedding table left in its file
 (GGUF too), the runtime's fixed cost without numba, and a long prompt at the smallest
 budget inside a real cgroup of that size."""
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -73,9 +75,36 @@ def test_a_tight_budget_takes_a_smaller_prefill_chunk(tiny):
     smallest = roomy.min_budget_bytes - FIXED_JITTER_BYTES  # what the 16-token chunk needs, exactly
     assert roomy.prefill_chunk == 128 and plan(smallest).prefill_chunk == 16
     assert plan(smallest).min_budget_bytes == roomy.min_budget_bytes
-    assert plan(smallest).buffer_bytes < roomy.buffer_bytes
+    # the 16-token chunk borrows less from the cache; decoding keeps the same buffers
+    assert plan(smallest).prefill_borrow_bytes < roomy.prefill_borrow_bytes
+    assert plan(smallest).buffer_bytes == roomy.buffer_bytes
     with pytest.raises(BudgetError, match="below the smallest workable budget"):
         plan(smallest - 1)
+
+
+def test_a_prompt_borrows_its_activations_from_the_expert_cache(tiny):
+    with moeedge.load(tiny, predictor=None) as roomy:  # the budget holds every expert: nothing lent
+        expected = list(roomy.stream_ids(PROMPT, max_new_tokens=4))
+    with moeedge.load(tiny, predictor=None) as model:
+        cache = model.cache
+        slot = cache.store.slot_bytes(cache.store.keys()[0])
+        # a plan whose cache holds 8 of the 18 experts while decoding and 5 during a prompt
+        model.plan = replace(model.plan, expert_cache_bytes=8 * slot, prefill_borrow_bytes=3 * slot, prefill_chunk=16)
+        cache.set_budget(8 * slot)
+        budgets = []
+        forward = model.runner.forward
+
+        def watched(ids, *args, **kwargs):
+            budgets.append((len(ids), cache.budget_bytes, cache.stats()["resident_bytes"]))
+            return forward(ids, *args, **kwargs)
+
+        model.runner.forward = watched
+        assert list(model.stream_ids(PROMPT, max_new_tokens=4)) == expected
+        assert cache.budget_bytes == 8 * slot
+    chunks = -(-len(PROMPT) // 16)
+    assert [n for n, _, _ in budgets] == [16] * (chunks - 1) + [len(PROMPT) % 16] + [1] * 3
+    assert all(b == 5 * slot and r <= b for _, b, r in budgets[:chunks])
+    assert all(b == 8 * slot and r <= b for _, b, r in budgets[chunks:])
 
 
 def test_every_prefill_chunk_gives_the_same_outputs(tiny):

@@ -1,6 +1,7 @@
 """moeedge.load(...): a checkpoint, a memory budget, and a model that generates text."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import replace
@@ -99,9 +100,32 @@ class MoeModel:
         if decoder_input_ids is not None:
             raise ValueError("decoder_input_ids is for encoder-decoder models; this one is decoder-only")
         chunk = self.plan.prefill_chunk
-        out = [self.runner.forward(ids[i:i + chunk], i, all_logits=True) for i in range(0, len(ids), chunk)]
+        with self._prefill_memory():
+            out = [self.runner.forward(ids[i:i + chunk], i, all_logits=True) for i in range(0, len(ids), chunk)]
         self._cached_ids = ids.tolist()
         return torch.cat(out).float()
+
+    @contextlib.contextmanager
+    def _prefill_memory(self):
+        """The expert cache lends the prefill's activations their bytes (plan.prefill_borrow_bytes)."""
+        full = self.cache.budget_bytes
+        lent = min(full, self.plan.expert_cache_bytes - self.plan.prefill_borrow_bytes)
+        if lent < full:
+            # Guesses being read hold room: cancel them, and wait for the chunk each is on.
+            self.cache.cancel_prefetches()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    self.cache.set_budget(lent)
+                    break
+                except BudgetError:  # says what holds the bytes, if they are never let go
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.001)
+        try:
+            yield
+        finally:
+            self.cache.set_budget(full)
 
     def _check_context(self, n: int) -> None:
         if n > self.runner.max_context:
@@ -121,8 +145,9 @@ class MoeModel:
         start = time.perf_counter()
         logits = None
         chunk = self.plan.prefill_chunk
-        for i in range(common, len(ids), chunk):
-            logits = self.runner.forward(torch.tensor(ids[i:i + chunk]), i)
+        with self._prefill_memory():
+            for i in range(common, len(ids), chunk):
+                logits = self.runner.forward(torch.tensor(ids[i:i + chunk]), i)
         self._cached_ids = list(ids)
         self._counters["prompt_tokens"] += len(ids) - common
         self._counters["prefill_seconds"] += time.perf_counter() - start
@@ -272,9 +297,14 @@ def plan_for(ckpt: Checkpoint, store: ExpertStore, budget: int, fixed: int, max_
     kv_bytes = runner.kv_cache_bytes(cfg, max_context, dtype)
     chunks = sorted({min(c, max_context) for c in PREFILL_CHUNKS}, reverse=True)
 
+    decode = _buffer_bytes(cfg, max_context, 1)
+
     def plan(chunk: int, budget: int) -> MemoryPlan:
-        return plan_memory(budget, fixed, dense_bytes, kv_bytes, _buffer_bytes(cfg, max_context, chunk),
-                           cfg.top_k * slot, chunk)
+        p = plan_memory(budget, fixed, dense_bytes, kv_bytes, _buffer_bytes(cfg, max_context, chunk),
+                        cfg.top_k * slot, chunk)
+        borrow = p.buffer_bytes - decode
+        return replace(p, buffer_bytes=decode, expert_cache_bytes=p.expert_cache_bytes + borrow,
+                       prefill_borrow_bytes=borrow)
 
     smallest = plan(chunks[-1], 1 << 62).min_budget_bytes
     for chunk in chunks[:-1]:

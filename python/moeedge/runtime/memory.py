@@ -70,10 +70,14 @@ class MemoryPlan:
     fixed_bytes: int          # measured: the process before the model
     dense_bytes: int
     kv_cache_bytes: int
-    buffer_bytes: int         # activations of one prefill chunk, logits, slack
+    buffer_bytes: int         # activations of one decode step, logits, slack
     expert_cache_bytes: int
-    min_budget_bytes: int     # fixed + dense + KV + one layer's top-k experts + buffers
-    prefill_chunk: int = 0    # tokens per prefill step, whose activations buffer_bytes holds
+    min_budget_bytes: int     # fixed + dense + KV + one layer's top-k experts + prefill buffers
+    prefill_chunk: int = 0    # tokens per prefill step
+    # What a prefill step's activations need beyond buffer_bytes: taken from the expert
+    # cache while a prompt is read (each chunk reads most experts again anyway), so that
+    # decoding keeps those bytes for experts.
+    prefill_borrow_bytes: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
