@@ -23,6 +23,10 @@ namespace {
 // pool gives its cores back at once to the IO threads and to torch.
 constexpr auto kSpin = std::chrono::microseconds(200);
 
+// Ranges per thread and call: enough that a delayed thread's share is taken by the others,
+// few enough that each range is a long stream (a decode step's matrices: hundreds of rows).
+constexpr size_t kRangesPerThread = 4;
+
 // Spins until done() or kSpin has passed; true if done.
 template <class Done>
 bool spin_until(const Done& done) {
@@ -68,12 +72,16 @@ void ThreadPool::work(int index) {
     const size_t parts = seen & 0xffff;
     took_part = static_cast<size_t>(index) < parts;
     if (!took_part) continue;
-    (*fn_)(n_ * index / parts, n_ * (index + 1) / parts);
+    take_ranges();
     if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
       std::lock_guard<std::mutex> lk(mu_);  // the caller checks pending_ under mu_ before it sleeps
       done_cv_.notify_one();
     }
   }
+}
+
+void ThreadPool::take_ranges() {
+  for (size_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < ranges_;) (*fn_)(n_ * i / ranges_, n_ * (i + 1) / ranges_);
 }
 
 void ThreadPool::parallel_for(size_t n, int parts, const std::function<void(size_t, size_t)>& fn) {
@@ -85,6 +93,8 @@ void ThreadPool::parallel_for(size_t n, int parts, const std::function<void(size
   std::lock_guard<std::mutex> call(call_mu_);
   fn_ = &fn;
   n_ = n;
+  ranges_ = std::min(n, static_cast<size_t>(parts) * kRangesPerThread);
+  next_.store(0, std::memory_order_relaxed);
   pending_.store(parts - 1, std::memory_order_relaxed);
   {
     std::lock_guard<std::mutex> lk(mu_);  // a worker about to sleep sees the new call or is woken
@@ -92,7 +102,7 @@ void ThreadPool::parallel_for(size_t n, int parts, const std::function<void(size
     call_.store(calls << 16 | static_cast<uint64_t>(parts), std::memory_order_release);
   }
   start_cv_.notify_all();
-  fn(0, n / parts);
+  take_ranges();
   const auto finished = [&] { return pending_.load(std::memory_order_acquire) == 0; };
   if (!spin_until(finished)) {
     std::unique_lock<std::mutex> lk(mu_);

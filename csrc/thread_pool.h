@@ -1,5 +1,7 @@
-// A small persistent pool for kernels: splits [0, n) into one contiguous range per
-// worker and waits for all. Between calls the workers spin for a short while, then sleep
+// A small persistent pool for kernels: splits [0, n) into a few contiguous ranges per
+// thread, which the threads take in turn, and waits for all. Taken in turn, not one fixed
+// range each: a thread that the machine delays (an IO thread's interrupt, another
+// process) leaves its share to the others instead of holding up the whole call. Between calls the workers spin for a short while, then sleep
 // on a condition variable: a decode step makes ~80 calls a few hundred microseconds
 // apart, and waking a sleeping thread (and being woken when it is done) cost tens of
 // microseconds each time on our VMs.
@@ -24,11 +26,12 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int size() const { return static_cast<int>(workers_.size()) + 1; }
-  // fn(begin, end) over `parts` ranges of [0, n); the caller runs the first range.
+  // fn(begin, end) over the ranges of [0, n), on `parts` threads (the caller is one).
   void parallel_for(size_t n, int parts, const std::function<void(size_t, size_t)>& fn);
 
  private:
   void work(int index);
+  void take_ranges();
 
   std::mutex call_mu_;  // one parallel_for at a time
   std::mutex mu_;       // for sleeping and waking only; the call's fields are published by generation_
@@ -37,6 +40,8 @@ class ThreadPool {
   // The call's fn and n, stable while a worker that takes part runs: the caller waits for it.
   const std::function<void(size_t, size_t)>* fn_ = nullptr;
   size_t n_ = 0;
+  size_t ranges_ = 0;               // this call's ranges, taken in turn by index:
+  std::atomic<size_t> next_{0};     // the next range to take
   std::atomic<int> pending_{0};
   // (calls so far << 16) | this call's parts, in one word: a worker that slept through a
   // call it had no part in reads the next call's parts with that call's count.
