@@ -11,10 +11,12 @@ averaged together. Shapes: I = intermediate, H = hidden.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from moeedge.aggregate.clustering import clustered_variant
+from moeedge.aggregate.clustering import clustered_variant, cut, merge_tree
 from moeedge.aggregate.layer import ExpertSet, MoeLayer, Variant
 
 
@@ -39,9 +41,13 @@ def usage_weights(layer: MoeLayer, members: list[int]) -> torch.Tensor:
     return counts / counts.sum() if counts.sum() > 0 else torch.full_like(counts, 1 / len(members))
 
 
+def representative(layer: MoeLayer, members: list[int]) -> int:
+    return members[int(usage_weights(layer, members).argmax())]
+
+
 def merge_cluster(layer: MoeLayer, members: list[int]) -> tuple[torch.Tensor, ...]:
     weights = usage_weights(layer, members)
-    rep = members[int(weights.argmax())]
+    rep = representative(layer, members)
     merged = [torch.zeros_like(t[0]) for t in layer.experts.parts]
     for m, w in zip(members, weights.tolist()):
         key = ("align", rep, m)
@@ -54,4 +60,11 @@ def merge_cluster(layer: MoeLayer, members: list[int]) -> tuple[torch.Tensor, ..
 
 
 def build(layer: MoeLayer, n: int) -> Variant:
+    # The alignments first, one per thread: scipy's Hungarian method releases the GIL, and
+    # on Switch-Base-128 (90 of 3,072 x 3,072 per layer) it was three quarters of merging.
+    pairs = [(rep, m) for c in cut(merge_tree(layer), layer.n_experts, n) if len(c) > 1
+             for rep in [representative(layer, c)] for m in c if m != rep and ("align", rep, m) not in layer.memo]
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        for (rep, m), perm in zip(pairs, pool.map(lambda pair: alignment(layer.experts, *pair), pairs)):
+            layer.memo[("align", rep, m)] = perm
     return clustered_variant(layer, n, merge_cluster)
