@@ -315,6 +315,45 @@ def plan_for(ckpt: Checkpoint, store: ExpertStore, budget: int, fixed: int, max_
     return plan(chunks[-1], budget)
 
 
+def _check_settings(device: str, max_context: int, lookahead: int, io_threads: int | None,
+                    threads: int | None) -> None:
+    if device != "cpu":
+        raise ValueError(f"device {device!r} is not supported yet; use 'cpu'")
+    if max_context < 1:
+        raise ValueError(f"max_context must be positive, got {max_context}")
+    if not 1 <= lookahead <= 3:
+        raise ValueError(f"lookahead must be 1, 2 or 3 MoE layers, got {lookahead}")
+    if io_threads is not None and not 1 <= io_threads <= 64:
+        raise ValueError(f"io_threads must be between 1 and 64, got {io_threads}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+
+
+def _resolve_policy(policy: str, runner_cls: type) -> str:
+    if policy not in POLICIES + ("auto",):
+        raise ValueError(f"unknown policy {policy!r}; choose one of auto, {', '.join(POLICIES)}")
+    if policy == "auto":  # the best measured (README, Expert prediction); Switch has no predictor yet
+        policy = "lru" if runner_cls is SwitchMoE else "predicted"
+    if policy == "predicted" and runner_cls is SwitchMoE:
+        raise ValueError("policy 'predicted' covers decoder-only models; use lru, lfu or score for Switch")
+    return policy
+
+
+def _set_up_prediction(runner: DecoderMoE | SwitchMoE, ckpt: Checkpoint, experts: ExpertAccess,
+                       predictor: str | None, prefetch: bool | None, lookahead: int, predictor_file, policy: str) -> None:
+    if isinstance(runner, SwitchMoE):
+        if predictor not in ("auto", "stale-gate", None):
+            raise ValueError(f"predictor {predictor!r}: Switch models prefetch with their stale gate or not at "
+                             f"all (predictor='stale-gate' or None)")
+        runner.prefetch = predictor is not None and prefetch is not False
+        return
+    # Guesses feed eviction (policy="predicted"); reading them early is off unless asked
+    # (prefetch=True): even read only where it pays (runtime/prefetcher.py) it measured
+    # 0.93x of this default on default-64m at a quarter of its experts (README, Results).
+    runner.prefetcher = build_prefetcher(ckpt, runner.w, experts, predictor, lookahead if prefetch else 0,
+                                         predictor_file, policy)
+
+
 def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = "auto", device: str = "cpu",
          prefetch: bool | None = None, predictor: str | None = "auto", lookahead: int = 1,
          predictor_file: str | os.PathLike | None = None, policy: str = "auto", io_threads: int | None = None,
@@ -333,17 +372,8 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     the compute threads, moeedge's kernels and torch's (process-wide, as
     torch.set_num_threads; default: every CPU this process may run on)."""
     fixed = rss_bytes()  # measured before anything of the model is read
-    if device != "cpu":
-        raise ValueError(f"device {device!r} is not supported yet; use 'cpu'")
-    if max_context < 1:
-        raise ValueError(f"max_context must be positive, got {max_context}")
-    if not 1 <= lookahead <= 3:
-        raise ValueError(f"lookahead must be 1, 2 or 3 MoE layers, got {lookahead}")
-    if io_threads is not None and not 1 <= io_threads <= 64:
-        raise ValueError(f"io_threads must be between 1 and 64, got {io_threads}")
+    _check_settings(device, max_context, lookahead, io_threads, threads)
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be at least 1, got {threads}")
         set_kernel_threads(threads)
         torch.set_num_threads(threads)
     smallest = isinstance(memory_budget, str) and memory_budget.strip().lower() == "min"
@@ -359,12 +389,7 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
         budget = plan_for(ckpt, store, 1 << 62, fixed, max_context, dtype, on_disk).min_budget_bytes
     plan = plan_for(ckpt, store, budget, fixed, max_context, dtype, on_disk)
     expert_budget = min(plan.expert_cache_bytes, sum(store.slot_bytes(k) for k in store.keys()))
-    if policy not in POLICIES + ("auto",):
-        raise ValueError(f"unknown policy {policy!r}; choose one of auto, {', '.join(POLICIES)}")
-    if policy == "auto":  # the best measured (README, Expert prediction); Switch has no predictor yet
-        policy = "lru" if runner_cls is SwitchMoE else "predicted"
-    if policy == "predicted" and runner_cls is SwitchMoE:
-        raise ValueError("policy 'predicted' covers decoder-only models; use lru, lfu or score for Switch")
+    policy = _resolve_policy(policy, runner_cls)
     # "predicted" is the native "score" policy, its scores set before each layer
     cache = ExpertCache(store, expert_budget, "score" if policy == "predicted" else policy, io_threads or 2)
     try:
@@ -376,17 +401,7 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
         experts = ExpertAccess(cache, ckpt.expert_parts, None if runner_cls.mixed_precision else dtype,
                                ckpt.expert_layouts)
         runner = runner_cls(cfg, dense, experts, max_context, dtype)
-        if runner_cls is SwitchMoE:
-            if predictor not in ("auto", "stale-gate", None):
-                raise ValueError(f"predictor {predictor!r}: Switch models prefetch with their stale gate or not at "
-                                 f"all (predictor='stale-gate' or None)")
-            runner.prefetch = predictor is not None and prefetch is not False
-        else:
-            # Guesses feed eviction (policy="predicted"); reading them early is off unless asked
-            # (prefetch=True): even read only where it pays (runtime/prefetcher.py) it measured
-            # 0.93-1.07x of this default under memory limits (README, Results).
-            runner.prefetcher = build_prefetcher(ckpt, runner.w, experts, predictor, lookahead if prefetch else 0,
-                                                 predictor_file, policy)
+        _set_up_prediction(runner, ckpt, experts, predictor, prefetch, lookahead, predictor_file, policy)
         if ckpt.tokenizer_factory is not None:
             tokenizer = ckpt.tokenizer_factory()
         else:
