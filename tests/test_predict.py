@@ -274,7 +274,9 @@ def test_predicted_eviction_ranks_by_expected_next_use():
     cache = StubCache([key[0, 3], key[0, 2], key[1, 0], key[1, 1], key[2, 0]])
     evict = PredictedEviction(cache, 3, 4, rate, lambda: 5)
     evict.on_step(0, [0, 1], {1: torch.tensor([0.9, 0.1, 0.0, 0.0])})
-    order = sorted(cache.scores, key=cache.scores.get)  # first evicted first
+    # this step's experts, being read (not resident yet), stay until used
+    assert cache.scores[key[0, 0]] == cache.scores[key[0, 1]] == float("inf")
+    order = sorted(cache.resident_keys(), key=cache.scores.get)  # first evicted first
     assert order[0] == key[0, 3] and order[-1] == key[1, 0]
     # delta + (1 - chance) * L / p, negated: expert 1 of layer 1 is due in 1 + 0.9 * 3 / 0.5 steps
     assert cache.scores[key[1, 1]] == pytest.approx(-(1 + 0.9 * 3 / 0.5))

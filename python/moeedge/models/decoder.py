@@ -247,9 +247,9 @@ class DecoderMoE:
         # output is summed in expert order afterwards, so the result does not
         # depend on what happened to be cached.
         missing = [e for e in chosen if not self.experts.resident(moe_layer, e)]
-        self.experts.prefetch(moe_layer, missing, priority=1)
-        if self.prefetcher is not None:
+        if self.prefetcher is not None:  # first: it scores what the reads below may evict
             self.prefetcher.on_route(moe_layer, x, top_i, decoding=x.shape[0] == 1)
+        self.experts.prefetch(moe_layer, missing, priority=1)
         if x.shape[0] == 1 and layer not in self.base:
             out = self._moe_token(x, moe_layer, chosen, missing, top_w, top_i)
         else:

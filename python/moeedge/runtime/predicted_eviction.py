@@ -36,9 +36,13 @@ class PredictedEviction:
         self.when = (delta + (1.0 - chance) * n / self.p.clamp(min=1e-6)).tolist()  # [L][E]: steps until due
         self.now = {ExpertKey(layer, e).packed for e in picked}
         resident = self.cache.resident_keys()
+        # The runtime pins this step's experts one at a time: the rest must stay meanwhile,
+        # those being read too, which land unpinned (scored now: a score left from an
+        # earlier stay made a guess read early evict them before their use).
+        scores = dict.fromkeys(self.now, float("inf"))
         if len(resident) + len(picked) > self.room():  # else nothing would be evicted: spare the work
-            # the runtime pins this step's experts one at a time: the rest must stay meanwhile
-            self.cache.set_scores({key: float("inf") if key in self.now else -self._due(key) for key in resident})
+            scores.update({key: -self._due(key) for key in resident if key not in self.now})
+        self.cache.set_scores(scores)
         used = torch.zeros(self.n_experts, dtype=torch.float64)
         used[picked] = 1.0
         self.p[layer] = (1.0 - ALPHA) * self.p[layer] + ALPHA * used
@@ -67,4 +71,6 @@ class PredictedEviction:
             else:
                 break
             chosen.append((layer, e))
+        # scored as due when it lands, not by whatever score it had when last resident
+        self.cache.set_scores({ExpertKey(layer, e).packed: -self.when[layer][e] for layer, e in chosen})
         return chosen
