@@ -162,9 +162,12 @@ def refine(layer: MoeLayer, v: Variant, fit: torch.Tensor, held: torch.Tensor) -
     Stops early once PATIENCE measurements in a row have not improved on the best."""
     y = layer.reference_output
     params = [t.clone().requires_grad_() for t in stored_weights(v)]
+    # Each stored tensor's step is LR times its RMS; an expert's weights take their part's
+    # (all experts together), as when each part was one stacked tensor.
+    scales = ([t for part in v.experts.parts for t in [part] * len(v.experts)] if v.lowrank is None else params)
     # fused: one pass over each tensor and no temporaries (the default takes five)
-    opt = torch.optim.Adam([{"params": [p], "lr": LR * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-6))}
-                            for p in params], fused=True)
+    opt = torch.optim.Adam([{"params": [p], "lr": LR * float(t.detach().pow(2).mean().sqrt().clamp_min(1e-6))}
+                            for p, t in zip(params, scales)], fused=True)
     rng = torch.Generator().manual_seed(layer.index)
 
     def held_error() -> float:
