@@ -333,3 +333,9 @@ def test_the_budget_covers_the_layer_being_aggregated(source):
     widest = max(8 * (E * p.shape[0] * p.shape[1] + 4 * min(p.shape) ** 2 + 8 * min(p.shape) + max(p.shape))
                  for p in ckpt.expert_parts[0])  # one difference in float64, and LAPACK's workspace
     assert source_budget(2 ** 30, ckpt, "lowrank") == 2 ** 30 - 3 * layer - svd - widest
+    # distillation also refines what the variant stores: 5 fp32 copies of it (weights,
+    # gradients, Adam's moments, the best state); with 2 of E experts kept, 2/E of the layer
+    from moeedge.aggregate.pipeline import stored_share
+    share = stored_share(ckpt, "merge", 2, None)
+    assert share == 2 / E and stored_share(ckpt, "merge", None, None) == 1.0
+    assert source_budget(2 ** 30, ckpt, "merge", share) == 2 ** 30 - 3 * layer - int(5 * share * layer)

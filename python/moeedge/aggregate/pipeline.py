@@ -117,18 +117,25 @@ def layer_sensitivity(layer: MoeLayer, built: str, expert_bytes: int) -> tuple[l
 # experts in fp32: its copy, the variant and what the method computes from them (seen on
 # Switch-Base-128 with prune: 9.0 GB peak for a 3 GiB model and 2.4 GB layers).
 LAYER_WORKING_SET = 3
+# Distillation's refinement also holds, per stored weight, its fp32 copy being fitted, its
+# gradient, Adam's two moments and the best state so far (full-size Switch-Base-128 from
+# merge at 38 experts: 15.1 GiB peak RSS in a 12 GiB budget before this was reserved).
+REFINE_COPIES = 5
 
 
-def layer_working_set(ckpt: Checkpoint, layer: int, built: str) -> int:
+def layer_working_set(ckpt: Checkpoint, layer: int, built: str, refined: float = 0.0) -> int:
     """Bytes aggregating MoE layer `layer` holds beside the source model: LAYER_WORKING_SET
     fp32 copies of its experts, and for lowrank (distill from it too) the float64 SVD of
     each matrix's difference from the base, kept for every rank the layer tries (U, S and Vh
     of all E experts), with one matrix's difference in float64 and LAPACK's workspace while
     it is decomposed (gesdd: about 4k^2 + 8k + max(rows, cols) doubles, k = min(rows, cols);
-    without it a 3 GiB budget peaked 1.4 MiB above 3 GiB on mixtral-medium)."""
+    without it a 3 GiB budget peaked 1.4 MiB above 3 GiB on mixtral-medium). refined: for
+    distillation, what the variant stores as a share of the layer's experts (REFINE_COPIES
+    of it)."""
     n = ckpt.config.n_experts
     shapes = [part.shape for part in ckpt.expert_parts[layer]]
-    total = LAYER_WORKING_SET * n * sum(rows * cols for rows, cols in shapes) * 4
+    layer_bytes = n * sum(rows * cols for rows, cols in shapes) * 4
+    total = LAYER_WORKING_SET * layer_bytes + int(REFINE_COPIES * refined * layer_bytes)
     if built == "lowrank":
         total += sum(n * 8 * min(rows, cols) * (rows + 1 + cols) for rows, cols in shapes)
         total += max(8 * (n * rows * cols + 4 * min(rows, cols) ** 2 + 8 * min(rows, cols) + max(rows, cols))
@@ -136,14 +143,26 @@ def layer_working_set(ckpt: Checkpoint, layer: int, built: str) -> int:
     return total
 
 
-def source_budget(memory_budget: int | str, ckpt: Checkpoint, built: str = "merge") -> int | str:
+def source_budget(memory_budget: int | str, ckpt: Checkpoint, built: str = "merge", refined: float = 0.0) -> int | str:
     """The source model's budget when the whole process may use `memory_budget`: what is
     left after the largest layer's working set ("min" where that leaves too little)."""
     if isinstance(memory_budget, str) and memory_budget.strip().lower() == "min":
         return "min"
-    largest = max(layer_working_set(ckpt, i, built) for i in range(len(ckpt.expert_parts)))
+    largest = max(layer_working_set(ckpt, i, built, refined) for i in range(len(ckpt.expert_parts)))
     left = resolve_budget(memory_budget) - largest
     return left if left > 0 else "min"
+
+
+def stored_share(ckpt: Checkpoint, built: str, experts_per_layer: int | None, rank: int | None) -> float:
+    """What a variant stores per layer as a share of the source's experts: at most all of
+    them under --expert-memory, whose split across layers is not known yet."""
+    n = ckpt.config.n_experts
+    if experts_per_layer is not None:
+        return experts_per_layer / n
+    if rank is not None:  # one base, and per expert a and b of each part
+        return min(1.0, max(1 / n + rank * (rows + cols) / (rows * cols)
+                            for i in range(len(ckpt.expert_parts)) for rows, cols in (p.shape for p in ckpt.expert_parts[i])))
+    return 1.0
 
 
 @dataclass
@@ -221,7 +240,9 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
     # One layer's fp32 copy at a time (Switch-Base-128's are 2.4 GB each, 29 GB in all): the
     # sensitivity pass and the build pass each read the layers one by one from the model,
     # and each layer's shard is written as soon as it is built.
-    with publish(out, ckpt) as staging, moeedge.load(ckpt.source, memory_budget=source_budget(memory_budget, ckpt, built),
+    refined = stored_share(ckpt, built, experts_per_layer, rank) if method == "distill" else 0.0
+    with publish(out, ckpt) as staging, moeedge.load(ckpt.source,
+                                                    memory_budget=source_budget(memory_budget, ckpt, built, refined),
                                                     max_context=window) as model:
         calibration, calibration_total, n_windows = calibrate(model, calibration_tokens, progress)
 
