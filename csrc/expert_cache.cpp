@@ -93,7 +93,7 @@ void ExpertCache::load_next(std::unique_lock<std::mutex>& lk, int64_t above) {
   if (!demand_.empty()) {
     e = demand_.front();
     demand_.pop_front();
-  } else if (!prefetch_queue_.empty() && -prefetch_queue_.begin()->first.first > above) {
+  } else if (queued_above(above)) {
     e = next_prefetch(freed, priority);
   }
   if (!freed.empty()) {  // give evicted pages back outside the lock
@@ -117,7 +117,7 @@ bool ExpertCache::keep_reading(const Entry& e, int64_t priority, std::unique_loc
     if (closed_) return false;
     if (e.pins > 0) return true;  // no longer a guess: someone waits for it
     if (e.stop) return false;
-    if (!demand_.empty() || (!prefetch_queue_.empty() && -prefetch_queue_.begin()->first.first > priority)) {
+    if (!demand_.empty() || queued_above(priority)) {
       load_next(lk, priority);
     } else if (!reading_.empty() && reading_.rbegin()->first > priority) {
       pause_cv_.wait(lk);
@@ -125,6 +125,10 @@ bool ExpertCache::keep_reading(const Entry& e, int64_t priority, std::unique_loc
       return true;
     }
   }
+}
+
+bool ExpertCache::queued_above(int64_t priority) const {
+  return !prefetch_queue_.empty() && -prefetch_queue_.begin()->first.first > priority;
 }
 
 bool ExpertCache::prefetch_may_start() const {

@@ -128,6 +128,7 @@ class ExpertCache : public std::enable_shared_from_this<ExpertCache> {
   bool keep_reading(const Entry& e, int64_t priority, std::unique_lock<std::mutex>& lk);
   std::shared_ptr<Entry> next_prefetch(Freed& freed, int64_t& priority);
   bool prefetch_may_start() const;
+  bool queued_above(int64_t priority) const;  // a queued prefetch more urgent than priority
   Room make_room(uint64_t bytes, Freed& freed);
   std::shared_ptr<Slab> recycle(Freed& freed, uint64_t bytes);
   Entry* pick_victim();

@@ -71,6 +71,6 @@ class PredictedEviction:
             else:
                 break
             chosen.append((layer, e))
-        # scored as due when it lands, not by whatever score it had when last resident
-        self.cache.set_scores({ExpertKey(layer, e).packed: -self.when[layer][e] for layer, e in chosen})
+        if chosen:  # scored as due when it lands, not by whatever score it had when last resident
+            self.cache.set_scores({ExpertKey(layer, e).packed: -self.when[layer][e] for layer, e in chosen})
         return chosen
