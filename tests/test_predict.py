@@ -262,11 +262,12 @@ class StubCache:
         self.scores = dict(scores)
 
 
-def test_predicted_eviction_ranks_by_expected_next_use():
-    """Three layers of four experts, step at layer 0: the guessed expert of layer 1 is due
-    first; among the rest, a rarely picked expert of layer 0 is due last and goes first."""
+def test_predicted_eviction_ranks_by_discounted_expected_uses():
+    """Three layers of four experts, step at layer 0: the guessed expert of layer 1 is worth
+    most; among the rest, a rarely picked expert of layer 0 is worth least and goes first."""
     from moeedge.keys import ExpertKey
     from moeedge.runtime.predicted_eviction import PredictedEviction
+    from moeedge.sim import PREDICTED_DISCOUNT as g
 
     key = {(m, e): ExpertKey(m, e).packed for m in range(3) for e in range(4)}
     rate = torch.full((3, 4), 0.5)
@@ -278,17 +279,18 @@ def test_predicted_eviction_ranks_by_expected_next_use():
     assert cache.scores[key[0, 0]] == cache.scores[key[0, 1]] == float("inf")
     order = sorted(cache.resident_keys(), key=cache.scores.get)  # first evicted first
     assert order[0] == key[0, 3] and order[-1] == key[1, 0]
-    # delta + (1 - chance) * L / p, negated: expert 1 of layer 1 is due in 1 + 0.9 * 3 / 0.5 steps
-    assert cache.scores[key[1, 1]] == pytest.approx(-(1 + 0.9 * 3 / 0.5))
-    assert cache.scores[key[2, 0]] == pytest.approx(-(2 + 0.5 * 3 / 0.5))
+    # chance * g**delta, then p * g**(delta + 3 i) for each later visit i
+    later = g ** 3 / (1 - g ** 3)
+    assert cache.scores[key[1, 1]] == pytest.approx((0.1 + 0.5 * later) * g)
+    assert cache.scores[key[2, 0]] == pytest.approx((0.5 + 0.5 * later) * g ** 2)
     # layer 0's pick rates moved toward this token's picks (0 and 1), away from the others
     assert evict.p[0, 0] > 0.5 and evict.p[0, 2] < 0.5
 
 
-def test_guesses_are_read_early_only_into_free_slots_or_over_experts_due_later():
+def test_guesses_are_read_early_only_into_free_slots_or_over_experts_worth_less():
     """Capacity 5, step at layer 0 picks experts 0 and 1 (not yet resident). Residents: two
-    of layer 2, one due soon (often picked), one rarely picked (due last). One slot is free
-    beside the step's experts; a third guess would have to evict a resident."""
+    of layer 2, one often picked, one rarely picked (worth least). One slot is free beside
+    the step's experts; a third guess would have to evict a resident."""
     from moeedge.keys import ExpertKey
     from moeedge.runtime.predicted_eviction import PredictedEviction
 
@@ -299,12 +301,13 @@ def test_guesses_are_read_early_only_into_free_slots_or_over_experts_due_later()
     evict = PredictedEviction(cache, 3, 4, rate, lambda: room[0])
     evict.on_step(0, [0, 1], {1: torch.tensor([0.95, 0.9, 0.02, 0.0])})
     # layer 1's likely guesses: the first takes the free slot, the second evicts the rarely
-    # picked (2, 3); an unlikely guess is due after (2, 0) and is not read
+    # picked (2, 3); an unlikely guess is worth less than (2, 0) and is not read
     assert evict.worth_reading([(1, 0), (1, 1), (1, 2)]) == [(1, 0), (1, 1)]
     # what is resident or this step's own is never read again, and takes no slot
     assert evict.worth_reading([(2, 0), (0, 1), (1, 0)]) == [(1, 0)]
-    # no free slot: (1, 2), due in 1 + 0.98 * 3 / 0.5 steps, may evict (2, 3), due in about
-    # 300; (1, 3), due in 7, may not evict (2, 0), due in 2 + 0.5 * 3 / 0.5 = 5
+    # no free slot: (1, 2), worth (0.02 + 0.5 l) g with l = g^3 / (1 - g^3), may evict
+    # (2, 3), worth (0.01 + 0.01 l) g^2; (1, 3), worth 0.5 l g (0.27), may not evict
+    # (2, 0), worth (0.5 + 0.5 l) g^2 (0.49)
     room[0] = 4
     assert evict.worth_reading([(1, 2), (1, 3)]) == [(1, 2)]
 

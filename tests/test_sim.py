@@ -19,6 +19,7 @@ from moeedge import ExpertCache, ExpertKey, ExpertStore
 from moeedge.sim import Trace, from_experts, load_trace
 from moeedge.sim.policies import POLICIES, frequency_prior, scores_from_prior, simulate
 from moeedge.sim import PICK_RATE_ALPHA as ALPHA
+from moeedge.sim import PREDICTED_DISCOUNT as DISCOUNT
 from moeedge.sim.timing import Timing, previous_token_guesses, stall_per_token
 
 PAGE = 4096
@@ -61,10 +62,10 @@ def reference(trace: Trace, policy: str, capacity: int, per_layer: bool = False,
     def next_visit(layer, s):
         return next((u for u in range(s + 1, len(steps)) if layer_of[u] == layer), len(steps))
 
-    def expected_use(key, s):  # predicted: delta + (1 - p) * L / p, no guesses
+    def worth(key, s):  # predicted, no guesses: p * g**delta summed over every visit to come
         m, n = key // trace.n_experts, trace.n_layers
         delta = m - layer_of[s] if m > layer_of[s] else m - layer_of[s] + n
-        return delta + (1.0 - rate[key]) * n / max(rate[key], 1e-6)
+        return sum(rate[key] * DISCOUNT ** (delta + i * n) for i in range(2000))
 
     for s, keys in enumerate(steps):
         was = [key for key in keys if key in resident]
@@ -81,7 +82,7 @@ def reference(trace: Trace, policy: str, capacity: int, per_layer: bool = False,
                     rank = {"lru": lambda r: 0, "lfu": lambda r: uses[r], "lfru": lambda r: weight[r],
                             "score": lambda r: score[r], "belady": lambda r: -next_use(r, s),
                             "layer": lambda r: -next_visit(r // trace.n_experts, s),
-                            "predicted": lambda r: -expected_use(r, s)}[policy]
+                            "predicted": lambda r: worth(r, s)}[policy]
                     unpinned = [r for r in same if r not in keys]  # the step's experts are pinned
                     del resident[min(unpinned, key=lambda r: (rank(r), resident[r]))]
             resident[key] = tick

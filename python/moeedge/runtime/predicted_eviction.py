@@ -1,6 +1,6 @@
 """policy="predicted" at run time: the native cache's "score" policy, fed before every MoE
 layer with scores that make it evict as moeedge.sim.predicted does (the expert whose
-expected next use is furthest away, from the layer schedule, each expert's online pick
+discounted expected uses are fewest, from the layer schedule, each expert's online pick
 rate and the predictor's guesses for this token's next layers). The simulator measures
 the rule; this class only keeps the same estimates and hands them to the cache."""
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from moeedge._core import ExpertCache
 from moeedge.keys import ExpertKey
 from moeedge.sim import PICK_RATE_ALPHA as ALPHA
+from moeedge.sim import PREDICTED_DISCOUNT as DISCOUNT
 
 
 class PredictedEviction:
@@ -33,7 +34,8 @@ class PredictedEviction:
         layers = torch.arange(n, dtype=torch.float64)[:, None]
         delta = torch.where(layers > layer, layers - layer, layers - layer + n)
         chance = torch.where(self.q >= 0, self.q, self.p)
-        self.when = (delta + (1.0 - chance) * n / self.p.clamp(min=1e-6)).tolist()  # [L][E]: steps until due
+        later = DISCOUNT ** n / (1.0 - DISCOUNT ** n)  # every visit after the next
+        self.worth = ((chance + self.p * later) * DISCOUNT ** delta).tolist()  # [L][E]: discounted uses
         self.now = {ExpertKey(layer, e).packed for e in picked}
         resident = self.cache.resident_keys()
         # The runtime pins this step's experts one at a time: the rest must stay meanwhile,
@@ -41,24 +43,25 @@ class PredictedEviction:
         # earlier stay made a guess read early evict them before their use).
         scores = dict.fromkeys(self.now, float("inf"))
         if len(resident) + len(picked) > self.room():  # else nothing would be evicted: spare the work
-            scores.update({key: -self._due(key) for key in resident if key not in self.now})
+            scores.update({key: self._worth(key) for key in resident if key not in self.now})
         self.cache.set_scores(scores)
         used = torch.zeros(self.n_experts, dtype=torch.float64)
         used[picked] = 1.0
         self.p[layer] = (1.0 - ALPHA) * self.p[layer] + ALPHA * used
 
-    def _due(self, key: int) -> float:
+    def _worth(self, key: int) -> float:
         layer, e = self.key_of[key]
-        return self.when[layer][e]
+        return self.worth[layer][e]
 
     def worth_reading(self, wanted: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Of the (layer, expert) guesses in `wanted` (most wanted first), those worth reading
         early after this step: each takes a free slot, or else the slot of the resident
-        expert due last, and only when it is due before that one. Reading a guess due later
-        would evict a would-be hit, which is how early reads used to cost more than they hid."""
+        expert worth least, and only when it is worth more than that one. Reading a guess
+        worth less would evict a would-be hit, which is how early reads used to cost more
+        than they hid."""
         resident = set(self.cache.resident_keys())
         free = self.room() - len(resident | self.now)
-        victims = sorted((self._due(key) for key in resident - self.now), reverse=True)
+        victims = sorted(self._worth(key) for key in resident - self.now)
         chosen = []
         for layer, e in wanted:
             key = ExpertKey(layer, e).packed
@@ -66,11 +69,11 @@ class PredictedEviction:
                 continue
             if free > 0:
                 free -= 1
-            elif victims and self.when[layer][e] < victims[0]:
+            elif victims and self.worth[layer][e] > victims[0]:
                 victims.pop(0)
             else:
                 break
             chosen.append((layer, e))
-        if chosen:  # scored as due when it lands, not by whatever score it had when last resident
-            self.cache.set_scores({ExpertKey(layer, e).packed: -self.when[layer][e] for layer, e in chosen})
+        if chosen:  # scored by its worth when it lands, not by whatever score it had when last resident
+            self.cache.set_scores({ExpertKey(layer, e).packed: self.worth[layer][e] for layer, e in chosen})
         return chosen

@@ -327,7 +327,7 @@ def simulate(trace: Trace, policy: str, capacity: int, per_layer: bool = False,
     hit = np.zeros(keys.shape, dtype=np.uint8)
     evicted = np.full(keys.shape, keys.shape[0], dtype=np.int64)
     if policy == "predicted":
-        from moeedge.sim import PICK_RATE_ALPHA
+        from moeedge.sim import PICK_RATE_ALPHA, PREDICTED_DISCOUNT
         from moeedge.sim.predicted import run_predicted
 
         if guesses is None:
@@ -339,6 +339,7 @@ def simulate(trace: Trace, policy: str, capacity: int, per_layer: bool = False,
             pick_rate = np.full(trace.n_keys, trace.top_k / trace.n_experts)
         hits = run_predicted(keys, np.ascontiguousarray(trace.step_layer, dtype=np.int64), trace.n_layers,
                              trace.n_experts, cap, per_layer, np.asarray(pick_rate, dtype=np.float64), PICK_RATE_ALPHA,
+                             PREDICTED_DISCOUNT,
                              np.ascontiguousarray(guesses, dtype=np.float64), hit, evicted)
     elif policy == "layer":
         hits = _run_layer(keys, np.ascontiguousarray(trace.step_layer, dtype=np.int64), trace.n_layers,

@@ -10,9 +10,16 @@ expert of MoE layer m, seen from the step at layer l of the current token:
 - q = the chance that it is picked at that next visit, when the visit is within a
   predictor's lookahead (the model's own guess, made at layer l from this token's hidden
   state; past the last layer, about the next token); otherwise p.
-The expected next use is delta + (1 - q) * L / p steps (a miss at this visit costs a
-geometric number of tokens), and the victim is the unpinned resident for which it is
-largest (ties to the least recent). Every input is the past or the model's own prediction, never the trace's future.
+Its worth is its expected uses, each discounted by g per step until it comes:
+q * g**delta + p * g**(delta + L) / (1 - g**L) (the next visit, then every later one).
+The victim is the unpinned resident worth least (ties to the least recent). The
+discount, rather than the expected time of the next use (delta + (1 - q) * L / p),
+because that mean is ruled by the rare long waits of 1 / p: an expert a token picks
+half the time and one picked a fifth of the time rank by how long the unlucky case
+lasts, where what counts is the chance of a use before the cache turns over
+(measured on the default model's held-out trace: the share of the LRU-Belady gap
+closed rose from 24-50% to 32-55% across capacities 8-24).
+Every input is the past or the model's own prediction, never the trace's future.
 """
 from __future__ import annotations
 
@@ -22,8 +29,8 @@ from numba import njit
 
 
 @njit(cache=True)
-def run_predicted(step_keys, step_layer, n_layers, n_experts, capacity, per_layer, prior, alpha, guesses,
-                  hit, evicted):
+def run_predicted(step_keys, step_layer, n_layers, n_experts, capacity, per_layer, prior, alpha, discount,
+                  guesses, hit, evicted):
     """guesses float [S, D, E]: at step s, the chance that each expert of the layer d + 1
     steps on is picked there (this token's, or past the last layer the next token's; -1:
     no guess; D may be 0). prior float [n_keys]: starting p. Returns hits."""
@@ -38,6 +45,7 @@ def run_predicted(step_keys, step_layer, n_layers, n_experts, capacity, per_laye
     last = np.zeros(n_keys, dtype=np.int64)     # s * k + j of each key's latest get
     recent = np.zeros(n_keys, dtype=np.int64)   # the tick of each key's latest get
     used = np.zeros(n_experts, dtype=np.bool_)
+    later = discount ** n_layers / (1.0 - discount ** n_layers)  # every visit after the next
     tick = hits = 0
     for s in range(n_steps):
         layer = step_layer[s]
@@ -65,16 +73,16 @@ def run_predicted(step_keys, step_layer, n_layers, n_experts, capacity, per_laye
                     continue
                 part = key // n_experts if per_layer else 0
                 if count[part] == capacity:
-                    victim, worst = -1, -1.0
+                    victim, least = -1, np.inf
                     for c in range(n_keys):
                         if not resident[c] or pinned[c] or (per_layer and c // n_experts != part):
                             continue
                         m = c // n_experts
                         delta = m - layer if m > layer else m - layer + n_layers
                         chance = q[c] if q[c] >= 0.0 else p[c]
-                        when = delta + (1.0 - chance) * n_layers / max(p[c], 1e-6)
-                        if when > worst or (when == worst and recent[c] < recent[victim]):  # ties: least recent
-                            victim, worst = c, when
+                        worth = (chance + p[c] * later) * discount ** delta
+                        if worth < least or (worth == least and recent[c] < recent[victim]):  # ties: least recent
+                            victim, least = c, worth
                     resident[victim] = False
                     evicted[last[victim] // k, last[victim] % k] = s
                     count[part] -= 1
