@@ -287,6 +287,23 @@ def test_predicted_eviction_ranks_by_discounted_expected_uses():
     assert evict.p[0, 0] > 0.5 and evict.p[0, 2] < 0.5
 
 
+def test_predicted_eviction_weighs_a_guess_for_the_same_layer_of_the_next_token():
+    """A guess as far as this layer's next visit (lookahead L) ranks the layer's experts
+    just run, instead of their pick rates; it is not spent by this step."""
+    from moeedge.keys import ExpertKey
+    from moeedge.runtime.predicted_eviction import PredictedEviction
+    from moeedge.sim import PREDICTED_DISCOUNT as g
+
+    rate = torch.full((3, 4), 0.5)
+    cache = StubCache([ExpertKey(0, 2).packed, ExpertKey(0, 3).packed, ExpertKey(1, 0).packed])
+    evict = PredictedEviction(cache, 3, 4, rate, lambda: 3)
+    evict.on_step(0, [0, 1], {0: torch.tensor([0.0, 0.0, 0.9, 0.05])})
+    later = g ** 3 / (1 - g ** 3)
+    assert cache.scores[ExpertKey(0, 2).packed] == pytest.approx((0.9 + 0.5 * later) * g ** 3)
+    assert cache.scores[ExpertKey(0, 3).packed] == pytest.approx((0.05 + 0.5 * later) * g ** 3)
+    assert evict.q[0, 2] == pytest.approx(0.9)
+
+
 def test_guesses_are_read_early_only_into_free_slots_or_over_experts_worth_less():
     """Capacity 5, step at layer 0 picks experts 0 and 1 (not yet resident). Residents: two
     of layer 2, one often picked, one rarely picked (worth least). One slot is free beside

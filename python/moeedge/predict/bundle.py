@@ -25,6 +25,11 @@ from moeedge.predict.predictors import History, build_history
 
 FORMAT = "moeedge-predictor/1"
 FILENAME = "moeedge_predictor.safetensors"
+# Nets 1 to 4 steps ahead: reads go up to 3; the fourth reaches a 4-layer model's same
+# layer of the next token, the next visit predicted eviction weighs for the experts of the
+# layer just run (on the default model's held-out trace it raised the share of the
+# LRU-Belady gap closed by 1-4 points at capacities 8-24).
+LOOKAHEAD = 4
 
 
 @dataclass
@@ -46,7 +51,7 @@ class Bundle:
         return Path(path)
 
 
-def train_bundle(trace: RoutingTrace, max_lookahead: int = 3, epochs: int = 8, seed: int = 0,
+def train_bundle(trace: RoutingTrace, max_lookahead: int = LOOKAHEAD, epochs: int = 8, seed: int = 0,
                  progress=None) -> Bundle:
     start = time.perf_counter()
     history = build_history(trace.experts, trace.windows, trace.n_experts, max_lookahead)

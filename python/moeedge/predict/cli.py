@@ -33,14 +33,14 @@ def add_predict_parser(subparsers) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from moeedge.predict.bundle import train_bundle
+    from moeedge.predict.bundle import LOOKAHEAD, train_bundle
     from moeedge.predict.learned import pairs
     from moeedge.predict.metrics import load_routing
 
     trace = load_routing(args.trace, need_hidden=True)
     if args.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
-    with tqdm(total=len(pairs(trace.n_layers, 3)), desc="learned predictor", unit="net") as bar:
+    with tqdm(total=len(pairs(trace.n_layers, LOOKAHEAD)), desc="learned predictor", unit="net") as bar:
         bundle = train_bundle(trace, epochs=args.epochs, seed=args.seed, progress=lambda *_: bar.update())
     path = bundle.save(args.output)
     print(f"{path}: trained on {bundle.meta['train_tokens']} tokens of {args.trace} "

@@ -126,12 +126,13 @@ class LearnedPredictor(Predictor):
 
 def pairs(n_layers: int, max_lookahead: int) -> list[tuple[int, int]]:
     """(layer, lookahead) of every net: up to max_lookahead steps on, wrapping into the
-    next token, never back to the same layer."""
-    return [(layer, d) for layer in range(n_layers) for d in range(1, min(max_lookahead, n_layers - 1) + 1)]
+    next token, at most as far as the same layer of the next token (a model of L <=
+    max_lookahead layers: its next visit, which predicted eviction weighs)."""
+    return [(layer, d) for layer in range(n_layers) for d in range(1, min(max_lookahead, n_layers) + 1)]
 
 
 def train_learned(hidden: torch.Tensor, experts: torch.Tensor, n_experts: int, windows: list[tuple[int, int]],
-                  max_lookahead: int = 3, width: int = 256, epochs: int = 8, seed: int = 0, progress=None,
+                  max_lookahead: int = 4, width: int = 256, epochs: int = 8, seed: int = 0, progress=None,
                   source: str = "") -> LearnedPredictor:
     """hidden [N, L, H] router inputs and experts [N, L, K] of a training trace, cut into
     windows (sequences): a token's next token is in its window."""

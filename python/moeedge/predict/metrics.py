@@ -173,13 +173,13 @@ def replay(predictor: Predictor, trace: RoutingTrace):
 
 def guess_matrix(predictor: Predictor, trace: RoutingTrace, max_lookahead: int) -> np.ndarray:
     """float64 [N * L, D, E]: at each (token, layer) step in order, the predictor's chance
-    that each expert is picked d + 1 steps on (past the last layer: by the next token; -1
-    where the predictor does not guess); what the "predicted" cache policy
-    (moeedge.sim.predicted) takes."""
+    that each expert is picked d + 1 steps on (past the last layer: by the next token, as
+    far as the same layer of it; -1 where the predictor does not guess); what the
+    "predicted" cache policy (moeedge.sim.predicted) takes."""
     n, n_layers, k = trace.experts.shape
     out = np.full((n, n_layers, max_lookahead, trace.n_experts), -1.0)  # -1: no guess
     for tokens, layer, h, e in replay(predictor, trace):
-        for d in range(1, min(max_lookahead, n_layers - 1) + 1):
+        for d in range(1, min(max_lookahead, n_layers) + 1):
             if layer + d >= n_layers and not predictor.next_token:
                 break
             out[tokens, layer, d - 1] = predictor.probabilities(layer, h, e, d, k).numpy()

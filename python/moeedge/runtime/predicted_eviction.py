@@ -27,9 +27,9 @@ class PredictedEviction:
 
     def on_step(self, layer: int, picked: list[int], guesses: dict[int, torch.Tensor]) -> None:
         """Layer `layer` is about to get `picked`; guesses: target layer -> [E] chances."""
-        for target, chances in guesses.items():
+        self.q[layer] = -1.0  # this token's visit is now: its guesses are spent
+        for target, chances in guesses.items():  # target == layer: the next token's visit
             self.q[target] = chances.double()
-        self.q[layer] = -1.0
         n = self.n_layers
         layers = torch.arange(n, dtype=torch.float64)[:, None]
         delta = torch.where(layers > layer, layers - layer, layers - layer + n)

@@ -125,9 +125,11 @@ class Prefetcher:
         if self.lookahead:
             self.cost.step()
         # Steps ahead: this token's next layers, then (for predictors that guess it) the
-        # next token's first ones; eviction looks as far as predictors are trained (3).
+        # next token's first ones; eviction looks as far as predictors are trained, at
+        # most to this layer's next visit; reads stop short of it.
         ahead = {}
-        for d in range(1, min(3 if self.eviction is not None else self.lookahead, self.n_layers - 1) + 1):
+        most = getattr(self.predictor, "max_lookahead", 3) if self.eviction is not None else self.lookahead
+        for d in range(1, min(most, self.n_layers) + 1):
             if layer + d >= self.n_layers and not self.predictor.next_token:
                 break
             target = (layer + d) % self.n_layers
@@ -140,7 +142,7 @@ class Prefetcher:
         wanted = []
         threshold = self.cost.threshold()
         for d, target in ahead.items():
-            if d > self.lookahead or room == 0:
+            if d > self.lookahead or d >= self.n_layers or room == 0:
                 break
             top = torch.topk(chances[target], min(self.top_k, room))
             # a variant stores fewer experts than E: those it lacks have chance 0
@@ -151,7 +153,7 @@ class Prefetcher:
         if self.eviction is not None:
             wanted = self.eviction.worth_reading(wanted)
         for d, target in ahead.items():
-            if d > self.lookahead:
+            if d > self.lookahead or d >= self.n_layers:
                 break
             read = [e for t, e in wanted if t == target]
             earlier = [e for e in self.pending.get(target, []) if e not in read]

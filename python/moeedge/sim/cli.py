@@ -36,8 +36,8 @@ def add_sim_parser(subparsers) -> argparse.ArgumentParser:
                         "not simulated, for any policy (default 0.25)")
     p.add_argument("--half-life", type=float, default=None, help="lfru's half-life in gets (default: the capacity)")
     p.add_argument("--predictor", default=None,
-                   help="feed the 'predicted' policy this predictor's guesses for the next 3 layers "
-                        "(moeedge predict; needs a trace recorded with --hidden); default: none")
+                   help="feed the 'predicted' policy this predictor's guesses as far ahead as it was trained "
+                        "(the learned one: 4 steps; moeedge predict; needs a trace recorded with --hidden); default: none")
     p.add_argument("--model", default=None, help="the checkpoint for --predictor (default: the trace's model)")
     p.add_argument("--predictor-file", default=None, help="trained predictors for --predictor")
     t = p.add_argument_group("timing model (moeedge.sim.timing)")
@@ -115,13 +115,13 @@ def _capacities(text: str | None, trace, per_layer: bool) -> list[int]:
 
 
 def _guesses(args: argparse.Namespace, n_train: int):
-    """The predictor's guesses for the simulated tokens, 1 to 3 layers ahead."""
+    """The predictor's guesses for the simulated tokens, as many steps ahead as it was trained for."""
     from moeedge.predict.cli import build_predictor
     from moeedge.predict.metrics import guess_matrix, load_routing
 
     routing = load_routing(args.trace, need_hidden=True)
     predictor = build_predictor(args.predictor, args.model, args.predictor_file, routing)
-    return guess_matrix(predictor, routing.tokens(n_train), 3)
+    return guess_matrix(predictor, routing.tokens(n_train), getattr(predictor, "max_lookahead", 3))
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
