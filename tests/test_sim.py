@@ -180,50 +180,54 @@ def test_shared_lru_smaller_than_a_token_falls_into_the_trap():
     assert simulate(trace, "predicted", 2).hits == 5
 
 
-def test_predicted_uses_the_guesses():
-    # Guesses that are always right (the token's true experts 1 and 2 layers on) must
-    # help over no guesses, summed over random traces, and never beat Belady.
+def _hits_blind_and_seeing(make_guesses, capacities) -> tuple[int, int]:
+    """Hits of "predicted" without and with always-right guesses (make_guesses(experts)
+    -> [S, D, E]), summed over random traces of 60 tokens, 4 layers, top-2 of 6; with
+    guesses never above Belady."""
     blind = seeing = 0
     for seed in range(6):
         rng = np.random.default_rng(seed)
-        experts = np.stack([rng.permutation(6)[:2] for _ in range(60 * 4)])
-        experts = experts.reshape(60, 4, 2).astype(np.int32)
+        experts = np.stack([rng.permutation(6)[:2] for _ in range(60 * 4)]).reshape(60, 4, 2).astype(np.int32)
         trace = from_experts(experts, 6)
+        guesses = make_guesses(experts)
+        for capacity in capacities:
+            blind += simulate(trace, "predicted", capacity).hits
+            hits = simulate(trace, "predicted", capacity, guesses=guesses).hits
+            assert hits <= simulate(trace, "belady", capacity).hits
+            seeing += hits
+    return blind, seeing
+
+
+def test_predicted_uses_the_guesses():
+    # Guesses of the token's true experts 1 and 2 layers on help over no guesses.
+    def make(experts):
         guesses = np.zeros((60 * 4, 2, 6))
         for t in range(60):
             for layer in range(4):
                 for d in (1, 2):
                     if layer + d < 4:
                         guesses[t * 4 + layer, d - 1, experts[t, layer + d]] = 1.0
-        for capacity in (4, 6, 9):
-            blind += simulate(trace, "predicted", capacity).hits
-            hits = simulate(trace, "predicted", capacity, guesses=guesses).hits
-            assert hits <= simulate(trace, "belady", capacity).hits
-            seeing += hits
+        return guesses
+
+    blind, seeing = _hits_blind_and_seeing(make, (4, 6, 9))
     assert seeing > blind
     with pytest.raises(ValueError, match="guesses must be"):
-        simulate(trace, "predicted", 4, guesses=np.zeros((5, 1, 6)))
+        simulate(from_experts(np.zeros((4, 4, 2), dtype=np.int32) + [0, 1], 6), "predicted", 4,
+                 guesses=np.zeros((5, 1, 6)))
 
 
 def test_predicted_uses_a_guess_for_the_same_layer_of_the_next_token():
-    # Guesses that are always right about each layer's next visit (lookahead L = 4, the
-    # next token's same layer) rank the experts of the layer just run; they help over no
-    # guesses, summed over random traces, and never beat Belady.
-    blind = seeing = 0
-    for seed in range(6):
-        rng = np.random.default_rng(seed)
-        experts = np.stack([rng.permutation(6)[:2] for _ in range(60 * 4)]).reshape(60, 4, 2).astype(np.int32)
-        trace = from_experts(experts, 6)
+    # Guesses about each layer's next visit (lookahead L = 4, the next token's same
+    # layer) rank the experts of the layer just run, and help over no guesses.
+    def make(experts):
         guesses = -np.ones((60 * 4, 4, 6))
         for t in range(59):
             for layer in range(4):
                 guesses[t * 4 + layer, 3] = 0.0
                 guesses[t * 4 + layer, 3, experts[t + 1, layer]] = 1.0
-        for capacity in (9, 12, 16):
-            blind += simulate(trace, "predicted", capacity).hits
-            hits = simulate(trace, "predicted", capacity, guesses=guesses).hits
-            assert hits <= simulate(trace, "belady", capacity).hits
-            seeing += hits
+        return guesses
+
+    blind, seeing = _hits_blind_and_seeing(make, (9, 12, 16))
     assert seeing > blind
 
 
