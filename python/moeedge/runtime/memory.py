@@ -11,8 +11,9 @@ from pathlib import Path
 from moeedge._core import BudgetError
 from moeedge.units import format_bytes, parse_bytes
 
-# torch's allocator, glibc arenas and Python objects made while running: headroom
-# measured under a cgroup limit (see README, "Memory").
+# torch's allocator, glibc arenas and Python objects made while running: headroom that
+# the real-cgroup tests at the smallest budget hold (tests/test_memory_plan.py) and the
+# benchmark matrix's runs at each model's minimum confirm (no OOM kill).
 SLACK_BYTES = 48 << 20
 # The fixed cost differs by a few MiB between processes (what each imported first): the
 # minimum a user is told leaves this much room, so it loads in a fresh process too.
