@@ -101,6 +101,18 @@ def test_chat_session_commands(chat_model, tmp_path):
     assert len(json.loads(saved.read_text())["messages"]) == 2
 
 
+def test_chat_load_of_a_bad_file_says_why_and_goes_on(chat_model, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"messages": [{"role": "user"}]}))
+    script = f"/load {bad}\n/load {tmp_path / 'missing.json'}\n/nonsense\n/quit\n"
+    run = subprocess.run([sys.executable, "-m", "moeedge.cli", "chat", str(chat_model), "--max-new-tokens", "5"],
+                         input=script, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"(cannot load {bad}: each message needs a role and a content)" in run.stdout
+    assert "(cannot load" in run.stdout.split(str(bad), 2)[-1] and "missing.json" in run.stdout
+    assert run.stdout.count("commands: /reset") == 2  # at the start, and for the unknown command
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "/no/such/model", "--prompt", "x"], "no such file or directory"),
     (["run", "{model}", "--prompt", "x", "--memory-budget", "10MB"], "below the smallest workable budget"),

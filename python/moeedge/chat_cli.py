@@ -55,33 +55,9 @@ def run_chat(model: MoeModel, max_new_tokens: int, temperature: float, seed: int
         if not text:
             continue
         if text.startswith("/"):
-            command, _, arg = text.partition(" ")
-            if command == "/quit":
+            messages = _command(model, text, messages, write)
+            if messages is None:
                 return 0
-            if command == "/reset":
-                messages = []
-                print("(conversation cleared)", file=write)
-            elif command == "/stats":
-                print(json.dumps(model.stats(), indent=2, default=str), file=write)
-            elif command == "/save" and arg:
-                try:
-                    with open(arg, "w") as f:
-                        json.dump({"messages": messages}, f, indent=2)
-                    print(f"(saved {len(messages)} messages to {arg})", file=write)
-                except OSError as e:
-                    print(f"(cannot save to {arg}: {e.strerror})", file=write)
-            elif command == "/load" and arg:
-                try:
-                    with open(arg) as f:
-                        loaded = json.load(f)["messages"]
-                    if not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in loaded):
-                        raise ValueError("each message needs a role and a content")
-                    messages = loaded
-                    print(f"(loaded {len(messages)} messages from {arg})", file=write)
-                except (OSError, ValueError, KeyError, TypeError) as e:
-                    print(f"(cannot load {arg}: {e})", file=write)
-            else:
-                print(HELP, file=write)
             continue
         messages.append({"role": "user", "content": text})
         try:
@@ -90,15 +66,53 @@ def run_chat(model: MoeModel, max_new_tokens: int, temperature: float, seed: int
             print(f"({e})", file=write)
             messages.pop()
             continue
-        before = model.stats()
-        answer = []
+        _answer(model, messages, max_new_tokens, temperature, seed, write)
+
+
+def _command(model: MoeModel, text: str, messages: list[dict], write) -> list[dict] | None:
+    """Run a /command; the conversation after it, or None to quit."""
+    command, _, arg = text.partition(" ")
+    if command == "/quit":
+        return None
+    if command == "/reset":
+        print("(conversation cleared)", file=write)
+        return []
+    if command == "/stats":
+        print(json.dumps(model.stats(), indent=2, default=str), file=write)
+    elif command == "/save" and arg:
         try:
-            for piece in model.chat(messages, stream=True, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    seed=seed):
-                answer.append(piece)
-                print(piece, end="", flush=True, file=write)
-        except KeyboardInterrupt:
-            print(" (stopped)", end="", file=write)
-        print(file=write)
-        messages.append({"role": "assistant", "content": "".join(answer)})
-        print(status_line(model, before), file=write)
+            with open(arg, "w") as f:
+                json.dump({"messages": messages}, f, indent=2)
+            print(f"(saved {len(messages)} messages to {arg})", file=write)
+        except OSError as e:
+            print(f"(cannot save to {arg}: {e.strerror})", file=write)
+    elif command == "/load" and arg:
+        try:
+            with open(arg) as f:
+                loaded = json.load(f)["messages"]
+            if not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in loaded):
+                raise ValueError("each message needs a role and a content")
+            print(f"(loaded {len(loaded)} messages from {arg})", file=write)
+            return loaded
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"(cannot load {arg}: {e})", file=write)
+    else:
+        print(HELP, file=write)
+    return messages
+
+
+def _answer(model: MoeModel, messages: list[dict], max_new_tokens: int, temperature: float, seed: int | None,
+            write) -> None:
+    """Stream the model's answer (Ctrl-C stops it), append it, then the status line."""
+    before = model.stats()
+    answer = []
+    try:
+        for piece in model.chat(messages, stream=True, max_new_tokens=max_new_tokens, temperature=temperature,
+                                seed=seed):
+            answer.append(piece)
+            print(piece, end="", flush=True, file=write)
+    except KeyboardInterrupt:
+        print(" (stopped)", end="", file=write)
+    print(file=write)
+    messages.append({"role": "assistant", "content": "".join(answer)})
+    print(status_line(model, before), file=write)
