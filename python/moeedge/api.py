@@ -348,8 +348,8 @@ def _set_up_prediction(runner: DecoderMoE | SwitchMoE, ckpt: Checkpoint, experts
         runner.prefetch = predictor is not None and prefetch is not False
         return
     # Guesses feed eviction (policy="predicted"); reading them early is off unless asked
-    # (prefetch=True): read only where it pays (runtime/prefetcher.py), it ties with this
-    # default under memory limits (1.02x and 0.96x; README, Results).
+    # (prefetch=True): read only where it pays (runtime/prefetcher.py), it was 1.02-1.14x
+    # this default on default-64m under limits but 0.73-1.31x on random routing (README, Results).
     runner.prefetcher = build_prefetcher(ckpt, runner.w, experts, predictor, lookahead if prefetch else 0,
                                          predictor_file, policy)
 

@@ -19,17 +19,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from moeedge.predict.learned import LearnedPredictor, make_net, train_learned
+from moeedge.predict.learned import LOOKAHEAD, LearnedPredictor, make_net, train_learned
 from moeedge.predict.metrics import RoutingTrace
 from moeedge.predict.predictors import History, build_history
 
 FORMAT = "moeedge-predictor/1"
 FILENAME = "moeedge_predictor.safetensors"
-# Nets 1 to 4 steps ahead: reads go up to 3; the fourth reaches a 4-layer model's same
-# layer of the next token, the next visit predicted eviction weighs for the experts of the
-# layer just run (on the default model's held-out trace it raised the share of the
-# LRU-Belady gap closed by 1-4 points at capacities 8-24).
-LOOKAHEAD = 4
 
 
 @dataclass

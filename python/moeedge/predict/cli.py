@@ -33,8 +33,8 @@ def add_predict_parser(subparsers) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from moeedge.predict.bundle import LOOKAHEAD, train_bundle
-    from moeedge.predict.learned import pairs
+    from moeedge.predict.bundle import train_bundle
+    from moeedge.predict.learned import LOOKAHEAD, pairs
     from moeedge.predict.metrics import load_routing
 
     trace = load_routing(args.trace, need_hidden=True)

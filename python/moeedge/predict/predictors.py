@@ -20,6 +20,7 @@ class Predictor:
     name = "?"
     stateless = False   # True: scores depend only on the call's arguments
     next_token = False  # True: it also guesses past the last MoE layer, the next token's layers
+    max_lookahead = 3   # the farthest step it guesses (the learned one: as far as it was trained)
 
     def __init__(self, prior: torch.Tensor):
         self.prior = prior.float()  # [L, E] how often each expert is picked: the tie-breaker

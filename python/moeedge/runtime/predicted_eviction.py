@@ -23,6 +23,7 @@ class PredictedEviction:
         self.n_layers, self.n_experts = n_layers, n_experts
         self.p = pick_rate.double().clone()           # [L, E] chance a token picks each expert
         self.q = torch.full((n_layers, n_experts), -1.0, dtype=torch.float64)  # this token's guesses
+        self.later = DISCOUNT ** n_layers / (1.0 - DISCOUNT ** n_layers)  # every visit after the next
         self.key_of = {ExpertKey(layer, e).packed: (layer, e) for layer in range(n_layers) for e in range(n_experts)}
 
     def on_step(self, layer: int, picked: list[int], guesses: dict[int, torch.Tensor]) -> None:
@@ -34,8 +35,7 @@ class PredictedEviction:
         layers = torch.arange(n, dtype=torch.float64)[:, None]
         delta = torch.where(layers > layer, layers - layer, layers - layer + n)
         chance = torch.where(self.q >= 0, self.q, self.p)
-        later = DISCOUNT ** n / (1.0 - DISCOUNT ** n)  # every visit after the next
-        self.worth = ((chance + self.p * later) * DISCOUNT ** delta).tolist()  # [L][E]: discounted uses
+        self.worth = ((chance + self.p * self.later) * DISCOUNT ** delta).tolist()  # [L][E]: discounted uses
         self.now = {ExpertKey(layer, e).packed for e in picked}
         resident = self.cache.resident_keys()
         # The runtime pins this step's experts one at a time: the rest must stay meanwhile,

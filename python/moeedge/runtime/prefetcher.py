@@ -128,7 +128,7 @@ class Prefetcher:
         # next token's first ones; eviction looks as far as predictors are trained, at
         # most to this layer's next visit; reads stop short of it.
         ahead = {}
-        most = getattr(self.predictor, "max_lookahead", 3) if self.eviction is not None else self.lookahead
+        most = self.predictor.max_lookahead if self.eviction is not None else self.lookahead
         for d in range(1, min(most, self.n_layers) + 1):
             if layer + d >= self.n_layers and not self.predictor.next_token:
                 break

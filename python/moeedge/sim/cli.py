@@ -121,7 +121,7 @@ def _guesses(args: argparse.Namespace, n_train: int):
 
     routing = load_routing(args.trace, need_hidden=True)
     predictor = build_predictor(args.predictor, args.model, args.predictor_file, routing)
-    return guess_matrix(predictor, routing.tokens(n_train), getattr(predictor, "max_lookahead", 3))
+    return guess_matrix(predictor, routing.tokens(n_train), predictor.max_lookahead)
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
