@@ -16,6 +16,7 @@ from moeedge.cgroup import CgroupUnavailable, run_limited
 from moeedge.harness import matrix
 from moeedge.harness.bound import capacity_experts, physical_bound, touched_bytes_per_token
 from moeedge.harness.report import load_records, plot, table
+from moeedge.runtime.memory import FIXED_JITTER_BYTES
 
 DEFAULT = str(Path(__file__).parents[1] / "python" / "moeedge" / "models_data" / "default")
 MiB = 1 << 20
@@ -67,7 +68,8 @@ engines = ["moeedge", "llama.cpp", "transformers"]
 limits = ["unlimited", "0.5", "3MiB", "min", "experts:0.25"]
 """)
     _, models = matrix.read_config(path)
-    facts = {"min_budget_bytes": 777, "fixed_bytes": 100, "dense_bytes": 20, "kv_cache_bytes": 3, "expert_bytes": 400}
+    facts = {"min_budget_bytes": 777, "fixed_bytes": 100, "dense_bytes": 20, "kv_cache_bytes": 3, "buffer_bytes": 7,
+             "expert_bytes": 400}
     runs = matrix.plan(models, lambda source: facts)
     got = {(r.engine, r.precision, r.limit_label): (Path(r.source).name, r.limit_bytes) for r in runs}
     # transformers has no GGUF path: it runs bf16 only.
@@ -78,7 +80,8 @@ limits = ["unlimited", "0.5", "3MiB", "min", "experts:0.25"]
     assert got[("transformers", "bf16", "3MiB")] == ("hf", 3 * MiB)
     assert got[("llama.cpp", "q8_0", "min")] == ("m-q8_0.gguf", 777)
     assert got[("moeedge", "bf16", "unlimited")][1] is None
-    assert got[("moeedge", "bf16", "experts:0.25")] == ("hf", 100 + 20 + 3 + 100)
+    # all that moeedge plans beside experts (its fixed cost with the room it varies by), then a quarter of them
+    assert got[("moeedge", "bf16", "experts:0.25")] == ("hf", 100 + FIXED_JITTER_BYTES + 20 + 3 + 7 + 100)
     assert len(runs) == 5 * 3 + 5 * 2
 
 

@@ -40,6 +40,7 @@ def facts(source, max_context: int) -> dict:
         "expert_bytes": ckpt.expert_nbytes,
         "dense_bytes": plan.dense_bytes,
         "kv_cache_bytes": plan.kv_cache_bytes,
+        "buffer_bytes": plan.buffer_bytes,
         "fixed_bytes": plan.fixed_bytes,
         "max_context": max_context,
         "min_budget_bytes": plan.min_budget_bytes,
@@ -59,6 +60,7 @@ def describe(source, max_context: int, json_out: bool = False) -> str:
         f"  expert bytes   {format_bytes(f['expert_bytes'])}",
         f"  dense bytes    {format_bytes(f['dense_bytes'])}",
         f"  KV cache       {format_bytes(f['kv_cache_bytes'])} for {f['max_context']} tokens",
+        f"  buffers        {format_bytes(f['buffer_bytes'])} (one decode step's activations, allocator headroom)",
         f"  fixed cost     {format_bytes(f['fixed_bytes'])} (this process: Python, torch, libraries)",
         f"  minimum budget {format_bytes(f['min_budget_bytes'])} ({f['min_budget_bytes']} bytes)",
     ])

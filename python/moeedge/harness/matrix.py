@@ -20,6 +20,7 @@ from pathlib import Path
 
 from moeedge.cgroup import CgroupUnavailable, drop_page_cache, evict_files, run_limited
 from moeedge.harness.engines import ENGINES, GGUF_ONLY, HF_ONLY, Run, command
+from moeedge.runtime.memory import FIXED_JITTER_BYTES
 from moeedge.units import parse_bytes
 
 PROBE_BYTES = 512 << 20  # read before every run: the disk's bandwidth then (probe_disk)
@@ -87,8 +88,8 @@ def _check_limit(path: Path, model: str, label: str) -> None:
         parse_bytes(label)
     except ValueError:
         raise ValueError(f"{path}: model {model}: limit {label!r} is not 'unlimited', 'min', a fraction of the "
-                         f"file size such as '0.5', 'experts:0.25' (moeedge's fixed cost, dense weights and KV "
-                         f"cache, and that fraction of the expert bytes), or a byte count such as '2GiB'") from None
+                         f"file size such as '0.5', 'experts:0.25' (moeedge's fixed cost, dense weights, KV "
+                         f"cache and buffers, and that fraction of the expert bytes), or a byte count such as '2GiB'") from None
 
 
 def _fraction(label: str) -> float | None:
@@ -148,7 +149,9 @@ def limit_bytes(label: str, source: str, info) -> int | None:
     experts = _expert_fraction(label)
     if experts is not None:
         f = info(source)
-        return f["fixed_bytes"] + f["dense_bytes"] + f["kv_cache_bytes"] + int(experts * f["expert_bytes"])
+        # everything moeedge plans beside experts, so that the fraction is its expert cache
+        rest = f["fixed_bytes"] + FIXED_JITTER_BYTES + f["dense_bytes"] + f["kv_cache_bytes"] + f["buffer_bytes"]
+        return rest + int(experts * f["expert_bytes"])
     fraction = _fraction(label)
     return int(fraction * weight_bytes(source)) if fraction is not None else parse_bytes(label)
 

@@ -164,30 +164,12 @@ def _params(record: dict) -> tuple[float, float]:
 
 
 def render(record: dict) -> str:
-    r, fig, c = record["recipe"], record["figures"], record["corpus"]
-    ppl, ev, me = fig["perplexity"], fig["eval"], fig["moeedge"]
+    return "\n".join(part(record) for part in (_header, _architecture, _data, _recipe, _results, _through_moeedge))
+
+
+def _header(record: dict) -> str:
+    c = record["corpus"]
     total, active = _params(record)
-    tokens_per_step = r["batch"] * r["seq_len"]
-    dense_steps, moe_steps = record["dense_steps"], record["moe_steps"]
-    dense_tokens, moe_tokens = dense_steps * tokens_per_step, moe_steps * tokens_per_step
-    speed = [e["tokens_per_s"] for e in record["log"]]
-    plan = record["plan"]
-    balance = next(e["aux"] for e in reversed(record["log"]) if e["phase"] == "moe")
-    source = ("given" if plan["source"] == "given" else
-              f"fixed by the clock to fit {plan['source'].split(', ')[1]} (each phase decays when it must to end "
-              f"in its time budget)")
-    usage = "\n".join(
-        f"| {e['layer']} | {e['entropy_bits']:.2f} | {100 * e['busiest_share']:.1f}% (expert {e['busiest_expert']}) | "
-        + " ".join(f"{100 * s:.0f}" for s in e["shares"]) + " |" for e in fig["experts"])
-    routing = "\n".join(f"| {p['layer'] - 1} → {p['layer']} | {100 * p['same_top_k']:.1f}% | "
-                        f"{100 * p['mean_overlap']:.1f}% |" for p in fig["routing_predictability"])
-    sample = me["sample"].rstrip().replace("```", "ʼʼʼ")
-    layers = (f"{r['n_layers']}, {r['hidden']}, {r['n_heads']} ({r['n_kv_heads']}), "
-              f"head dim {r['hidden'] // r['n_heads']}")
-    context = (f"trained on {r['seq_len']}-token windows; RoPE θ {r['rope_theta']:g}; "
-               f"`max_position_embeddings` {r['max_position']}")
-    splits = "\n".join(f"| {label} | {c[name]['files']} | {c[name]['bytes']:,} | {ev[name + '_tokens_total']:,} | "
-                       f"`{c[name]['sha256'][:16]}…` |" for name, label in SPLIT_LABELS)
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -203,8 +185,16 @@ library. It writes Python that looks like the standard library; it does not writ
 correct programs, follow instructions or know facts. Its use is to exercise moeedge's
 (and llama.cpp's) Mixtral path end to end with real routing, in {record['figures']['eval']['seq_len']}-token
 contexts, on any machine.
+"""
 
-## Architecture
+
+def _architecture(record: dict) -> str:
+    r = record["recipe"]
+    layers = (f"{r['n_layers']}, {r['hidden']}, {r['n_heads']} ({r['n_kv_heads']}), "
+              f"head dim {r['hidden'] // r['n_heads']}")
+    context = (f"trained on {r['seq_len']}-token windows; RoPE θ {r['rope_theta']:g}; "
+               f"`max_position_embeddings` {r['max_position']}")
+    return f"""## Architecture
 
 | | |
 |---|---|
@@ -213,8 +203,14 @@ contexts, on any machine.
 | experts | {r['n_experts']} per layer, top-{r['top_k']}, intermediate {r['intermediate']} |
 | vocabulary | {r['vocab']}, sentencepiece BPE with byte fallback (`tokenizer.model`) |
 | context | {context} |
+"""
 
-## Data
+
+def _data(record: dict) -> str:
+    c, ev = record["corpus"], record["figures"]["eval"]
+    splits = "\n".join(f"| {label} | {c[name]['files']} | {c[name]['bytes']:,} | {ev[name + '_tokens_total']:,} | "
+                       f"`{c[name]['sha256'][:16]}…` |" for name, label in SPLIT_LABELS)
+    return f"""## Data
 
 `.py` files under `sysconfig.get_paths()['stdlib']` of {c['python_version']}, without
 `site-packages/` and test directories (`test/`, `tests/`, `idle_test/`). Whole top-level
@@ -226,8 +222,20 @@ packages are held out for evaluation: {', '.join(f'`{p}/`' for p in c['held_out_
 
 Corpus hash `{c['sha256']}`; `training.json` lists every file with its sha256.
 Each file is tokenized as `<s>` … `</s>`; files are concatenated and cut into windows.
+"""
 
-## Recipe: dense, then sparse upcycling
+
+def _recipe(record: dict) -> str:
+    r, plan = record["recipe"], record["plan"]
+    tokens_per_step = r["batch"] * r["seq_len"]
+    dense_steps, moe_steps = record["dense_steps"], record["moe_steps"]
+    dense_tokens, moe_tokens = dense_steps * tokens_per_step, moe_steps * tokens_per_step
+    speed = [e["tokens_per_s"] for e in record["log"]]
+    balance = next(e["aux"] for e in reversed(record["log"]) if e["phase"] == "moe")
+    source = ("given" if plan["source"] == "given" else
+              f"fixed by the clock to fit {plan['source'].split(', ')[1]} (each phase decays when it must to end "
+              f"in its time budget)")
+    return f"""## Recipe: dense, then sparse upcycling
 
 1. Tokenizer: sentencepiece BPE, {r['vocab']} pieces, trained on the training split's lines
    with no normalisation (indentation runs are pieces, newlines are the byte `<0x0A>`).
@@ -252,8 +260,18 @@ Python, so the same corpus; same thread count):
 ```sh
 {record['reproduce']}
 ```
+"""
 
-## Results
+
+def _results(record: dict) -> str:
+    r, fig = record["recipe"], record["figures"]
+    ppl, ev = fig["perplexity"], fig["eval"]
+    usage = "\n".join(
+        f"| {e['layer']} | {e['entropy_bits']:.2f} | {100 * e['busiest_share']:.1f}% (expert {e['busiest_expert']}) | "
+        + " ".join(f"{100 * s:.0f}" for s in e["shares"]) + " |" for e in fig["experts"])
+    routing = "\n".join(f"| {p['layer'] - 1} → {p['layer']} | {100 * p['same_top_k']:.1f}% | "
+                        f"{100 * p['mean_overlap']:.1f}% |" for p in fig["routing_predictability"])
+    return f"""## Results
 
 Perplexity per token on {ev['targets']:,} held-out targets ({ev['windows']} windows of {ev['seq_len']}
 tokens spread over the held-out packages; lower is better):
@@ -285,8 +303,13 @@ prefetch does), picks the same top-{r['top_k']} set as it does on its own input
 | layers | same top-{r['top_k']} set | experts guessed right |
 |---|---|---|
 {routing}
+"""
 
-## Through moeedge
+
+def _through_moeedge(record: dict) -> str:
+    me = record["figures"]["moeedge"]
+    sample = me["sample"].rstrip().replace("```", "ʼʼʼ")
+    return f"""## Through moeedge
 
 `moeedge.load()` on this directory gives logits within {me['max_abs_logit_diff']:.1e} of transformers'
 (bf16 weights, fp32 activations) on a held-out window. Greedy, 64 tokens:

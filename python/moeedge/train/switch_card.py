@@ -187,42 +187,11 @@ def evaluate(directory: Path, state_dir: Path, cfg: SwitchTrainConfig, n_example
 
 
 def render(record: dict) -> str:
-    r, fig, c = record["recipe"], record["figures"], record["corpus"]
-    loss, ev, me, params = fig["loss"], fig["eval"], fig["moeedge"], fig["params"]
-    speed = [e["tokens_per_s"] for e in record["log"]]
-    last = record["log"][-1]
-    plan = record["plan"]
-    source = ("given" if plan["source"] == "given" else
-              f"fixed by the clock to fit {plan['source'].split(', ')[1]} (the decay starts when it must for the "
-              f"run to end in time)")
-    rows = "\n".join(f"| {label} | {loss[k]['loss']:.3f} | {100 * loss[k]['accuracy']:.1f}% | "
-                     f"{loss[k]['span_loss']:.3f} | {100 * loss[k]['span_accuracy']:.1f}% |"
-                     for k, label in (("unigram", "unigram (target-token frequencies of training examples)"),
-                                      ("averaged_experts", "this model, each layer's experts replaced by their "
-                                                           "average"),
-                                      ("model", "**this model**")))
-    usage = "\n".join(f"| {e['layer']} | {e['entropy_bits']:.2f} | {100 * e['busiest_share']:.1f}% "
-                      f"(expert {e['busiest_expert']}) | {100 * e['dropped_share']:.1f}% |" for e in fig["experts"])
-    routing = "\n".join(f"| {p['from']} → {p['to']} | {100 * p['same_top_1']:.1f}% |"
-                        for p in fig["routing_predictability"])
-    splits = "\n".join(f"| {label} | {c[name]['files']} | {c[name]['bytes']:,} | {ev[name + '_tokens_total']:,} | "
-                       f"`{c[name]['sha256'][:16]}…` |" for name, label in model_card.SPLIT_LABELS)
-    tokens_per_step = r["batch"] * r["seq_len"]
-    sparse = " and ".join(map(str, sparse_blocks(r["n_layers"], r["n_layers"] // 2)))
-    architecture = "\n".join(f"| {k} | {v} |" for k, v in (
-        ("architecture", "`SwitchTransformersForConditionalGeneration` (fp32 weights)"),
-        ("blocks", f"{r['n_layers']} encoder + {r['n_layers']} decoder, d_model {r['d_model']}, {r['n_heads']} heads "
-                   f"of {r['d_kv']}, ReLU FFN {r['d_ff']}"),
-        ("experts", f"{r['n_experts']} in every other block (blocks {sparse} of each stack), top-1, "
-                    f"d_ff {r['d_ff']} each"),
-        ("expert capacity", f"{record['expert_capacity']} tokens per expert per sequence ({r['capacity_factor']:g} × "
-                            f"{record['input_length']} / {r['n_experts']}), in sequence order; the rest pass by the "
-                            f"residual only"),
-        ("vocabulary", f"{r['vocab']}: sentencepiece BPE with byte fallback, `<pad>` 0, `</s>` 1, `<unk>` 2, no BOS; "
-                       f"the last {r['n_sentinels']} ids are `<extra_id_{r['n_sentinels'] - 1}>` … `<extra_id_0>` "
-                       f"(`{TOKENIZER_FILE}`; moeedge and transformers' `AutoTokenizer` encode the same ids)"),
-        ("position", "T5 relative position buckets, shared by each stack's blocks")))
-    sample = me["sample"].rstrip().replace("```", "ʼʼʼ")
+    return "\n".join(part(record) for part in (_header, _architecture, _data, _recipe, _results, _through_moeedge))
+
+
+def _header(record: dict) -> str:
+    c, params = record["corpus"], record["figures"]["params"]
     return f"""---
 library_name: transformers
 pipeline_tag: text2text-generation
@@ -237,8 +206,26 @@ corruption on the {c['python_version']} standard library. Given Python with span
 marked `<extra_id_0>`, `<extra_id_1>`, …, it writes what it guesses for each span. It is
 for exercising moeedge's encoder-decoder path (top-1 routing, expert capacity, dropped
 tokens) with real routing; it does not write correct programs.
+"""
 
-## Architecture
+
+def _architecture(record: dict) -> str:
+    r = record["recipe"]
+    sparse = " and ".join(map(str, sparse_blocks(r["n_layers"], r["n_layers"] // 2)))
+    architecture = "\n".join(f"| {k} | {v} |" for k, v in (
+        ("architecture", "`SwitchTransformersForConditionalGeneration` (fp32 weights)"),
+        ("blocks", f"{r['n_layers']} encoder + {r['n_layers']} decoder, d_model {r['d_model']}, {r['n_heads']} heads "
+                   f"of {r['d_kv']}, ReLU FFN {r['d_ff']}"),
+        ("experts", f"{r['n_experts']} in every other block (blocks {sparse} of each stack), top-1, "
+                    f"d_ff {r['d_ff']} each"),
+        ("expert capacity", f"{record['expert_capacity']} tokens per expert per sequence ({r['capacity_factor']:g} × "
+                            f"{record['input_length']} / {r['n_experts']}), in sequence order; the rest pass by the "
+                            f"residual only"),
+        ("vocabulary", f"{r['vocab']}: sentencepiece BPE with byte fallback, `<pad>` 0, `</s>` 1, `<unk>` 2, no BOS; "
+                       f"the last {r['n_sentinels']} ids are `<extra_id_{r['n_sentinels'] - 1}>` … `<extra_id_0>` "
+                       f"(`{TOKENIZER_FILE}`; moeedge and transformers' `AutoTokenizer` encode the same ids)"),
+        ("position", "T5 relative position buckets, shared by each stack's blocks")))
+    return f"""## Architecture
 
 | | |
 |---|---|
@@ -246,8 +233,14 @@ tokens) with real routing; it does not write correct programs.
 
 fp32 because moeedge's Switch runner computes in the weights' dtype: these weights give
 the same logits in moeedge as in transformers (and as this card reports).
+"""
 
-## Data
+
+def _data(record: dict) -> str:
+    r, c, ev = record["recipe"], record["corpus"], record["figures"]["eval"]
+    splits = "\n".join(f"| {label} | {c[name]['files']} | {c[name]['bytes']:,} | {ev[name + '_tokens_total']:,} | "
+                       f"`{c[name]['sha256'][:16]}…` |" for name, label in model_card.SPLIT_LABELS)
+    return f"""## Data
 
 `.py` files under `sysconfig.get_paths()['stdlib']` of {c['python_version']}, without
 `site-packages/` and test directories. Whole top-level packages are held out:
@@ -263,8 +256,18 @@ tokenized and concatenated; each example is a window of {r['seq_len']} tokens wi
 `random_spans_noise_mask`): {record['input_length']} input tokens (kept tokens, a sentinel per span; no
 `</s>`, as moeedge prompts have none) and {record['target_length']} target tokens (each span after its
 sentinel, then `</s>`).
+"""
 
-## Recipe
+
+def _recipe(record: dict) -> str:
+    r, plan = record["recipe"], record["plan"]
+    speed = [e["tokens_per_s"] for e in record["log"]]
+    last = record["log"][-1]
+    source = ("given" if plan["source"] == "given" else
+              f"fixed by the clock to fit {plan['source'].split(', ')[1]} (the decay starts when it must for the "
+              f"run to end in time)")
+    tokens_per_step = r["batch"] * r["seq_len"]
+    return f"""## Recipe
 
 From scratch, as Switch was: T5's initialisation with every matrix's variance cut to
 {r['init_scale']:g}× (Switch's reduced scale; embeddings and norms at T5's; routers drawn like any
@@ -286,8 +289,23 @@ Python, so the same corpus; same thread count):
 ```sh
 {record['reproduce']}
 ```
+"""
 
-## Results
+
+def _results(record: dict) -> str:
+    r, fig = record["recipe"], record["figures"]
+    loss, ev = fig["loss"], fig["eval"]
+    rows = "\n".join(f"| {label} | {loss[k]['loss']:.3f} | {100 * loss[k]['accuracy']:.1f}% | "
+                     f"{loss[k]['span_loss']:.3f} | {100 * loss[k]['span_accuracy']:.1f}% |"
+                     for k, label in (("unigram", "unigram (target-token frequencies of training examples)"),
+                                      ("averaged_experts", "this model, each layer's experts replaced by their "
+                                                           "average"),
+                                      ("model", "**this model**")))
+    usage = "\n".join(f"| {e['layer']} | {e['entropy_bits']:.2f} | {100 * e['busiest_share']:.1f}% "
+                      f"(expert {e['busiest_expert']}) | {100 * e['dropped_share']:.1f}% |" for e in fig["experts"])
+    routing = "\n".join(f"| {p['from']} → {p['to']} | {100 * p['same_top_1']:.1f}% |"
+                        for p in fig["routing_predictability"])
+    return f"""## Results
 
 Teacher-forced on {ev['examples']} held-out examples ({ev['targets']:,} targets, {ev['span_targets']:,} of them
 span tokens) spread over the held-out packages and corrupted with seed {ev['seed']}; loss in
@@ -319,8 +337,13 @@ stale-gate prefetch), picks the expert it picks on its own input (chance:
 | layers | same top-1 |
 |---|---|
 {routing}
+"""
 
-## Through moeedge
+
+def _through_moeedge(record: dict) -> str:
+    me = record["figures"]["moeedge"]
+    sample = me["sample"].rstrip().replace("```", "ʼʼʼ")
+    return f"""## Through moeedge
 
 `moeedge.load()` on this directory gives logits within {me['max_abs_logit_diff']:.1e} of transformers' on a
 held-out example. Greedy, up to 48 tokens, for this input:
