@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "errors.h"
+#include "spin.h"
 
 namespace moeedge {
 
@@ -14,6 +15,12 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 std::string bytes_str(uint64_t n) { return std::to_string(n) + " bytes"; }
+
+template <class Busy>
+void spin_while(const Busy& busy) {
+  while (busy())
+    for (int i = 0; i < 64; ++i) MOEEDGE_PAUSE();
+}
 
 }  // namespace
 
@@ -65,6 +72,7 @@ void ExpertCache::close() {
     queued_.clear();
   }
   work_cv_.notify_all();
+  landed_.fetch_add(1, std::memory_order_release);
   done_cv_.notify_all();
   pause_cv_.notify_all();
   std::lock_guard<std::mutex> join_lk(join_mu_);
@@ -222,7 +230,13 @@ void ExpertCache::load(const std::shared_ptr<Entry>& e, std::unique_lock<std::mu
     if (!e->used) e->last_use = ++tick_;  // a landed prefetch counts as recent
     e->state = Entry::State::Ready;
   }
+  landed_.fetch_add(1, std::memory_order_release);
   done_cv_.notify_all();
+}
+
+void ExpertCache::set_spin_wait(double seconds) {
+  if (!(seconds >= 0 && seconds <= 10)) throw std::invalid_argument("spin_wait must be 0-10 seconds, got " + std::to_string(seconds));
+  spin_wait_.store(seconds, std::memory_order_relaxed);
 }
 
 std::shared_ptr<Slab> ExpertCache::recycle(Freed& freed, uint64_t bytes) {
@@ -355,7 +369,16 @@ std::unique_ptr<ExpertPin> ExpertCache::get(uint64_t key) {
   e->used = true;
   if (!ready) {
     pause_cv_.notify_all();  // if it is a prefetch paused for something else, it now goes on
-    done_cv_.wait(lk, [&] { return e->state == Entry::State::Ready || e->state == Entry::State::Failed; });
+    const auto landed = [&] { return e->state == Entry::State::Ready || e->state == Entry::State::Failed; };
+    const auto spin_until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                               std::chrono::duration<double>(spin_wait_.load(std::memory_order_relaxed)));
+    while (!landed() && !closed_ && Clock::now() < spin_until) {
+      const uint64_t seen = landed_.load(std::memory_order_acquire);
+      lk.unlock();
+      spin_while([&] { return landed_.load(std::memory_order_acquire) == seen && Clock::now() < spin_until; });
+      lk.lock();
+    }
+    done_cv_.wait(lk, landed);
     waited = true;
   }
   if (waited) stats_.wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();

@@ -7,12 +7,7 @@
 #include <sched.h>
 #endif
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define MOEEDGE_PAUSE() _mm_pause()
-#else
-#define MOEEDGE_PAUSE() std::this_thread::yield()
-#endif
+#include "spin.h"
 
 namespace moeedge {
 

@@ -220,6 +220,39 @@ def test_a_prefetch_cancelled_while_someone_waits_for_it_is_read_whole(tmp_path,
     assert cache.stats()["reads"] == 1  # whole once: read on, or stopped and then read on demand
 
 
+@pytest.mark.parametrize("spin_wait", [0.0, 5.0])
+def test_a_get_waiting_for_a_read_returns_when_it_lands_spinning_or_asleep(tmp_path, make_cache, spin_wait):
+    store, big, small, content = slow_store(tmp_path)
+    cache = make_cache(store, store.slot_bytes(big), io_threads=1)
+    cache.spin_wait = spin_wait
+    assert cache.spin_wait == spin_wait
+    cache.prefetch([big])
+    assert bytes(cache.get(big)) == content[:SLOW_BYTES]
+    assert cache.stats()["reads"] == 1
+
+
+def test_close_wakes_a_get_spinning_for_a_read(tmp_path):
+    store, big, small, content = slow_store(tmp_path)
+    cache = ExpertCache(store, store.slot_bytes(big), io_threads=1)
+    cache.spin_wait = 10.0  # the longest spin: the get must still end with the close, not hang
+    got: dict = {}
+
+    def get():
+        try:
+            got["bytes"] = bytes(cache.get(big))
+        except RuntimeError as err:
+            got["error"] = str(err)
+
+    waiter = threading.Thread(target=get, daemon=True)
+    waiter.start()
+    time.sleep(0.002)
+    cache.close()
+    waiter.join(WAIT_S)
+    assert not waiter.is_alive(), "the get never returned"
+    # the read it waited for either landed before the close or was stopped by it
+    assert got.get("bytes") == content[:SLOW_BYTES] or "closed" in got.get("error", "")
+
+
 def test_cancel_with_nothing_queued_returns_zero(make_experts, make_cache):
     e = make_experts(2)
     cache = make_cache(e.store, 2 * e.slot)

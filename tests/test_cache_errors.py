@@ -259,6 +259,15 @@ def test_invalid_io_threads_raises_value_error(make_experts, io_threads):
         ExpertCache(e.store, 2 * e.slot, io_threads=io_threads)
 
 
+@pytest.mark.parametrize("seconds", [-0.001, 10.5, float("nan")])
+def test_spin_wait_out_of_range_raises_value_error(make_experts, make_cache, seconds):
+    e = make_experts(1)
+    cache = make_cache(e.store, 2 * e.slot)
+    with pytest.raises(ValueError, match="spin_wait"):
+        cache.spin_wait = seconds
+    assert cache.spin_wait == pytest.approx(0.1)  # unchanged
+
+
 def test_get_after_close_raises_runtime_error(make_experts):
     e = make_experts(2)
     cache = ExpertCache(e.store, 2 * e.slot)

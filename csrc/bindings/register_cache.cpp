@@ -119,6 +119,9 @@ void register_cache(py::module_& m) {
       .def("stats", &stats_dict)
       .def("reset_stats", &ExpertCache::reset_stats)
       .def_property_readonly("budget_bytes", &ExpertCache::budget_bytes)
+      .def_property("spin_wait", &ExpertCache::spin_wait, &ExpertCache::set_spin_wait,
+                    "seconds get() spins for a read in flight before it sleeps (default 0.1; 0: sleep at once): "
+                    "a core left idle runs the next products slower")
       .def_property_readonly("policy", [](const ExpertCache& c) { return policy_name(c.policy()); })
       .def_property_readonly("io_threads", &ExpertCache::io_threads)
       .def_property_readonly("store",
