@@ -143,19 +143,37 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         raise _Usage(f"{args.trace}: --train-fraction {args.train_fraction} leaves no token to simulate")
 
     # numba loads here, once the input is known to be good
+    from moeedge.sim.report import plot, table, to_json
+    from moeedge.sim.timing import Timing
+
+    timing = None
+    if expert_bytes:
+        compute_s = args.compute_ms / 1e3 if args.compute_ms is not None else expert_bytes / 10e9
+        timing = Timing(expert_bytes, float(bandwidth), compute_s, args.lookahead)
+    trace, reports = _simulate(args, full, policies, n_train, capacity, sweep_caps, timing)
+    if args.plot:
+        plot(reports, args.plot, f"{os.path.basename(args.trace)}: {full.n_layers} layers x {full.n_experts} "
+             f"experts, top-{full.top_k}, {trace.n_tokens} tokens", args.per_layer, expert_bytes)
+    if args.json:
+        print(json.dumps(to_json(reports)))
+    else:
+        print(table(reports, _header(args, full, trace, n_train, capacity, expert_bytes, timing)))
+        if args.plot:
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def _simulate(args, full, policies: list[str], n_train: int, capacity: int, sweep_caps: list[int], timing):
+    """The simulated part of the trace (after the first n_train tokens) and a PolicyReport per policy."""
     from moeedge.sim.policies import frequency_prior, pick_rate, scores_from_prior, simulate
-    from moeedge.sim.report import PolicyReport, plot, table, to_json
-    from moeedge.sim.timing import Timing, previous_token_guesses, stall_per_token
+    from moeedge.sim.report import PolicyReport
+    from moeedge.sim.timing import previous_token_guesses, stall_per_token
 
     trace = full.tokens(n_train)
     scores = scores_from_prior(trace, frequency_prior(full.tokens(0, n_train), full.n_keys))
     rates = pick_rate(full.tokens(0, n_train), full.n_keys) if n_train else None
     guesses = _guesses(args, n_train) if args.predictor and "predicted" in policies else None
-    timing = None
-    if expert_bytes:
-        compute_s = args.compute_ms / 1e3 if args.compute_ms is not None else expert_bytes / 10e9
-        timing = Timing(expert_bytes, float(bandwidth), compute_s, args.lookahead)
-        prefetch_guesses = previous_token_guesses(trace)
+    prefetch_guesses = previous_token_guesses(trace) if timing is not None else None
 
     def run_at(policy: str, c: int):
         return simulate(trace, policy, c, args.per_layer, scores, args.half_life, guesses, rates)
@@ -169,7 +187,10 @@ def _cmd_sim(args: argparse.Namespace) -> int:
                                    for mode in ("none", "oracle", "predicted")}
         r.sweep = [(c, run_at(policy, c).hit_rate) for c in sweep_caps]
         reports.append(r)
+    return trace, reports
 
+
+def _header(args, full, trace, n_train: int, capacity: int, expert_bytes: int | None, timing) -> list[str]:
     where = "per layer" if args.per_layer else "in one cache shared by all layers"
     size = f" ({format_bytes(capacity * expert_bytes)}{' per layer' if args.per_layer else ''})" if expert_bytes else ""
     header = [f"{args.trace}: {full.n_tokens} tokens, {full.n_layers} MoE layers x {full.n_experts} experts, "
@@ -177,18 +198,9 @@ def _cmd_sim(args: argparse.Namespace) -> int:
               f"the first {n_train} trained the score policy's prior",
               f"capacity {capacity} experts {where}{size}"]
     if timing is not None:
-        header.append(f"timing: {format_bytes(expert_bytes)} per expert read at {bandwidth / 1e9:.2f} GB/s "
+        header.append(f"timing: {format_bytes(expert_bytes)} per expert read at {timing.bandwidth / 1e9:.2f} GB/s "
                       f"({timing.read_s * 1e3:.2f} ms), {timing.compute_s * 1e3:.2f} ms compute per expert, "
                       f"prefetch {timing.lookahead} layer(s) ahead")
     else:
         header.append("timing: the expert size is unknown (pass --expert-bytes for stall times)")
-    if args.plot:
-        plot(reports, args.plot, f"{os.path.basename(args.trace)}: {full.n_layers} layers x {full.n_experts} "
-             f"experts, top-{full.top_k}, {trace.n_tokens} tokens", args.per_layer, expert_bytes)
-    if args.json:
-        print(json.dumps(to_json(reports)))
-    else:
-        print(table(reports, header))
-        if args.plot:
-            print(f"wrote {args.plot}")
-    return 0
+    return header
