@@ -121,6 +121,39 @@ def test_the_learned_predictor_reads_the_token_before_the_target():
     assert acc.recall(1, 2) > 0.9 and acc.recall(1, 2, next_token=True) > 0.9
 
 
+def test_nets_trained_in_parallel_are_the_nets_trained_in_turn():
+    """Each net has its own seed: forked workers (one torch thread each) train the same
+    nets as one process, whatever order they finish in; depth adds hidden layers."""
+    from moeedge.predict.learned import train_learned
+
+    trace = synthetic_trace()
+    kw = dict(max_lookahead=2, width=16, depth=2, epochs=1)
+    one = train_learned(trace.hidden, trace.experts, 8, trace.windows, **kw)
+    two = train_learned(trace.hidden, trace.experts, 8, trace.windows, jobs=2, **kw)
+    assert sorted(one.nets) == sorted(two.nets) and len(one.nets) == 4 * 2
+    for pair, net in one.nets.items():
+        assert len(net) == 5  # linear, GELU, linear, GELU, linear
+        for (name, a), b in zip(net.state_dict().items(), two.nets[pair].state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{pair} {name}")
+    assert one.meta["depth"] == 2 and one.meta["width"] == 16
+
+
+def test_deeper_nets_give_the_same_chances_all_lookaheads_at_once():
+    from moeedge.predict.learned import LearnedPredictor, make_net
+
+    torch.manual_seed(0)
+    nets = {(layer, d): make_net(16, 8, 32, depth=2) for layer in range(4) for d in (1, 2, 3, 4)}
+    predictor = LearnedPredictor(torch.ones(4, 8), nets, {"hidden": 16, "width": 32, "depth": 2,
+                                                          "max_lookahead": 4, "previous": True})
+    gen = torch.Generator().manual_seed(1)
+    for layer in range(4):
+        predictor.observe(layer, torch.randn(1, 16, generator=gen), torch.tensor([[layer, 6]]))
+    hidden, experts = torch.randn(2, 16, generator=gen), torch.tensor([[0, 5], [2, 3]])
+    together = predictor.probabilities_ahead(1, hidden, experts, [1, 2, 3, 4], 2)
+    for d, chances in together.items():
+        torch.testing.assert_close(chances, predictor.probabilities(1, hidden, experts, d, 2)[-1])
+
+
 def test_a_learned_predictor_from_before_the_previous_token_still_loads(tmp_path):
     """Predictor files written before the previous token's features: nets that read this
     token's features alone, which depend on nothing else (replayed a sequence at a time)."""
@@ -235,6 +268,11 @@ def test_cli_refuses_bad_traces(model_dir, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["predict", "eval", str(model_dir / "train.npz"), "--predictors", "oracle"]) == 2
     assert "unknown oracle" in capsys.readouterr().err
+    for flag in ("--epochs", "--width", "--depth", "--jobs"):
+        assert main(["predict", "train", str(model_dir / "train.npz"), "-o", str(tmp_path / "x.safetensors"),
+                     flag, "0"]) == 2
+        assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_predicted_policy_leaves_outputs_unchanged_and_feeds_scores(model_dir):

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from moeedge.predict.learned import LOOKAHEAD, LearnedPredictor, make_net, train_learned
+from moeedge.predict.learned import DEPTH, LOOKAHEAD, WIDTH, LearnedPredictor, make_net, train_learned
 from moeedge.predict.metrics import RoutingTrace
 from moeedge.predict.predictors import History, build_history
 
@@ -47,11 +47,11 @@ class Bundle:
 
 
 def train_bundle(trace: RoutingTrace, max_lookahead: int = LOOKAHEAD, epochs: int = 8, seed: int = 0,
-                 progress=None) -> Bundle:
+                 progress=None, width: int = WIDTH, depth: int = DEPTH, jobs: int = 1) -> Bundle:
     start = time.perf_counter()
     history = build_history(trace.experts, trace.windows, trace.n_experts, max_lookahead)
-    learned = train_learned(trace.hidden, trace.experts, trace.n_experts, trace.windows, max_lookahead, epochs=epochs,
-                            seed=seed, progress=progress, source=trace.source)
+    learned = train_learned(trace.hidden, trace.experts, trace.n_experts, trace.windows, max_lookahead, width, depth,
+                            epochs, seed, progress, trace.source, jobs)
     meta = {"n_layers": trace.n_layers, "n_experts": trace.n_experts, "top_k": trace.top_k,
             "max_lookahead": max_lookahead, "train_trace": trace.source, "model": trace.model,
             "train_tokens": int(trace.experts.shape[0]), "train_seconds": round(time.perf_counter() - start, 1)}
@@ -82,7 +82,8 @@ def load_bundle(path: str | Path, n_layers: int | None = None, n_experts: int | 
             p = f"learned.l{layer}.d{d}."
             state = {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
             if state:
-                net = make_net(lm["hidden"], meta["n_experts"], lm["width"], lm.get("previous", False))
+                net = make_net(lm["hidden"], meta["n_experts"], lm["width"], lm.get("previous", False),
+                               lm.get("depth", 1))
                 net.load_state_dict(state)
                 nets[(layer, d)] = net.eval()
     return Bundle(prior, history, LearnedPredictor(prior, nets, lm), meta)

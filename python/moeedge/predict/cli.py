@@ -18,6 +18,11 @@ def add_predict_parser(subparsers) -> None:
                             "checkpoint directory and moeedge.load picks it up")
     train.add_argument("--epochs", type=int, default=8)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--width", type=int, default=None, help="hidden units of each net's layers (default 256)")
+    train.add_argument("--depth", type=int, default=None, help="hidden layers of each net (default 1)")
+    train.add_argument("--jobs", type=int, default=1,
+                       help="train nets in this many processes, one torch thread each (the same nets as one; "
+                            "each holds one net's features: about 3 GB at 2M tokens)")
     train.set_defaults(run=_cmd_train)
     ev = sub.add_parser("eval", help="recall and precision of each predictor, 1 to 3 layers ahead")
     ev.add_argument("trace", help="a held-out trace written by `moeedge trace --hidden`")
@@ -34,14 +39,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from moeedge.predict.bundle import train_bundle
-    from moeedge.predict.learned import LOOKAHEAD, pairs
+    from moeedge.predict.learned import DEPTH, LOOKAHEAD, WIDTH, pairs
     from moeedge.predict.metrics import load_routing
 
     trace = load_routing(args.trace, need_hidden=True)
-    if args.epochs < 1:
-        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+    width = WIDTH if args.width is None else args.width
+    depth = DEPTH if args.depth is None else args.depth
+    for name, value in (("--epochs", args.epochs), ("--width", width), ("--depth", depth), ("--jobs", args.jobs)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     with tqdm(total=len(pairs(trace.n_layers, LOOKAHEAD)), desc="learned predictor", unit="net") as bar:
-        bundle = train_bundle(trace, epochs=args.epochs, seed=args.seed, progress=lambda *_: bar.update())
+        bundle = train_bundle(trace, epochs=args.epochs, seed=args.seed, progress=lambda *_: bar.update(),
+                              width=width, depth=depth, jobs=args.jobs)
     path = bundle.save(args.output)
     print(f"{path}: trained on {bundle.meta['train_tokens']} tokens of {args.trace} "
           f"in {bundle.meta['train_seconds']} s")
