@@ -157,7 +157,10 @@ def train_learned(hidden: torch.Tensor, experts: torch.Tensor, n_experts: int, w
     from moeedge.predict.predictors import usage
 
     global _TRAINING
-    _TRAINING = (hidden, experts, n_experts, windows, width, depth, epochs, seed)
+    has_next = torch.zeros(experts.shape[0], dtype=torch.bool)  # the token's next one is in its window
+    for a, b in windows:
+        has_next[a:b - 1] = True
+    _TRAINING = (hidden, experts, n_experts, windows, has_next, width, depth, epochs, seed)
     todo = pairs(experts.shape[1], max_lookahead)
     nets = {}
     pool = None
@@ -188,9 +191,9 @@ _TRAINING = None  # what train_learned's (forked) workers read
 
 
 def _train_net(pair: tuple[int, int]) -> dict:
-    hidden, experts, n_experts, windows, width, depth, epochs, seed = _TRAINING
+    hidden, experts, n_experts, windows, has_next, width, depth, epochs, seed = _TRAINING
     layer, d = pair
-    n, n_layers, _ = experts.shape
+    n_layers = experts.shape[1]
     torch.manual_seed(seed * 1_000_003 + layer * 101 + d)
     x = _features(hidden[:, layer], experts[:, layer], n_experts)
     t = (layer + d) % n_layers
@@ -198,9 +201,6 @@ def _train_net(pair: tuple[int, int]) -> dict:
     if layer + d < n_layers:  # the token before the target is the previous one
         x, target = torch.cat([x, _shifted(before, windows)], dim=1), experts[:, t]
     else:  # the next token's layer: only tokens whose next token is in their window; before it, this one
-        has_next = torch.zeros(n, dtype=torch.bool)
-        for a, b in windows:
-            has_next[a:b - 1] = True
         keep = has_next[:-1]
         x, target = torch.cat([x, before], dim=1)[:-1][keep], experts[1:, t][keep]
     net = _fit(make_net(hidden.shape[2], n_experts, width, depth=depth), x, _onehot(target, n_experts), epochs)
