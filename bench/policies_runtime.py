@@ -11,7 +11,7 @@ import argparse
 import random
 
 import moeedge
-from moeedge.train.corpus import collect
+from moeedge.data.corpus import collect
 
 # (policy, predictor, read guesses early): under LRU a predictor acts only through prefetch;
 # under "predicted" it feeds eviction (the default set-up: nothing read early).

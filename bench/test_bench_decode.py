@@ -35,8 +35,13 @@ def test_decode_step(benchmark, model):
     m, ids = model
     m.logits(torch.tensor(ids))  # the prompt's keys and values
     token = torch.tensor([ids[-1]])
-    expected = m.runner.forward(token, len(ids), all_logits=False)
+
+    def step() -> torch.Tensor:
+        m.runner.truncate(m.sequence, len(ids))
+        return m.runner.step([(m.sequence, token)])[0]
+
+    expected = step()
     benchmark.group = "default_model"
-    out = benchmark(m.runner.forward, token, len(ids), all_logits=False)
+    out = benchmark(step)
     assert torch.equal(out, expected)
     benchmark.extra_info["tokens_per_s"] = 1 / benchmark.stats["median"]

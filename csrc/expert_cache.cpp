@@ -322,24 +322,13 @@ void ExpertCache::unpin(Entry* e) {
   --e->pins;
 }
 
-std::unique_ptr<ExpertPin> ExpertCache::get(uint64_t key) {
-  const auto t0 = Clock::now();
-  Freed freed;  // declared before the lock: evicted pages are unmapped after it is released
-  std::unique_lock<std::mutex> lk(mu_);
-  if (closed_) throw std::runtime_error("the expert cache is closed");
-  const uint64_t slot = store_->slot_bytes(key);
-  check_fits(key, slot);
-
-  std::shared_ptr<Entry> e;
-  bool waited = false;
+std::shared_ptr<ExpertCache::Entry> ExpertCache::find_or_admit(uint64_t key, uint64_t slot, Freed& freed,
+                                                                std::unique_lock<std::mutex>& lk, bool& waited) {
   for (;;) {
     auto it = entries_.find(key);
-    if (it != entries_.end()) {
-      e = it->second;
-      break;
-    }
+    if (it != entries_.end()) return it->second;
     if (make_room(slot, freed) == Room::Made) {
-      e = std::make_shared<Entry>();
+      auto e = std::make_shared<Entry>();
       e->key = key;
       e->slab = recycle(freed, slot);
       reserve(e, slot);
@@ -353,13 +342,39 @@ std::unique_ptr<ExpertPin> ExpertCache::get(uint64_t key) {
       demand_.push_back(e);
       work_cv_.notify_one();
       pause_cv_.notify_all();  // a prefetch being read gives way to it
-      break;
+      return e;
     }
     done_cv_.wait(lk);  // a prefetch being read frees room once it lands
     waited = true;
     if (closed_) throw std::runtime_error("the expert cache is closed");
   }
+}
 
+void ExpertCache::wait_landed(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk) {
+  pause_cv_.notify_all();  // if it is a prefetch paused for something else, it now goes on
+  const auto landed = [&] { return e->state == Entry::State::Ready || e->state == Entry::State::Failed; };
+  // Spin a while before sleeping: a core left idle through the read ran the next FFN up to 2x slower.
+  const auto spin_until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                             std::chrono::duration<double>(spin_wait_.load(std::memory_order_relaxed)));
+  while (!landed() && !closed_ && Clock::now() < spin_until) {
+    const uint64_t seen = landed_.load(std::memory_order_acquire);
+    lk.unlock();
+    spin_while([&] { return landed_.load(std::memory_order_acquire) == seen && Clock::now() < spin_until; });
+    lk.lock();
+  }
+  done_cv_.wait(lk, landed);
+}
+
+std::unique_ptr<ExpertPin> ExpertCache::get(uint64_t key) {
+  const auto t0 = Clock::now();
+  Freed freed;  // declared before the lock: evicted pages are unmapped after it is released
+  std::unique_lock<std::mutex> lk(mu_);
+  if (closed_) throw std::runtime_error("the expert cache is closed");
+  const uint64_t slot = store_->slot_bytes(key);
+  check_fits(key, slot);
+
+  bool waited = false;
+  std::shared_ptr<Entry> e = find_or_admit(key, slot, freed, lk, waited);
   ++uses_[key];
   e->last_use = ++tick_;
   ++e->pins;
@@ -368,17 +383,7 @@ std::unique_ptr<ExpertPin> ExpertCache::get(uint64_t key) {
   if (e->prefetched && !e->used) ++stats_.prefetch_hits;
   e->used = true;
   if (!ready) {
-    pause_cv_.notify_all();  // if it is a prefetch paused for something else, it now goes on
-    const auto landed = [&] { return e->state == Entry::State::Ready || e->state == Entry::State::Failed; };
-    const auto spin_until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                               std::chrono::duration<double>(spin_wait_.load(std::memory_order_relaxed)));
-    while (!landed() && !closed_ && Clock::now() < spin_until) {
-      const uint64_t seen = landed_.load(std::memory_order_acquire);
-      lk.unlock();
-      spin_while([&] { return landed_.load(std::memory_order_acquire) == seen && Clock::now() < spin_until; });
-      lk.lock();
-    }
-    done_cv_.wait(lk, landed);
+    wait_landed(e, lk);
     waited = true;
   }
   if (waited) stats_.wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();

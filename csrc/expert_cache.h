@@ -131,6 +131,11 @@ class ExpertCache : public std::enable_shared_from_this<ExpertCache> {
   void load_next(std::unique_lock<std::mutex>& lk, int64_t above);
   bool keep_reading(const Entry& e, int64_t priority, std::unique_lock<std::mutex>& lk);
   std::shared_ptr<Entry> next_prefetch(Freed& freed, int64_t& priority);
+  // get's two halves: the entry of key, admitted and queued for a demand read if absent
+  // (waiting for room while prefetches land), then waiting for its read to land.
+  std::shared_ptr<Entry> find_or_admit(uint64_t key, uint64_t slot, Freed& freed, std::unique_lock<std::mutex>& lk,
+                                       bool& waited);
+  void wait_landed(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk);
   bool prefetch_may_start() const;
   bool queued_above(int64_t priority) const;  // a queued prefetch more urgent than priority
   Room make_room(uint64_t bytes, Freed& freed);

@@ -322,7 +322,7 @@ def test_the_budget_covers_the_layer_being_aggregated(source):
     """The source model gets the budget less three fp32 copies of its largest layer's experts
     (and lowrank's SVD of them)."""
     from moeedge.aggregate.pipeline import source_budget
-    from moeedge.api import open_checkpoint
+    from moeedge.formats.open import open_checkpoint
 
     ckpt = open_checkpoint(source)
     layer = E * ckpt.layer_expert_nbytes(0) * 4 // ckpt.expert_parts[0][0].dtype.itemsize

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import moeedge
 from moeedge.aggregate.pipeline import aggregate
 from moeedge.aggregate.targets import choose_levels
-from moeedge.api import open_checkpoint
+from moeedge.formats.open import open_checkpoint
 from moeedge.formats.errors import CheckpointError
 from moeedge.info import describe
 from test_aggregate import E, IDS, LAYERS, QUICK, checkpoint, expert, logits, run_cli

@@ -18,7 +18,7 @@ from moeedge.aggregate.pipeline import aggregate
 from moeedge.default_model import default_model_path
 from moeedge.evaluate import _corpus
 from moeedge.formats.switch_checkpoint import expected_dense, switch_config
-from moeedge.train.span_corruption import train_tokenizer
+from moeedge.data.span_corruption import train_tokenizer
 from test_aggregate import run_cli
 
 pytest.importorskip("sentencepiece")

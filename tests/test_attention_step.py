@@ -146,14 +146,14 @@ def test_decode_matches_the_torch_path(tmp_path, monkeypatch, family):
     sequence = [3, 17, 42, 99, 5, 61, 7, 150, 33, 8, 21, 64]
 
     def logits(model) -> torch.Tensor:
-        runner = model.runner
-        runner.forward(torch.tensor(sequence[:4]), 0)  # a prefill, then one token at a time
-        return torch.cat([runner.forward(torch.tensor([t]), i) for i, t in enumerate(sequence[4:], start=4)])
+        runner, seq = model.runner, model.sequence
+        runner.step([(seq, torch.tensor(sequence[:4]))])  # a prefill, then one token at a time
+        return torch.cat([runner.step([(seq, torch.tensor([t]))])[0] for t in sequence[4:]])
 
     with moeedge.load(tmp_path, memory_budget="8GiB") as model:
-        assert all(step is not None for step in model.runner.steps)
+        assert all(step is not None for step in model.runner.steps[0])
         native = logits(model)
-    monkeypatch.setattr(DecoderMoE, "_attention_step", lambda self, layer: None)
+    monkeypatch.setattr(DecoderMoE, "_attention_step", lambda self, layer, slot: None)
     with moeedge.load(tmp_path, memory_budget="8GiB") as model:
         reference_logits = logits(model)
     torch.testing.assert_close(native, reference_logits, rtol=0, atol=1e-5 * float(reference_logits.abs().max()))
@@ -164,12 +164,12 @@ def test_a_quantized_gguf_decodes_as_the_torch_path(tmp_path, monkeypatch):
 
     def logits() -> torch.Tensor:
         with moeedge.load(quantized, memory_budget="8GiB") as model:
-            runner = model.runner
-            runner.forward(torch.tensor([3, 9, 27]), 0)
-            return torch.cat([runner.forward(torch.tensor([t]), i) for i, t in enumerate([5, 11, 2, 40], start=3)])
+            runner, seq = model.runner, model.sequence
+            runner.step([(seq, torch.tensor([3, 9, 27]))])
+            return torch.cat([runner.step([(seq, torch.tensor([t]))])[0] for t in [5, 11, 2, 40]])
 
     native = logits()
-    monkeypatch.setattr(DecoderMoE, "_attention_step", lambda self, layer: None)
+    monkeypatch.setattr(DecoderMoE, "_attention_step", lambda self, layer, slot: None)
     reference_logits = logits()
     torch.testing.assert_close(native, reference_logits, rtol=0, atol=2e-3 * float(reference_logits.abs().max()))
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from moeedge.runtime.memory import FIXED_JITTER_BYTES, SLACK_BYTES
+from moeedge.runtime.plan import FIXED_JITTER_BYTES, SLACK_BYTES
 
 
 def moeedge(*args: str) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from moeedge.cli import main
 from moeedge.evaluate import corpus_windows, evaluate, text_windows
 from moeedge.tokenizer import Tokenizer
-from moeedge.train.corpus import HELD_OUT
+from moeedge.data.corpus import HELD_OUT
 from tiny_checkpoints import decoder_config, make_decoder, model_class, write_tokenizer
 
 TEXT = ("experts route tokens; a cache keeps hot experts in memory while the rest stay on disk. "

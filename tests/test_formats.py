@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moeedge
-from moeedge.runtime.memory import FIXED_JITTER_BYTES
+from moeedge.runtime.plan import FIXED_JITTER_BYTES
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.hf_checkpoint import open_hf_directory
 from tiny_checkpoints import make_decoder

@@ -16,7 +16,7 @@ from moeedge.cgroup import CgroupUnavailable, run_limited
 from moeedge.harness import matrix
 from moeedge.harness.bound import capacity_experts, physical_bound, touched_bytes_per_token
 from moeedge.harness.report import load_records, plot, table
-from moeedge.runtime.memory import FIXED_JITTER_BYTES
+from moeedge.runtime.plan import FIXED_JITTER_BYTES
 
 DEFAULT = str(Path(__file__).parents[1] / "python" / "moeedge" / "models_data" / "default")
 MiB = 1 << 20

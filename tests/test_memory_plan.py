@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 import moeedge
 from moeedge import BudgetError, ExpertStore, kernels
-from moeedge.api import open_checkpoint, plan_for
+from moeedge.formats.open import open_checkpoint
+from moeedge.models.family import plan_for
 from moeedge.cgroup import CgroupUnavailable, run_limited
 from moeedge.models.decoder import DecoderMoE
-from moeedge.runtime.memory import FIXED_JITTER_BYTES
+from moeedge.runtime.plan import FIXED_JITTER_BYTES
 from moeedge.runtime.embedding import EMBEDDING, DiskEmbedding, embedding_on_disk
 from gguf_fixtures import quantized_mixtral
 from tiny_checkpoints import make_decoder
@@ -58,7 +59,7 @@ def test_wide_experts_do_not_grow_the_buffers():
         return DecoderConfig(family="mixtral", n_layers=4, hidden=192, n_heads=6, n_kv_heads=2, head_dim=32,
                              vocab=4096, n_experts=8, top_k=2, expert_intermediate=intermediate, moe_layers=[0, 1, 2, 3])
 
-    narrow, wide = (DecoderMoE.buffer_bytes(cfg(i), 256, 128) for i in (320, 58240))
+    narrow, wide = (DecoderMoE.activation_bytes(cfg(i), 256, 128) for i in (320, 58240))
     # a feed-forward block and a block of converted weights, not 128 tokens x 3 x 58240 fp32 (89 MiB)
     assert wide - narrow <= 16 << 20
 
@@ -92,13 +93,13 @@ def test_a_prompt_borrows_its_activations_from_the_expert_cache(tiny):
         model.plan = replace(model.plan, expert_cache_bytes=8 * slot, prefill_borrow_bytes=3 * slot, prefill_chunk=16)
         cache.set_budget(8 * slot)
         budgets = []
-        forward = model.runner.forward
+        step = model.runner.step
 
-        def watched(ids, *args, **kwargs):
-            budgets.append((len(ids), cache.budget_bytes, cache.stats()["resident_bytes"]))
-            return forward(ids, *args, **kwargs)
+        def watched(batch, *args, **kwargs):
+            budgets.append((len(batch[0][1]), cache.budget_bytes, cache.stats()["resident_bytes"]))
+            return step(batch, *args, **kwargs)
 
-        model.runner.forward = watched
+        model.runner.step = watched
         assert list(model.stream_ids(PROMPT, max_new_tokens=4)) == expected
         assert cache.budget_bytes == 8 * slot
     chunks = -(-len(PROMPT) // 16)

@@ -19,14 +19,14 @@ from safetensors.torch import save_file
 
 import moeedge
 from moeedge import _core
-from moeedge.api import open_checkpoint
+from moeedge.formats.open import open_checkpoint
 from moeedge.cli import main
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.group_quant import GROUP_SIZES, dequantize, packed_nbytes, quantize
 from moeedge.formats.quant_checkpoint import QUANT_FILE, expert_matrices
 from moeedge.kernels import QuantTensor, linear
-from moeedge.quantize import ExpertReader, open_source, quantize_checkpoint, write
-from moeedge.quantize_bits import LayerCalibration, choose_bits, layer_sensitivity
+from moeedge.quantize.writer import ExpertReader, open_source, quantize_checkpoint, write
+from moeedge.quantize.bits import LayerCalibration, choose_bits, layer_sensitivity
 from tiny_checkpoints import make_decoder, write_tokenizer
 
 KERNELS = {8: _core.linear_int8, 4: _core.linear_int4}

@@ -15,6 +15,7 @@ from moeedge.formats.errors import CheckpointError
 from moeedge.formats.hf_checkpoint import open_hf_directory
 from moeedge.formats.switch_checkpoint import sparse_blocks
 from moeedge.models import switch
+from moeedge.models.runner import Prediction
 from moeedge.models.switch import SwitchMoE
 from moeedge.runtime.experts import ExpertAccess
 from tiny_switch import make_switch
@@ -40,9 +41,19 @@ def open_runner(directory, tight: bool = True, prefetch: bool = False, max_conte
         cache.set_budget(ckpt.config.top_k * slot)
     dtype = ckpt.expert_parts[0][0].dtype
     dense = {n: ckpt.read_dense(n).to(dtype) for n in ckpt.dense_names}
-    runner = SwitchMoE(ckpt.config, dense, ExpertAccess(cache, ckpt.expert_parts, dtype), max_context, dtype)
-    runner.prefetch = prefetch
+    prediction = Prediction(predictor="stale-gate" if prefetch else None, prefetch=prefetch)
+    runner = SwitchMoE(ckpt.config, dense, ExpertAccess(cache, ckpt.expert_parts, dtype), max_context, dtype,
+                       prediction)
     return runner, cache
+
+
+def logits(runner: SwitchMoE, ids: torch.Tensor, decoder_ids: torch.Tensor) -> torch.Tensor:
+    """[Td, V] logits of decoder_ids after ids, in a sequence of their own."""
+    seq = runner.new_sequence()
+    try:
+        return runner.score(seq, ids, 0, decoder_ids)
+    finally:
+        runner.free(seq)
 
 
 def reference_routing(model, ids, decoder_ids) -> list[torch.Tensor]:
@@ -67,10 +78,12 @@ def reference_routing(model, ids, decoder_ids) -> list[torch.Tensor]:
 
 
 def greedy(runner: SwitchMoE, ids: torch.Tensor, steps: int) -> list[int]:
-    runner.encode(ids)
+    seq = runner.new_sequence()
+    runner.encode(seq, ids)
     tokens = [runner.cfg.decoder_start_token_id]
-    for step in range(steps):
-        tokens.append(int(runner.forward(torch.tensor(tokens[-1:]), step)[-1].argmax()))
+    for _ in range(steps):
+        tokens.append(int(runner.step([(seq, torch.tensor(tokens[-1:]))])[0][-1].argmax()))
+    runner.free(seq)
     return tokens[1:]
 
 
@@ -104,7 +117,7 @@ def test_logits_match_transformers_with_evictions(checkpoint):
         expected = reference(input_ids=IDS[None], decoder_input_ids=DECODER_IDS[None]).logits[0]
     runner, cache = open_runner(directory)
     with cache:
-        got = runner.logits(IDS, DECODER_IDS)
+        got = logits(runner, IDS, DECODER_IDS)
         stats = cache.stats()
     assert got.shape == (len(DECODER_IDS), 160)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
@@ -118,7 +131,7 @@ def test_attention_in_query_chunks_matches(checkpoint, monkeypatch):
     monkeypatch.setattr(switch, "ATTN_CHUNK", 5)  # 24 and 20 tokens: several chunks and a partial one
     runner, cache = open_runner(directory)
     with cache:
-        torch.testing.assert_close(runner.logits(IDS, DECODER_IDS), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits(runner, IDS, DECODER_IDS), expected, atol=1e-4, rtol=0)
 
 
 def test_dropped_tokens_match_transformers(checkpoint):
@@ -126,7 +139,7 @@ def test_dropped_tokens_match_transformers(checkpoint):
     expected = reference_routing(reference, IDS, DECODER_IDS)
     runner, cache = open_runner(directory)
     with cache:
-        runner.logits(IDS, DECODER_IDS)
+        logits(runner, IDS, DECODER_IDS)
     assert len(runner.last_routing) == len(expected) == 4
     for got, want in zip(runner.last_routing, expected):
         assert torch.equal(got, want)
@@ -153,9 +166,10 @@ def test_incremental_decoding_matches_full_sequence(checkpoint):
     short = DECODER_IDS[:3]
     runner, cache = open_runner(directory)
     with cache:
-        full = runner.logits(IDS, short)
-        runner.encode(IDS)
-        steps = torch.cat([runner.forward(short[i:i + 1], i) for i in range(len(short))])
+        full = logits(runner, IDS, short)
+        seq = runner.new_sequence()
+        runner.encode(seq, IDS)
+        steps = torch.cat([runner.step([(seq, short[i:i + 1])])[0] for i in range(len(short))])
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=0)
 
 
@@ -163,24 +177,24 @@ def test_logits_do_not_depend_on_cache_size_or_prefetch(checkpoint):
     directory, _ = checkpoint
     runner, cache = open_runner(directory, tight=False)
     with cache:
-        roomy = runner.logits(IDS, DECODER_IDS)
+        roomy = logits(runner, IDS, DECODER_IDS)
         roomy_greedy = greedy(runner, IDS, 8)
     runner, cache = open_runner(directory, tight=True, prefetch=True)
     with cache:
-        assert torch.equal(runner.logits(IDS, DECODER_IDS), roomy)
+        assert torch.equal(logits(runner, IDS, DECODER_IDS), roomy)
         assert greedy(runner, IDS, 8) == roomy_greedy
 
 
 def test_decoding_before_encoding_is_an_error(checkpoint):
     runner, cache = open_runner(checkpoint[0])
     with cache, pytest.raises(RuntimeError, match="encode"):
-        runner.forward(torch.tensor([0]), 0)
+        runner.step([(runner.new_sequence(), torch.tensor([0]))])
 
 
 def test_context_overflow_is_an_error(checkpoint):
     runner, cache = open_runner(checkpoint[0], max_context=16)
     with cache, pytest.raises(ValueError, match="max_context=16"):
-        runner.encode(IDS)
+        runner.encode(runner.new_sequence(), IDS)
 
 
 # -- bad checkpoints -------------------------------------------------------------------

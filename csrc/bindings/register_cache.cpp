@@ -48,9 +48,7 @@ std::vector<uint64_t> to_keys(const py::iterable& keys) {
   return out;
 }
 
-}  // namespace
-
-void register_cache(py::module_& m) {
+void def_expert_buffer(py::module_& m) {
   py::class_<ExpertPin, std::unique_ptr<ExpertPin>>(
       m, "ExpertBuffer", py::buffer_protocol(),
       "A pinned expert: read-only bytes, never evicted or overwritten while this object lives.")
@@ -66,7 +64,9 @@ void register_cache(py::module_& m) {
         return "<ExpertBuffer layer " + std::to_string(pin.key() >> 32) + " expert " +
                std::to_string(pin.key() & 0xffffffffu) + ", " + std::to_string(pin.nbytes()) + " bytes>";
       });
+}
 
+void def_expert_cache(py::module_& m) {
   py::class_<ExpertCache, std::shared_ptr<ExpertCache>>(m, "ExpertCache",
                                                         "A byte-budgeted cache of experts read by IO threads.")
       .def(py::init([](std::shared_ptr<ExpertStore> store, int64_t budget_bytes, const std::string& policy,
@@ -132,6 +132,13 @@ void register_cache(py::module_& m) {
         py::gil_scoped_release release;
         c.close();
       });
+}
+
+}  // namespace
+
+void register_cache(py::module_& m) {
+  def_expert_buffer(m);
+  def_expert_cache(m);
 }
 
 }  // namespace moeedge

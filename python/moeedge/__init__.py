@@ -22,12 +22,17 @@ __all__ = [
     "format_bytes",
     "parse_bytes",
     "__version__",
+    "MoeModel",
     "load",
 ]
 
 
-def load(*args, **kwargs):
-    """Open a checkpoint within a memory budget; see moeedge.api.load."""
-    from moeedge.api import load as _load
+def __getattr__(name: str):
+    # Lazy: torch and the model code load on first use of moeedge.load, which keeps
+    # `import moeedge` and the CLI's light commands fast; moeedge.load is then api.load
+    # itself (inspect.signature and help show its parameters).
+    if name in ("load", "MoeModel"):
+        from moeedge import api
 
-    return _load(*args, **kwargs)
+        return getattr(api, name)
+    raise AttributeError(f"module 'moeedge' has no attribute {name!r}")

@@ -10,6 +10,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeedge.runtime.measure import memory_cgroup
+
 
 class CgroupUnavailable(RuntimeError):
     """No writable memory cgroup here: results cannot be labelled as limited."""
@@ -29,16 +31,11 @@ class LimitedResult:
     read_bytes: int = 0    # read from block devices by it (ru_inblock, 512-byte units), direct IO included
 
 
-def _own_memory_cgroup() -> tuple[Path, int]:
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return Path("/sys/fs/cgroup/memory") / path.lstrip("/"), 1
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            return Path("/sys/fs/cgroup") / path.lstrip("/"), 2
-    raise CgroupUnavailable("no memory cgroup in /proc/self/cgroup")
+def own_memory_cgroup() -> tuple[Path, int]:
+    found = memory_cgroup()
+    if found is None:
+        raise CgroupUnavailable("no memory cgroup in /proc/self/cgroup")
+    return found
 
 
 def evict_files(paths) -> None:
@@ -66,7 +63,7 @@ def drop_page_cache() -> bool:
 def run_limited(cmd: list[str], limit_bytes: int | None, timeout: float, env: dict | None = None) -> LimitedResult:
     """Start cmd inside a fresh child cgroup limited to limit_bytes (None: unlimited, measured
     only); remove the cgroup afterwards."""
-    parent, version = _own_memory_cgroup()
+    parent, version = own_memory_cgroup()
     child = parent / f"moeedge-{uuid.uuid4().hex[:12]}"
     try:
         child.mkdir()

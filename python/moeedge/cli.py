@@ -142,7 +142,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     if args.corpus:
         import random
 
-        from moeedge.train.corpus import collect
+        from moeedge.data.corpus import collect
 
         texts = collect().texts(args.corpus)
         random.Random(0).shuffle(texts)  # so that --max-tokens samples the whole split, the same every run
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_and_aggregate_parsers(sub)
     from moeedge.predict.cli import add_predict_parser
     add_predict_parser(sub)
-    from moeedge.quantize_cli import add_quantize_parser
+    from moeedge.quantize.cli import add_quantize_parser
     add_quantize_parser(sub)
 
     bench = sub.add_parser("bench", help="measure this machine")

@@ -64,29 +64,29 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
                  predictor=predictor if prefetch or policy in ("auto", "predicted") else None, threads=threads)
     load_s = time.perf_counter() - start
     routing = _Routing()
-    model.runner.recorder = routing
-    prompt = prompt_ids(model.config.vocab, prompt_tokens)
-    if warm:
-        for key in model.cache.store.keys():
-            del_ = model.cache.get(key)
-            del del_  # unpinned: a cache too small for all of them keeps the last it read
-        other = prompt_ids(model.config.vocab, prompt_tokens, seed=1)  # no shared prefix: the timed
-        other[0] = 3 if prompt[0] != 3 else 4                         # prompt is prefilled whole
-        for _ in model.stream_ids(other, max_new_tokens=tokens):
-            pass
-        routing.layers.clear()
-        model.cache.reset_stats()
-    times, waits = [], []
-    last = time.perf_counter()
-    waited = model.cache.stats()["wait_seconds"]
-    out = []
-    for token in model.stream_ids(prompt, max_new_tokens=tokens):
-        now = time.perf_counter()
-        w = model.cache.stats()["wait_seconds"]
-        times.append(now - last)
-        waits.append(w - waited)
-        out.append(int(token))
-        last, waited = now, w
+    with model.recording(routing):
+        prompt = prompt_ids(model.config.vocab, prompt_tokens)
+        if warm:
+            for key in model.cache.store.keys():
+                del_ = model.cache.get(key)
+                del del_  # unpinned: a cache too small for all of them keeps the last it read
+            other = prompt_ids(model.config.vocab, prompt_tokens, seed=1)  # no shared prefix: the timed
+            other[0] = 3 if prompt[0] != 3 else 4                         # prompt is prefilled whole
+            for _ in model.stream_ids(other, max_new_tokens=tokens):
+                pass
+            routing.layers.clear()
+            model.cache.reset_stats()
+        times, waits = [], []
+        last = time.perf_counter()
+        waited = model.cache.stats()["wait_seconds"]
+        out = []
+        for token in model.stream_ids(prompt, max_new_tokens=tokens):
+            now = time.perf_counter()
+            w = model.cache.stats()["wait_seconds"]
+            times.append(now - last)
+            waits.append(w - waited)
+            out.append(int(token))
+            last, waited = now, w
     stats = model.stats()
     model.close()
     steps, step_waits = times[1:], waits[1:]  # the first includes the prefill

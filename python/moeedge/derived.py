@@ -21,7 +21,7 @@ COPIED = ("config.json", "generation_config.json", "moeedge_predictor.safetensor
 def open_decoder_source(source, command: str) -> Checkpoint:
     """The source checkpoint if `command` can derive from it: a Hugging Face directory of a
     decoder-only MoE that is not already a derived variant (ValueError saying why not)."""
-    from moeedge.api import open_checkpoint
+    from moeedge.formats.open import open_checkpoint
     from moeedge.formats.quant_checkpoint import QUANT_FILE
 
     if source is not None and Path(source).is_file():
@@ -47,12 +47,9 @@ def record_routing(model, windows: list[list[int]], progress: bool = False
     def record(layer: int, experts: torch.Tensor, gates: torch.Tensor, x: torch.Tensor) -> None:
         seen[layer].append((x.float().clone(), experts.clone(), gates.float().clone()))
 
-    model.runner.recorder = record
-    try:
+    with model.recording(record):
         for w in tqdm(windows, desc="calibration", unit="window", disable=not progress):
             model.logits(w)
-    finally:
-        model.runner.recorder = None
     return [tuple(torch.cat(parts) for parts in zip(*layer)) for layer in seen]
 
 

@@ -5,7 +5,7 @@ model with the same tokenizer, also the perplexity ratio, the per-token divergen
 KL(reference || model) of the next-token distributions (mean and 99th percentile, in
 nats) and how often both pick the same most likely token. The default text is the
 held-out split of the default model's corpus (the stdlib packages asyncio/ and email/,
-moeedge.train.corpus), which training never saw.
+moeedge.data.corpus), which training never saw.
 
 A Switch Transformers (encoder-decoder) model is scored as its trainer scores it
 (moeedge.train.switch_card): windows of the split's token stream, spread evenly over it,
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 import moeedge
-from moeedge.train import corpus as corpus_lib
-from moeedge.train.span_corruption import SpanCorruption, encode_stream, shift_right
+from moeedge.data import corpus as corpus_lib
+from moeedge.data.span_corruption import SpanCorruption, encode_stream, shift_right
 
 DEFAULT_TOKENS = 16384
 DEFAULT_WINDOW = 256  # the default model's training length, and the Switch model's

@@ -5,10 +5,11 @@ import json
 import math
 
 from moeedge._core import ExpertStore
-from moeedge.api import compute_dtype, open_checkpoint, plan_for
+from moeedge.formats.open import open_checkpoint
+from moeedge.models.family import plan_for, runner_class
 from moeedge.keys import ExpertKey
 from moeedge.runtime.embedding import embedding_on_disk
-from moeedge.runtime.memory import rss_bytes
+from moeedge.runtime.measure import rss_bytes
 from moeedge.units import format_bytes
 
 
@@ -17,7 +18,7 @@ def facts(source, max_context: int) -> dict:
     fixed = rss_bytes()
     ckpt = open_checkpoint(source)
     cfg = ckpt.config
-    dtype = compute_dtype(ckpt, None)
+    dtype = runner_class(cfg).compute_dtype(ckpt)
     store = ExpertStore(ckpt.files, ckpt.expert_ranges)
     max_context = min(max_context, cfg.max_position)
     plan = plan_for(ckpt, store, 1 << 62, fixed, max_context, dtype, embedding_on_disk(ckpt))

@@ -63,16 +63,13 @@ def record(model: MoeModel, text: str, hidden: bool = False, window: int = 512,
     cfg = model.config
     n_layers = cfg.moe_layers if isinstance(cfg.moe_layers, int) else len(cfg.moe_layers)
     recorder = _Recorder(n_layers, hidden)
-    model.runner.recorder = recorder
-    try:
+    with model.recording(recorder):
         for start in range(0, len(ids), window):
             chunk = ids[start:start + window]
             if model.encoder_decoder:
                 model.logits(chunk, [cfg.decoder_start_token_id] + chunk[:-1])
             else:
                 model.logits(chunk)
-    finally:
-        model.runner.recorder = None
     out = {"tokens": np.asarray(ids, dtype=np.int32)}
     if model.encoder_decoder:
         n_enc = len(cfg.encoder_moe_blocks)

@@ -1,9 +1,9 @@
 """Calibration: what the source model does on training text, per MoE layer.
 
-The text comes from the TRAINING split of the default model's corpus (moeedge.train.corpus),
+The text comes from the TRAINING split of the default model's corpus (moeedge.data.corpus),
 never from the held-out packages that `moeedge eval` scores. The runtime's recorder hook
 hands over each MoE layer's input and routing as the model runs. A Switch model runs the
-same windows span-corrupted as its trainer corrupts them (moeedge.train.span_corruption),
+same windows span-corrupted as its trainer corrupts them (moeedge.data.span_corruption),
 without the </s> that ends each file (its trainer streams files back to back); its
 encoder layers see the corrupted inputs, its decoder layers the teacher-forced targets.
 Shapes: N = calibration tokens, H = hidden, E = experts, K = top-k.
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from moeedge.derived import record_routing
 from moeedge.evaluate import DEFAULT_WINDOW, MEAN_SPAN, NOISE_DENSITY, corpus_windows
-from moeedge.train.span_corruption import SpanCorruption, shift_right
+from moeedge.data.span_corruption import SpanCorruption, shift_right
 
 DEFAULT_TOKENS = 4096
 HELD_OUT_EVERY = 4  # every 4th calibration window is held out from fitting
@@ -82,12 +82,9 @@ def gather_switch(model, examples: list[tuple[torch.Tensor, torch.Tensor]], prog
     def record(layer: int, experts: torch.Tensor, gates: torch.Tensor, x: torch.Tensor) -> None:
         seen[layer].append((x.float().clone(), experts[:, 0].clone(), gates[:, 0].float().clone()))
 
-    model.runner.recorder = record
-    try:
+    with model.recording(record):
         for inputs, targets in tqdm(examples, desc="calibration", unit="window", disable=not progress):
             model.logits(inputs.tolist(), shift_right(targets[None])[0].tolist())
-    finally:
-        model.runner.recorder = None
     out = []
     for calls in seen:
         hidden, experts, gates = (torch.cat(parts) for parts in zip(*calls))

@@ -18,13 +18,13 @@ from moeedge.aggregate.clustering import merge_tree
 from moeedge.aggregate.layer import MoeLayer, read_layer
 from moeedge.aggregate.merge import usage_weights
 from moeedge.aggregate.targets import choose_levels
-from moeedge.api import open_checkpoint
+from moeedge.formats.open import open_checkpoint
 from moeedge.derived import check_output, open_decoder_source, publish
 from moeedge.evaluate import DEFAULT_WINDOW, evaluate
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.switch_checkpoint import SwitchConfig
-from moeedge.runtime.memory import resolve_budget
-from moeedge.train.corpus import HELD_OUT
+from moeedge.runtime.measure import resolve_budget
+from moeedge.data.corpus import HELD_OUT
 
 METHODS = ("merge", "average", "prune", "lowrank", "distill")
 BUILDERS = {"merge": merge.build, "average": average.build, "prune": prune.build, "lowrank": lowrank.build}

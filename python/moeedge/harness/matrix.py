@@ -20,7 +20,7 @@ from pathlib import Path
 
 from moeedge.cgroup import CgroupUnavailable, drop_page_cache, evict_files, run_limited
 from moeedge.harness.engines import ENGINES, GGUF_ONLY, HF_ONLY, Run, command
-from moeedge.runtime.memory import FIXED_JITTER_BYTES
+from moeedge.runtime.plan import FIXED_JITTER_BYTES
 from moeedge.units import parse_bytes
 
 PROBE_BYTES = 512 << 20  # read before every run: the disk's bandwidth then (probe_disk)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from moeedge.formats.switch_checkpoint import SwitchConfig, expert_tensor_names, ff_prefix
+from moeedge.models.runner import Prediction, Sequence, SlotPool, check_batch
 from moeedge.runtime.experts import ExpertAccess
-from moeedge.runtime.memory import SLACK_BYTES
 
 ATTN_CHUNK = 128  # queries per attention step: bounds the [H, T, S] scores
 
@@ -93,24 +93,32 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: PositionBias
 
 
 class SwitchMoE:
-    """Encode once, then decode with a self-attention KV cache and cached cross-attention keys and values."""
+    """Encode once per sequence, then decode with a self-attention KV cache and cached
+    cross-attention keys and values, each sequence in its own slot (moeedge.models.runner.Runner)."""
 
     mixed_precision = False  # dense weights and experts are converted to the compute dtype
+    encoder_decoder = True  # prompts encoded apart from the decoder's tokens
+    policies = ("lru", "lfu", "score")
+    default_policy = "lru"  # no predictor of its own yet
 
     def __init__(self, cfg: SwitchConfig, dense: dict[str, torch.Tensor], experts: ExpertAccess,
-                 max_context: int, dtype: torch.dtype):
+                 max_context: int, dtype: torch.dtype, prediction: Prediction | None = None, n_sequences: int = 1):
         self.cfg = cfg
         self.w = dense
         self.experts = experts
         self.dtype = dtype
         self.max_context = max_context
-        self.prefetch = False
-        shape = (cfg.n_decoder_layers, max_context, cfg.n_heads, cfg.head_dim)
+        prediction = prediction or Prediction()
+        if prediction.predictor not in ("auto", "stale-gate", None):
+            raise ValueError(f"predictor {prediction.predictor!r}: Switch models prefetch with their stale gate or "
+                             f"not at all (predictor='stale-gate' or None)")
+        self.prefetch = prediction.predictor is not None and prediction.prefetch is not False
+        shape = (n_sequences, cfg.n_decoder_layers, max_context, cfg.n_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
         self.cross_k = torch.zeros(shape, dtype=dtype)  # encoder positions, per decoder block
         self.cross_v = torch.zeros(shape, dtype=dtype)
-        self.encoded = 0  # encoder tokens behind cross_k / cross_v; 0: encode() not called
+        self.slots = SlotPool(n_sequences)
         self.moe_index = {sb: i for i, sb in enumerate(cfg.moe_blocks())}
         # The router runs in router_dtype (fp32) whatever the compute dtype.
         self.routers = {i: (dense[ff_prefix(*sb) + "mlp.router.classifier.weight"].to(cfg.router_dtype),
@@ -130,22 +138,67 @@ class SwitchMoE:
         self.last_routing: list[torch.Tensor | None] = [None] * cfg.moe_layers
         self.recorder = None  # recorder(moe_layer, experts [T, 1], gates [T, 1], hidden [T, H]); -1: dropped
 
-    @staticmethod
-    def kv_cache_bytes(cfg: SwitchConfig, max_context: int, dtype: torch.dtype) -> int:
+    # -- what the memory plan needs ----------------------------------------------------
+    @classmethod
+    def compute_dtype(cls, ckpt) -> torch.dtype:
+        """The weights' dtype as stored (fp32 for quantized ones, which dequantize to it)."""
+        part = ckpt.expert_parts[0][0]
+        return torch.float32 if part.quant is not None else part.dtype
+
+    @classmethod
+    def dense_bytes(cls, ckpt, dtype: torch.dtype) -> int:
+        return ckpt.dense_numel * dtype.itemsize  # converted to the compute dtype
+
+    @classmethod
+    def kv_bytes(cls, cfg: SwitchConfig, max_context: int, dtype: torch.dtype) -> int:
         # Self-attention K and V over the decoder's positions, cross-attention K and V over the encoder's.
         return 4 * cfg.n_decoder_layers * max_context * cfg.n_heads * cfg.head_dim * dtype.itemsize
 
-    @staticmethod
-    def buffer_bytes(cfg: SwitchConfig, max_context: int) -> int:
-        """Peak fp32 activations: the encoder routes its whole input at once (capacity is
-        counted over the sequence), attention scores are chunked."""
+    @classmethod
+    def activation_bytes(cls, cfg: SwitchConfig, max_context: int, chunk: int) -> int:
+        """Peak fp32 activations, whatever the chunk: the encoder routes its whole input at
+        once (capacity is counted over the sequence), attention scores are chunked."""
         chunk = min(ATTN_CHUNK, max_context)
         per_token = 8 * cfg.hidden + 3 * cfg.inner + 6 * cfg.n_experts  # the router's int64 one-hot and cumsum
         scores = 4 * cfg.n_heads * chunk * max_context  # scores, bias, mask, softmax of one chunk
         ffn = 2 * min(cfg.expert_capacity, max_context) * cfg.ff + chunk * cfg.ff
         if cfg.expert_map is not None:  # a low-rank layer's base product over every token
             ffn += max_context * cfg.ff
-        return (max_context * per_token + scores + ffn + chunk * cfg.vocab) * 4 + SLACK_BYTES
+        return (max_context * per_token + scores + ffn + chunk * cfg.vocab) * 4
+
+    # -- sequences ---------------------------------------------------------------------
+    def new_sequence(self) -> Sequence:
+        return self.slots.take()
+
+    def truncate(self, seq: Sequence, n: int) -> None:
+        del seq.ids[n:]
+
+    def free(self, seq: Sequence) -> None:
+        self.slots.give_back(seq)
+
+    def prompt(self, seq: Sequence, ids: list[int], chunk: int) -> tuple[torch.Tensor, int]:
+        """Encode ids; the decoder starts again from its start token."""
+        self.encode(seq, torch.tensor(ids))
+        return self.step([(seq, torch.tensor([self.cfg.decoder_start_token_id]))])[0][-1], len(ids)
+
+    def score(self, seq: Sequence, ids: torch.Tensor, chunk: int, decoder_ids=None) -> torch.Tensor:
+        """[Td, V] logits of decoder_ids after ids. The decoder runs in one call: capacity
+        counts over all Td tokens, as in transformers' forward."""
+        if decoder_ids is None:
+            raise ValueError("an encoder-decoder model needs decoder_input_ids (start with the config's "
+                             "decoder_start_token_id)")
+        self.encode(seq, ids)
+        return self.step([(seq, torch.as_tensor(decoder_ids, dtype=torch.long).flatten())], all_logits=True)[0]
+
+    def prediction_stats(self) -> dict | None:
+        return None  # the stale gate keeps no record
+
+    @property
+    def prefetching(self) -> bool:
+        return self.prefetch
+
+    def close(self) -> None:
+        pass  # every weight is in memory
 
     # -- sublayers ---------------------------------------------------------------------
     def _project(self, x: torch.Tensor, p: str) -> torch.Tensor:
@@ -221,9 +274,11 @@ class SwitchMoE:
 
     # -- the two stacks ----------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [Ts] -> encoder output [Ts, hidden]; caches every decoder block's cross-attention K and V."""
+    def encode(self, seq: Sequence, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [Ts] -> encoder output [Ts, hidden]; caches every decoder block's
+        cross-attention K and V in seq's slot, whose decoder tokens start again."""
         cfg, w = self.cfg, self.w
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long).flatten()
         Ts = input_ids.shape[0]
         if Ts == 0 or Ts > self.max_context:
             raise ValueError(f"{Ts} encoder tokens: need 1 to max_context={self.max_context}")
@@ -238,22 +293,32 @@ class SwitchMoE:
             h = h + F.linear(out, w[a + "o.weight"])
             h = h + self._ffn(t5_norm(h, w[p + "1.layer_norm.weight"], cfg.eps), "encoder", b)
         h = t5_norm(h, w["encoder.final_layer_norm.weight"], cfg.eps)
+        seq.ids, seq.encoded = [], []  # from here on the slot's cross-attention is overwritten
         for b in range(cfg.n_decoder_layers):
             a = f"decoder.block.{b}.layer.1.EncDecAttention."
-            self.cross_k[b, :Ts] = self._project(h, a + "k")
-            self.cross_v[b, :Ts] = self._project(h, a + "v")
-        self.encoded = Ts
+            self.cross_k[seq.slot, b, :Ts] = self._project(h, a + "k")
+            self.cross_v[seq.slot, b, :Ts] = self._project(h, a + "v")
+        seq.encoded = input_ids.tolist()
         return h
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start: int, all_logits: bool = False) -> torch.Tensor:
-        """Decoder tokens [T] at positions start..start+T-1 -> logits [T, V] (or [1, V], the last)."""
-        cfg, w, T = self.cfg, self.w, tokens.shape[0]
-        if self.encoded == 0:
-            raise RuntimeError("call encode(input_ids) before decoding")
-        if start + T > self.max_context:
-            raise ValueError(f"{start + T} decoder tokens exceed max_context={self.max_context}")
+    def step(self, batch: list[tuple[Sequence, torch.Tensor]], all_logits: bool = False) -> list[torch.Tensor]:
+        """Each sequence's decoder tokens in a call of its own: expert capacity counts over
+        the tokens of one call, so sequences stepped together must not share it."""
+        check_batch(batch, self.max_context)
+        batch = [(seq, torch.as_tensor(tokens, dtype=torch.long).flatten()) for seq, tokens in batch]
+        if any(not seq.encoded for seq, _ in batch):
+            raise RuntimeError("encode(seq, input_ids) before decoding a sequence")
+        out = [self._decode(seq, tokens, all_logits) for seq, tokens in batch]
+        for seq, tokens in batch:  # only now: a step that failed part-way changed no record
+            seq.ids.extend(tokens.tolist())
+        return out
+
+    def _decode(self, seq: Sequence, tokens: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """Decoder tokens [T] at seq's next positions -> logits [T, V] (or [1, V], the last)."""
+        cfg, w, T, slot, start = self.cfg, self.w, tokens.shape[0], seq.slot, len(seq)
         S = start + T
+        encoded = len(seq.encoded)
         h = F.embedding(tokens, w.get("decoder.embed_tokens.weight", self.embed))
         bias = PositionBias(w["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"], False, cfg,
                             start, T, S)
@@ -261,13 +326,14 @@ class SwitchMoE:
             p = f"decoder.block.{b}.layer."
             x = t5_norm(h, w[p + "0.layer_norm.weight"], cfg.eps)
             a = p + "0.SelfAttention."
-            self.k_cache[b, start:S] = self._project(x, a + "k")
-            self.v_cache[b, start:S] = self._project(x, a + "v")
-            out = attend(self._project(x, a + "q"), self.k_cache[b, :S], self.v_cache[b, :S], bias, start, causal=True)
+            self.k_cache[slot, b, start:S] = self._project(x, a + "k")
+            self.v_cache[slot, b, start:S] = self._project(x, a + "v")
+            out = attend(self._project(x, a + "q"), self.k_cache[slot, b, :S], self.v_cache[slot, b, :S], bias,
+                         start, causal=True)
             h = h + F.linear(out, w[a + "o.weight"])
             x = t5_norm(h, w[p + "1.layer_norm.weight"], cfg.eps)
             a = p + "1.EncDecAttention."
-            out = attend(self._project(x, a + "q"), self.cross_k[b, :self.encoded], self.cross_v[b, :self.encoded])
+            out = attend(self._project(x, a + "q"), self.cross_k[slot, b, :encoded], self.cross_v[slot, b, :encoded])
             h = h + F.linear(out, w[a + "o.weight"])
             h = h + self._ffn(t5_norm(h, w[p + "2.layer_norm.weight"], cfg.eps), "decoder", b)
         if not all_logits:
@@ -276,9 +342,3 @@ class SwitchMoE:
         if cfg.tie_embeddings:  # Mesh TensorFlow's rescaling before the shared embedding
             h = h * cfg.hidden ** -0.5
         return F.linear(h, self.lm_head)
-
-    def logits(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
-        """[Td, V] logits of a fresh sequence. The decoder runs in one call: capacity counts
-        over all Td tokens, as in transformers' forward."""
-        self.encode(input_ids)
-        return self.forward(decoder_input_ids, 0, all_logits=True)

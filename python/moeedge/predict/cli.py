@@ -94,7 +94,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def build_predictor(name: str, model: str | None, predictor_file: str | None, trace):
     """The predictor `name` for the trace's model (or `model`), trained ones from
     predictor_file or the file beside the model."""
-    from moeedge.api import open_checkpoint
+    from moeedge.formats.open import open_checkpoint
     from moeedge.formats.hf_config import DecoderConfig
     from moeedge.predict import NEEDS_FILE, make_predictor
     from moeedge.predict.bundle import FILENAME, load_bundle

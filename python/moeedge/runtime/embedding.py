@@ -26,6 +26,8 @@ class DiskEmbedding:
         self.fd = os.open(self.info.path, os.O_RDONLY)
 
     def rows(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.fd < 0:
+            raise RuntimeError(f"{self.info.path}: the embedding table's file is closed")
         ids = tokens.tolist()
         buf = bytearray(self.row_bytes * len(ids))
         for i, t in enumerate(ids):
@@ -47,7 +49,11 @@ class DiskEmbedding:
         return raw.view(self.info.dtype).view(len(ids), self.shape[1]).to(dtype)
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Idempotent: the descriptor number is forgotten, so a second close cannot close
+        another file that reused it, and a read after close raises."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def embedding_on_disk(ckpt: Checkpoint) -> StoredTensor | None:

@@ -11,8 +11,9 @@ import torch
 
 from moeedge._core import ExpertCache
 from moeedge.keys import ExpertKey
-from moeedge.sim import PICK_RATE_ALPHA as ALPHA
-from moeedge.sim import PREDICTED_DISCOUNT as DISCOUNT
+from moeedge.policies import PICK_RATE_ALPHA as ALPHA
+from moeedge.policies import PREDICTED_DISCOUNT as DISCOUNT
+from moeedge.policies import later_visits
 
 
 class PredictedEviction:
@@ -23,7 +24,7 @@ class PredictedEviction:
         self.n_layers, self.n_experts = n_layers, n_experts
         self.p = pick_rate.double().clone()           # [L, E] chance a token picks each expert
         self.q = torch.full((n_layers, n_experts), -1.0, dtype=torch.float64)  # this token's guesses
-        self.later = DISCOUNT ** n_layers / (1.0 - DISCOUNT ** n_layers)  # every visit after the next
+        self.later = later_visits(n_layers)  # every visit after the next
         self.key_of = {ExpertKey(layer, e).packed: (layer, e) for layer in range(n_layers) for e in range(n_experts)}
 
     def on_step(self, layer: int, picked: list[int], guesses: dict[int, torch.Tensor]) -> None:

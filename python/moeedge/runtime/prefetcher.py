@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from moeedge.formats.checkpoint import Checkpoint
 from moeedge.predict.predictors import Predictor
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.predicted_eviction import PredictedEviction
@@ -211,19 +210,18 @@ class Prefetcher:
                 "predicted_needed": list(self.needed)}
 
 
-def build_prefetcher(ckpt: Checkpoint, dense: dict, experts: ExpertAccess, name: str | None, lookahead: int,
-                predictor_file, policy: str) -> Prefetcher | None:
+def build_prefetcher(cfg, source: str | None, dense: dict, experts: ExpertAccess, name: str | None, lookahead: int,
+                     predictor_file, policy: str) -> Prefetcher | None:
     """What reads ahead and, for policy="predicted", feeds eviction; None when nothing does."""
     from moeedge.predict import make_predictor
     from moeedge.predict.bundle import FILENAME, load_bundle
 
-    cfg = ckpt.config
     if name is None and policy != "predicted":
         return None
-    path = Path(predictor_file) if predictor_file is not None else Path(ckpt.source) / FILENAME
+    path = Path(predictor_file) if predictor_file is not None else Path(source) / FILENAME if source else None
     if predictor_file is not None and not path.is_file():
         raise ValueError(f"predictor_file {path}: no such file")
-    bundle = load_bundle(path, len(cfg.moe_layers), cfg.n_experts) if path.is_file() else None
+    bundle = load_bundle(path, len(cfg.moe_layers), cfg.n_experts) if path and path.is_file() else None
     if name == "auto":
         # The best measured where its training exists (README, Expert prediction).
         name = AUTO_PREDICTOR if bundle is not None else "stale-gate"

@@ -32,18 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-POLICIES = ("lru", "lfu", "lfru", "layer", "score", "predicted", "belady")  # see moeedge.sim.policies
+from moeedge.policies import PICK_RATE_ALPHA, PREDICTED_DISCOUNT  # noqa: F401 (the simulator's, too)
+from moeedge.policies import SIM_POLICIES as POLICIES  # see moeedge.sim.policies
+
 _ITEMSIZE = {"torch.float32": 4, "torch.float16": 2, "torch.bfloat16": 2}
-# The "predicted" policy's two constants (moeedge.sim.predicted), here, not beside the
-# numba loop, because the runtime uses them and must not load numba (60 MiB of the
-# process's fixed cost). Chosen on the default model's held-out trace, the pair that was
-# best or within 0.002 of it at every capacity from 8 to 24 in both halves of the trace:
-# - PICK_RATE_ALPHA: the newest token's weight in each expert's moving pick rate
-#   (0.03-0.05 beat 0.1 by up to 0.004 of hit rate at 16-24, tied at 8-12);
-# - PREDICTED_DISCOUNT: a use's worth falls by this factor per step until it comes
-#   (0.7-0.8 within 0.002 of each other; 0.9 lost 0.01 at 8, 0.5 lost 0.005 everywhere).
-PICK_RATE_ALPHA = 0.03
-PREDICTED_DISCOUNT = 0.75
 
 
 @dataclass

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numba import njit
 
+from moeedge.policies import PICK_RATE_ALPHA, PREDICTED_DISCOUNT
 from moeedge.sim import POLICIES
 
 if TYPE_CHECKING:
@@ -327,7 +328,6 @@ def simulate(trace: Trace, policy: str, capacity: int, per_layer: bool = False,
     hit = np.zeros(keys.shape, dtype=np.uint8)
     evicted = np.full(keys.shape, keys.shape[0], dtype=np.int64)
     if policy == "predicted":
-        from moeedge.sim import PICK_RATE_ALPHA, PREDICTED_DISCOUNT
         from moeedge.sim.predicted import run_predicted
 
         if guesses is None:

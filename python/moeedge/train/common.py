@@ -101,7 +101,7 @@ def open_run(cfg) -> tuple[Path, Path, object, dict | None, dict | None]:
     that already finished, or None)."""
     from transformers.utils import logging as hf_logging
 
-    from moeedge.train import corpus as corpus_lib
+    from moeedge.data import corpus as corpus_lib
 
     hf_logging.disable_progress_bar()   # one progress bar: training's
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)

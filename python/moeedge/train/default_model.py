@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from moeedge.train import corpus as corpus_lib
+from moeedge.data import corpus as corpus_lib
 from moeedge.train.common import (StepClock, balance_loss, decay_start, length_if_due, lr_at,  # noqa: F401
                                   make_optimizer, open_run, open_state, publish, save_state,
                                   steps_if_decaying_after)
@@ -314,15 +314,10 @@ def command_line(cfg: TrainConfig, run: dict) -> str:
             f"--dense-steps {run['dense_steps']} --moe-steps {run['moe_steps']}")
 
 
-def train(cfg: TrainConfig) -> dict | None:
-    """The whole run; returns what training.json records, or None if stopped at cfg.stop_after."""
+def start_or_resume(cfg: TrainConfig, t0: float, state_dir: Path, corpus, meta: dict | None):
+    """(meta, run, state, batches): a new run's plan, or a stopped run's record and state."""
     import numpy as np
-    from safetensors.torch import load_file, save_file
 
-    t0 = time.monotonic()
-    out, state_dir, corpus, meta, finished = open_run(cfg)
-    if finished is not None:
-        return finished
     timings = prepare(cfg, state_dir, corpus) if meta is None else None
     batches = corpus_lib.Batches(np.load(state_dir / "train_tokens.npy"), cfg.seq_len, cfg.batch, cfg.seed)
     if meta is None:
@@ -343,6 +338,13 @@ def train(cfg: TrainConfig) -> dict | None:
           f"({batches.n_windows:,} windows); steps " + (f"{run['dense_steps']} dense + {run['moe_steps']} MoE"
           if plan["source"] == "given" else f"~{plan['estimated_dense_steps']} dense + "
           f"~{plan['estimated_moe_steps']} MoE at {plan['probe']['moe_tokens_per_s']:,.0f} tokens/s"), file=sys.stderr)
+    return meta, run, state, batches
+
+
+def train_phases(cfg: TrainConfig, run: dict, state: dict | None, batches, state_dir: Path):
+    """Dense training, upcycling, then MoE training, from wherever run stopped; the trained
+    MoE model, or None if stopped at cfg.stop_after."""
+    from safetensors.torch import save_file
 
     if run["phase"] == "dense":
         model = build(cfg, moe=False, seed=cfg.seed)
@@ -365,16 +367,22 @@ def train(cfg: TrainConfig) -> dict | None:
     del state
     if not run_phase("moe", model, optimizer, batches, run, cfg, state_dir):
         return None
-    del optimizer
+    return model
+
+
+def finish(cfg: TrainConfig, model, run: dict, meta: dict, corpus, batches, t0: float, out: Path,
+           state_dir: Path) -> dict:
+    """Export, measure (the model card), and publish the trained model; what training.json records."""
+    from safetensors.torch import load_file
+
+    from moeedge.train import model_card
 
     staging = state_dir / "final"
     export(model, cfg, state_dir, staging)
-    from moeedge.train import model_card
-
     dense = build(cfg, moe=False, seed=cfg.seed)
     dense.load_state_dict(load_file(state_dir / "dense.safetensors"))
     eval_start = time.monotonic()
-    figures = model_card.evaluate(staging, dense, state_dir, cfg, plan["eval_tokens"])
+    figures = model_card.evaluate(staging, dense, state_dir, cfg, run["plan"]["eval_tokens"])
     record = {**meta, "corpus": corpus.manifest(), "dense_steps": run["dense_steps"], "moe_steps": run["moe_steps"],
               "tokens_seen": run["step"] * cfg.batch * cfg.seq_len, "epochs": batches.epochs(run["step"]),
               "log": run["log"], "train_s": run["train_s"], "eval_s": time.monotonic() - eval_start,
@@ -388,6 +396,19 @@ def train(cfg: TrainConfig) -> dict | None:
           f"(unigram {figures['perplexity']['unigram']:.1f}); {record['wall_s_this_session'] / 60:.1f} minutes",
           file=sys.stderr)
     return record
+
+
+def train(cfg: TrainConfig) -> dict | None:
+    """The whole run; returns what training.json records, or None if stopped at cfg.stop_after."""
+    t0 = time.monotonic()
+    out, state_dir, corpus, meta, finished = open_run(cfg)
+    if finished is not None:
+        return finished
+    meta, run, state, batches = start_or_resume(cfg, t0, state_dir, corpus, meta)
+    model = train_phases(cfg, run, state, batches, state_dir)
+    if model is None:
+        return None
+    return finish(cfg, model, run, meta, corpus, batches, t0, out, state_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

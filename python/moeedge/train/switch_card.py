@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from moeedge.formats.switch_checkpoint import sparse_blocks
 from moeedge.train import model_card
-from moeedge.train.span_corruption import EOS_ID, TOKENIZER_FILE, sentinel, shift_right
+from moeedge.data.span_corruption import EOS_ID, TOKENIZER_FILE, sentinel, shift_right
 from moeedge.train.switch_model import SwitchTrainConfig, load_exported
 
 EVAL_SEED = 20210111   # the held-out corruption, whatever the training seed (Switch's arXiv date)

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
-from moeedge.train import corpus as corpus_lib
+from moeedge.data import corpus as corpus_lib
 from moeedge.train.common import StepClock, balance_loss, length_if_due, lr_at, open_run, publish, save_state
-from moeedge.train.span_corruption import (EOS_ID, PAD_ID, TOKENIZER_FILE, SpanBatches, SpanCorruption, encode_stream,
+from moeedge.data.span_corruption import (EOS_ID, PAD_ID, TOKENIZER_FILE, SpanBatches, SpanCorruption, encode_stream,
                                            shift_right, tokenizer_config, train_tokenizer)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moeedge.train import corpus as corpus_lib
+from moeedge.data import corpus as corpus_lib
 
 TOKENIZER_FILE = "tokenizer.model"   # read by moeedge and by transformers' SentencePieceBackend
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"   # T5's ids 0, 1, 2; no BOS

@@ -2,7 +2,7 @@
 
 EdgeMoE's idea: experts differ in how much their output suffers from fewer bits, and in how
 often the router uses them. Calibration runs the source model over text from the TRAINING
-split of the default model's corpus (moeedge.train.corpus; never the held-out packages
+split of the default model's corpus (moeedge.data.corpus; never the held-out packages
 that `moeedge eval` scores) and records, with the runtime's recorder hook, the hidden
 state entering each MoE layer and the router's picks. For expert e of a layer, over the
 calibration tokens t routed to it with gate g_t:

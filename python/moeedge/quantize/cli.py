@@ -26,7 +26,7 @@ def add_quantize_parser(subparsers) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from moeedge.quantize import describe, quantize_checkpoint
+    from moeedge.quantize.writer import describe, quantize_checkpoint
 
     meta = quantize_checkpoint(args.source, args.output, bits=args.bits, group=args.group,
                                per_expert_bits=args.per_expert_bits, target_bits=args.target_bits,

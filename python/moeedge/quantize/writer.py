@@ -1,7 +1,7 @@
 """`moeedge quantize SOURCE --bits 8|4 [--group G] [--per-expert-bits auto --target-bits B] -o OUT`:
 a Hugging Face decoder MoE directory with its experts in moeedge's group-wise int8/int4
 (the directory's format: moeedge.formats.quant_checkpoint; the weights':
-moeedge.formats.group_quant; how per-expert bits are chosen: moeedge.quantize_bits).
+moeedge.formats.group_quant; how per-expert bits are chosen: moeedge.quantize.bits).
 
 The output is assembled beside OUT and renamed into place when complete; model.safetensors
 is written one tensor at a time (its header is planned first), so only one expert is in
@@ -146,9 +146,9 @@ def select_bits(ckpt: Checkpoint, reader: ExpertReader, group: int, target_bits:
                 window: int, memory_budget, progress: bool) -> tuple[list[list[int]], dict]:
     """--per-expert-bits auto: bits per expert, and how they were chosen."""
     import moeedge
-    from moeedge import quantize_bits
+    from moeedge.quantize import bits as quantize_bits
     from moeedge.evaluate import corpus_windows
-    from moeedge.train.corpus import HELD_OUT
+    from moeedge.data.corpus import HELD_OUT
 
     with moeedge.load(ckpt.source, memory_budget=memory_budget, max_context=window) as model:
         if model.tokenizer is None:

@@ -1,0 +1,175 @@
+"""The decoder's feed-forward blocks: dense MLPs, Qwen2-MoE's shared expert, and MoE
+layers whose experts come from the native cache (moeedge.runtime.experts), computed in
+expert order so that the result does not depend on what happened to be cached.
+Shapes: T = rows in this step, H = hidden, E = experts, K = top-k."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from moeedge.formats.hf_config import DecoderConfig
+from moeedge.kernels import linear
+from moeedge.runtime.experts import ExpertAccess
+
+# A feed-forward's activations (gate, up, their product: about four [rows, intermediate]
+# tensors) are computed this many bytes of them at a time, so that a prefill chunk of
+# wide experts (64 MiB ones have 58,254 neurons) needs a few MiB rather than one
+# chunk-sized copy per projection; the memory plan counts this, not chunk x intermediate.
+FFN_ACTIVATION_BYTES = 8 << 20
+
+
+def by_rows(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """fn applied to x `rows` rows at a time (each row's result depends on that row only)."""
+    if x.shape[0] <= rows:
+        return fn(x)
+    return torch.cat([fn(part) for part in x.split(rows)])
+
+
+def widest_ffn(cfg: DecoderConfig) -> int:
+    return max(cfg.expert_intermediate, cfg.dense_intermediate, cfg.shared_expert_intermediate)
+
+
+def ffn_rows(cfg: DecoderConfig) -> int:
+    """Token rows per feed-forward block (FFN_ACTIVATION_BYTES), fp32 activations."""
+    return max(1, FFN_ACTIVATION_BYTES // (4 * widest_ffn(cfg) * 4))
+
+
+class DecoderFFN:
+    """The feed-forward half of DecoderMoE (a mixin: it uses the runner's cfg, w, experts,
+    base, rows, prefetcher and recorder)."""
+
+    cfg: DecoderConfig
+    w: dict
+    experts: ExpertAccess
+    base: dict[int, tuple[torch.Tensor, ...]]
+    rows: int
+    moe_index: dict[int, int]
+
+    def _router_name(self, layer: int) -> str:
+        return f"model.layers.{layer}.{'block_sparse_moe' if self.cfg.family == 'mixtral' else 'mlp'}.gate.weight"
+
+    def _mlp(self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        return by_rows(lambda rows: linear(F.silu(linear(rows, gate)) * linear(rows, up), down), x, self.rows)
+
+    @staticmethod
+    def _lowrank_mlp(x: torch.Tensor, gate_base: torch.Tensor, up_base: torch.Tensor, down_base: torch.Tensor,
+                     ew) -> torch.Tensor:
+        """An expert whose weights are base + b @ a: base(x) + b (a x) for each projection,
+        the base's gate and up products given (shared by the layer's experts). The expert's
+        own weights are never formed: a and b are all that was read."""
+        gate = gate_base + linear(linear(x, ew["gate_a"]), ew["gate_b"])
+        up = up_base + linear(linear(x, ew["up_a"]), ew["up_b"])
+        h = F.silu(gate) * up
+        return linear(h, down_base) + linear(linear(h, ew["down_a"]), ew["down_b"])
+
+    def _lowrank_mlp_block(self, x: torch.Tensor, base: tuple[torch.Tensor, ...], ew) -> torch.Tensor:
+        """_lowrank_mlp for rows whose base products were not computed for the whole step."""
+        return self._lowrank_mlp(x, linear(x, base[0]), linear(x, base[1]), base[2], ew)
+
+    def route(self, x: torch.Tensor, layer: int,
+              logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, K] gate weights and stored-expert indices, as the checkpoint's router picks them
+        (from its logits [T, E] where they were computed already).
+        An aggregated variant keeps the router's E outputs and maps them to its stored experts
+        (cfg.expert_map): two picks may then name one expert, which _moe runs once."""
+        if logits is None:
+            logits = linear(x, self.w[self._router_name(layer)])  # [T, E]
+        table = None if self.cfg.expert_map is None else torch.tensor(self.cfg.expert_map[self.moe_index[layer]])
+        if table is not None:  # experts a pruned variant dropped leave the router, as in NAEE
+            logits = logits.masked_fill(table < 0, float("-inf"))
+        probs = torch.softmax(logits.float(), dim=-1)
+        top_w, top_i = torch.topk(probs, self.cfg.top_k, dim=-1)
+        if self.cfg.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        if self.cfg.family != "mixtral":  # transformers' Mixtral keeps the gate weights in fp32
+            top_w = top_w.to(logits.dtype)
+        if table is not None:
+            top_i = table[top_i]
+            # Fewer kept experts than k: the extra picks have gate 0; they repeat the first pick
+            # so that nothing more runs.
+            dropped = top_i < 0
+            top_i = torch.where(dropped, top_i[:, :1], top_i)
+            top_w = top_w.masked_fill(dropped, 0.0)
+        return top_w, top_i
+
+    def _moe(self, x: torch.Tensor, layer: int, logits: torch.Tensor | None = None) -> torch.Tensor:
+        moe_layer = self.moe_index[layer]
+        top_w, top_i = self.route(x, layer, logits)
+        if self.recorder is not None:
+            self.recorder(moe_layer, top_i, top_w, x)
+        # (torch.unique sorts: about 70 µs a call here, for two numbers)
+        chosen = sorted(set(top_i[0].tolist())) if x.shape[0] == 1 else torch.unique(top_i).tolist()
+        # Resident experts first while the missing ones are read; each expert's
+        # output is summed in expert order afterwards, so the result does not
+        # depend on what happened to be cached.
+        missing = [e for e in chosen if not self.experts.resident(moe_layer, e)]
+        if self.prefetcher is not None:  # first: it scores what the reads below may evict
+            self.prefetcher.on_route(moe_layer, x, top_i, decoding=x.shape[0] == 1)
+        self.experts.prefetch(moe_layer, missing, priority=1)
+        if x.shape[0] == 1 and layer not in self.base:
+            out = self._moe_token(x, moe_layer, chosen, missing, top_w, top_i)
+        else:
+            out = self._moe_tokens(x, layer, moe_layer, chosen, missing, top_w, top_i)
+        p = f"model.layers.{layer}.mlp."
+        if p + "shared_expert.gate_proj.weight" in self.w:  # Qwen2-MoE
+            shared = self._mlp(x, self.w[p + "shared_expert.gate_proj.weight"],
+                               self.w[p + "shared_expert.up_proj.weight"], self.w[p + "shared_expert.down_proj.weight"])
+            out = out + torch.sigmoid(linear(x, self.w[p + "shared_expert_gate.weight"])) * shared
+        return out
+
+    def _moe_token(self, x: torch.Tensor, moe_layer: int, chosen: list[int], missing: list[int],
+                   top_w: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+        """_moe_tokens for one token (a decode step), in a third of the torch calls: the same
+        products and the same fp32 sum in expert order."""
+        gates = dict.fromkeys(chosen, 0.0)
+        for e, g in zip(top_i[0].tolist(), top_w[0].tolist()):  # fp32 values; a pair's sum rounds as in fp32
+            gates[e] += g
+        outputs = {}
+        for e in sorted(chosen, key=lambda e: e in missing):
+            ffn = self.experts.ffn(moe_layer, e) if x.dtype == torch.float32 == top_w.dtype else None
+            if ffn is not None:  # one native call (moeedge._core.ExpertFfn)
+                outputs[e] = torch.empty_like(x)
+                ffn(x.numpy(), self.experts.buffer(moe_layer, e), outputs[e].numpy(), gates[e])
+                continue
+            ew = self.experts.get(moe_layer, e)
+            y = linear(F.silu(linear(x, ew["gate"])) * linear(x, ew["up"]), ew["down"])
+            outputs[e] = y.mul_(gates[e]) if y.dtype == top_w.dtype else (y * top_w.new_tensor(gates[e])).to(x.dtype)
+            del ew  # unpin before the next expert is read
+        out = outputs[chosen[0]]
+        for e in chosen[1:]:
+            out = out + outputs[e]
+        return out
+
+    def _moe_tokens(self, x: torch.Tensor, layer: int, moe_layer: int, chosen: list[int], missing: list[int],
+                    top_w: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+        base = self.base.get(layer)
+        # low-rank: the base's products once for every token, where they fit in one block
+        shared_base = base is not None and x.shape[0] <= self.rows
+        if shared_base:
+            gate_base, up_base = linear(x, base[0]), linear(x, base[1])
+        outputs: dict[int, torch.Tensor] = {}
+        for e in sorted(chosen, key=lambda e: e in missing):
+            picked = top_i == e  # [T, K]; a merged variant's token may pick e twice: gates summed
+            tokens = torch.where(picked.any(dim=-1))[0]
+            ew = self.experts.get(moe_layer, e)
+            if base is None:
+                y = self._mlp(x[tokens], ew["gate"], ew["up"], ew["down"])
+            elif shared_base:
+                y = self._lowrank_mlp(x[tokens], gate_base[tokens], up_base[tokens], base[2], ew)
+            else:
+                y = by_rows(partial(self._lowrank_mlp_block, base=base, ew=ew), x[tokens], self.rows)
+            del ew  # unpin before the next expert is read
+            outputs[e] = (tokens, y * (top_w * picked)[tokens].sum(dim=-1, keepdim=True))
+        out = torch.zeros_like(x)
+        for e in chosen:
+            tokens, y = outputs[e]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out
+
+    def _ffn(self, x: torch.Tensor, layer: int, logits: torch.Tensor | None = None) -> torch.Tensor:
+        if layer in self.moe_index:
+            return self._moe(x, layer, logits)
+        p = f"model.layers.{layer}.mlp."
+        return self._mlp(x, self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"])

@@ -1,0 +1,151 @@
+"""Where every byte of the budget goes. The budget is what the whole process may use,
+the number a user would give a cgroup limit: the process's fixed cost (measured, by
+moeedge.runtime.measure), then dense weights, the KV cache of each sequence, a resident
+draft model, activation buffers, and the expert cache in the rest. Runners report what
+they need (KV bytes, activation bytes) with no slack of their own; the slack is here."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Protocol
+
+from moeedge._core import BudgetError, ExpertCache
+from moeedge.units import format_bytes
+
+if TYPE_CHECKING:  # the harness imports this module and must not map torch (tests/test_harness.py)
+    import torch
+
+# torch's allocator, glibc arenas and Python objects made while running: headroom that
+# the real-cgroup tests at the smallest budget hold (tests/test_memory_plan.py) and the
+# benchmark matrix's runs at each model's minimum confirm (no OOM kill).
+SLACK_BYTES = 48 << 20
+# The fixed cost differs by a few MiB between processes (what each imported first): the
+# minimum a user is told leaves this much room, so it loads in a fresh process too.
+FIXED_JITTER_BYTES = 8 << 20
+# Tokens per prefill step, largest first. The largest that fits the budget is used: a
+# smaller chunk holds fewer activations (mixtral-medium at max_context 256: 84 MiB of
+# buffers at 128, 52 at 16, as `moeedge.load(...).plan` reports them), but a prompt's
+# chunks each read the experts they route to that the cache could not keep, so a tight
+# budget trades prefill speed for fitting at all.
+PREFILL_CHUNKS = (128, 64, 32, 16)
+# How long a prefill waits for guesses being read to let go of the bytes it borrows.
+BORROW_WAIT_SECONDS = 30
+
+
+class Needs(Protocol):
+    """What a runner class reports to the planner (moeedge.models.runner.Runner)."""
+
+    @classmethod
+    def kv_bytes(cls, cfg, max_context: int, dtype: torch.dtype) -> int: ...
+
+    @classmethod
+    def activation_bytes(cls, cfg, max_context: int, chunk: int) -> int: ...
+
+    @classmethod
+    def dense_bytes(cls, ckpt, dtype: torch.dtype) -> int: ...
+
+
+@dataclass
+class MemoryPlan:
+    budget_bytes: int
+    fixed_bytes: int          # measured: the process before the model
+    dense_bytes: int
+    kv_cache_bytes: int       # every sequence's: n_sequences x one sequence's
+    buffer_bytes: int         # activations of one decode step, logits, slack
+    expert_cache_bytes: int
+    min_budget_bytes: int     # fixed + dense + KV + one layer's top-k experts + prefill buffers
+    prefill_chunk: int = 0    # tokens per prefill step
+    # What a prefill step's activations need beyond buffer_bytes: taken from the expert
+    # cache while a prompt is read (each chunk reads most experts again anyway), so that
+    # decoding keeps those bytes for experts.
+    prefill_borrow_bytes: int = 0
+    n_sequences: int = 1      # KV slots: sequences decoded together
+    draft_bytes: int = 0      # a resident draft model's weights and KV (speculative decoding)
+    # Per MoE layer, the representation its experts are read in ("" for as stored).
+    expert_variants: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return ", ".join(f"{k.removesuffix('_bytes')} {format_bytes(v) if k.endswith('_bytes') else v}"
+                         for k, v in asdict(self).items())
+
+
+def split_budget(budget_bytes: int, fixed_bytes: int, dense_bytes: int, kv_cache_bytes: int, buffer_bytes: int,
+                 min_expert_bytes: int, prefill_chunk: int = 0, draft_bytes: int = 0) -> MemoryPlan:
+    """Split the budget; BudgetError with every number when it is below the smallest workable one."""
+    committed = fixed_bytes + dense_bytes + kv_cache_bytes + buffer_bytes + draft_bytes
+    minimum = committed + min_expert_bytes + FIXED_JITTER_BYTES
+    if budget_bytes < committed + min_expert_bytes:
+        draft = f" + draft model {format_bytes(draft_bytes)}" if draft_bytes else ""
+        raise BudgetError(
+            f"memory budget {format_bytes(budget_bytes)} is below the smallest workable budget "
+            f"{format_bytes(minimum)} ({minimum} bytes): fixed cost {format_bytes(fixed_bytes)} + dense weights "
+            f"{format_bytes(dense_bytes)} + KV cache {format_bytes(kv_cache_bytes)} + buffers "
+            f"{format_bytes(buffer_bytes)}{draft} + one MoE layer's top-k experts {format_bytes(min_expert_bytes)}; "
+            f"a smaller max_context shrinks the KV cache")
+    return MemoryPlan(budget_bytes, fixed_bytes, dense_bytes, kv_cache_bytes, buffer_bytes,
+                      budget_bytes - committed, minimum, prefill_chunk, draft_bytes=draft_bytes)
+
+
+def buffer_bytes(runner: type[Needs], cfg, max_context: int, chunk: int) -> int:
+    return runner.activation_bytes(cfg, max_context, chunk) + SLACK_BYTES
+
+
+def plan_checkpoint(ckpt, runner: type[Needs], slot_bytes: int, budget: int, fixed: int, max_context: int,
+                    dtype: torch.dtype, on_disk_bytes: int = 0, n_sequences: int = 1) -> MemoryPlan:
+    """The memory plan of this checkpoint in this budget, with the largest prefill chunk
+    that fits; BudgetError below the smallest workable budget (that of the smallest chunk),
+    which min_budget_bytes reports. slot_bytes: the largest expert's bytes in the cache;
+    on_disk_bytes: the dense bytes left in their file (the embedding table, if it stays
+    there: moeedge.runtime.embedding)."""
+    cfg = ckpt.config
+    dense = runner.dense_bytes(ckpt, dtype) - on_disk_bytes
+    kv = n_sequences * runner.kv_bytes(cfg, max_context, dtype)
+    chunks = sorted({min(c, max_context) for c in PREFILL_CHUNKS}, reverse=True)
+    decode = buffer_bytes(runner, cfg, max_context, 1)
+
+    def plan(chunk: int, budget: int) -> MemoryPlan:
+        p = split_budget(budget, fixed, dense, kv, buffer_bytes(runner, cfg, max_context, chunk),
+                         cfg.top_k * slot_bytes, chunk)
+        borrow = p.buffer_bytes - decode
+        return replace(p, buffer_bytes=decode, expert_cache_bytes=p.expert_cache_bytes + borrow,
+                       prefill_borrow_bytes=borrow, n_sequences=n_sequences)
+
+    smallest = plan(chunks[-1], 1 << 62).min_budget_bytes
+    for chunk in chunks[:-1]:
+        try:
+            return replace(plan(chunk, budget), min_budget_bytes=smallest)
+        except BudgetError:
+            continue
+    return plan(chunks[-1], budget)
+
+
+def expert_budget(plan: MemoryPlan, all_experts_bytes: int) -> int:
+    """The expert cache's budget: its share of the plan, but never more than every expert."""
+    return min(plan.expert_cache_bytes, all_experts_bytes)
+
+
+@contextlib.contextmanager
+def prefill_borrow(cache: ExpertCache, plan: MemoryPlan):
+    """The expert cache lends the prefill's activations their bytes (plan.prefill_borrow_bytes)."""
+    full = cache.budget_bytes
+    lent = min(full, plan.expert_cache_bytes - plan.prefill_borrow_bytes)
+    if lent < full:
+        # Guesses being read hold room: cancel them, and wait for the chunk each is on.
+        cache.cancel_prefetches()
+        deadline = time.monotonic() + BORROW_WAIT_SECONDS
+        while True:
+            try:
+                cache.set_budget(lent)
+                break
+            except BudgetError:  # says what holds the bytes, if they are never let go
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.001)
+    try:
+        yield
+    finally:
+        cache.set_budget(full)
