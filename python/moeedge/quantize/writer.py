@@ -25,6 +25,7 @@ from moeedge.formats.quant_checkpoint import FORMAT, QUANT_FILE, VERSION, expert
 from moeedge.formats.safetensors_file import DTYPES
 from moeedge.kernels import QuantTensor
 from moeedge.units import format_bytes
+from moeedge._core import ExpertStore
 
 DEFAULT_GROUP = 64
 CALIBRATION_TOKENS = 4096
@@ -60,8 +61,6 @@ class ExpertReader:
     one expert at a time."""
 
     def __init__(self, ckpt: Checkpoint):
-        from moeedge._core import ExpertStore
-
         self.ckpt = ckpt
         self.store = ExpertStore(ckpt.files, ckpt.expert_ranges)
 
