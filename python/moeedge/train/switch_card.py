@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moeedge.formats.switch_checkpoint import sparse_blocks
+from moeedge.formats.switch_config import sparse_blocks
 from moeedge.train import model_card
 from moeedge.train.span_corruption import EOS_ID, TOKENIZER_FILE, sentinel, shift_right
 from moeedge.train.switch_model import SwitchTrainConfig, load_exported
