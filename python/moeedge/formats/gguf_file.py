@@ -19,6 +19,12 @@ from moeedge.formats.trust import open_regular
 GGUF_MAGIC = b"GGUF"
 HEADER_BYTES = 24  # magic, version, tensor count, metadata count
 MAX_DIMS = 4       # GGML_MAX_DIMS
+# What a real file holds with room to spare (Mixtral-8x22B: 563 tensors, ~40 metadata
+# keys, arrays of up to a vocabulary's merges). Parsing builds Python objects for each, so
+# a hostile count is refused before the parse, not allocated.
+MAX_TENSORS = 1 << 16
+MAX_METADATA = 1 << 16
+MAX_ARRAY = 1 << 22
 
 # ggml type id -> (name, dtype of its bytes, quant, weights per block, bytes per block)
 TYPES = {
@@ -82,6 +88,9 @@ def _checked_reader_class():
             n, itype = int(alen[0]), GGUFValueType(int(raw_itype[0]))
             if n > len(self.data) - orig_offs:  # every element takes at least one byte
                 raise ValueError(f"an array at offset {orig_offs} claims {n} elements, more than the file holds")
+            if n > MAX_ARRAY:
+                raise ValueError(f"an array at offset {orig_offs} claims {n} elements, more than the "
+                                 f"{MAX_ARRAY} moeedge reads")
             types = [GGUFValueType.ARRAY, itype]
             scalar = self.gguf_scalar_to_np.get(itype)
             if scalar is not None:  # numbers: one part holds them all; contents() lists them
@@ -124,6 +133,14 @@ def _field_value(field):
     return field.parts[-1].tolist()[0]
 
 
+def _check_counts(path: str, head: bytes) -> None:
+    order = "<" if struct.unpack_from("<I", head, 4)[0] <= 0xFFFF else ">"  # a version, or one byte-swapped
+    n_tensors, n_metadata = struct.unpack_from(order + "QQ", head, 8)
+    for what, n, limit in (("tensor count", n_tensors, MAX_TENSORS), ("metadata count", n_metadata, MAX_METADATA)):
+        if n > limit:
+            raise CheckpointError(f"{path}: GGUF header {what} = {n}, more than the {limit} moeedge reads")
+
+
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
     """Parse and validate a GGUF file's metadata and tensor table; CheckpointError names the file and tensor."""
     path = str(path)
@@ -135,6 +152,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         os.close(fd)
     if len(head) < HEADER_BYTES or head[:4] != GGUF_MAGIC:  # its first bytes are not shown: it may be any file
         raise CheckpointError(f"{path}: not a GGUF file ({size} bytes, not starting with {GGUF_MAGIC!r})")
+    _check_counts(path, head)
     try:
         reader = _checked_reader_class()(path)
         metadata = {name: _field_value(field) for name, field in reader.fields.items() if field.types}

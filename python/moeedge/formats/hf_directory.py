@@ -17,6 +17,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 # Trained expert predictors kept beside the weights (moeedge.predict.bundle): not a shard.
 PREDICTOR_FILE = "moeedge_predictor.safetensors"
+# Files others read from the directory by these names (moeedge.runtime.prefetcher the
+# predictors, moeedge.derived copies them): checked when the checkpoint is opened.
+SIDE_FILES = (PREDICTOR_FILE, "generation_config.json")
 # JSON descriptions (config, index, moeedge's own) are kilobytes; a real index of a
 # 100k-tensor model a few MiB. A larger one is refused before it is read.
 MAX_JSON_BYTES = 64 << 20
@@ -89,6 +92,10 @@ class HFDirectory:
             raise CheckpointError(f"{index}: not a valid safetensors index (weight_map must map tensor names to "
                                   f"file names, got {shown(weight_map)})")
         return weight_map
+
+    def check_side_files(self) -> None:
+        for name in SIDE_FILES:
+            self.find(name)
 
     def tokenizer_files(self, aliases: dict[str, str] | None = None) -> dict[str, str]:
         """Tokenizer file name -> path, of those present. aliases: name -> another file

@@ -44,6 +44,7 @@ def open_hf_directory(path: str | os.PathLike) -> Checkpoint:
     if not isinstance(model_type, str) or model_type not in SUPPORTED:
         raise CheckpointError(f"{directory.path / 'config.json'}: model_type {shown(model_type)} is not supported; "
                               f"supported: {', '.join(SUPPORTED)}")
+    directory.check_side_files()
     if model_type == SWITCH:
         return open_switch(directory, raw)
     if directory.find(QUANT_FILE) is not None:  # written by `moeedge quantize`
