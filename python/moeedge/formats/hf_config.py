@@ -59,7 +59,7 @@ def rope_theta(f: Fields, path: Path) -> float:
     return f.number("rope_theta", 10000.0)
 
 
-def attention_shape(f: Fields, path: Path) -> tuple[int, int, int, int]:
+def attention_shape(f: Fields) -> tuple[int, int, int, int]:
     """(hidden, heads, kv heads, head dim), each checked and consistent."""
     hidden = f.count("hidden_size", MAX_WIDTH)
     n_heads = f.count("num_attention_heads", MAX_HEADS)
@@ -106,7 +106,7 @@ def decoder_config(raw: dict, path: Path) -> DecoderConfig:
     f.require("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
     n_layers = f.count("num_hidden_layers", MAX_LAYERS)
     vocab = f.count("vocab_size", MAX_VOCAB)
-    hidden, n_heads, n_kv, head_dim = attention_shape(f, path)
+    hidden, n_heads, n_kv, head_dim = attention_shape(f)
     common = dict(family=family, n_layers=n_layers, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv,
                   head_dim=head_dim, vocab=vocab, rms_eps=f.number("rms_norm_eps", 1e-5),
                   rope_theta=rope_theta(f, path), max_position=f.count("max_position_embeddings", MAX_CONTEXT, 4096),
