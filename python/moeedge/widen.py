@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moeedge.derived import check_output, open_decoder_source, publish
-from moeedge.formats.hf_checkpoint import EXPERT_NAMES
+from moeedge.formats.decoder_tensors import EXPERT_NAMES
 from moeedge.units import format_bytes, parse_bytes
 from moeedge._core import ExpertStore
 from moeedge.keys import ExpertKey

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moeedge import _core
-from moeedge.formats.hf_checkpoint import expert_tensor_names
+from moeedge.formats.decoder_tensors import expert_tensor_names
 from moeedge.formats.hf_config import DecoderConfig
 from moeedge.kernels import CONVERT_BLOCK_BYTES, NATIVE_MAX_TOKENS, linear, stored
 from moeedge.models.decoder_ffn import DecoderFFN, ffn_rows, widest_ffn

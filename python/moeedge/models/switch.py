@@ -17,7 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moeedge.formats.switch_checkpoint import SwitchConfig, expert_tensor_names, ff_prefix
+from moeedge.formats.switch_checkpoint import expert_tensor_names, ff_prefix
+from moeedge.formats.switch_config import SwitchConfig
 from moeedge.models.runner import NonFiniteError, Prediction, Sequence, SlotPool, check_batch, check_finite
 from moeedge.runtime.experts import ExpertAccess
 

@@ -23,7 +23,7 @@ from moeedge.formats.group_quant import BITS, GROUP_SIZES, qweight_shape, quanti
 from moeedge.formats.hf_config import DecoderConfig
 from moeedge.formats.quant_checkpoint import FORMAT, QUANT_FILE, VERSION, expert_matrices
 from moeedge.formats.safetensors_file import DTYPES
-from moeedge.kernels import QuantTensor
+from moeedge.formats.quant_tensor import QuantTensor
 from moeedge.units import format_bytes
 from moeedge._core import ExpertStore
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import SwitchTransformersForConditionalGeneration
 
-from moeedge.formats.switch_checkpoint import sparse_blocks
+from moeedge.formats.switch_config import sparse_blocks
 from moeedge.train import model_card
 from moeedge.data.span_corruption import EOS_ID, TOKENIZER_FILE, sentinel, shift_right
 
