@@ -14,7 +14,9 @@ from moeedge.formats.trust import open_regular, require_regular, resolve_inside,
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# chat_template.jinja: where transformers 4.50+ saves the chat template
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
 # Trained expert predictors kept beside the weights (moeedge.predict.bundle): not a shard.
 PREDICTOR_FILE = "moeedge_predictor.safetensors"
 # Files others read from the directory by these names (moeedge.runtime.prefetcher the
