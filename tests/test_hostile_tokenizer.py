@@ -425,7 +425,7 @@ def test_broken_templates_give_one_clear_error(source, message):
 
 
 def test_a_template_too_long_is_refused():
-    with pytest.raises(ChatTemplateError, match="over the limit of 1,048,576"):
+    with pytest.raises(ChatTemplateError, match="over the limit of 262,144"):
         ChatTemplate("x" * (ct.MAX_TEMPLATE_CHARS + 1))
 
 

@@ -39,7 +39,7 @@ import jinja2.visitor
 # Real templates are a few KB (the longest, with tool calling, under 20 KB); real prompts are
 # bounded by a context of at most ~1M tokens. Each limit is far above what a real template
 # does, and far below what would hurt the machine. Module-level so tests can lower them.
-MAX_TEMPLATE_CHARS = 1 << 20
+MAX_TEMPLATE_CHARS = 256 << 10  # compiling takes ~20 us a character, outside the deadline
 MAX_OUTPUT_CHARS = 4 << 20     # the rendered prompt
 MAX_VALUE_CHARS = 4 << 20      # one string (characters) or list (items) the template builds
 MAX_TOTAL_CHARS = 64 << 20     # all of them, in one rendering
@@ -208,32 +208,35 @@ def _counted(result, what: str):
 _END = object()
 
 
-def _printed_size(value, indent: int = 0) -> int:
-    """How many characters str(value) or json.dumps(value) has, about: every string, item and
-    indentation counted each time it appears, so a list of a thousand references to one long
-    string counts a thousand times. Stops counting past MAX_VALUE_CHARS."""
+def _printed_size(*values, indent: int = 0) -> int:
+    """How many characters str() or json.dumps() of the values have together, about: every
+    string, item and indentation counted each time it appears, so a list of a thousand
+    references to one long string counts a thousand times. Stops counting past the cap, so
+    it costs at most that many steps, however large or shared the values."""
     total = 0
-    stack = [iter((value,))]
-    while stack:
+    stack = [iter(values)]
+    while stack and total <= MAX_VALUE_CHARS:
         v = next(stack[-1], _END)
         if v is _END:
             stack.pop()
             continue
-        total += 2 + indent * len(stack)
+        inside = len(stack) > 1
+        if inside:  # quotes or a separator, and the indentation of json.dumps(indent=...)
+            total += 2 + indent * (len(stack) - 1)
         if isinstance(v, str):
             total += len(v)
         elif isinstance(v, (bytes, bytearray)):
             total += 4 * len(v)
         elif isinstance(v, Mapping):
+            total += 2
             stack.append(itertools.chain.from_iterable(v.items()))
         elif isinstance(v, (list, tuple, set, frozenset, KeysView, ValuesView, ItemsView)):
+            total += 2
             stack.append(iter(v))
         elif isinstance(v, jinja2.utils.Namespace):
             stack.append(iter((v._Namespace__attrs,)))
         else:
             total += 24  # numbers, None, undefined, and objects whose repr is short
-        if total > MAX_VALUE_CHARS:
-            break
     return total
 
 
@@ -250,15 +253,14 @@ _PERCENT_FIELD = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?[a
 _UNBOUNDED = MAX_VALUE_CHARS + 1
 
 
-def _text_size(value) -> int:
-    """The length of str(value), about."""
-    return len(value) if isinstance(value, str) else _printed_size(value)
-
-
 def _format_size(fmt: str, pads: list[int], values) -> int:
     """The length of fmt filled in, at most: each field may print the largest value, padded by
     the widths and precisions written in it."""
-    biggest = max((_text_size(v) for v in values), default=0)
+    biggest = 0
+    for v in values:
+        biggest = max(biggest, _printed_size(v))
+        if biggest > MAX_VALUE_CHARS:
+            break
     return len(fmt) + sum(pads) + len(pads) * biggest
 
 
@@ -289,7 +291,7 @@ def _binop(operator: str, a, b):
     elif operator == "*" and isinstance(a, int) and isinstance(b, int):
         _allow_int(a.bit_length() + b.bit_length())
     elif operator == "**" and isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1:
-        _allow_int((a.bit_length() - 1) * b + 1)
+        _allow_int(a.bit_length() * b)
     elif operator == "%" and isinstance(a, str):
         size = _percent_size(a, b)
     if size is not None:
@@ -318,13 +320,13 @@ def _str_method_size(name: str, s: str, args: tuple, kwargs: dict) -> int | None
             n = min(n, args[2])
         return len(s) + n * len(args[1])
     if name == "join" and isinstance(arg, (list, tuple)):
-        return sum(map(_text_size, arg)) + len(s) * len(arg)
+        return _printed_size(*arg) + len(s) * len(arg)
     if name == "format":
         return _str_format_size(s, args, kwargs)
     if name == "format_map" and isinstance(arg, Mapping):
         return _str_format_size(s, (), arg)
     if name == "translate" and isinstance(arg, Mapping):
-        return len(s) * max([1, *map(_text_size, arg.values())])
+        return len(s) * max(1, _printed_size(*arg.values()))
     if name == "encode":
         return 4 * len(s)
     return None
@@ -354,7 +356,7 @@ def _filter_args(name: str, value, args: tuple, kwargs: dict):
         if isinstance(x, int) and x > MAX_VALUE_CHARS:  # widths, counts, lengths
             raise ChatTemplateError(f"chat template: {name}() got {x:,}, over the limit of {MAX_VALUE_CHARS:,}")
     if name not in _STRUCTURAL:
-        _allow(sum(map(_text_size, (value, *args, *kwargs.values()))), f"the text {name}() works on")
+        _allow(_printed_size(value, *args, *kwargs.values()), f"the text {name}() works on")
         if name in ("replace", "indent", "wordwrap", "format"):
             value = str(value)
     if name == "replace" and len(args) >= 2:
@@ -371,11 +373,11 @@ def _filter_args(name: str, value, args: tuple, kwargs: dict):
     elif name == "join":
         value = value if isinstance(value, (str, list, tuple)) else _take(value, "join()")
         sep = kwargs.get("d", args[0] if args else "")
-        _allow(sum(map(_text_size, value)) + _text_size(sep) * len(value), "join()")
+        _allow(_printed_size(*value) + _printed_size(sep) * len(value), "join()")
     elif name == "tojson":
         indent = kwargs.get("indent", args[1] if len(args) > 1 else None)
         width = len(indent) if isinstance(indent, str) else indent if isinstance(indent, int) else 0
-        _allow(_printed_size(value, width), "tojson()")
+        _allow(_printed_size(value, indent=width), "tojson()")
     elif name == "sum":
         value = _summed(value)
     return value, args, kwargs
@@ -522,7 +524,7 @@ class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
         return "".join(parts)
 
     def _guard_concat(self, *parts):
-        _allow(sum(len(p) if isinstance(p, str) else _printed_size(p) for p in parts), "the result of '~'")
+        _allow(_printed_size(*parts), "the result of '~'")
         return "".join(map(str, parts))
 
     @staticmethod

@@ -254,7 +254,7 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         text = self.render_chat(messages)
-        check_prompt(text, f"{self._template_origin or 'the chat'} rendered text")
+        check_prompt(text, "the text the chat template rendered")
         # A template that writes the BOS token itself must not get a second one.
         add_bos = not (self.special.get("bos_token") and text.startswith(self.special["bos_token"]))
         ids = self.encode(text, add_bos=add_bos)
