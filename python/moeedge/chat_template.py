@@ -253,23 +253,29 @@ _PERCENT_FIELD = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?[a
 _UNBOUNDED = MAX_VALUE_CHARS + 1
 
 
-def _format_size(fmt: str, pads: list[int], values) -> int:
-    """The length of fmt filled in, at most: each field may print the largest value, padded by
-    the widths and precisions written in it."""
+def _format_size(fmt: str, pads: list[int], values, each_once: bool = False) -> int:
+    """The length of fmt filled in, at most: each field padded by the widths and precisions
+    written in it, and printing one value once (each_once: fmt % tuple) or any value (a
+    name or index may come back)."""
+    size = len(fmt) + sum(pads)
+    if each_once:
+        return size + _printed_size(*values)
     biggest = 0
     for v in values:
+        _tick()
         biggest = max(biggest, _printed_size(v))
-        if biggest > MAX_VALUE_CHARS:
+        if size + len(pads) * biggest > MAX_VALUE_CHARS:
             break
-    return len(fmt) + sum(pads) + len(pads) * biggest
+    return size + len(pads) * biggest
 
 
 def _percent_size(fmt: str, args) -> int:
     """fmt % args. A * width or precision comes from the arguments: taken as unbounded."""
-    values = args.values() if isinstance(args, Mapping) else args if isinstance(args, tuple) else (args,)
     pads = [sum(_UNBOUNDED if n == "*" else int(n) if n else 0 for n in m.groups())
             for m in _PERCENT_FIELD.finditer(fmt)]
-    return _format_size(fmt, pads, values)
+    if isinstance(args, Mapping):
+        return _format_size(fmt, pads, args.values())
+    return _format_size(fmt, pads, args if isinstance(args, tuple) else (args,), each_once=True)
 
 
 def _str_format_size(fmt: str, args, kwargs) -> int:
