@@ -300,6 +300,21 @@ def test_named_templates_use_the_default_one(tmp_path):
     assert tok.render_chat(CHAT) == plain_render(QWEN2_CHATML, **{**VARIABLES, "messages": CHAT})
 
 
+def test_chat_template_jinja_and_special_tokens_map(tmp_path):
+    """transformers >= 4.50 writes the template to chat_template.jinja; special_tokens_map.json
+    names the end-of-sequence token where tokenizer_config.json does not."""
+    write_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "chat_template": "unused"}))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|system|>", "eos_token": {"content": "</s>", "lstrip": False}, "unk_token": "<unk>",
+         "additional_special_tokens": ["<|user|>", {"content": "<|assistant|>"}]}))
+    (tmp_path / "chat_template.jinja").write_text(QWEN2_CHATML)
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+    tok = Tokenizer({n: str(tmp_path / n) for n in names})
+    assert tok.eos_ids == [tok.token_id("</s>")] and tok.bos_id == tok.token_id("<s>")
+    assert tok.render_chat(CHAT) == plain_render(QWEN2_CHATML, **{**VARIABLES, "messages": CHAT})
+
+
 def test_generation_tag_renders_its_body():
     source = "{% for m in messages %}{% generation %}[{{ m.content }}]{% endgeneration %}{% endfor %}"
     assert ChatTemplate(source).render(messages=CHAT_NO_SYSTEM) == "[Hi there][Hello! \"Quotes\", <tags> & ünïcode ✓]" \

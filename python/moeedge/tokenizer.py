@@ -136,11 +136,13 @@ class Tokenizer:
         config = read_json_object(files["tokenizer_config.json"], "tokenizer_config.json") \
             if "tokenizer_config.json" in files else {}
         if "special_tokens_map.json" in files:
-            # Fills in only the tokens tokenizer_config.json does not name (as transformers).
+            # Its end-of-sequence token stops generation where tokenizer_config.json names none
+            # (its BOS token is not taken: that would change what a prompt starts with).
             path = files["special_tokens_map.json"]
             specials = read_json_object(path, "special_tokens_map.json")
             _check_special_tokens_map(specials, path)
-            config = {**{k: specials[k] for k in ("bos_token", "eos_token") if k in specials}, **config}
+            if "eos_token" not in config and "eos_token" in specials:
+                config = {**config, "eos_token": specials["eos_token"]}
         self._read_config(config, files.get("tokenizer_config.json", "tokenizer_config.json"))
         if "chat_template.jinja" in files:  # transformers writes the template there since 4.50
             self._set_template(read_text(files["chat_template.jinja"], "chat_template.jinja"),
