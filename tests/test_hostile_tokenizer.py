@@ -317,8 +317,8 @@ def test_chat_template_jinja_and_special_tokens_map(tmp_path):
 
 def test_generation_tag_renders_its_body():
     source = "{% for m in messages %}{% generation %}[{{ m.content }}]{% endgeneration %}{% endfor %}"
-    assert ChatTemplate(source).render(messages=CHAT_NO_SYSTEM) == "[Hi there][Hello! \"Quotes\", <tags> & ünïcode ✓]" \
-                                                                 "[What is 2+2?\nAnswer in one word.]"
+    expected = "[Hi there][Hello! \"Quotes\", <tags> & ünïcode ✓][What is 2+2?\nAnswer in one word.]"
+    assert ChatTemplate(source).render(messages=CHAT_NO_SYSTEM) == expected
 
 
 # -- templates that try to escape the sandbox --------------------------------------------------------------
@@ -334,7 +334,10 @@ ESCAPES = [
     "{{ dict.__init__.__globals__ }}{{ dict.mro() }}",
     "{% set ns = namespace(__class__=1) %}",
     "{{ lipsum.__globals__['os'].popen('touch MARKER') }}",
-    "{{ ('%s' % messages).__class__ }}{{ 'x'.format.__globals__ }}{{ '{0.__class__.__init__.__globals__}'.format(cycler) }}",
+    "{{ ('%s' % messages).__class__.__mro__ }}",
+    "{{ 'x'.format.__globals__.os.popen('touch MARKER') }}",
+    "{{ '{0.__class__.__init__.__globals__}'.format(cycler) }}",
+    "{{ '{0.__init__.__globals__[os]}'.format_map({'0': cycler}) }}",
 ]
 
 
