@@ -15,6 +15,7 @@ import jinja2
 import pytest
 
 from moeedge import chat_template as ct
+from moeedge import template_limits
 from moeedge.chat_template import ChatTemplate, ChatTemplateError
 from moeedge.cli import main
 from moeedge.formats.errors import CheckpointError
@@ -417,7 +418,7 @@ def test_templates_that_would_exhaust_memory_are_stopped(source, message):
     "{% for i in range(100000) %}{{ (range(100000) | list | sort | first) }}{% endfor %}",
 ], ids=["empty-loops", "output-loops", "set-loops", "message-loops", "recursive-loop", "recursive-macro", "filters"])
 def test_templates_that_would_never_end_are_stopped(monkeypatch, source):
-    monkeypatch.setattr(ct, "DEADLINE_S", 0.5)
+    monkeypatch.setattr(template_limits, "DEADLINE_S", 0.5)
     start = time.monotonic()
     with pytest.raises(ChatTemplateError, match=r"chat template: still running after the limit of 0.5 s|Recursion"):
         ChatTemplate(source).render(messages=CHAT)
@@ -444,14 +445,14 @@ def test_broken_templates_give_one_clear_error(source, message):
 
 def test_a_template_too_long_is_refused():
     with pytest.raises(ChatTemplateError, match="over the limit of 262,144"):
-        ChatTemplate("x" * (ct.MAX_TEMPLATE_CHARS + 1))
+        ChatTemplate("x" * (template_limits.MAX_TEMPLATE_CHARS + 1))
 
 
 def test_the_sandbox_keeps_its_globals_apart():
     """Rendering leaves no budget behind, and the caller's messages are not the template's."""
     messages = [{"role": "user", "content": "hi", "extra": {"nested": [1, 2]}}]
     assert ChatTemplate("{{ messages[0].extra.nested | tojson }}").render(messages=messages) == "[1, 2]"
-    assert ct._active.get() is None
+    assert template_limits.active_budget.get() is None
 
 
 # -- malformed tokenizer files ---------------------------------------------------------------------------
@@ -466,8 +467,8 @@ def base(tmp_path_factory):
 def checkpoint(base: Path, directory: Path, files: dict[str, bytes | str | int]) -> Path:
     """base's weights and tokenizer, with `files` written over (an int: a sparse file that size)."""
     directory.mkdir(exist_ok=True)
-    for f in base.iterdir():
-        (directory / f.name).symlink_to(f)
+    for f in base.iterdir():  # hard links: a symlink out of the directory would be refused
+        os.link(f, directory / f.name)
     for name, content in files.items():
         (directory / name).unlink(missing_ok=True)
         if isinstance(content, int):

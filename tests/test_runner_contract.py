@@ -216,3 +216,10 @@ def test_nan_in_a_layer_stops_with_the_layer_named(tmp_path):
             with pytest.raises(NonFiniteError, match="layer 1's attention block produced NaN or Inf"):
                 list(model.stream_ids(ids, max_new_tokens=2))
             assert model.sequence.ids == []  # nothing recorded of the failed step
+
+
+def test_an_empty_prompt_is_one_clear_error(tiny):
+    with moeedge.load(tiny, predictor=None) as model:
+        with pytest.raises(ValueError, match="empty prompt"):
+            list(model.stream_ids([], max_new_tokens=3))
+        assert model.logits([1, 2]).shape[0] == 2  # the model goes on
