@@ -266,6 +266,7 @@ class DecoderMoE(DecoderFFN):
         if check:
             check_finite(h, "the token embedding")
         ropes = [self._rope(torch.arange(len(seq), len(seq) + len(tokens))) for seq, tokens in batch]
+        apart = len(batch) > 1 and all(n == 1 for n in sizes)  # a decode step of several sequences
         for layer in range(cfg.n_layers):
             parts = [self._attention_block(part, layer, seq, rope)
                      for part, (seq, _), rope in zip(h.split(sizes), batch, ropes)]
@@ -276,7 +277,7 @@ class DecoderMoE(DecoderFFN):
                 logits = None if any(p[2] is None for p in parts) else torch.cat([p[2] for p in parts])
             if check:
                 check_finite(x, f"layer {layer}'s attention block")
-            h = h + self._ffn(x, layer, logits)
+            h = h + self._ffn(x, layer, logits, apart)
             if check:
                 check_finite(h, f"layer {layer}'s feed-forward block")
         ends = torch.tensor(sizes).cumsum(0)
