@@ -128,7 +128,7 @@ def run_moeedge(fn, x: np.ndarray, w: np.ndarray, out: np.ndarray, threads: int,
     return times
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", default=",".join(FORMATS))
@@ -145,8 +145,12 @@ def main() -> int:
     ap.add_argument("--include", default=None, help=f"folder with ggml.h (default: {DEFAULT_INCLUDE_GLOB})")
     ap.add_argument("--cc", default=os.environ.get("CC", "cc"))
     ap.add_argument("--json", default=None, help="write the records here")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def checked_setup(args: argparse.Namespace) -> tuple[list[str], list[int], list[int], list[str], Path, Path]:
+    """(formats, token counts, thread counts, ggml modes, ggml's library and include folders);
+    refuses, naming what is wrong, before anything is compiled or timed."""
     formats = [f for f in args.formats.split(",") if f]
     tokens_list = [int(t) for t in args.tokens.split(",")]
     threads_list = [int(t) for t in args.threads.split(",")]
@@ -157,7 +161,6 @@ def main() -> int:
         refuse(f"unknown ggml modes {bad}; known: plain, repack")
     if any(args.cols % BLOCKS.get(f, (32,))[0] for f in formats):
         refuse(f"--cols {args.cols} must be a multiple of each format's block (32; 256 for q4_k, q6_k)")
-
     lib = Path(args.lib)
     if missing := [n for n in LIBS if not (lib / n).exists()]:
         refuse(f"llama.cpp's ggml libraries not found in {lib} (missing {', '.join(missing)}); pass --lib")
@@ -169,11 +172,50 @@ def main() -> int:
         refuse(f"ggml headers not found in {include} (missing {', '.join(missing)}); pass --include")
     if shutil.which(args.cc) is None:
         refuse(f"C compiler {args.cc!r} not found; pass --cc")
-    try:
-        from moeedge import _core
-    except ImportError as e:
-        refuse(f"moeedge._core cannot be imported ({e}); install moeedge first")
+    return formats, tokens_list, threads_list, modes, lib, include
 
+
+def time_case(args, exe: Path, tmp: Path, fmt: str, fn, x: np.ndarray, w_arg, w_file: Path, out: np.ndarray,
+              tokens: int, threads: int, mode: str, first: int) -> tuple[list[float], list[float]] | None:
+    """Each engine's call times over args.rounds rounds, which engine goes first alternating
+    (from `first`); None where ggml has no such layout (repack) for this format here."""
+    ggml_times, moe_times = [], []
+    for r in range(args.rounds):
+        for engine in (("ggml", "moeedge") if (first + r) % 2 == 0 else ("moeedge", "ggml")):
+            if engine == "ggml":
+                t = run_ggml(exe, fmt, args.rows, args.cols, tokens, threads, args.reps, w_file,
+                             tmp / f"x{tokens}.bin", tmp / "out.bin", mode)
+                if t is None:
+                    return None
+                ggml_times += t
+            else:
+                moe_times += run_moeedge(fn, x, w_arg, out, threads, args.reps)
+    return ggml_times, moe_times
+
+
+def case_record(args, fmt: str, tokens: int, threads: int, mode: str, w: np.ndarray, times, got: np.ndarray,
+                out: np.ndarray, expected: np.ndarray, load_before: float) -> dict:
+    ggml_times, moe_times = times
+    rel = rel_err(got, out.astype(np.float64))
+    g, m = statistics.median(ggml_times), statistics.median(moe_times)
+    return {"format": fmt, "tokens": tokens, "threads": threads, "ggml_mode": mode,
+            "ggml_path": ggml_path(fmt, tokens, mode), "rows": args.rows, "cols": args.cols,
+            "weight_bytes": int(w.nbytes), "ggml_s": g, "moeedge_s": m, "ratio": g / m,
+            "ggml_gb_s": w.nbytes / g / 1e9, "moeedge_gb_s": w.nbytes / m / 1e9,
+            "ggml_min_s": min(ggml_times), "moeedge_min_s": min(moe_times),
+            "ratio_min": min(ggml_times) / min(moe_times), "max_rel_diff": rel,
+            "ggml_err": rel_err(got, expected), "moeedge_err": rel_err(out, expected), "agree": rel <= args.tol,
+            "calls": len(ggml_times), "load_average": [load_before, os.getloadavg()[0]]}
+
+
+def print_record(rec: dict) -> None:
+    print(f"{rec['format']:6} {rec['tokens']:3} {rec['threads']:3} {rec['ggml_path']:12} {rec['ggml_s'] * 1e3:8.3f} "
+          f"{rec['moeedge_s'] * 1e3:8.3f} {rec['ratio']:6.2f} {rec['ratio_min']:6.2f} {rec['ggml_gb_s']:9.2f} "
+          f"{rec['moeedge_gb_s']:8.2f} {rec['max_rel_diff']:8.1e} {rec['ggml_err']:8.1e} {rec['moeedge_err']:8.1e}"
+          f"{'' if rec['agree'] else '  MISMATCH'}", flush=True)
+
+
+def run_cases(args, formats, tokens_list, threads_list, modes, lib: Path, include: Path, core) -> list[dict]:
     records = []
     with tempfile.TemporaryDirectory(prefix="ggml_compare_") as tmp:
         tmp = Path(tmp)
@@ -184,63 +226,45 @@ def main() -> int:
             xs[tokens] = rng.standard_normal((tokens, args.cols), dtype=np.float32)
             xs[tokens].tofile(tmp / f"x{tokens}.bin")
         print(f"{args.rows} x {args.cols}; {args.reps} calls x {args.rounds} rounds per engine and case; "
-              f"moeedge path {_core.linear_path()}; ggml from {lib}", flush=True)
+              f"moeedge path {core.linear_path()}; ggml from {lib}", flush=True)
         header = (f"{'format':6} {'T':>3} {'thr':>3} {'ggml path':12} {'ggml ms':>8} {'moe ms':>8} "
                   f"{'ratio':>6} {'r(min)':>6} {'ggml GB/s':>9} {'moe GB/s':>8} {'diff':>8} {'ggml err':>8} "
                   f"{'moe err':>8}")
         print(header)
         print("-" * len(header), flush=True)
-        case = 0
         for fmt in formats:
             w = weight_bytes(fmt, args.rows, args.cols, rng)
             w_file = tmp / f"w_{fmt}.bin"
             w.tofile(w_file)
             w_arg = w.view(np.int16).reshape(args.rows, args.cols) if fmt == "bf16" else w
-            fn = getattr(_core, f"linear_{fmt}")
+            fn = getattr(core, f"linear_{fmt}")
             dense = reference(fmt, w, args.rows, args.cols)
             expected = {t: xs[t].astype(np.float64) @ dense.T for t in tokens_list}
             del dense
             for tokens in tokens_list:
                 for threads in threads_list:
                     for mode in modes:
-                        out_file = tmp / "out.bin"
                         out = np.empty((tokens, args.rows), dtype=np.float32)
-                        ggml_times, moe_times, skipped = [], [], False
                         load_before = os.getloadavg()[0]
-                        for r in range(args.rounds):
-                            for engine in (("ggml", "moeedge") if (case + r) % 2 == 0 else ("moeedge", "ggml")):
-                                if engine == "ggml":
-                                    t = run_ggml(exe, fmt, args.rows, args.cols, tokens, threads, args.reps,
-                                                 w_file, tmp / f"x{tokens}.bin", out_file, mode)
-                                    if t is None:
-                                        skipped = True
-                                        break
-                                    ggml_times += t
-                                else:
-                                    moe_times += run_moeedge(fn, xs[tokens], w_arg, out, threads, args.reps)
-                            if skipped:
-                                break
-                        if skipped:  # no repacked layout for this format here
+                        times = time_case(args, exe, tmp, fmt, fn, xs[tokens], w_arg, w_file, out, tokens, threads,
+                                          mode, len(records))
+                        if times is None:  # no repacked layout for this format here
                             continue
-                        case += 1
-                        got = np.fromfile(out_file, dtype=np.float32).reshape(tokens, args.rows)
-                        rel = rel_err(got, out.astype(np.float64))
-                        g, m = statistics.median(ggml_times), statistics.median(moe_times)
-                        rec = {"format": fmt, "tokens": tokens, "threads": threads, "ggml_mode": mode,
-                               "ggml_path": ggml_path(fmt, tokens, mode), "rows": args.rows, "cols": args.cols,
-                               "weight_bytes": int(w.nbytes), "ggml_s": g, "moeedge_s": m, "ratio": g / m,
-                               "ggml_gb_s": w.nbytes / g / 1e9, "moeedge_gb_s": w.nbytes / m / 1e9,
-                               "ggml_min_s": min(ggml_times), "moeedge_min_s": min(moe_times),
-                               "ratio_min": min(ggml_times) / min(moe_times), "max_rel_diff": rel,
-                               "ggml_err": rel_err(got, expected[tokens]),
-                               "moeedge_err": rel_err(out, expected[tokens]), "agree": rel <= args.tol, "calls": len(ggml_times),
-                               "load_average": [load_before, os.getloadavg()[0]]}
-                        records.append(rec)
-                        print(f"{fmt:6} {tokens:3} {threads:3} {rec['ggml_path']:12} {g * 1e3:8.3f} {m * 1e3:8.3f} "
-                              f"{g / m:6.2f} {rec['ratio_min']:6.2f} {rec['ggml_gb_s']:9.2f} "
-                              f"{rec['moeedge_gb_s']:8.2f} {rel:8.1e} {rec['ggml_err']:8.1e} {rec['moeedge_err']:8.1e}"
-                              f"{'' if rec['agree'] else '  MISMATCH'}", flush=True)
+                        got = np.fromfile(tmp / "out.bin", dtype=np.float32).reshape(tokens, args.rows)
+                        records.append(case_record(args, fmt, tokens, threads, mode, w, times, got, out,
+                                                   expected[tokens], load_before))
+                        print_record(records[-1])
+    return records
 
+
+def main() -> int:
+    args = parse_args()
+    formats, tokens_list, threads_list, modes, lib, include = checked_setup(args)
+    try:
+        from moeedge import _core
+    except ImportError as e:
+        refuse(f"moeedge._core cannot be imported ({e}); install moeedge first")
+    records = run_cases(args, formats, tokens_list, threads_list, modes, lib, include, _core)
     print(f"ratio = ggml time / moeedge time (> 1: moeedge faster), of medians of {args.reps * args.rounds} "
           "calls each; r(min) the same of the fastest calls; GB/s of stored weight bytes (1e9).\n"
           "diff = max|ggml - moeedge| / max|moeedge|; err = max|engine - float64 reference| / max|reference|.")
