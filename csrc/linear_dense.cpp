@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "linear.h"
@@ -32,71 +33,81 @@ inline float bf16_to_float(uint16_t v) {
 
 struct Dense {
   const float* x;    // [tokens, cols]; the SIMD bf16 kernels take it split_even_odd
-  const uint8_t* w;  // [rows, cols], bf16 or fp32
+  const void* w;     // [rows, cols], bf16 or fp32
   size_t tokens, rows, cols;
   float* out;  // [tokens, rows]
 };
 
-// Where a tile's outputs keep their accumulators between K chunks: output (r + i, t + j)
-// at acc + i * row_stride + j * K::kPerOutput. Unused (nullptr) when a tile's K is whole.
-struct Slots {
-  float* acc;
-  size_t row_stride;
+// One tile: R weight rows times TT tokens over one chunk of columns.
+struct Tile {
+  const float* x;  // the first token at the chunk's first column; tokens x_stride apart
+  size_t x_stride;
+  const void* w;  // the first row likewise; rows w_stride weights apart
+  size_t w_stride;
+  size_t n;           // columns in the chunk: whole steps, but for the last columns of an fp32 row
+  bool first, last;   // the chunk begins, ends the rows
+  float* out;         // out for the first row and token; tokens out_stride apart, rows adjacent
+  size_t out_stride;
+  float* acc;  // unless first and last: output (i, j)'s accumulators at acc + i * acc_stride + j * kPerOutput
+  size_t acc_stride;
 };
 
 // --------------------------------------------------------------------------- portable
-// 16 lanes per output, as plain arrays: compilers vectorize them (SSE2, NEON) without
-// reordering any lane's sum. Rows that are not whole steps end one column at a time.
+// 16 lanes per output as plain arrays: compilers vectorize them (SSE2, NEON) without
+// reordering any lane's sum. Lane l takes column l of each step; the last columns of a row
+// that is not whole steps are added one by one.
 
 template <class W>
 struct Portable {
+  using Weight = W;
   static constexpr size_t kStep = 16, kPerOutput = 16;
 
-  static float weight(const uint8_t* w, size_t i) {
-    if constexpr (sizeof(W) == 2) return bf16_to_float(reinterpret_cast<const uint16_t*>(w)[i]);
-    else return reinterpret_cast<const float*>(w)[i];
+  static float weight(const W* w, size_t i) {
+    if constexpr (sizeof(W) == 2) return bf16_to_float(w[i]);
+    else return w[i];
   }
 
   template <int R, int TT>
-  static void tile(const Dense& d, size_t r, size_t t, size_t c0, size_t c1, Slots s) {
-    const size_t cols = d.cols;
-    const uint8_t* row = d.w + r * cols * sizeof(W);
+  static void tile(const Tile& k) {
+    const auto* w = static_cast<const W*>(k.w);
     float a[R][TT][kStep];
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < TT; ++j)
-        for (size_t l = 0; l < kStep; ++l) a[i][j][l] = c0 == 0 ? 0.f : s.acc[i * s.row_stride + j * kStep + l];
-    size_t c = c0;
-    for (; c + kStep <= c1; c += kStep)
+        for (size_t l = 0; l < kStep; ++l) a[i][j][l] = k.first ? 0.f : k.acc[i * k.acc_stride + j * kStep + l];
+    size_t c = 0;
+    for (; c + kStep <= k.n; c += kStep)
       for (int i = 0; i < R; ++i) {
         float wv[kStep];
-        for (size_t l = 0; l < kStep; ++l) wv[l] = weight(row, i * cols + c + l);
+        for (size_t l = 0; l < kStep; ++l) wv[l] = weight(w, i * k.w_stride + c + l);
         for (int j = 0; j < TT; ++j) {
-          const float* xj = d.x + (t + j) * cols + c;
+          const float* xj = k.x + j * k.x_stride + c;
           for (size_t l = 0; l < kStep; ++l) a[i][j][l] += xj[l] * wv[l];
         }
       }
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < TT; ++j) {
-        if (c1 < cols) {
-          std::memcpy(s.acc + i * s.row_stride + j * kStep, a[i][j], sizeof a[i][j]);
+        if (!k.last) {
+          std::memcpy(k.acc + i * k.acc_stride + j * kStep, a[i][j], sizeof a[i][j]);
           continue;
         }
         float* v = a[i][j];
         for (size_t width = kStep / 2; width > 0; width /= 2)
           for (size_t l = 0; l < width; ++l) v[l] += v[l + width];
         float sum = v[0];
-        for (size_t k = c; k < cols; ++k) sum += d.x[(t + j) * cols + k] * weight(row, i * cols + k);
-        d.out[(t + j) * d.rows + r + i] = sum;
+        for (size_t m = c; m < k.n; ++m) sum += k.x[j * k.x_stride + m] * weight(w, i * k.w_stride + m);
+        k.out[j * k.out_stride + i] = sum;
       }
   }
 };
 
 #ifdef MOEEDGE_X86
-// --------------------------------------------------------------------------- bf16, SIMD
-// x is given pre-split (split_even_odd): per step, the step's even columns then its odd
-// ones. Then a step's bf16 weights load as one word whose 32-bit lanes' low halves
-// (shifted up) are the even columns as fp32 and whose high halves (masked) are the odd
-// ones: no widening shuffle per load. Two accumulators per output, evens and odds.
+// --------------------------------------------------------------------------- SIMD
+// Two accumulators per output: the first half of each step's columns and the second,
+// added and summed across lanes at the end (then, for fp32 rows that are not whole steps,
+// the last columns one by one). bf16 x is given pre-split (split_even_odd): per step, the
+// step's even columns then its odd ones. Then a step's bf16 weights load as one word whose
+// 32-bit lanes' low halves (shifted up) are the even columns as fp32 and whose high halves
+// (masked) are the odd ones: no widening shuffle per load.
 
 MOEEDGE_AVX2 inline __m256 even(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 MOEEDGE_AVX2 inline __m256 odd(__m256i v) {
@@ -107,139 +118,106 @@ MOEEDGE_AVX512 inline __m512 odd(__m512i v) {
   return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-struct Bf16Avx2 {
-  static constexpr size_t kStep = 16, kPerOutput = 16;
-
-  template <int R, int TT>
-  MOEEDGE_AVX2 static void tile(const Dense& d, size_t r, size_t t, size_t c0, size_t c1, Slots s) {
-    const size_t cols = d.cols;
-    const auto* w = reinterpret_cast<const uint16_t*>(d.w) + r * cols;
-    const float* x = d.x + t * cols;
-    __m256 a[R][TT][2];
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < TT; ++j)
-        for (int h = 0; h < 2; ++h)
-          a[i][j][h] = c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(s.acc + i * s.row_stride + j * kStep + 8 * h);
-    for (size_t c = c0; c < c1; c += kStep) {
-      __m256 xe[TT], xo[TT];
-      for (int j = 0; j < TT; ++j) {
-        xe[j] = _mm256_loadu_ps(x + j * cols + c);
-        xo[j] = _mm256_loadu_ps(x + j * cols + c + 8);
-      }
-      for (int i = 0; i < R; ++i) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * cols + c));
-        const __m256 e = even(v), o = odd(v);
-        for (int j = 0; j < TT; ++j) {
-          a[i][j][0] = _mm256_fmadd_ps(e, xe[j], a[i][j][0]);
-          a[i][j][1] = _mm256_fmadd_ps(o, xo[j], a[i][j][1]);
-        }
-      }
-    }
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < TT; ++j) {
-        if (c1 < cols) {
-          for (int h = 0; h < 2; ++h) _mm256_storeu_ps(s.acc + i * s.row_stride + j * kStep + 8 * h, a[i][j][h]);
-        } else {
-          d.out[(t + j) * d.rows + r + i] = detail::hsum(_mm256_add_ps(a[i][j][0], a[i][j][1]));
-        }
-      }
+// A step's weights as the two halves' fp32 vectors.
+struct Avx2Bf16 {
+  using Weight = uint16_t;
+  MOEEDGE_AVX2 static void load(const uint16_t* p, __m256* lo, __m256* hi) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    *lo = even(v), *hi = odd(v);
+  }
+};
+struct Avx2F32 {
+  using Weight = float;
+  MOEEDGE_AVX2 static void load(const float* p, __m256* lo, __m256* hi) {
+    *lo = _mm256_loadu_ps(p), *hi = _mm256_loadu_ps(p + 8);
+  }
+};
+struct Avx512Bf16 {
+  using Weight = uint16_t;
+  MOEEDGE_AVX512 static void load(const uint16_t* p, __m512* lo, __m512* hi) {
+    const __m512i v = _mm512_loadu_si512(p);
+    *lo = even(v), *hi = odd(v);
+  }
+};
+struct Avx512F32 {
+  using Weight = float;
+  MOEEDGE_AVX512 static void load(const float* p, __m512* lo, __m512* hi) {
+    *lo = _mm512_loadu_ps(p), *hi = _mm512_loadu_ps(p + 16);
   }
 };
 
-// The AVX-512 version: 32 columns per step.
-struct Bf16Avx512 {
-  static constexpr size_t kStep = 32, kPerOutput = 32;
-
-  template <int R, int TT>
-  MOEEDGE_AVX512 static void tile(const Dense& d, size_t r, size_t t, size_t c0, size_t c1, Slots s) {
-    const size_t cols = d.cols;
-    const auto* w = reinterpret_cast<const uint16_t*>(d.w) + r * cols;
-    const float* x = d.x + t * cols;
-    __m512 a[R][TT][2];
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < TT; ++j)
-        for (int h = 0; h < 2; ++h)
-          a[i][j][h] = c0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(s.acc + i * s.row_stride + j * kStep + 16 * h);
-    for (size_t c = c0; c < c1; c += kStep) {
-      __m512 xe[TT], xo[TT];
-      for (int j = 0; j < TT; ++j) {
-        xe[j] = _mm512_loadu_ps(x + j * cols + c);
-        xo[j] = _mm512_loadu_ps(x + j * cols + c + 16);
-      }
-      for (int i = 0; i < R; ++i) {
-        const __m512i v = _mm512_loadu_si512(w + i * cols + c);
-        const __m512 e = even(v), o = odd(v);
-        for (int j = 0; j < TT; ++j) {
-          a[i][j][0] = _mm512_fmadd_ps(e, xe[j], a[i][j][0]);
-          a[i][j][1] = _mm512_fmadd_ps(o, xo[j], a[i][j][1]);
-        }
-      }
-    }
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < TT; ++j) {
-        if (c1 < cols) {
-          for (int h = 0; h < 2; ++h) _mm512_storeu_ps(s.acc + i * s.row_stride + j * kStep + 16 * h, a[i][j][h]);
-        } else {
-          d.out[(t + j) * d.rows + r + i] = detail::hsum(_mm512_add_ps(a[i][j][0], a[i][j][1]));
-        }
-      }
+// Tile bodies for one vector width; L: a step's weights (above).
+#define MOEEDGE_DENSE_TILE(ATTR, VEC, LANES, ZERO, LOADU, STOREU, FMADD, ADD)                                     \
+  using Weight = typename L::Weight;                                                                            \
+  static constexpr size_t kStep = 2 * LANES, kPerOutput = 2 * LANES;                                            \
+  template <int R, int TT>                                                                                      \
+  ATTR static void tile(const Tile& k) {                                                                        \
+    const auto* w = static_cast<const Weight*>(k.w);                                                            \
+    VEC a[R][TT][2];                                                                                            \
+    for (int i = 0; i < R; ++i)                                                                                 \
+      for (int j = 0; j < TT; ++j)                                                                              \
+        for (int h = 0; h < 2; ++h)                                                                             \
+          a[i][j][h] = k.first ? ZERO() : LOADU(k.acc + i * k.acc_stride + j * kStep + LANES * h);              \
+    size_t c = 0;                                                                                               \
+    for (; c + kStep <= k.n; c += kStep) {                                                                      \
+      VEC x0[TT], x1[TT];                                                                                       \
+      for (int j = 0; j < TT; ++j) {                                                                            \
+        x0[j] = LOADU(k.x + j * k.x_stride + c);                                                                \
+        x1[j] = LOADU(k.x + j * k.x_stride + c + LANES);                                                        \
+      }                                                                                                         \
+      for (int i = 0; i < R; ++i) {                                                                             \
+        VEC w0, w1;                                                                                             \
+        L::load(w + i * k.w_stride + c, &w0, &w1);                                                              \
+        for (int j = 0; j < TT; ++j) {                                                                          \
+          a[i][j][0] = FMADD(w0, x0[j], a[i][j][0]);                                                            \
+          a[i][j][1] = FMADD(w1, x1[j], a[i][j][1]);                                                            \
+        }                                                                                                       \
+      }                                                                                                         \
+    }                                                                                                           \
+    for (int i = 0; i < R; ++i)                                                                                 \
+      for (int j = 0; j < TT; ++j) {                                                                            \
+        if (!k.last) {                                                                                          \
+          for (int h = 0; h < 2; ++h) STOREU(k.acc + i * k.acc_stride + j * kStep + LANES * h, a[i][j][h]);    \
+          continue;                                                                                             \
+        }                                                                                                       \
+        float sum = detail::hsum(ADD(a[i][j][0], a[i][j][1]));                                                  \
+        if constexpr (std::is_same_v<Weight, float>) /* bf16 rows are whole steps */                         \
+          for (size_t m = c; m < k.n; ++m) sum = std::fma(k.x[j * k.x_stride + m], w[i * k.w_stride + m], sum);    \
+        k.out[j * k.out_stride + i] = sum;                                                                      \
+      }                                                                                                         \
   }
-};
 
-// fp32 weights (small checkpoints, GGUF's F32 routers): 8 columns per FMA, two accumulators
-// (columns 0-7 and 8-15 of each step); rows of any width, the last columns one by one.
-struct F32Avx2 {
-  static constexpr size_t kStep = 16, kPerOutput = 16;
-
-  template <int R, int TT>
-  MOEEDGE_AVX2 static void tile(const Dense& d, size_t r, size_t t, size_t c0, size_t c1, Slots s) {
-    const size_t cols = d.cols;
-    const float* w = reinterpret_cast<const float*>(d.w) + r * cols;
-    const float* x = d.x + t * cols;
-    __m256 a[R][TT][2];
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < TT; ++j)
-        for (int h = 0; h < 2; ++h)
-          a[i][j][h] = c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(s.acc + i * s.row_stride + j * kStep + 8 * h);
-    size_t c = c0;
-    for (; c + kStep <= c1; c += kStep) {
-      __m256 x0[TT], x1[TT];
-      for (int j = 0; j < TT; ++j) {
-        x0[j] = _mm256_loadu_ps(x + j * cols + c);
-        x1[j] = _mm256_loadu_ps(x + j * cols + c + 8);
-      }
-      for (int i = 0; i < R; ++i) {
-        const __m256 w0 = _mm256_loadu_ps(w + i * cols + c), w1 = _mm256_loadu_ps(w + i * cols + c + 8);
-        for (int j = 0; j < TT; ++j) {
-          a[i][j][0] = _mm256_fmadd_ps(w0, x0[j], a[i][j][0]);
-          a[i][j][1] = _mm256_fmadd_ps(w1, x1[j], a[i][j][1]);
-        }
-      }
-    }
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < TT; ++j) {
-        if (c1 < cols) {
-          for (int h = 0; h < 2; ++h) _mm256_storeu_ps(s.acc + i * s.row_stride + j * kStep + 8 * h, a[i][j][h]);
-          continue;
-        }
-        float sum = detail::hsum(_mm256_add_ps(a[i][j][0], a[i][j][1]));
-        for (size_t k = c; k < cols; ++k) sum = std::fma(x[j * cols + k], w[i * cols + k], sum);
-        d.out[(t + j) * d.rows + r + i] = sum;
-      }
-  }
+template <class L>
+struct Avx2 {
+  MOEEDGE_DENSE_TILE(MOEEDGE_AVX2, __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps,
+                     _mm256_add_ps)
 };
+template <class L>
+struct Avx512 {
+  MOEEDGE_DENSE_TILE(MOEEDGE_AVX512, __m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps,
+                     _mm512_fmadd_ps, _mm512_add_ps)
+};
+#undef MOEEDGE_DENSE_TILE
 #endif
 
 // --------------------------------------------------------------------------- tiling
 
 // Above one tile of tokens: K in chunks of this many columns (a multiple of every kStep), x
 // in panels of kPanelTokens rows and the weights in panels of kPanelRows. One chunk of an
-// x panel (48 x 1024 fp32, 192 KiB) then stays in L2 while every row block of the panel
+// x panel (64 x 1024 fp32, 256 KiB) then stays in L2 while every row block of the panel
 // passes over it, each row block's chunk (4 x 1024 bf16, 8 KiB) stays in L1 while every
-// token tile passes over it, and the panel's accumulators take 48 x 64 x 128 B = 384 KiB.
+// token tile passes over it, and the panel's accumulators take 32 x 64 x 128 B = 256 KiB.
 constexpr size_t kChunkCols = 1024;
-constexpr size_t kPanelTokens = 48;  // a multiple of every TT below
-constexpr size_t kPanelRows = 64;    // a multiple of every R
+constexpr size_t kPanelTokens = 64;
+constexpr size_t kPanelRows = 32;  // a multiple of every R
+
+template <class K, int R, int TT>
+void tile(const Dense& d, size_t r, size_t t, size_t c0, size_t n, float* acc, size_t acc_stride) {
+  using W = typename K::Weight;
+  const Tile k{d.x + t * d.cols + c0, d.cols, static_cast<const W*>(d.w) + r * d.cols + c0, d.cols, n, c0 == 0,
+               c0 + n == d.cols, d.out + t * d.rows + r, d.rows, acc, acc_stride};
+  K::template tile<R, TT>(k);
+}
 
 // Rows [begin, end) times every token, in tiles of R rows x TT tokens (1 x 1 at the edges).
 template <class K, int R, int TT>
@@ -249,22 +227,20 @@ void tiled(const Dense& d, size_t begin, size_t end) {
   const size_t panel_t = whole ? d.tokens : kPanelTokens, panel_r = whole ? end - begin : kPanelRows;
   std::vector<float> acc(whole ? 0 : panel_r * panel_t * K::kPerOutput);
   for (size_t t0 = 0; t0 < d.tokens; t0 += panel_t) {
-    const size_t nt = std::min(panel_t, d.tokens - t0);
+    const size_t nt = std::min(panel_t, d.tokens - t0), stride = nt * K::kPerOutput;
     for (size_t r0 = begin; r0 < end; r0 += panel_r) {
       const size_t nr = std::min(panel_r, end - r0);
       for (size_t c0 = 0; c0 < d.cols; c0 += chunk) {
-        const size_t c1 = std::min(c0 + chunk, d.cols);
-        const auto at = [&](size_t i, size_t j) {
-          return whole ? Slots{nullptr, 0} : Slots{acc.data() + (i * nt + j) * K::kPerOutput, nt * K::kPerOutput};
-        };
+        const size_t n = std::min(chunk, d.cols - c0);
+        const auto at = [&](size_t i, size_t j) { return whole ? nullptr : acc.data() + i * stride + j * K::kPerOutput; };
         size_t i = 0;
         for (; i + R <= nr; i += R) {
           size_t j = 0;
-          for (; j + TT <= nt; j += TT) K::template tile<R, TT>(d, r0 + i, t0 + j, c0, c1, at(i, j));
-          for (; j < nt; ++j) K::template tile<R, 1>(d, r0 + i, t0 + j, c0, c1, at(i, j));
+          for (; j + TT <= nt; j += TT) tile<K, R, TT>(d, r0 + i, t0 + j, c0, n, at(i, j), stride);
+          for (; j < nt; ++j) tile<K, R, 1>(d, r0 + i, t0 + j, c0, n, at(i, j), stride);
         }
         for (; i < nr; ++i)
-          for (size_t j = 0; j < nt; ++j) K::template tile<1, 1>(d, r0 + i, t0 + j, c0, c1, at(i, j));
+          for (size_t j = 0; j < nt; ++j) tile<K, 1, 1>(d, r0 + i, t0 + j, c0, n, at(i, j), stride);
       }
     }
   }
@@ -294,29 +270,38 @@ std::vector<float> split_even_odd(const float* x, size_t tokens, size_t cols, si
 
 void linear_bf16(const float* x, size_t tokens, const uint16_t* w, size_t rows, size_t cols, float* out,
                  int threads) {
-  Dense d{x, reinterpret_cast<const uint8_t*>(w), tokens, rows, cols, out};
+  Dense d{x, w, tokens, rows, cols, out};
 #ifdef MOEEDGE_X86
   if (detail::use_avx512() && cols % 32 == 0) {
     const std::vector<float> split = split_even_odd(x, tokens, cols, 32);
     d.x = split.data();
-    return run(tokens == 1 ? tiled<Bf16Avx512, 4, 1> : tiled<Bf16Avx512, 4, 3>, d, threads);
+    return run(tokens == 1 ? tiled<Avx512<Avx512Bf16>, 4, 1> : tiled<Avx512<Avx512Bf16>, 4, 3>, d, threads);
   }
   if (detail::use_avx2() && cols % 16 == 0) {
     const std::vector<float> split = split_even_odd(x, tokens, cols, 16);
     d.x = split.data();
-    // One token's rows under detail::kSharedRowBytes stream faster one at a time; with
-    // more tokens, or longer rows, four rows share each load of x.
-    if (tokens == 1) return run(cols * 2 < detail::kSharedRowBytes ? tiled<Bf16Avx2, 1, 1> : tiled<Bf16Avx2, 4, 1>, d, threads);
-    return run(tiled<Bf16Avx2, 2, 2>, d, threads);
+    // One token's rows under detail::kSharedRowBytes stream faster one at a time; longer
+    // ones, four at a time sharing each load of x.
+    if (tokens > 1) return run(tiled<Avx2<Avx2Bf16>, 2, 2>, d, threads);
+    return run(cols * 2 < detail::kSharedRowBytes ? tiled<Avx2<Avx2Bf16>, 1, 1> : tiled<Avx2<Avx2Bf16>, 4, 1>, d,
+               threads);
   }
 #endif
   run(tokens == 1 ? tiled<Portable<uint16_t>, 1, 1> : tiled<Portable<uint16_t>, 2, 2>, d, threads);
 }
 
 void linear_f32(const float* x, size_t tokens, const float* w, size_t rows, size_t cols, float* out, int threads) {
-  const Dense d{x, reinterpret_cast<const uint8_t*>(w), tokens, rows, cols, out};
+  const Dense d{x, w, tokens, rows, cols, out};
 #ifdef MOEEDGE_X86
-  if (detail::use_avx2()) return run(tokens == 1 ? tiled<F32Avx2, 1, 1> : tiled<F32Avx2, 2, 2>, d, threads);
+  const bool shared = cols * 4 >= detail::kSharedRowBytes;  // one token: as for bf16 on AVX2
+  if (detail::use_avx512()) {
+    if (tokens > 1) return run(tiled<Avx512<Avx512F32>, 4, 3>, d, threads);
+    return run(shared ? tiled<Avx512<Avx512F32>, 4, 1> : tiled<Avx512<Avx512F32>, 1, 1>, d, threads);
+  }
+  if (detail::use_avx2()) {
+    if (tokens > 1) return run(tiled<Avx2<Avx2F32>, 2, 2>, d, threads);
+    return run(shared ? tiled<Avx2<Avx2F32>, 4, 1> : tiled<Avx2<Avx2F32>, 1, 1>, d, threads);
+  }
 #endif
   run(tokens == 1 ? tiled<Portable<float>, 1, 1> : tiled<Portable<float>, 2, 2>, d, threads);
 }
