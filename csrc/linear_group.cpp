@@ -182,6 +182,20 @@ MOEEDGE_AVX2 inline __m256 block_dot_natural(const uint8_t* p, const int16_t* xq
   return natural_dot(lo, hi, xq);
 }
 
+template <int Bits>
+MOEEDGE_AVX2 inline void load_weights(const Matrix& m, size_t r, size_t b, __m256i* w) {
+  if constexpr (Bits == 8) load_natural(m.block(r, b), &w[0], &w[1]);
+  else load_block<Bits>(m.block(r, b), w);
+}
+
+// a + block b's products with token t's x, times the block's scale ds[b] * x's.
+template <int Bits>
+MOEEDGE_AVX2 inline __m256 add_block(__m256 a, const __m256i* w, const QuantX& x, size_t t, size_t b, const float* ds) {
+  const int16_t* xq = x.block(t, b);
+  const __m256 dot = Bits == 8 ? natural_dot(w[0], w[1], xq) : block_dot(w, xq);
+  return _mm256_fmadd_ps(dot, _mm256_set1_ps(ds[b] * *x.scales(t, b)), a);
+}
+
 // Row r times tokens t0 .. t0 + nt - 1; ds: the row's block scales. kNt: nt known at
 // compile time (1: the sums stay in registers), or 0 for nt. A token's blocks are summed
 // the same way for any nt (batch invariance):
@@ -192,23 +206,33 @@ template <int Bits, size_t kNt>
 MOEEDGE_AVX2 void row_tile(const QuantX& x, const Matrix& m, size_t r, const float* ds, size_t t0, size_t nt,
                            float* out, size_t rows) {
   if (kNt) nt = kNt;
-  constexpr int kAcc = Bits == 8 ? 1 : 2;
-  __m256 acc[kTile][kAcc];
-  for (size_t t = 0; t < nt; ++t)
-    for (int k = 0; k < kAcc; ++k) acc[t][k] = _mm256_setzero_ps();
-  for (size_t b = 0; b < x.blocks; ++b) {
-    __m256i w[2];
-    if constexpr (Bits == 8) load_natural(m.block(r, b), &w[0], &w[1]);
-    else load_block<Bits>(m.block(r, b), w);
-    for (size_t t = 0; t < nt; ++t) {
-      const int16_t* xq = x.block(t0 + t, b);
-      const __m256 dot = Bits == 8 ? natural_dot(w[0], w[1], xq) : block_dot(w, xq);
-      __m256& a = acc[t][b % kAcc];
-      a = _mm256_fmadd_ps(dot, _mm256_set1_ps(ds[b] * *x.scales(t0 + t, b)), a);
+  __m256i w[2][2];
+  if constexpr (Bits == 8) {
+    __m256 acc[kTile];
+    for (size_t t = 0; t < nt; ++t) acc[t] = _mm256_setzero_ps();
+    for (size_t b = 0; b < x.blocks; ++b) {
+      load_weights<Bits>(m, r, b, w[0]);
+      for (size_t t = 0; t < nt; ++t) acc[t] = add_block<Bits>(acc[t], w[0], x, t0 + t, b, ds);
     }
+    for (size_t t = 0; t < nt; ++t) out[(t0 + t) * rows + r] = detail::hsum(acc[t]);
+  } else {
+    __m256 acc[kTile][2];
+    for (size_t t = 0; t < nt; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    size_t b = 0;
+    for (; b + 2 <= x.blocks; b += 2) {
+      load_weights<Bits>(m, r, b, w[0]);
+      load_weights<Bits>(m, r, b + 1, w[1]);
+      for (size_t t = 0; t < nt; ++t) {
+        acc[t][0] = add_block<Bits>(acc[t][0], w[0], x, t0 + t, b, ds);
+        acc[t][1] = add_block<Bits>(acc[t][1], w[1], x, t0 + t, b + 1, ds);
+      }
+    }
+    if (b < x.blocks) {
+      load_weights<Bits>(m, r, b, w[0]);
+      for (size_t t = 0; t < nt; ++t) acc[t][0] = add_block<Bits>(acc[t][0], w[0], x, t0 + t, b, ds);
+    }
+    for (size_t t = 0; t < nt; ++t) out[(t0 + t) * rows + r] = detail::hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
   }
-  for (size_t t = 0; t < nt; ++t)
-    out[(t0 + t) * rows + r] = detail::hsum(kAcc == 1 ? acc[t][0] : _mm256_add_ps(acc[t][0], acc[t][kAcc - 1]));
 }
 
 template <int Bits>
