@@ -68,12 +68,19 @@ struct Portable {
   }
 
   template <int R, int TT>
-  static void tile(const Tile& k) {
-    const auto* w = static_cast<const W*>(k.w);
+  static void tile(const Tile& k, size_t blocks) {
+    for (size_t b = 0; b < blocks; ++b) block<R, TT>(k, b);
+  }
+
+  template <int R, int TT>
+  static void block(const Tile& k, size_t b) {
+    const W* w = static_cast<const W*>(k.w) + b * R * k.w_stride;
+    float* acc = k.acc + b * R * k.acc_stride;
+    float* out = k.out + b * R;
     float a[R][TT][kStep];
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < TT; ++j)
-        for (size_t l = 0; l < kStep; ++l) a[i][j][l] = k.first ? 0.f : k.acc[i * k.acc_stride + j * kStep + l];
+        for (size_t l = 0; l < kStep; ++l) a[i][j][l] = k.first ? 0.f : acc[i * k.acc_stride + j * kStep + l];
     size_t c = 0;
     for (; c + kStep <= k.n; c += kStep)
       for (int i = 0; i < R; ++i) {
@@ -87,7 +94,7 @@ struct Portable {
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < TT; ++j) {
         if (!k.last) {
-          std::memcpy(k.acc + i * k.acc_stride + j * kStep, a[i][j], sizeof a[i][j]);
+          std::memcpy(acc + i * k.acc_stride + j * kStep, a[i][j], sizeof a[i][j]);
           continue;
         }
         float* v = a[i][j];
@@ -95,7 +102,7 @@ struct Portable {
           for (size_t l = 0; l < width; ++l) v[l] += v[l + width];
         float sum = v[0];
         for (size_t m = c; m < k.n; ++m) sum += k.x[j * k.x_stride + m] * weight(w, i * k.w_stride + m);
-        k.out[j * k.out_stride + i] = sum;
+        out[j * k.out_stride + i] = sum;
       }
   }
 };
@@ -151,40 +158,44 @@ struct Avx512F32 {
   using Weight = typename L::Weight;                                                                            \
   static constexpr size_t kStep = 2 * LANES, kPerOutput = 2 * LANES;                                            \
   template <int R, int TT>                                                                                      \
-  ATTR static void tile(const Tile& k) {                                                                        \
-    const auto* w = static_cast<const Weight*>(k.w);                                                            \
-    VEC a[R][TT][2];                                                                                            \
-    for (int i = 0; i < R; ++i)                                                                                 \
-      for (int j = 0; j < TT; ++j)                                                                              \
-        for (int h = 0; h < 2; ++h)                                                                             \
-          a[i][j][h] = k.first ? ZERO() : LOADU(k.acc + i * k.acc_stride + j * kStep + LANES * h);              \
-    size_t c = 0;                                                                                               \
-    for (; c + kStep <= k.n; c += kStep) {                                                                      \
-      VEC x0[TT], x1[TT];                                                                                       \
-      for (int j = 0; j < TT; ++j) {                                                                            \
-        x0[j] = LOADU(k.x + j * k.x_stride + c);                                                                \
-        x1[j] = LOADU(k.x + j * k.x_stride + c + LANES);                                                        \
-      }                                                                                                         \
-      for (int i = 0; i < R; ++i) {                                                                             \
-        VEC w0, w1;                                                                                             \
-        L::load(w + i * k.w_stride + c, &w0, &w1);                                                              \
+  ATTR static void tile(const Tile& k, size_t blocks) {                                                         \
+    for (size_t b = 0; b < blocks; ++b) {                                                                       \
+      const Weight* w = static_cast<const Weight*>(k.w) + b * R * k.w_stride;                                   \
+      float* acc = k.acc + b * R * k.acc_stride;                                                                \
+      float* out = k.out + b * R;                                                                               \
+      VEC a[R][TT][2];                                                                                          \
+      for (int i = 0; i < R; ++i)                                                                               \
+        for (int j = 0; j < TT; ++j)                                                                            \
+          for (int h = 0; h < 2; ++h)                                                                           \
+            a[i][j][h] = k.first ? ZERO() : LOADU(acc + i * k.acc_stride + j * kStep + LANES * h);              \
+      size_t c = 0;                                                                                             \
+      for (; c + kStep <= k.n; c += kStep) {                                                                    \
+        VEC x0[TT], x1[TT];                                                                                     \
         for (int j = 0; j < TT; ++j) {                                                                          \
-          a[i][j][0] = FMADD(w0, x0[j], a[i][j][0]);                                                            \
-          a[i][j][1] = FMADD(w1, x1[j], a[i][j][1]);                                                            \
+          x0[j] = LOADU(k.x + j * k.x_stride + c);                                                              \
+          x1[j] = LOADU(k.x + j * k.x_stride + c + LANES);                                                      \
+        }                                                                                                       \
+        for (int i = 0; i < R; ++i) {                                                                           \
+          VEC w0, w1;                                                                                           \
+          L::load(w + i * k.w_stride + c, &w0, &w1);                                                            \
+          for (int j = 0; j < TT; ++j) {                                                                        \
+            a[i][j][0] = FMADD(w0, x0[j], a[i][j][0]);                                                          \
+            a[i][j][1] = FMADD(w1, x1[j], a[i][j][1]);                                                          \
+          }                                                                                                     \
         }                                                                                                       \
       }                                                                                                         \
+      for (int i = 0; i < R; ++i)                                                                               \
+        for (int j = 0; j < TT; ++j) {                                                                          \
+          if (!k.last) {                                                                                        \
+            for (int h = 0; h < 2; ++h) STOREU(acc + i * k.acc_stride + j * kStep + LANES * h, a[i][j][h]);     \
+            continue;                                                                                           \
+          }                                                                                                     \
+          float sum = detail::hsum(ADD(a[i][j][0], a[i][j][1]));                                                \
+          if constexpr (std::is_same_v<Weight, float>) /* bf16 rows are whole steps */                         \
+            for (size_t m = c; m < k.n; ++m) sum = std::fma(k.x[j * k.x_stride + m], w[i * k.w_stride + m], sum); \
+          out[j * k.out_stride + i] = sum;                                                                      \
+        }                                                                                                       \
     }                                                                                                           \
-    for (int i = 0; i < R; ++i)                                                                                 \
-      for (int j = 0; j < TT; ++j) {                                                                            \
-        if (!k.last) {                                                                                          \
-          for (int h = 0; h < 2; ++h) STOREU(k.acc + i * k.acc_stride + j * kStep + LANES * h, a[i][j][h]);    \
-          continue;                                                                                             \
-        }                                                                                                       \
-        float sum = detail::hsum(ADD(a[i][j][0], a[i][j][1]));                                                  \
-        if constexpr (std::is_same_v<Weight, float>) /* bf16 rows are whole steps */                         \
-          for (size_t m = c; m < k.n; ++m) sum = std::fma(k.x[j * k.x_stride + m], w[i * k.w_stride + m], sum);    \
-        k.out[j * k.out_stride + i] = sum;                                                                      \
-      }                                                                                                         \
   }
 
 template <class L>
@@ -202,45 +213,51 @@ struct Avx512 {
 
 // --------------------------------------------------------------------------- tiling
 
-// Above one tile of tokens: K in chunks of this many columns (a multiple of every kStep), x
-// in panels of kPanelTokens rows and the weights in panels of kPanelRows. One chunk of an
-// x panel (64 x 1024 fp32, 256 KiB) then stays in L2 while every row block of the panel
-// passes over it, each row block's chunk (4 x 1024 bf16, 8 KiB) stays in L1 while every
-// token tile passes over it, and the panel's accumulators take 32 x 64 x 128 B = 256 KiB.
+// x's rows that one pass over the weights serves: all of them while they fit in L2
+// (kWholeBytes), rows then taken whole; else panels of kPanelTokens rows, K cut into chunks
+// of kChunkCols columns (a multiple of every kStep) and the weights into panels of
+// kPanelRows. One chunk of an x panel (64 x 1024 fp32, 256 KiB) then stays in L2 while
+// every row block of the panel passes over it, each row block's chunk (4 x 1024 bf16,
+// 8 KiB) stays in L1 while every token tile passes over it, and the panel's accumulators
+// take 48 x 64 x 128 B = 384 KiB.
+constexpr size_t kWholeBytes = 512 << 10;
 constexpr size_t kChunkCols = 1024;
 constexpr size_t kPanelTokens = 64;
-constexpr size_t kPanelRows = 32;  // a multiple of every R
+constexpr size_t kPanelRows = 48;  // a multiple of every R
 
+// `blocks` blocks of R rows from row r on, times tokens t .. t + TT - 1, over columns c0 .. c0 + n - 1.
 template <class K, int R, int TT>
-void tile(const Dense& d, size_t r, size_t t, size_t c0, size_t n, float* acc, size_t acc_stride) {
+void tile(const Dense& d, size_t r, size_t t, size_t c0, size_t n, float* acc, size_t acc_stride, size_t blocks) {
   using W = typename K::Weight;
   const Tile k{d.x + t * d.cols + c0, d.cols, static_cast<const W*>(d.w) + r * d.cols + c0, d.cols, n, c0 == 0,
                c0 + n == d.cols, d.out + t * d.rows + r, d.rows, acc, acc_stride};
-  K::template tile<R, TT>(k);
+  K::template tile<R, TT>(k, blocks);
 }
 
 // Rows [begin, end) times every token, in tiles of R rows x TT tokens (1 x 1 at the edges).
 template <class K, int R, int TT>
 void tiled(const Dense& d, size_t begin, size_t end) {
-  const bool whole = d.tokens <= static_cast<size_t>(TT) || d.cols <= kChunkCols;
+  const bool whole = d.tokens * d.cols * sizeof(float) <= kWholeBytes;
   const size_t chunk = whole ? d.cols : kChunkCols;
   const size_t panel_t = whole ? d.tokens : kPanelTokens, panel_r = whole ? end - begin : kPanelRows;
   std::vector<float> acc(whole ? 0 : panel_r * panel_t * K::kPerOutput);
   for (size_t t0 = 0; t0 < d.tokens; t0 += panel_t) {
-    const size_t nt = std::min(panel_t, d.tokens - t0), stride = nt * K::kPerOutput;
+    const size_t nt = std::min(panel_t, d.tokens - t0), stride = whole ? 0 : nt * K::kPerOutput;
+    const auto at = [&](size_t i, size_t j) { return whole ? nullptr : acc.data() + i * stride + j * K::kPerOutput; };
     for (size_t r0 = begin; r0 < end; r0 += panel_r) {
-      const size_t nr = std::min(panel_r, end - r0);
+      const size_t nr = std::min(panel_r, end - r0), blocks = nr / R, rest = nr % R;
       for (size_t c0 = 0; c0 < d.cols; c0 += chunk) {
         const size_t n = std::min(chunk, d.cols - c0);
-        const auto at = [&](size_t i, size_t j) { return whole ? nullptr : acc.data() + i * stride + j * K::kPerOutput; };
-        size_t i = 0;
-        for (; i + R <= nr; i += R) {
+        // One token tile (a decode step): every row block in one call. Else each row
+        // block's chunk stays in cache while every token tile passes over it.
+        for (size_t i = 0; i < blocks * R; i += nt <= TT ? blocks * R : R) {
+          const size_t count = nt <= TT ? blocks : 1;
           size_t j = 0;
-          for (; j + TT <= nt; j += TT) tile<K, R, TT>(d, r0 + i, t0 + j, c0, n, at(i, j), stride);
-          for (; j < nt; ++j) tile<K, R, 1>(d, r0 + i, t0 + j, c0, n, at(i, j), stride);
+          for (; j + TT <= nt; j += TT) tile<K, R, TT>(d, r0 + i, t0 + j, c0, n, at(i, j), stride, count);
+          for (; j < nt; ++j) tile<K, R, 1>(d, r0 + i, t0 + j, c0, n, at(i, j), stride, count);
         }
-        for (; i < nr; ++i)
-          for (size_t j = 0; j < nt; ++j) tile<K, 1, 1>(d, r0 + i, t0 + j, c0, n, at(i, j), stride);
+        if (rest)
+          for (size_t j = 0; j < nt; ++j) tile<K, 1, 1>(d, r0 + blocks * R, t0 + j, c0, n, at(blocks * R, j), stride, rest);
       }
     }
   }
@@ -280,9 +297,10 @@ void linear_bf16(const float* x, size_t tokens, const uint16_t* w, size_t rows, 
   if (detail::use_avx2() && cols % 16 == 0) {
     const std::vector<float> split = split_even_odd(x, tokens, cols, 16);
     d.x = split.data();
-    // One token's rows under detail::kSharedRowBytes stream faster one at a time; longer
-    // ones, four at a time sharing each load of x.
-    if (tokens > 1) return run(tiled<Avx2<Avx2Bf16>, 2, 2>, d, threads);
+    // Tiles of 3 x 2 for several tokens (2 x 2 and 4 x 1 were up to 0.8x as fast on 8-16
+    // tokens, AVX2 on our Xeon). One token's rows under detail::kSharedRowBytes stream
+    // faster one at a time; longer ones, four at a time sharing each load of x.
+    if (tokens > 1) return run(tiled<Avx2<Avx2Bf16>, 3, 2>, d, threads);
     return run(cols * 2 < detail::kSharedRowBytes ? tiled<Avx2<Avx2Bf16>, 1, 1> : tiled<Avx2<Avx2Bf16>, 4, 1>, d,
                threads);
   }
@@ -299,7 +317,7 @@ void linear_f32(const float* x, size_t tokens, const float* w, size_t rows, size
     return run(shared ? tiled<Avx512<Avx512F32>, 4, 1> : tiled<Avx512<Avx512F32>, 1, 1>, d, threads);
   }
   if (detail::use_avx2()) {
-    if (tokens > 1) return run(tiled<Avx2<Avx2F32>, 2, 2>, d, threads);
+    if (tokens > 1) return run(tiled<Avx2<Avx2F32>, 3, 2>, d, threads);
     return run(shared ? tiled<Avx2<Avx2F32>, 4, 1> : tiled<Avx2<Avx2F32>, 1, 1>, d, threads);
   }
 #endif
