@@ -240,7 +240,7 @@ void tiled(const Dense& d, size_t begin, size_t end) {
   const bool whole = d.tokens * d.cols * sizeof(float) <= kWholeBytes;
   const size_t chunk = whole ? d.cols : kChunkCols;
   const size_t panel_t = whole ? d.tokens : kPanelTokens, panel_r = whole ? end - begin : kPanelRows;
-  std::vector<float> acc(whole ? 0 : panel_r * panel_t * K::kPerOutput);
+  std::vector<float> acc(whole ? 0 : std::min(panel_r, end - begin) * std::min(panel_t, d.tokens) * K::kPerOutput);
   for (size_t t0 = 0; t0 < d.tokens; t0 += panel_t) {
     const size_t nt = std::min(panel_t, d.tokens - t0), stride = whole ? 0 : nt * K::kPerOutput;
     const auto at = [&](size_t i, size_t j) { return whole ? nullptr : acc.data() + i * stride + j * K::kPerOutput; };

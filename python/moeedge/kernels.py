@@ -90,6 +90,9 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | 
     """x [..., in] @ w[out, in].T (+ bias), in x's dtype. fp32 x times weights the native
     kernels take (NATIVE_DTYPES, NATIVE_QUANTS, moeedge's group-wise quants) gives each row
     the same bits whatever the other rows are and however many there are."""
+    if x.dim() != 2 and x.dtype == torch.float32 and x.numel():  # the kernels' rows, whatever the leading dims
+        out = linear(x.reshape(-1, x.shape[-1]), w, bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
     if isinstance(w, QuantTensor):
         native = NATIVE_QUANTS.get(w.quant)
         if native and x.dtype == torch.float32 and x.dim() == 2:
@@ -106,12 +109,10 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | 
             return out if bias is None else out + bias
         w = w.dequantize(x.dtype)
     dense = DENSE_KERNELS.get(w.dtype)
-    if (dense and x.dtype == torch.float32 and x.numel() and w.dim() == 2 and w.is_contiguous()
+    if (dense and x.dtype == torch.float32 and x.dim() == 2 and x.numel() and w.dim() == 2 and w.is_contiguous()
             and not (x.requires_grad or w.requires_grad)):
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.empty(rows.shape[0], w.shape[0], dtype=torch.float32)
-        dense(rows.numpy(), (w.view(torch.int16) if w.dtype == torch.bfloat16 else w).numpy(), out.numpy())
-        out = out.reshape(*x.shape[:-1], w.shape[0])
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+        dense(x.contiguous().numpy(), (w.view(torch.int16) if w.dtype == torch.bfloat16 else w).numpy(), out.numpy())
         return out if bias is None else out + bias
     if w.dtype == x.dtype:
         return F.linear(x, w, bias)
