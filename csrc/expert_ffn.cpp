@@ -108,6 +108,10 @@ void linear_stored(const float* x, size_t tokens, const uint8_t* expert, const S
   }
 }
 
+void silu_mul_rows(float* g, const float* u, size_t tokens, size_t n) {
+  for (size_t t = 0; t < tokens; ++t) silu_mul(g + t * n, u + t * n, n);
+}
+
 void check_chain(const StoredMatrix& gate, const StoredMatrix& up, const StoredMatrix& down) {
   if (up.rows != gate.rows || up.cols != gate.cols || down.cols != gate.rows)
     throw std::invalid_argument("expert shapes do not chain: gate [" + std::to_string(gate.rows) + ", " +
@@ -131,7 +135,7 @@ void expert_ffn(const float* x, size_t tokens, const uint8_t* expert, size_t exp
   std::vector<float> g(tokens * gate.rows), u(tokens * gate.rows);
   linear_stored(x, tokens, expert, gate, g.data(), threads);
   linear_stored(x, tokens, expert, up, u.data(), threads);
-  silu_mul(g.data(), u.data(), g.size());
+  silu_mul_rows(g.data(), u.data(), tokens, gate.rows);
   linear_stored(g.data(), tokens, expert, down, out, threads);
   if (scale != 1.f)
     for (size_t i = 0; i < tokens * down.rows; ++i) out[i] *= scale;

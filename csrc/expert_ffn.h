@@ -31,6 +31,10 @@ void linear_stored(const float* x, size_t tokens, const uint8_t* expert, const S
 // std::invalid_argument naming the shapes unless they chain: gate and up [I, H], down [H, I].
 void check_chain(const StoredMatrix& gate, const StoredMatrix& up, const StoredMatrix& down);
 
+// g = silu(g) * u over [tokens, n], row by row: each row split into SIMD words and a tail
+// the same way whatever the number of rows (a row's bits do not depend on the batch).
+void silu_mul_rows(float* g, const float* u, size_t tokens, size_t n);
+
 // x [tokens, gate.cols] -> out [tokens, down.rows]. The shapes must chain (check_chain) and
 // every matrix lie within `expert_bytes`: std::invalid_argument naming the role and the
 // numbers otherwise.

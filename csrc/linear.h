@@ -2,6 +2,9 @@
 // Q8_0, Q4_0, Q4_K or Q6_K blocks, moeedge's group-wise int8/int4): no dequantized copy of W is ever made. Memory-bound
 // for small T, so the win is reading the stored bytes once. AVX2+FMA(+F16C) where the
 // CPU has it (chosen at run time), a portable loop otherwise; both accumulate in fp32.
+// Batch invariance: on a given path each output is summed one way only, so out[t] has the
+// same bits whatever the number of tokens, the other tokens and the thread count (threads
+// split the rows, never a row's sum; tests/test_batch_invariance.py).
 #pragma once
 
 #include <cstddef>

@@ -285,16 +285,16 @@ void def_attention_step(py::module_& m) {
           py::arg("threads") = 0);
 }
 
-}  // namespace
-
-void register_kernels(py::module_& m) {
-  def_expert_ffn(m);
-  def_attention_step(m);
+// out = x @ w.T with w [rows, cols] of `W` (bf16 as 2-byte items, or fp32) read as stored.
+template <class W>
+void def_dense_linear(py::module_& m, const char* name, const std::string& label,
+                      void (*fn)(const float*, size_t, const W*, size_t, size_t, float*, int)) {
   m.def(
-      "linear_bf16",
-      [](const py::buffer& x, const py::buffer& w, const py::buffer& out, int threads) {
+      name,
+      [fn, label](const py::buffer& x, const py::buffer& w, const py::buffer& out, int threads) {
         auto xi = matrix(x, 4, false, "x (float32 [tokens, in])");
-        auto wi = matrix(w, 2, false, "w (bf16 [out, in], as 2-byte items)");
+        auto wi = matrix(w, sizeof(W), false,
+                         ("w (" + label + " [out, in]" + (sizeof(W) == 2 ? ", as 2-byte items)" : ")")).c_str());
         auto oi = matrix(out, 4, true, "out (float32 [tokens, out])");
         if (xi.shape[1] != wi.shape[1] || oi.shape[0] != xi.shape[0] || oi.shape[1] != wi.shape[0])
           throw std::invalid_argument("shapes do not fit: x [" + std::to_string(xi.shape[0]) + ", " +
@@ -302,11 +302,32 @@ void register_kernels(py::module_& m) {
                                       std::to_string(wi.shape[1]) + "], out [" + std::to_string(oi.shape[0]) +
                                       ", " + std::to_string(oi.shape[1]) + "]");
         py::gil_scoped_release release;
-        linear_bf16(static_cast<const float*>(xi.ptr), xi.shape[0], static_cast<const uint16_t*>(wi.ptr),
-                    wi.shape[0], wi.shape[1], static_cast<float*>(oi.ptr), threads);
+        fn(static_cast<const float*>(xi.ptr), xi.shape[0], static_cast<const W*>(wi.ptr), wi.shape[0], wi.shape[1],
+           static_cast<float*>(oi.ptr), threads);
       },
       py::arg("x"), py::arg("w"), py::arg("out"), py::arg("threads") = 0,
-      "out = x @ w.T with w in bf16 read as stored (GIL released; threads=0: all cores).");
+      ("out = x @ w.T with w in " + label + " read as stored (GIL released; threads=0: all cores).").c_str());
+}
+
+}  // namespace
+
+void register_kernels(py::module_& m) {
+  def_expert_ffn(m);
+  def_attention_step(m);
+  def_dense_linear<uint16_t>(m, "linear_bf16", "bf16", &linear_bf16);
+  def_dense_linear<float>(m, "linear_f32", "float32", &linear_f32);
+  m.def(
+      "silu_mul",
+      [](const py::buffer& g, const py::buffer& u) {
+        auto gi = matrix(g, 4, true, "g (float32 [tokens, n])");
+        auto ui = matrix(u, 4, false, "u (float32 [tokens, n])");
+        if (gi.shape != ui.shape) throw std::invalid_argument("g and u differ in shape");
+        py::gil_scoped_release release;
+        silu_mul_rows(static_cast<float*>(gi.ptr), static_cast<const float*>(ui.ptr), gi.shape[0], gi.shape[1]);
+      },
+      py::arg("g"), py::arg("u"),
+      "g = silu(g) * u in place, as ExpertFfn computes it between its products (so that a "
+      "batched feed-forward can give each row ExpertFfn's bits).");
   def_quant_linear(m, "linear_q8_0", "Q8_0", kQ8Block, kQ8BlockBytes, &linear_q8_0);
   def_quant_linear(m, "linear_q4_0", "Q4_0", kQ4_0Block, kQ4_0BlockBytes, &linear_q4_0);
   def_quant_linear(m, "linear_q4_k", "Q4_K", kQKBlock, kQ4KBlockBytes, &linear_q4_k);

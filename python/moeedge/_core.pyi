@@ -29,6 +29,12 @@ def cpu_features() -> dict[str, bool]:
 def linear_bf16(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
     """w: bf16 [rows, cols] as 2-byte items (e.g. a torch.bfloat16 tensor viewed as int16)."""
 
+def linear_f32(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
+    """w: float32 [rows, cols], any cols."""
+
+def silu_mul(g: Buffer, u: Buffer) -> None:
+    """g = silu(g) * u in place (float32 [tokens, n] both), as ExpertFfn computes it."""
+
 def linear_q8_0(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
     """w: GGUF Q8_0 blocks of [rows, cols], rows * cols / 32 * 34 bytes; cols % 32 == 0. x is
     rounded to int16 per 32 values, as for linear_q4_0."""

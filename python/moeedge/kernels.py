@@ -10,14 +10,15 @@ from moeedge import _core
 from moeedge.formats.group_quant import QUANTS as GROUP_QUANTS
 from moeedge.formats.quant_tensor import QuantTensor
 
-# bf16: up to this many tokens a product is memory-bound and the native kernel wins;
-# above, converting the weights once and using torch's fp32 GEMM is faster. Quantized
-# weights always take the native kernels: dequantizing costs more than the product
-# (1.6-7.7x slower at 64-128 tokens, 1024x2048, Q8_0/Q4_0/Q4_K/Q6_K, measured here).
+# Once the limit on tokens for the native bf16 kernel, above which the weights were
+# converted to fp32 for torch's GEMM. Now every token count takes the native kernels (one
+# code path, so that a row's result does not depend on the batch: tests/test_batch_invariance.py);
+# the name stays for models/decoder.py, which still uses it to pick torch's thread count
+# for a step and to budget a block of converted weights (which bf16 and fp32 no longer need).
 NATIVE_MAX_TOKENS = 16
-# Above that, weights of another dtype are converted this many bytes of them at a time: a
-# whole fp32 copy would be twice the matrix (224 MiB for a Mixtral-8x7B expert's), which
-# no memory plan could afford at prefill.
+# Weights of a dtype the kernels do not take (fp16, ...) are converted this many bytes of
+# them at a time: a whole fp32 copy would be twice the matrix (224 MiB for a Mixtral-8x7B
+# expert's), which no memory plan could afford at prefill.
 CONVERT_BLOCK_BYTES = 8 << 20
 
 # quant -> native kernel (csrc/linear*.cpp); Q4_0/Q4_K/Q6_K round x to int16 per 32
@@ -58,8 +59,17 @@ def stored(w: torch.Tensor | QuantTensor) -> tuple | None:
     return (found[0], raw.numpy(), *w.shape, found[1])
 
 
+# plain dtype -> native kernel; any number of tokens (csrc/linear_dense.cpp).
+DENSE_KERNELS = {torch.bfloat16: _core.linear_bf16, torch.float32: _core.linear_f32}
+
+
 def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] @ w[out, in].T (+ bias), in x's dtype."""
+    """x [..., in] @ w[out, in].T (+ bias), in x's dtype. fp32 x times weights the native
+    kernels take (NATIVE_DTYPES, NATIVE_QUANTS, moeedge's group-wise quants) gives each row
+    the same bits whatever the other rows are and however many there are."""
+    if x.dim() != 2 and x.dtype == torch.float32 and x.numel():  # the kernels' rows, whatever the leading dims
+        out = linear(x.reshape(-1, x.shape[-1]), w, bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
     if isinstance(w, QuantTensor):
         native = NATIVE_QUANTS.get(w.quant)
         if native and x.dtype == torch.float32 and x.dim() == 2:
@@ -75,12 +85,14 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | 
             GROUP_KERNELS[bits](x.contiguous().numpy(), raw[:qbytes], raw[qbytes:], out.numpy(), size)
             return out if bias is None else out + bias
         w = w.dequantize(x.dtype)
+    dense = DENSE_KERNELS.get(w.dtype)
+    if (dense and x.dtype == torch.float32 and x.dim() == 2 and x.numel() and w.dim() == 2 and w.is_contiguous()
+            and not (x.requires_grad or w.requires_grad)):
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+        dense(x.contiguous().numpy(), (w.view(torch.int16) if w.dtype == torch.bfloat16 else w).numpy(), out.numpy())
+        return out if bias is None else out + bias
     if w.dtype == x.dtype:
         return F.linear(x, w, bias)
-    if w.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= NATIVE_MAX_TOKENS:
-        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-        _core.linear_bf16(x.contiguous().numpy(), w.view(torch.int16).numpy(), out.numpy())
-        return out if bias is None else out + bias
     return _linear_converting(x, w, None if bias is None else bias.to(x.dtype))
 
 
