@@ -9,6 +9,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from moeedge import _core
 from moeedge.formats.hf_config import DecoderConfig
 from moeedge.kernels import linear
 from moeedge.runtime.experts import ExpertAccess
@@ -25,6 +26,18 @@ def by_rows(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
     if x.shape[0] <= rows:
         return fn(x)
     return torch.cat([fn(part) for part in x.split(rows)])
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up. In fp32 as ExpertFfn computes it, row by row (moeedge._core.silu_mul),
+    so that a row gets the same bits in a prefill, a decode step, or one expert call."""
+    if gate.dtype == up.dtype == torch.float32 and gate.dim() == 2 and gate.shape == up.shape:
+        gate, up = gate.contiguous(), up.contiguous()
+        if gate.data_ptr() == up.data_ptr():
+            gate = gate.clone()
+        _core.silu_mul(gate.numpy(), up.numpy())  # in place, in gate
+        return gate
+    return F.silu(gate) * up
 
 
 def widest_ffn(cfg: DecoderConfig) -> int:
@@ -51,7 +64,7 @@ class DecoderFFN:
         return f"model.layers.{layer}.{'block_sparse_moe' if self.cfg.family == 'mixtral' else 'mlp'}.gate.weight"
 
     def _mlp(self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        return by_rows(lambda rows: linear(F.silu(linear(rows, gate)) * linear(rows, up), down), x, self.rows)
+        return by_rows(lambda rows: linear(swiglu(linear(rows, gate), linear(rows, up)), down), x, self.rows)
 
     @staticmethod
     def _lowrank_mlp(x: torch.Tensor, gate_base: torch.Tensor, up_base: torch.Tensor, down_base: torch.Tensor,
@@ -61,7 +74,7 @@ class DecoderFFN:
         own weights are never formed: a and b are all that was read."""
         gate = gate_base + linear(linear(x, ew["gate_a"]), ew["gate_b"])
         up = up_base + linear(linear(x, ew["up_a"]), ew["up_b"])
-        h = F.silu(gate) * up
+        h = swiglu(gate, up)
         return linear(h, down_base) + linear(linear(h, ew["down_a"]), ew["down_b"])
 
     def _lowrank_mlp_block(self, x: torch.Tensor, base: tuple[torch.Tensor, ...], ew) -> torch.Tensor:
@@ -139,7 +152,7 @@ class DecoderFFN:
                 ffn(x.numpy(), self.experts.buffer(moe_layer, e), outputs[e].numpy(), gates[e])
                 continue
             ew = self.experts.get(moe_layer, e)
-            y = linear(F.silu(linear(x, ew["gate"])) * linear(x, ew["up"]), ew["down"])
+            y = linear(swiglu(linear(x, ew["gate"]), linear(x, ew["up"])), ew["down"])
             outputs[e] = y.mul_(gates[e]) if y.dtype == top_w.dtype else (y * top_w.new_tensor(gates[e])).to(x.dtype)
             del ew  # unpin before the next expert is read
         out = outputs[chosen[0]]
@@ -170,7 +183,7 @@ class DecoderFFN:
                 ffn(xs.numpy(), self.experts.buffer(moe_layer, e), y.numpy(), 1.0)
             else:
                 ew = self.experts.get(moe_layer, e)
-                y = linear(F.silu(linear(xs, ew["gate"])) * linear(xs, ew["up"]), ew["down"])
+                y = linear(swiglu(linear(xs, ew["gate"]), linear(xs, ew["up"])), ew["down"])
                 del ew  # unpin before the next expert is read
             outputs[e] = (torch.tensor(rows), (y * scale).to(x.dtype))
         out, written = torch.empty_like(x), torch.zeros(x.shape[0], dtype=torch.bool)
