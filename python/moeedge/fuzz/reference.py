@@ -117,8 +117,9 @@ def difference(got: torch.Tensor, expected: torch.Tensor) -> str | None:
         return f"logits of shape {list(got.shape)}, the reference's {list(expected.shape)}"
     finite = torch.isfinite(expected)
     scale = max(1.0, float(expected[finite].abs().max())) if finite.any() else 1.0
+    nan_got, nan_expected = int(torch.isnan(got).sum()), int(torch.isnan(expected).sum())
     if not torch.equal(torch.isnan(got), torch.isnan(expected)):
-        return "NaN where the reference has none (or the other way round)"
+        return f"NaN in {nan_got} logits, the reference's in {nan_expected} (of {got.numel()})"
     if not torch.allclose(got, expected, rtol=0, atol=ATOL * scale, equal_nan=True):
         diff = (got - expected).abs().nan_to_num(0.0).max().item()
         return f"max |logit difference| {diff:.3g} (reference's largest |logit| {scale:.3g})"

@@ -99,7 +99,8 @@ def load_target(path: str, settings: Settings):
         except BaseException as e:  # noqa: BLE001 -- every exception is an outcome
             return exception_result(e)
         if os.path.isdir(path) and _outside(path, files):
-            return {"outcome": ESCAPE, "detail": f"read {_outside(path, files)[0]}, outside the checkpoint"}
+            outside = os.path.relpath(_outside(path, files)[0], path)
+            return {"outcome": ESCAPE, "detail": f"read {outside}, outside the checkpoint directory"}
         result = {"outcome": SUCCESS, "detail": "loaded; logits of shape " + str(list(logits.shape))}
         if not settings.reference:
             return result
