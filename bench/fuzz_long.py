@@ -1,6 +1,7 @@
 """The long fuzz run: 5000 inputs (default) over every class, then a markdown report.
 
     python bench/fuzz_long.py [--seed 0] [--count 5000] [--jobs 2] [--timeout 10] [--out DIR]
+    python bench/fuzz_long.py --report-only DIR/fuzz-seed0.json   # the markdown again, from the records
 
 Writes under DIR (default /var/tmp/moeedge-fuzz-long): fuzz-seedS.json (the summary and
 every input's record), failures/ (up to 5 inputs per distinct failure, each with its
@@ -16,9 +17,11 @@ import sys
 from pathlib import Path
 
 from moeedge.fuzz.__main__ import main as fuzz_main
+from moeedge.fuzz.campaign import Summary
 
 
-def markdown(summary: dict) -> str:
+def markdown(data: dict) -> str:
+    summary = Summary.from_dict(data).as_dict()  # failures grouped as this version groups them
     cfg = summary["config"]
     lines = [f"# moeedge.fuzz: seed {cfg['seed']}, {sum(r['tried'] for r in summary['table'].values())} inputs",
              "", f"{summary['seconds']:.0f} s, {summary['inputs_per_second']:.2f} inputs/s with {cfg['jobs']} "
@@ -43,7 +46,13 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--out", type=Path, default=Path("/var/tmp/moeedge-fuzz-long"))
+    p.add_argument("--report-only", type=Path, metavar="JSON", help="write the markdown of an earlier run's --json")
     args = p.parse_args()
+    if args.report_only:
+        report = args.report_only.with_suffix(".md")
+        report.write_text(markdown(json.loads(args.report_only.read_text())))
+        print(f"report: {report}")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"fuzz-seed{args.seed}.json"
     status = fuzz_main(["--seed", str(args.seed), "--count", str(args.count), "--jobs", str(args.jobs),

@@ -87,6 +87,12 @@ class Summary:
                  "examples": [r.name for r in v[:5]], "description": v[0].description, "detail": v[0].detail,
                  "message": v[0].message} for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Summary":
+        """A summary read back from --json (distinct_failures recomputed from the records)."""
+        return cls(d["config"], d["limit"], d["limit_note"], d["seconds"], d["inputs_per_second"], d["table"],
+                   [Record(**r) for r in d["records"]])
+
     def as_dict(self) -> dict:
         return {"config": self.config, "limit": self.limit, "limit_note": self.limit_note, "seconds": self.seconds,
                 "inputs_per_second": self.inputs_per_second, "table": self.table,
@@ -99,8 +105,11 @@ def failure_key(r: Record) -> tuple[str, str, str, str]:
     what happened, numbers left out."""
     if r.exception:
         return r.cls, r.outcome, r.exception, r.where or r.raised_at
-    what = re.split(r" = | -> |: type| nested | repeated |; ", r.description)[0]
-    return r.cls, r.outcome, "", re.sub(r"\d+", "N", f"{what} | {r.detail}")[:160]
+    # a template's payloads vary endlessly; what they did is one of a few things (one fix each)
+    what = "chat template" if r.cls == "template" else re.split(r" = | -> |: type| nested | repeated |; ",
+                                                                 r.description)[0]
+    happened = re.split(r" \(|, then|; ", r.detail)[0]
+    return r.cls, r.outcome, "", re.sub(r"\d+", "N", f"{what} | {happened}")[:160]
 
 
 def _child_env() -> None:

@@ -7,20 +7,23 @@ from __future__ import annotations
 import json
 import random
 
-from moeedge.fuzz.inputs import Directory, Fifo, FuzzInput, Symlink, WithOutside, pick_target
+from moeedge.fuzz.inputs import Directory, Fifo, FuzzInput, Sparse, Symlink, WithOutside, pick_target
 from moeedge.fuzz.mutate import (INTERESTING_INTS, dump_json, interesting_value, json_paths, mutate_bytes,
                                  mutate_json)
 from moeedge.fuzz.seeds import Seeds
 
-SPECIAL_FILES = (Fifo(), Directory(), Symlink("/dev/zero"), Symlink("/dev/null"), Symlink("/proc/self/mem"),
-                 Symlink("does-not-exist"), b"")
+SPECIAL_FILES = (Fifo(), Directory(), Sparse(2**36), Sparse(2**31 + 8), Symlink("/dev/zero"), Symlink("/dev/null"),
+                 Symlink("/proc/self/mem"), Symlink("/proc/self/environ"), Symlink("does-not-exist"), b"")
 
 
 def _special(rng: random.Random, name: str) -> tuple[object, str]:
     content = rng.choice(SPECIAL_FILES)
-    label = {Fifo: "a FIFO", Directory: "a directory", Symlink: "a symlink", bytes: "an empty file"}[type(content)]
-    target = f" to {content.target}" if isinstance(content, Symlink) else ""
-    return content, f"{name} is {label}{target}"
+    if isinstance(content, Symlink):
+        return content, f"{name} is a symlink to {content.target}"
+    if isinstance(content, Sparse):
+        return content, f"{name} is a sparse file of {content.size} bytes"
+    label = {Fifo: "a FIFO", Directory: "a directory", bytes: "an empty file"}[type(content)]
+    return content, f"{name} is {label}"
 
 
 def _read(seeds: Seeds, seed: str, name: str) -> bytes:
@@ -108,6 +111,10 @@ def safetensors_input(rng: random.Random, seeds: Seeds) -> FuzzInput:
     header, body = split_safetensors(data)
     header_end = 8 + int.from_bytes(data[:8], "little")
     op = rng.random()
+    if op < 0.06:  # the file itself, or another one the directory listing picks up, not a regular file
+        new_name = rng.choice((name, name, "extra.safetensors"))
+        content, description = _special(rng, new_name)
+        return FuzzInput("", 0, seed, description, pick_target(rng, "load"), {new_name: content})
     if op < 0.5:
         descriptions = [_mutate_entry(header, rng) for _ in range(rng.choice((1, 1, 1, 2, 3)))]
         new, description = join_safetensors(dump_json(header), body), "; ".join(descriptions)

@@ -25,6 +25,13 @@ class Directory:
 
 
 @dataclass(frozen=True)
+class Sparse:
+    """A regular file of `size` zero bytes that takes no disk: a huge file read whole."""
+
+    size: int
+
+
+@dataclass(frozen=True)
 class Symlink:
     target: str  # "{outside}" is replaced by the scratch directory beside the checkpoint
 
@@ -34,7 +41,7 @@ class WithOutside(bytes):
     checkpoint when written: an absolute path to a file outside it."""
 
 
-Content = bytes | Fifo | Directory | Symlink | None  # None: the seed's file deleted
+Content = bytes | Fifo | Directory | Sparse | Symlink | None  # None: the seed's file deleted
 
 
 @dataclass
@@ -68,6 +75,9 @@ def _write(path: Path, content: Content, outside: Path) -> None:
         os.mkfifo(path)
     elif isinstance(content, Directory):
         path.mkdir()
+    elif isinstance(content, Sparse):
+        with open(path, "wb") as f:
+            f.truncate(content.size)
     else:
         os.symlink(content.target.replace("{outside}", str(outside)), path)
 
