@@ -22,7 +22,7 @@ from moeedge.fuzz.outcomes import (CLEAN_ERROR, CRASH, ESCAPE, HANG, OOM, SUCCES
 from moeedge.fuzz.seeds import build_seeds
 from moeedge.fuzz.targets import Settings, _escaped, exception_result, load_target
 
-# The CI run: every class, 50 of each; ~55 s on 2 cores (~15 s of imports, seeds and warm-up).
+# The CI run: every class, 50 of each; ~40 s on 2 cores (~10 s of imports, seeds and warm-up).
 SHORT_RUN = ["--seed", "0", "--count", "300", "--timeout", "5", "--jobs", "2"]
 
 
