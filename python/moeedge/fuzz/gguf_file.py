@@ -82,7 +82,8 @@ def _scalar(vtype: int, value) -> bytes:
     return struct.pack(fmt.upper(), value & ((1 << bits) - 1))  # wrapped: any value of the wrong width has bytes
 
 
-def _value(kv: KV) -> bytes:
+def value_bytes(kv: KV) -> bytes:
+    """A metadata value as written after its key and type."""
     if isinstance(kv.value, Raw):
         return kv.value.data
     if kv.vtype == ARRAY:
@@ -97,7 +98,7 @@ def to_bytes(spec: GGUFSpec) -> bytes:
     out += struct.pack("<IQQ", spec.version & 0xFFFFFFFF, _u64(spec.n_tensors, len(spec.tensors)),
                        _u64(spec.n_kvs, len(spec.kvs)))
     for kv in spec.kvs:
-        out += _string(kv.key) + struct.pack("<I", kv.vtype & 0xFFFFFFFF) + _value(kv)
+        out += _string(kv.key) + struct.pack("<I", kv.vtype & 0xFFFFFFFF) + value_bytes(kv)
     for t in spec.tensors:
         out += _string(t.name) + struct.pack("<I", _u64(t.n_dims, len(t.dims)) & 0xFFFFFFFF)
         out += b"".join(struct.pack("<Q", d & (2**64 - 1)) for d in t.dims)

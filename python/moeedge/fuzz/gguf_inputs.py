@@ -64,7 +64,7 @@ def _new_value(rng: random.Random, kv: G.KV) -> str:
             return f"{kv.key}: element type -> {kv.elem_type}"
         else:  # the count claims more than the file holds
             count = rng.choice((len(items) + 1, 2**32, 2**62, 2**64 - 1))
-            kv.value = G.Raw(struct.pack("<IQ", kv.elem_type, count) + G._value(kv)[12:])
+            kv.value = G.Raw(struct.pack("<IQ", kv.elem_type, count) + G.value_bytes(kv)[12:])
             return f"{kv.key}: array count field = {count} (holds {len(items)})"
         return f"{kv.key}: array of {len(kv.value)} elements"
     if kv.vtype == G.STRING:

@@ -10,7 +10,6 @@ import os
 import resource
 import time
 import uuid
-from pathlib import Path
 
 from moeedge.runtime.measure import memory_cgroup
 

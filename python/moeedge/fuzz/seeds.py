@@ -62,7 +62,7 @@ def build_seeds(root: Path | None = None) -> Seeds:
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _in_child(lambda: _write_hf_seeds(tmp))
+        _in_child(lambda: _write_hf_seeds(tmp), tmp / "build.log")
         for name in GGUF_SEEDS:
             (tmp / f"{name}.gguf").write_bytes(G.to_bytes(gguf_seed(name)))
         (tmp / "done").write_text("ok\n")
@@ -73,11 +73,14 @@ def build_seeds(root: Path | None = None) -> Seeds:
     return Seeds(root, {n: root / n for n in HF_SEEDS}, {n: gguf_seed(n) for n in GGUF_SEEDS})
 
 
-def _in_child(work) -> None:
+def _in_child(work, log: Path) -> None:
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # transformers' progress bars
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
             work()
             code = 0
         except BaseException:  # noqa: BLE001
@@ -88,7 +91,8 @@ def _in_child(work) -> None:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
-        raise RuntimeError(f"building the fuzz seeds failed (wait status {status})")
+        raise RuntimeError(f"building the fuzz seeds failed (wait status {status}):\n"
+                           f"{log.read_text(errors='replace')[-3000:]}")
 
 
 # --------------------------------------------------------------------------- Hugging Face
