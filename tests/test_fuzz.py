@@ -15,12 +15,13 @@ import pytest
 from moeedge.formats.errors import CheckpointError
 from moeedge.fuzz import gguf_file as G
 from moeedge.fuzz.forkserver import run_child
-from moeedge.fuzz.inputs import CLASS_NAMES, FuzzInput, generate, materialize
+from moeedge.fuzz.classes import CLASS_NAMES, generate
+from moeedge.fuzz.inputs import FuzzInput, materialize
 from moeedge.fuzz.limits import CgroupLimit, RlimitLimit, memory_limit
 from moeedge.fuzz.outcomes import (CLEAN_ERROR, CRASH, ESCAPE, HANG, OOM, SUCCESS, TRACEBACK, classify_cli,
                                    classify_exception)
 from moeedge.fuzz.seeds import build_seeds
-from moeedge.fuzz.targets import Settings, _escaped, exception_result, load_target
+from moeedge.fuzz.targets import Settings, escaped, exception_result, load_target
 
 # The CI run: every class, 50 of each; ~40 s on 2 cores (~10 s of imports, seeds and warm-up).
 SHORT_RUN = ["--seed", "0", "--count", "300", "--timeout", "5", "--jobs", "2"]
@@ -159,11 +160,11 @@ def test_cli_rule():
 def test_escape_checks(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MOEEDGE_FUZZ_CANARY", "c4n4ry")
-    assert _escaped(["a reply"], "<s><|user|>hello") is None
-    assert _escaped([], "uid=0(root) gid=0(root)") is not None
-    assert _escaped(["... c4n4ry ..."]) is not None
+    assert escaped(["a reply"], "<s><|user|>hello") is None
+    assert escaped([], "uid=0(root) gid=0(root)") is not None
+    assert escaped(["... c4n4ry ..."]) is not None
     (tmp_path / "fuzz-escape-marker").write_text("")
-    assert _escaped([]) is not None
+    assert escaped([]) is not None
     assert ESCAPE != SUCCESS
 
 

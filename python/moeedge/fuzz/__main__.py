@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from moeedge.fuzz.campaign import Config, format_table, run_campaign
-from moeedge.fuzz.inputs import CLASS_NAMES, LETTERS
+from moeedge.fuzz.classes import CLASS_NAMES, LETTERS
 
 LONG_COUNT = 5000
 

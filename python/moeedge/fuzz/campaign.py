@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moeedge.fuzz import inputs as I
+from moeedge.fuzz.classes import CLASS_NAMES, generate
 from moeedge.fuzz.forkserver import Child, ChildResult, run_child
 from moeedge.fuzz.limits import MemoryLimit, memory_limit
 from moeedge.fuzz.outcomes import BAD, ESCAPE, OUTCOMES, SUCCESS
@@ -38,7 +39,7 @@ PRELOAD_PREFIXES = ("moeedge", "transformers", "tokenizers", "sentencepiece", "j
 class Config:
     seed: int = 0
     count: int = 300
-    classes: tuple[str, ...] = I.CLASS_NAMES
+    classes: tuple[str, ...] = CLASS_NAMES
     timeout: float = 10.0
     memory_mib: int = 768
     jobs: int = 1
@@ -180,11 +181,11 @@ def save_failure(inp: I.FuzzInput, record: Record, seeds: Seeds, scratch: Path, 
 def _inputs(config: Config, seeds: Seeds):
     if config.replay:
         for cls, index in config.replay:
-            yield I.generate(cls, config.seed, index, seeds)
+            yield generate(cls, config.seed, index, seeds)
         return
     for k in range(config.count):
         cls = config.classes[k % len(config.classes)]
-        yield I.generate(cls, config.seed, k // len(config.classes), seeds)
+        yield generate(cls, config.seed, k // len(config.classes), seeds)
 
 
 def run_campaign(config: Config, progress=None) -> Summary:
@@ -266,7 +267,7 @@ def _record(inp: I.FuzzInput, result: ChildResult, scratch: Path) -> Record:
 
 def tabulate(records: list[Record]) -> dict[str, dict[str, int]]:
     table: dict[str, Counter] = {}
-    for r in sorted(records, key=lambda r: I.CLASS_NAMES.index(r.cls)):
+    for r in sorted(records, key=lambda r: CLASS_NAMES.index(r.cls)):
         table.setdefault(r.cls, Counter())[r.outcome] += 1
     return {cls: {"tried": sum(c.values()), **{o: c.get(o, 0) for o in OUTCOMES}} for cls, c in table.items()}
 

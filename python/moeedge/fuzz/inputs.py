@@ -1,8 +1,6 @@
 """One fuzz input: which seed it starts from, the files it changes, what runs on it, and
-how it is written to a scratch directory. The classes of input (safetensors headers,
-the shard index, config.json, tokenizer files, GGUF files, chat templates) live in
-hf_inputs, gguf_inputs and templates; generate() draws input `index` of a class from a
-random.Random seeded by (seed, class, index), so any one input can be made again alone."""
+how it is written to a scratch directory. The classes of input live in hf_inputs,
+gguf_inputs and templates; moeedge.fuzz.classes names them and draws any one input."""
 from __future__ import annotations
 
 import os
@@ -107,23 +105,3 @@ def pick_target(rng: random.Random, main: str) -> str:
     if roll < 0.2:
         return "cli-run"
     return main
-
-
-def classes() -> dict[str, callable]:
-    """Class name -> generator(rng, seeds) -> FuzzInput (its cls and index set by generate)."""
-    from moeedge.fuzz import gguf_inputs, hf_inputs, templates
-
-    return {"safetensors": hf_inputs.safetensors_input, "index": hf_inputs.index_input,
-            "config": hf_inputs.config_input, "tokenizer": hf_inputs.tokenizer_input,
-            "gguf": gguf_inputs.gguf_input, "template": templates.template_input}
-
-
-LETTERS = {"a": "safetensors", "b": "index", "c": "config", "d": "tokenizer", "e": "gguf", "f": "template"}
-CLASS_NAMES = tuple(LETTERS.values())
-
-
-def generate(cls: str, seed: int, index: int, seeds: Seeds) -> FuzzInput:
-    rng = random.Random(f"{seed}/{cls}/{index}")
-    inp = classes()[cls](rng, seeds)
-    inp.cls, inp.index = cls, index
-    return inp

@@ -67,7 +67,7 @@ def _outside(checkpoint_dir: str, files: list[str]) -> list[str]:
 PYTHON_OBJECTS = ("<class '", "<module '", "<function ", "<built-in ", "<bound method ", "uid=")
 
 
-def _escaped(texts: list[str], rendered: str = "") -> str | None:
+def escaped(texts: list[str], rendered: str = "") -> str | None:
     if os.path.exists(ESCAPE_MARKER):
         return f"the input ran a command ({ESCAPE_MARKER} was written)"
     canary = os.environ.get(CANARY_ENV, "")
@@ -132,11 +132,11 @@ def chat_target(path: str, settings: Settings):
                 texts.append(model.chat(MESSAGES, max_new_tokens=2))
                 texts.append(model.generate("hello world", max_new_tokens=2))
         except BaseException as e:  # noqa: BLE001
-            escaped = _escaped(texts[1:] + [str(e)[:10000]], texts[0] if texts else "")
-            return {"outcome": ESCAPE, "detail": escaped} if escaped else exception_result(e)
-        escaped = _escaped(texts[1:], texts[0])
-        if escaped:
-            return {"outcome": ESCAPE, "detail": escaped}
+            why = escaped(texts[1:] + [str(e)[:10000]], texts[0] if texts else "")
+            return {"outcome": ESCAPE, "detail": why} if why else exception_result(e)
+        why = escaped(texts[1:], texts[0])
+        if why:
+            return {"outcome": ESCAPE, "detail": why}
         return {"outcome": SUCCESS, "detail": f"rendered {len(texts[0])} characters, replied"}
 
     return run
@@ -164,9 +164,9 @@ def cli_target(target: str, path: str, settings: Settings):
         except BaseException as e:  # noqa: BLE001 -- out of main: the user would see a traceback
             info = exception_info(e)
             return {"outcome": TRACEBACK, "detail": f"{type(e).__name__} out of moeedge.cli.main", **info}
-        escaped = _escaped([out.getvalue(), err.getvalue()])
-        if escaped:
-            return {"outcome": ESCAPE, "detail": escaped}
+        why = escaped([out.getvalue(), err.getvalue()])
+        if why:
+            return {"outcome": ESCAPE, "detail": why}
         outcome, why = classify_cli(status or 0, err.getvalue())
         result = {"outcome": outcome, "detail": why}
         if outcome in (CLEAN_ERROR, TRACEBACK):
