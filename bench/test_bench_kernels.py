@@ -41,7 +41,7 @@ def test_matvec_bf16(benchmark, shape, impl):
 def test_matvec_q8_0(benchmark, impl):
     """A GGUF Q8_0 expert matrix (14336x4096 in Mixtral-8x7B; 3584x1024 here), one token."""
     from moeedge.formats.gguf_quants import dequantize
-    from moeedge.kernels import QuantTensor
+    from moeedge.formats.quant_tensor import QuantTensor
 
     benchmark.group = "matvec_q8_0_up_3584x1024"
     gen = torch.Generator().manual_seed(0)
@@ -101,7 +101,7 @@ def test_matvec_expert_formats(benchmark, measured, simd, fmt, tokens):
     each format read as stored, on each SIMD path: GB/s of stored bytes, and time relative to
     bf16 and Q8_0 on the same path."""
     from moeedge.formats.gguf_quants import dequantize
-    from moeedge.kernels import QuantTensor
+    from moeedge.formats.quant_tensor import QuantTensor
 
     benchmark.group = f"matvec_expert_{EXPERT_ROWS}x{EXPERT_COLS}_t{tokens}_{simd}"
     rows, cols = EXPERT_ROWS, EXPERT_COLS

@@ -17,7 +17,8 @@ from moeedge.aggregate.merge import permuted
 from moeedge.aggregate.pipeline import aggregate
 from moeedge.default_model import default_model_path
 from moeedge.evaluate import _corpus
-from moeedge.formats.switch_checkpoint import expected_dense, switch_config
+from moeedge.formats.switch_checkpoint import expected_dense
+from moeedge.formats.switch_config import switch_config
 from moeedge.data.span_corruption import train_tokenizer
 from test_aggregate import run_cli
 

@@ -11,7 +11,7 @@ import torch
 import gguf_fixtures as gf
 import moeedge
 from moeedge import _core
-from moeedge.kernels import QuantTensor
+from moeedge.formats.quant_tensor import QuantTensor
 from moeedge.models.decoder import DecoderMoE
 from tiny_checkpoints import DECODERS, make_decoder
 

@@ -13,7 +13,8 @@ import gguf_fixtures as gf
 import moeedge
 from moeedge import _core
 from moeedge.formats.group_quant import QUANTS, quantize
-from moeedge.kernels import QuantTensor, linear
+from moeedge.formats.quant_tensor import QuantTensor
+from moeedge.kernels import linear
 from tiny_checkpoints import DECODERS, make_decoder
 
 H, I = 256, 512  # hidden, intermediate: whole Q4_K/Q6_K super-blocks both ways

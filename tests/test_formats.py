@@ -11,7 +11,7 @@ import torch
 import moeedge
 from moeedge.runtime.plan import FIXED_JITTER_BYTES
 from moeedge.formats.errors import CheckpointError
-from moeedge.formats.hf_checkpoint import open_hf_directory
+from moeedge.formats.open import open_hf_directory
 from tiny_checkpoints import make_decoder
 
 IDS = torch.arange(3, 19)

@@ -18,7 +18,8 @@ import torch
 import gguf_fixtures as gf
 from moeedge import _core
 from moeedge.formats.gguf_quants import BLOCKS, dequantize
-from moeedge.kernels import QuantTensor, linear
+from moeedge.formats.quant_tensor import QuantTensor
+from moeedge.kernels import linear
 from conftest import kernel_path
 
 QUANTS = ("q4_0", "q4_k", "q6_k")

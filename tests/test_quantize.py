@@ -24,7 +24,8 @@ from moeedge.cli import main
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.group_quant import GROUP_SIZES, dequantize, packed_nbytes, quantize
 from moeedge.formats.quant_checkpoint import QUANT_FILE, expert_matrices
-from moeedge.kernels import QuantTensor, linear
+from moeedge.formats.quant_tensor import QuantTensor
+from moeedge.kernels import linear
 from moeedge.quantize.writer import ExpertReader, open_source, quantize_checkpoint, write
 from moeedge.quantize.bits import LayerCalibration, choose_bits, layer_sensitivity
 from tiny_checkpoints import make_decoder, write_tokenizer

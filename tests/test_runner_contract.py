@@ -13,6 +13,7 @@ import moeedge
 from moeedge._core import ExpertCache, ExpertReadError, ExpertStore
 from moeedge.formats.open import open_checkpoint
 from moeedge.models.family import dense_weights, runner_class
+from moeedge.models.runner import NonFiniteError
 from moeedge.runtime.embedding import EMBEDDING, DiskEmbedding, embedding_on_disk
 from moeedge.runtime.experts import ExpertAccess
 from tiny_checkpoints import make_decoder
@@ -198,3 +199,27 @@ def test_close_is_idempotent_and_use_after_close_raises(tiny, tmp_path):
         os.close(reused)
         if reused != fd:
             os.close(fd)
+
+
+def test_nan_in_a_layer_stops_with_the_layer_named(tmp_path):
+    """Weights that make NaN (here one layer's output projection) stop the step with an error
+    naming the first layer whose output is not finite, rather than text from garbage logits."""
+    from safetensors.torch import load_file, save_file
+
+    make_decoder(tmp_path, "mixtral", seed=4)
+    shard = next(tmp_path.glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["model.layers.1.self_attn.o_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with moeedge.load(tmp_path, predictor=None) as model:
+        for ids in ([5], PROMPTS[0]):  # the native one-token step and the torch path
+            with pytest.raises(NonFiniteError, match="layer 1's attention block produced NaN or Inf"):
+                list(model.stream_ids(ids, max_new_tokens=2))
+            assert model.sequence.ids == []  # nothing recorded of the failed step
+
+
+def test_an_empty_prompt_is_one_clear_error(tiny):
+    with moeedge.load(tiny, predictor=None) as model:
+        with pytest.raises(ValueError, match="empty prompt"):
+            list(model.stream_ids([], max_new_tokens=3))
+        assert model.logits([1, 2]).shape[0] == 2  # the model goes on

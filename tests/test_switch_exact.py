@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from moeedge._core import ExpertCache, ExpertStore
 from moeedge.formats.errors import CheckpointError
-from moeedge.formats.hf_checkpoint import open_hf_directory
-from moeedge.formats.switch_checkpoint import sparse_blocks
+from moeedge.formats.open import open_hf_directory
+from moeedge.formats.switch_config import sparse_blocks
 from moeedge.models import switch
 from moeedge.models.runner import Prediction
 from moeedge.models.switch import SwitchMoE

@@ -16,10 +16,11 @@ pytest.importorskip("sentencepiece")
 pytest.importorskip("google.protobuf")
 
 import moeedge  # noqa: E402
-from moeedge.formats.hf_checkpoint import open_hf_directory  # noqa: E402
+from moeedge.formats.open import open_hf_directory  # noqa: E402
 from moeedge.tokenizer import Tokenizer  # noqa: E402
 from moeedge.data.span_corruption import EOS_ID, SpanCorruption, sentinel, shift_right  # noqa: E402
-from moeedge.train.switch_model import SwitchTrainConfig, load_exported, train  # noqa: E402
+from moeedge.train.switch_card import load_exported  # noqa: E402
+from moeedge.train.switch_model import SwitchTrainConfig, train  # noqa: E402
 
 STEPS = 4
 CODE = 'import os\n\n\ndef read_lines(path):\n    """Lines of a file."""\n    with open(path) as f:\n' \

@@ -87,6 +87,8 @@ class MoeModel(TextGeneration):
         validate_sampling(temperature, top_p, top_k)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if len(ids) == 0:
+            raise ValueError("empty prompt: no tokens to run (a tokenizer without a BOS token encodes '' to none)")
         self._check_context(len(ids) + max_new_tokens)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = set(self.config.eos_token_ids) | set(self.tokenizer.eos_ids if self.tokenizer else [])

@@ -6,6 +6,8 @@ import json
 import sys
 
 from moeedge.api import ContextOverflowError, MoeModel
+from moeedge.chat_template import check_messages
+from moeedge.tokenizer import check_prompt
 from moeedge.units import format_bytes
 
 HELP = "commands: /reset  /stats  /save FILE  /load FILE  /quit  (Ctrl-C stops an answer, Ctrl-D quits)"
@@ -40,6 +42,9 @@ def run_chat(model: MoeModel, max_new_tokens: int, temperature: float, seed: int
              read=input, write=sys.stdout) -> int:
     if model.tokenizer is None:
         raise ValueError(f"{model.checkpoint.source} has no tokenizer: chat needs one")
+    # A chat template that cannot render a one-line conversation would fail at every turn:
+    # its error ends the command now (one line, exit status 2), before the first prompt.
+    model.tokenizer.render_chat([{"role": "user", "content": "hello"}])
     messages: list[dict] = []
     print(HELP, file=write)
     while True:
@@ -59,10 +64,15 @@ def run_chat(model: MoeModel, max_new_tokens: int, temperature: float, seed: int
             if messages is None:
                 return 0
             continue
+        try:
+            check_prompt(text, "that line")  # invalid UTF-8 on stdin arrives as lone surrogates
+        except ValueError as e:
+            print(f"({e}; not sent)", file=write)
+            continue
         messages.append({"role": "user", "content": text})
         try:
             messages = fit_context(model, messages, max_new_tokens)
-        except ContextOverflowError as e:
+        except ValueError as e:  # too long for max_context, or the chat template refused this conversation
             print(f"({e})", file=write)
             messages.pop()
             continue
@@ -92,6 +102,8 @@ def _command(model: MoeModel, text: str, messages: list[dict], write) -> list[di
                 loaded = json.load(f)["messages"]
             if not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in loaded):
                 raise ValueError("each message needs a role and a content")
+            if loaded:
+                check_messages(loaded)  # roles and contents are strings, and valid text
             print(f"(loaded {len(loaded)} messages from {arg})", file=write)
             return loaded
         except (OSError, ValueError, KeyError, TypeError) as e:

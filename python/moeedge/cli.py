@@ -117,6 +117,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     with _load(args) as model:
+        if model.tokenizer is not None and not model.tokenizer.encode(args.prompt):
+            # a tokenizer without a BOS token makes nothing of an empty prompt, and nothing cannot be prefilled
+            raise UsageError(f"--prompt {args.prompt!r} is no tokens: give some text")
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       top_k=args.top_k, seed=args.seed)
         if args.json:
@@ -132,6 +135,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from moeedge.chat_cli import run_chat
 
+    if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 typed in becomes lone surrogates, refused per line
+        sys.stdin.reconfigure(errors="surrogateescape")
     with _load(args) as model:
         return run_chat(model, args.max_new_tokens, args.temperature, args.seed)
 

@@ -57,7 +57,7 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
             threads: int, predictor: str | None = "auto", max_context: int = 1024, warm: bool = False) -> dict:
     """warm: read every expert first (as many as the cache holds) and decode the prompt once
     untimed, so that a budget that holds the model measures compute alone."""
-    from moeedge.api import load
+    from moeedge.api import load  # lazy: the harness imports this module and must not map torch
 
     start = time.perf_counter()
     model = load(source, memory_budget=memory_budget, prefetch=prefetch, policy=policy, max_context=max_context,

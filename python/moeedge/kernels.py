@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from moeedge import _core
 from moeedge.formats.group_quant import QUANTS as GROUP_QUANTS
+from moeedge.formats.quant_tensor import QuantTensor
 
 # bf16: up to this many tokens a product is memory-bound and the native kernel wins;
 # above, converting the weights once and using torch's fp32 GEMM is faster. Quantized
@@ -26,30 +27,6 @@ NATIVE_QUANTS = {"q8_0": _core.linear_q8_0, "q4_0": _core.linear_q4_0, "q4_k": _
 # moeedge's group-wise formats (moeedge.formats.group_quant): bits -> kernel, which takes
 # the qweight and scales bytes apart and rounds x as the K-quant kernels do.
 GROUP_KERNELS = {8: _core.linear_int8, 4: _core.linear_int4}
-
-
-class QuantTensor:
-    """A quantized [out, in] matrix kept as its raw bytes (1-D uint8): GGUF blocks, or for
-    moeedge's group-wise quants ("int8_g32", ...) qweight bytes followed by scales bytes."""
-
-    def __init__(self, raw: torch.Tensor, quant: str, shape: tuple[int, ...]):
-        self.raw, self.quant, self.shape = raw, quant, tuple(shape)
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.quant in GROUP_QUANTS:
-            from moeedge.formats.group_quant import dequantize_packed
-
-            return dequantize_packed(self.raw, self.quant, self.shape, dtype)
-        from moeedge.formats.gguf_quants import dequantize
-
-        return dequantize(self.raw, self.quant, self.shape, dtype)
-
-    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The dequantized rows at index [T] -> [T, in]: an embedding lookup."""
-        from moeedge.formats.gguf_quants import dequantize
-
-        raw = self.raw.view(self.shape[0], -1)[index]
-        return dequantize(raw.reshape(-1), self.quant, (len(index), self.shape[1]), dtype)
 
 
 NATIVE_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}

@@ -101,6 +101,7 @@ def write(name: str, out: Path, layers: int | None = None, seed: int = 0) -> Pat
 
 def write_switch(name: str, out: Path, seed: int = 0) -> Path:
     """Names and shapes come from transformers' own class built on the meta device (no memory)."""
+    # lazy: transformers (seconds to import) only for the Switch shapes
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
     config = SwitchTransformersConfig(**SWITCH_SHAPES[name], tie_word_embeddings=True, dtype="bfloat16")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import re
 
-from moeedge.tokenizer import Tokenizer
+from moeedge.tokenizer import Tokenizer, check_prompt
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -31,7 +31,8 @@ class GGUFTokenizer(Tokenizer):
         self.add_space_prefix = add_space_prefix
         self.bos_id = bos_id if add_bos else None
         self.eos_ids = list(eos_ids or [])
-        self.chat_template = chat_template if isinstance(chat_template, str) else None
+        # A template of another type is reported when the chat is rendered (Tokenizer._set_template).
+        self._set_template(chat_template, "GGUF metadata tokenizer.chat_template")
         self.special = {name: tokens[i] for name, i in (("bos_token", bos_id), ("eos_token", (eos_ids or [None])[0]))
                         if i is not None}
         self._ids: dict[str, int] = {}
@@ -52,8 +53,13 @@ class GGUFTokenizer(Tokenizer):
     def token_id(self, token: str) -> int | None:
         return self._ids.get(token)
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
     # -- encoding ----------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        check_prompt(text)
         ids: list[int] = []
         prev_special = True  # the text's start counts as after a special piece: it gets the space prefix
         pos = 0
@@ -120,7 +126,7 @@ class GGUFTokenizer(Tokenizer):
     # -- decoding ----------------------------------------------------------------------
     def decode(self, ids: list[int]) -> str:
         out = bytearray()
-        for i in ids:
+        for i in self._known_ids(ids):
             kind = self.types[i]
             if kind == CONTROL:
                 continue

@@ -24,8 +24,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moeedge.derived import check_output, open_decoder_source, publish
-from moeedge.formats.hf_checkpoint import EXPERT_NAMES
+from moeedge.formats.decoder_tensors import EXPERT_NAMES
 from moeedge.units import format_bytes, parse_bytes
+from moeedge._core import ExpertStore
+from moeedge.keys import ExpertKey
 
 
 def widened_intermediate(hidden: int, intermediate: int, expert_bytes: int, itemsize: int) -> int:
@@ -92,9 +94,6 @@ def _write(ckpt, staging: Path, wide: int, need: int, gen: torch.Generator) -> N
 
 
 def _read_expert_part(ckpt, moe_layer: int, expert: int, role: str) -> torch.Tensor:
-    from moeedge._core import ExpertStore
-    from moeedge.keys import ExpertKey
-
     key = ExpertKey(moe_layer, expert).packed
     store = ExpertStore(ckpt.files, {key: ckpt.expert_ranges[key]}, direct_io=False)
     raw = torch.frombuffer(bytearray(store.read(key)), dtype=torch.uint8)

@@ -48,7 +48,7 @@ def add_parsers(subparsers) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from moeedge.evaluate import describe, evaluate, read_text
+    from moeedge.evaluate import describe, evaluate, read_text  # lazy: the CLI builds every parser at start
 
     text = read_text(args.text) if args.text is not None else None
     q = evaluate(args.source, args.reference, text, n_tokens=args.tokens, window=args.window)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from moeedge.aggregate.calibration import LayerCalibration
-from moeedge.formats.hf_checkpoint import EXPERT_NAMES
-from moeedge.formats.switch_checkpoint import SwitchConfig
+from moeedge.formats.decoder_tensors import EXPERT_NAMES
+from moeedge.formats.switch_config import SwitchConfig
 from moeedge.models.switch import ACT
 
 

@@ -22,7 +22,7 @@ from moeedge.formats.open import open_checkpoint
 from moeedge.derived import check_output, open_decoder_source, publish
 from moeedge.evaluate import DEFAULT_WINDOW, evaluate
 from moeedge.formats.checkpoint import Checkpoint
-from moeedge.formats.switch_checkpoint import SwitchConfig
+from moeedge.formats.switch_config import SwitchConfig
 from moeedge.runtime.measure import resolve_budget
 from moeedge.data.corpus import HELD_OUT
 

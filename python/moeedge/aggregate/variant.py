@@ -8,10 +8,10 @@
   the source's dtype;
   a low-rank layer stores its base as `...experts.base.w1.weight` (resident: not an expert
   tensor) and each expert's factors as `...experts.{e}.w1.lora_A.weight` / `lora_B`
-  (moeedge.formats.hf_checkpoint.expert_tensor_names);
+  (moeedge.formats.decoder_tensors.expert_tensor_names);
 - the tokenizer files, copied;
 - moeedge_variant.json: `expert_map` (per MoE layer, router output -> stored expert, -1:
-  dropped; moeedge.formats.hf_checkpoint reads it), `expert_counts`, the method, source,
+  dropped; moeedge.formats.variant_map reads it), `expert_counts`, the method, source,
   targets, calibration, bytes, and the measured quality.
 
 The directory is assembled beside OUT and renamed into place when complete. Only one
@@ -28,8 +28,9 @@ from safetensors.torch import save_file
 from moeedge.aggregate.layer import Variant
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats import switch_checkpoint
-from moeedge.formats.hf_checkpoint import VARIANT_FILE, expert_tensor_names
-from moeedge.formats.switch_checkpoint import SwitchConfig
+from moeedge.formats.decoder_tensors import expert_tensor_names
+from moeedge.formats.switch_config import SwitchConfig
+from moeedge.formats.variant_map import VARIANT_FILE
 
 FORMAT_VERSION = 1
 

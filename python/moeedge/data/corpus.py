@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 HELD_OUT = ("asyncio", "email")
 EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idle_test"})
@@ -166,8 +167,6 @@ class Batches:
 
     def get(self, step: int):
         """[B, T] int64 tensor."""
-        import torch
-
         rows = []
         for i in range(step * self.batch, (step + 1) * self.batch):
             e, k = divmod(i, self.n_windows)

@@ -1,18 +1,17 @@
-"""config.json of a Hugging Face MoE checkpoint, as the hub has it (transformers 4.x:
+"""config.json of a Hugging Face decoder MoE checkpoint, as the hub has it (transformers 4.x:
 `rope_theta`, `torch_dtype`) or as transformers 5.x writes it (`rope_parameters`, `dtype`)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from moeedge.formats.errors import CheckpointError
+from moeedge.formats.config_fields import (MAX_CONTEXT, MAX_EXPERTS, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS,
+                                           MAX_VOCAB, MAX_WIDTH, Fields)
+from moeedge.formats.errors import CheckpointError, shown
 
 DECODER_FAMILIES = ("mixtral", "qwen2_moe", "olmoe")
-SUPPORTED = DECODER_FAMILIES + ("switch_transformers",)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -46,78 +45,89 @@ class DecoderConfig:
     expert_map: list[list[int]] | None = None
 
 
-def _rope_theta(raw: dict, path: Path) -> float:
-    params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
+def rope_theta(f: Fields, path: Path) -> float:
+    """The RoPE base; only the default RoPE is supported (no scaling)."""
+    params, scaling = f.get("rope_parameters", {}), f.get("rope_scaling", {})
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise f.bad(key, value, "must be an object")
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type != "default":
-        raise CheckpointError(f"{path}: RoPE scaling {rope_type!r} is not supported (only the default RoPE)")
-    return float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        raise CheckpointError(f"{path}: RoPE scaling {shown(rope_type)} is not supported (only the default RoPE)")
+    if "rope_theta" in params:
+        return Fields(params, f"{path}: rope_parameters", f"{path}: rope_parameters lacks").number("rope_theta")
+    return f.number("rope_theta", 10000.0)
 
 
-def _dtype(raw: dict) -> torch.dtype:
-    name = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
-    return _DTYPES.get(str(name).replace("torch.", ""), torch.bfloat16)
+def attention_shape(f: Fields) -> tuple[int, int, int, int]:
+    """(hidden, heads, kv heads, head dim), each checked and consistent."""
+    hidden = f.count("hidden_size", MAX_WIDTH)
+    n_heads = f.count("num_attention_heads", MAX_HEADS)
+    n_kv = f.count("num_key_value_heads", n_heads, default=n_heads)
+    if n_heads % n_kv:
+        raise f.bad("num_key_value_heads", n_kv, f"must divide num_attention_heads ({n_heads})")
+    if f.get("head_dim", None) is None and hidden < n_heads:
+        raise f.bad("hidden_size", hidden, f"is smaller than num_attention_heads ({n_heads}) and no head_dim is given")
+    head_dim = f.count("head_dim", MAX_HEAD_DIM, default=hidden // n_heads)
+    if head_dim % 2:
+        raise f.bad("head_dim", head_dim, "must be even (rotary embeddings turn pairs of values)")
+    return hidden, n_heads, n_kv, head_dim
 
 
-def _eos(raw: dict) -> list[int]:
-    eos = raw.get("eos_token_id")
-    if eos is None:
-        return []
-    return list(eos) if isinstance(eos, list) else [int(eos)]
+def experts(f: Fields, count_key: str, width_key: str) -> tuple[int, int, int]:
+    """(experts, top-k, expert FFN width)."""
+    f.require(count_key, "num_experts_per_tok", width_key)
+    n_experts = f.count(count_key, MAX_EXPERTS)
+    top_k = f.count("num_experts_per_tok", MAX_EXPERTS)
+    if top_k > n_experts:
+        raise f.bad("num_experts_per_tok", top_k, f"exceeds the number of experts ({count_key} = {n_experts})")
+    return n_experts, top_k, f.count(width_key, MAX_WIDTH)
 
 
-def _require(raw: dict, path: Path, *keys: str):
-    missing = [k for k in keys if raw.get(k) is None]
-    if missing:
-        raise CheckpointError(f"{path}: config.json lacks {', '.join(missing)}")
-    return [raw[k] for k in keys]
+def qwen_moe_layers(f: Fields, n_layers: int) -> list[int]:
+    """Qwen2-MoE's sparse layers: every decoder_sparse_step-th, less mlp_only_layers."""
+    step = f.count("decoder_sparse_step", MAX_LAYERS, default=1)
+    dense_only = f.get("mlp_only_layers", [])
+    if not (isinstance(dense_only, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                 and 0 <= i < n_layers for i in dense_only)):
+        raise f.bad("mlp_only_layers", dense_only, f"must list layers, each 0 to {n_layers - 1}")
+    dense_only = set(dense_only)
+    layers = [i for i in range(n_layers) if i not in dense_only and (i + 1) % step == 0]
+    if not layers:
+        raise CheckpointError(f"{f.where} no MoE layers (decoder_sparse_step = {step}, mlp_only_layers = "
+                              f"{shown(sorted(dense_only))}); nothing to offload")
+    return layers
 
 
 def decoder_config(raw: dict, path: Path) -> DecoderConfig:
+    """config.json of a decoder family, every value checked before anything is sized by it."""
     family = raw["model_type"]
-    n_layers, hidden, n_heads, vocab = _require(raw, path, "num_hidden_layers", "hidden_size",
-                                                "num_attention_heads", "vocab_size")
-    n_kv = raw.get("num_key_value_heads") or n_heads
-    head_dim = raw.get("head_dim") or hidden // n_heads
+    f = Fields(raw, f"{path}:", f"{path}: config.json lacks")
+    f.require("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+    n_layers = f.count("num_hidden_layers", MAX_LAYERS)
+    vocab = f.count("vocab_size", MAX_VOCAB)
+    hidden, n_heads, n_kv, head_dim = attention_shape(f)
     common = dict(family=family, n_layers=n_layers, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv,
-                  head_dim=head_dim, vocab=vocab, rms_eps=float(raw.get("rms_norm_eps", 1e-5)),
-                  rope_theta=_rope_theta(raw, path), max_position=int(raw.get("max_position_embeddings", 4096)),
-                  tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                  bos_token_id=raw.get("bos_token_id"), eos_token_ids=_eos(raw), dtype=_dtype(raw))
+                  head_dim=head_dim, vocab=vocab, rms_eps=f.number("rms_norm_eps", 1e-5),
+                  rope_theta=rope_theta(f, path), max_position=f.count("max_position_embeddings", MAX_CONTEXT, 4096),
+                  tie_embeddings=f.flag("tie_word_embeddings", False), bos_token_id=f.token_id("bos_token_id", vocab),
+                  eos_token_ids=f.token_ids("eos_token_id", vocab), dtype=f.dtype())
     if family == "mixtral":
-        n_experts, top_k, inter = _require(raw, path, "num_local_experts", "num_experts_per_tok", "intermediate_size")
+        n_experts, top_k, inter = experts(f, "num_local_experts", "intermediate_size")
         return DecoderConfig(n_experts=n_experts, top_k=top_k, expert_intermediate=inter,
                              moe_layers=list(range(n_layers)), norm_topk_prob=True, **common)
     if family == "qwen2_moe":
-        n_experts, top_k, inter = _require(raw, path, "num_experts", "num_experts_per_tok", "moe_intermediate_size")
-        step = raw.get("decoder_sparse_step", 1) or 1
-        dense_only = set(raw.get("mlp_only_layers") or [])
-        moe_layers = [i for i in range(n_layers) if i not in dense_only and (i + 1) % step == 0]
-        return DecoderConfig(n_experts=n_experts, top_k=top_k, expert_intermediate=inter, moe_layers=moe_layers,
-                             dense_intermediate=int(raw.get("intermediate_size", 0)),
-                             shared_expert_intermediate=int(raw.get("shared_expert_intermediate_size", 0)),
-                             norm_topk_prob=bool(raw.get("norm_topk_prob", False)), **common)
-    if family == "olmoe":
-        n_experts, top_k, inter = _require(raw, path, "num_experts", "num_experts_per_tok", "intermediate_size")
+        n_experts, top_k, inter = experts(f, "num_experts", "moe_intermediate_size")
         return DecoderConfig(n_experts=n_experts, top_k=top_k, expert_intermediate=inter,
-                             moe_layers=list(range(n_layers)), norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
-                             clip_qkv=raw.get("clip_qkv"), **common)
+                             moe_layers=qwen_moe_layers(f, n_layers),
+                             dense_intermediate=f.count("intermediate_size", MAX_WIDTH, 0, minimum=0),
+                             shared_expert_intermediate=f.count("shared_expert_intermediate_size", MAX_WIDTH, 0,
+                                                                minimum=0),
+                             norm_topk_prob=f.flag("norm_topk_prob", False), **common)
+    if family == "olmoe":
+        n_experts, top_k, inter = experts(f, "num_experts", "intermediate_size")
+        clip = f.number("clip_qkv") if f.get("clip_qkv", None) is not None else None
+        return DecoderConfig(n_experts=n_experts, top_k=top_k, expert_intermediate=inter,
+                             moe_layers=list(range(n_layers)), norm_topk_prob=f.flag("norm_topk_prob", False),
+                             clip_qkv=clip, **common)
     raise AssertionError(family)
-
-
-def read_config(directory: Path) -> dict:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: no config.json (a Hugging Face checkpoint directory has one)")
-    try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not supported; "
-                              f"supported: {', '.join(SUPPORTED)}")
-    return raw

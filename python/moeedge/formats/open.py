@@ -1,4 +1,7 @@
-"""Open any checkpoint moeedge reads: a Hugging Face directory or a .gguf file."""
+"""One way to open a checkpoint: a Hugging Face directory (a decoder MoE, moeedge's
+quantized directory, an aggregated variant, a Switch Transformer), a .gguf file, or
+None for the bundled default model. The formats' modules each read one kind; which
+one reads a source is decided here and nowhere else."""
 from __future__ import annotations
 
 import os
@@ -6,15 +9,23 @@ from pathlib import Path
 
 from moeedge.default_model import default_model_path
 from moeedge.formats.checkpoint import Checkpoint
-from moeedge.formats.errors import CheckpointError
+from moeedge.formats.decoder_checkpoint import open_decoder
+from moeedge.formats.errors import CheckpointError, shown
 from moeedge.formats.gguf_checkpoint import open_gguf
-from moeedge.formats.hf_checkpoint import open_hf_directory
+from moeedge.formats.hf_config import DECODER_FAMILIES
+from moeedge.formats.hf_directory import HFDirectory
+from moeedge.formats.quant_checkpoint import QUANT_FILE, open_quant_directory
+from moeedge.formats.switch_checkpoint import open_switch
+
+SWITCH = "switch_transformers"
+SUPPORTED = DECODER_FAMILIES + (SWITCH,)
 
 
 def open_checkpoint(source: str | os.PathLike | None) -> Checkpoint:
-    """A Hugging Face directory or a .gguf file (None: the bundled default model);
-    CheckpointError says what was found otherwise."""
-    path = Path(default_model_path() if source is None else source)
+    """A Hugging Face directory or a .gguf file; CheckpointError says what was found otherwise."""
+    if source is None:
+        source = default_model_path()
+    path = Path(source)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
@@ -23,3 +34,19 @@ def open_checkpoint(source: str | os.PathLike | None) -> Checkpoint:
         return open_gguf(path)
     raise CheckpointError(f"{path}: not a checkpoint moeedge reads (a Hugging Face directory with .safetensors, "
                           f"or a .gguf file)")
+
+
+def open_hf_directory(path: str | os.PathLike) -> Checkpoint:
+    """A Hugging Face directory, read by the module for its model_type and variant."""
+    directory = HFDirectory(path)
+    raw = directory.config()
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in SUPPORTED:
+        raise CheckpointError(f"{directory.path / 'config.json'}: model_type {shown(model_type)} is not supported; "
+                              f"supported: {', '.join(SUPPORTED)}")
+    directory.check_side_files()
+    if model_type == SWITCH:
+        return open_switch(directory, raw)
+    if directory.find(QUANT_FILE) is not None:  # written by `moeedge quantize`
+        return open_quant_directory(directory, raw)
+    return open_decoder(directory, raw)

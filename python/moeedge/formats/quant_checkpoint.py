@@ -20,44 +20,41 @@ Checkpoint.expert_layouts.
 """
 from __future__ import annotations
 
-import json
-import math
 from collections import Counter
-from pathlib import Path
 
 import torch
 
-from moeedge.formats.checkpoint import Checkpoint, ExpertPart, StoredTensor
+from moeedge.formats.checkpoint import Checkpoint, ExpertPart
+from moeedge.formats.decoder_tensors import (EXPERT_NAMES, LAYER_TENSOR, expected_dense, expert_shapes,
+                                             optional_dense)
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.group_quant import GROUP_SIZES, qweight_shape, quant_name, scales_shape
-from moeedge.formats.hf_checkpoint import EXPERT_NAMES, TOKENIZER_FILES, _tensor_table, shard_files
 from moeedge.formats.hf_config import DecoderConfig, decoder_config
-from moeedge.formats.safetensors_file import read_tensor
+from moeedge.formats.hf_directory import CONFIG_FILE, HFDirectory
+from moeedge.formats.safetensors_checkpoint import (ExpertTable, check_dense, check_layer_count,
+                                                    safetensors_checkpoint, tensor_table)
+from moeedge.formats.safetensors_file import TensorInfo
+from moeedge.formats.variant_map import VARIANT_FILE
 from moeedge.keys import ExpertKey
 
 FORMAT = "moeedge-groupwise"
 VERSION = 1
 QUANT_FILE = "moeedge_quant.json"
-VARIANT_FILE = "moeedge_variant.json"  # an aggregated variant's table (moeedge.aggregate)
 
 
 def expert_matrices(cfg: DecoderConfig, moe_layer: int, e: int) -> list[tuple[str, str, tuple[int, int]]]:
     """[(role, tensor name without ".weight", [out, in])] of one expert, in packing order."""
     block, _, pattern, roles = EXPERT_NAMES[cfg.family]
     prefix = f"model.layers.{cfg.moe_layers[moe_layer]}.{block}."
-    shapes = {"gate": (cfg.expert_intermediate, cfg.hidden), "up": (cfg.expert_intermediate, cfg.hidden),
-              "down": (cfg.hidden, cfg.expert_intermediate)}
+    shapes = expert_shapes(cfg)
     return [(role, prefix + pattern.format(e=e, w=w).removesuffix(".weight"), shapes[role])
             for role, w in zip(("gate", "up", "down"), roles)]
 
 
-def read_quant_info(directory: Path, cfg: DecoderConfig) -> dict:
+def read_quant_info(directory: HFDirectory, cfg: DecoderConfig) -> dict:
     """moeedge_quant.json, checked against the config."""
-    path = directory / QUANT_FILE
-    try:
-        info = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    path = directory.file(QUANT_FILE)
+    info = directory.read_json(path, "valid JSON")
     if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
         raise CheckpointError(f"{path}: not a {FORMAT} version {VERSION} description")
     if info.get("group_size") not in GROUP_SIZES:
@@ -69,13 +66,13 @@ def read_quant_info(directory: Path, cfg: DecoderConfig) -> dict:
                     for row in bits)):
         raise CheckpointError(f"{path}: bits must list, for each of the {len(cfg.moe_layers)} MoE layers, "
                               f"4 or 8 for each of its {cfg.n_experts} experts")
-    if (directory / VARIANT_FILE).is_file():
-        raise CheckpointError(f"{directory}: a quantized aggregated variant ({VARIANT_FILE} beside {QUANT_FILE}) "
+    if directory.find(VARIANT_FILE) is not None:
+        raise CheckpointError(f"{directory.path}: a quantized aggregated variant ({VARIANT_FILE} beside {QUANT_FILE}) "
                               f"is not supported")
     return info
 
 
-def _check(info, name: str, dtype: torch.dtype, shape: tuple[int, int], why: str) -> None:
+def _check(info: TensorInfo | None, name: str, dtype: torch.dtype, shape: tuple[int, int], why: str) -> None:
     if info is None:
         raise CheckpointError(f"expert tensor {name!r} is missing")
     if info.dtype != dtype or info.shape != shape:
@@ -83,40 +80,47 @@ def _check(info, name: str, dtype: torch.dtype, shape: tuple[int, int], why: str
                               f"{list(info.shape)}; {why} imply {str(dtype).removeprefix('torch.')}{list(shape)}")
 
 
-def open_quant_directory(directory: Path, raw_config: dict) -> Checkpoint:
-    cfg = decoder_config(raw_config, directory / "config.json")
-    info = read_quant_info(directory, cfg)
-    group = info["group_size"]
-    files = shard_files(directory)
-    tensors = _tensor_table(files)
-    paths = [str(p) for p in files]
-    file_index = {p: i for i, p in enumerate(paths)}
-    ranges, layouts, expert_names = {}, {}, set()
+def _expert(cfg: DecoderConfig, tensors: dict[str, TensorInfo], file_index: dict[str, int], moe_layer: int, e: int,
+            bits: int, group: int):
+    """One expert's segments (qweight then scales of each matrix), layout, and tensor names."""
+    why = f"{QUANT_FILE}'s {bits} bits in groups of {group}"
+    segments, layout, names, offset = [], [], [], 0
+    for role, base, shape in expert_matrices(cfg, moe_layer, e):
+        q, s = tensors.get(base + ".qweight"), tensors.get(base + ".scales")
+        _check(q, base + ".qweight", torch.int8 if bits == 8 else torch.uint8, qweight_shape(bits, shape), why)
+        _check(s, base + ".scales", torch.float16, scales_shape(group, shape), why)
+        names += [q.name, s.name]
+        segments += [(file_index[q.path], q.offset, q.nbytes), (file_index[s.path], s.offset, s.nbytes)]
+        layout.append(ExpertPart(role, torch.uint8, shape, offset, q.nbytes + s.nbytes, quant_name(bits, group)))
+        offset += q.nbytes + s.nbytes
+    return segments, layout, names
+
+
+def quant_expert_table(cfg: DecoderConfig, info: dict, tensors: dict[str, TensorInfo], files: list[str]) -> ExpertTable:
+    """Each layer's most common layout is its parts; the experts laid out otherwise go to layouts."""
+    file_index = {p: i for i, p in enumerate(files)}
+    table, every = ExpertTable({}, {}, set()), {}
     for moe_layer, layer_bits in enumerate(info["bits"]):
         for e, bits in enumerate(layer_bits):
-            why = f"{QUANT_FILE}'s {bits} bits in groups of {group}"
-            segments, layout, offset = [], [], 0
-            for role, base, shape in expert_matrices(cfg, moe_layer, e):
-                q, s = tensors.get(base + ".qweight"), tensors.get(base + ".scales")
-                _check(q, base + ".qweight", torch.int8 if bits == 8 else torch.uint8, qweight_shape(bits, shape), why)
-                _check(s, base + ".scales", torch.float16, scales_shape(group, shape), why)
-                expert_names.update((q.name, s.name))
-                segments += [(file_index[q.path], q.offset, q.nbytes), (file_index[s.path], s.offset, s.nbytes)]
-                layout.append(ExpertPart(role, torch.uint8, shape, offset, q.nbytes + s.nbytes,
-                                         quant_name(bits, group)))
-                offset += q.nbytes + s.nbytes
-            ranges[ExpertKey(moe_layer, e).packed] = segments
-            layouts[ExpertKey(moe_layer, e).packed] = layout
-    parts = {}
+            key = ExpertKey(moe_layer, e).packed
+            table.ranges[key], every[key], names = _expert(cfg, tensors, file_index, moe_layer, e, bits,
+                                                           info["group_size"])
+            table.names.update(names)
     for moe_layer in range(len(cfg.moe_layers)):
-        counts = Counter(tuple(layouts[ExpertKey(moe_layer, e).packed]) for e in range(cfg.n_experts))
-        parts[moe_layer] = list(counts.most_common(1)[0][0])
-    differing = {key: layout for key, layout in layouts.items() if layout != parts[ExpertKey.unpack(key).layer]}
-    dense = sorted(n for n in tensors if n not in expert_names)
-    tokenizer = {n: str(directory / n) for n in TOKENIZER_FILES if (directory / n).is_file()}
-    return Checkpoint(source=str(directory), config=cfg, files=paths, expert_ranges=ranges, expert_parts=parts,
-                      dense_names=dense, read_dense=lambda name: read_tensor(tensors[name]),
-                      locate=lambda name: StoredTensor(tensors[name]),
-                      dense_numel=sum(math.prod(tensors[n].shape) for n in dense),
-                      dense_nbytes=sum(tensors[n].nbytes for n in dense), tokenizer_files=tokenizer,
-                      expert_layouts=differing)
+        counts = Counter(tuple(every[ExpertKey(moe_layer, e).packed]) for e in range(cfg.n_experts))
+        table.parts[moe_layer] = list(counts.most_common(1)[0][0])
+    table.layouts = {key: layout for key, layout in every.items() if layout != table.parts[ExpertKey.unpack(key).layer]}
+    return table
+
+
+def open_quant_directory(directory: HFDirectory, raw: dict) -> Checkpoint:
+    config = directory.path / CONFIG_FILE
+    cfg = decoder_config(raw, config)
+    info = read_quant_info(directory, cfg)
+    shards = directory.shard_files()
+    tensors = tensor_table(shards)
+    files = [str(p) for p in shards]
+    check_layer_count(tensors, LAYER_TENSOR, cfg.n_layers, f"{config}: num_hidden_layers =")
+    experts = quant_expert_table(cfg, info, tensors, files)
+    check_dense(tensors, expected_dense(cfg), files[0], optional_dense(cfg))
+    return safetensors_checkpoint(directory.path, cfg, files, tensors, experts, directory.tokenizer_files())

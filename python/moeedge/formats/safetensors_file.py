@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from moeedge.formats.errors import CheckpointError
+from moeedge.formats.errors import CheckpointError, shown
+from moeedge.formats.trust import open_regular
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -37,24 +38,28 @@ class TensorInfo:
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
     """Parse and validate one .safetensors header; CheckpointError names the file and tensor."""
     path = str(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise CheckpointError(f"cannot open {path}: {e.strerror}") from None
+    fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size
         head = os.pread(fd, 8, 0)
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
         header_len = int.from_bytes(head, "little")
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise CheckpointError(f"{path}: corrupt safetensors header length {header_len} (file is {size} bytes)")
+        # The length itself is not shown: of a file that is not safetensors, it is 8 of its bytes.
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: corrupt safetensors header length (over the "
+                                  f"{MAX_HEADER_BYTES >> 20} MiB limit)")
+        if 8 + header_len > size:
+            raise CheckpointError(f"{path}: corrupt safetensors header length (past the end of the file, "
+                                  f"{size} bytes)")
         raw = os.pread(fd, header_len, 8)
     finally:
         os.close(fd)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON (not UTF-8 at byte {e.start})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
@@ -67,24 +72,24 @@ def _validate(path: str, header: dict, data_start: int, file_size: int) -> dict[
         if name == "__metadata__":
             continue
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-            raise CheckpointError(f"{path}: tensor {name!r} lacks dtype, shape or data_offsets")
-        dtype = DTYPES.get(entry["dtype"])
+            raise CheckpointError(f"{path}: tensor {shown(name)} lacks dtype, shape or data_offsets")
+        dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
         if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']!r}; "
+            raise CheckpointError(f"{path}: tensor {shown(name)} has dtype {shown(entry['dtype'])}; "
                                   f"supported: {', '.join(DTYPES)}")
         shape, offsets = entry["shape"], entry["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+            raise CheckpointError(f"{path}: tensor {shown(name)} has an invalid shape {shown(shape)}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
-            raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+            raise CheckpointError(f"{path}: tensor {shown(name)} has invalid data_offsets {shown(offsets)}")
         begin, end = offsets
         expected = math.prod(shape) * dtype.itemsize
         if end - begin != expected:
-            raise CheckpointError(f"{path}: tensor {name!r} {entry['dtype']}{shape} needs {expected} bytes "
+            raise CheckpointError(f"{path}: tensor {shown(name)} {entry['dtype']}{shown(shape)} needs {expected} bytes "
                                   f"but data_offsets {offsets} span {end - begin}")
         if data_start + end > file_size:
-            raise CheckpointError(f"{path}: tensor {name!r} ends at offset {data_start + end}, "
+            raise CheckpointError(f"{path}: tensor {shown(name)} ends at offset {data_start + end}, "
                                   f"past the end of the file ({file_size} bytes; truncated?)")
         tensors[name] = TensorInfo(name, path, data_start + begin, end - begin, dtype, tuple(shape))
     spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
@@ -94,11 +99,15 @@ def _validate(path: str, header: dict, data_start: int, file_size: int) -> dict[
     return tensors
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_tensor(info: TensorInfo, fd: int | None = None) -> torch.Tensor:
     """Read one tensor with pread into fresh memory, then drop its pages from the page cache."""
     own = fd is None
     if own:
-        fd = os.open(info.path, os.O_RDONLY)
+        fd = open_regular(info.path)
     try:
         buf = bytearray(info.nbytes)
         view = memoryview(buf)

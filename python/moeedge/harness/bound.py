@@ -47,6 +47,7 @@ def physical_bound(facts: dict, routing: np.ndarray, prompt_tokens: int, limit_b
                    disk_bytes_per_s: float, matvec_bytes_per_s: float) -> Bound | None:
     """routing int [tokens, moe_layers, k]: the prompt's tokens, then one per decode step
     (the steps timed). None where the limit cannot hold one layer's experts beside the rest."""
+    # lazy: the simulator loads numba, which the harness needs only when it computes a bound
     from moeedge.sim import from_experts
     from moeedge.sim.policies import simulate
 

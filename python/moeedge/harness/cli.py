@@ -1,6 +1,8 @@
 """`moeedge bench matrix` and `moeedge bench report`. Only argparse at import."""
 from __future__ import annotations
 
+import json
+import sys
 import argparse
 from pathlib import Path
 
@@ -32,7 +34,6 @@ def _names(text: str | None) -> list[str] | None:
 
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
-    import sys
 
     from moeedge.cgroup import CgroupUnavailable
     from moeedge.harness.matrix import main_loop
@@ -66,7 +67,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_machine(args: argparse.Namespace) -> int:
-    import json
 
     from moeedge.harness.machine import measure
 

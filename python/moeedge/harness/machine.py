@@ -2,6 +2,10 @@
 what the physical bound of a run is computed from."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+import mmap
+import subprocess
+import sys
 import json
 import os
 import platform
@@ -51,8 +55,6 @@ def disk_bandwidth(directory: Path, nbytes: int = 1 << 30) -> dict:
 
 def read_direct(path: Path, nbytes: int, readers: int = 2, block: int = 16 << 20) -> float:
     """Bytes/s of reading the first nbytes of path cold, with O_DIRECT, by readers threads."""
-    import mmap
-    from concurrent.futures import ThreadPoolExecutor
 
     def read(part: int) -> None:
         buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT requires
@@ -135,8 +137,6 @@ def load_or_measure(path: Path, directory: Path, threads: int) -> dict:
         if saved.get("host") == socket.gethostname() and saved.get("threads") == threads:
             return saved
     # In a child process: torch, imported here, would stay mapped for the whole matrix (versions()).
-    import subprocess
-    import sys
 
     subprocess.run([sys.executable, "-m", "moeedge.cli", "bench", "machine", "--results", str(path.parent),
                     "--dir", str(directory), "--threads", str(threads)], check=True, capture_output=True)

@@ -8,6 +8,8 @@ so a long matrix completes across sessions.
 """
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+import platform
 import hashlib
 import json
 import os
@@ -356,8 +358,6 @@ def versions() -> dict:
     """Versions read from package metadata: importing torch here would map its libraries
     into this process, and the runs' processes would share those pages uncharged to their
     cgroups (llama.cpp's libraries get no such help)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
 
     def of(name: str) -> str | None:
         try:

@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from moeedge import _core
-from moeedge.formats.hf_checkpoint import expert_tensor_names
+from moeedge.formats.decoder_tensors import expert_tensor_names
 from moeedge.formats.hf_config import DecoderConfig
 from moeedge.kernels import CONVERT_BLOCK_BYTES, NATIVE_MAX_TOKENS, linear, stored
 from moeedge.models.decoder_ffn import DecoderFFN, ffn_rows, widest_ffn
 from moeedge.policies import RUNTIME_POLICIES
-from moeedge.models.runner import Prediction, Sequence, SlotPool, check_batch, common_prefix
+from moeedge.models.runner import (NonFiniteError, Prediction, Sequence, SlotPool, check_batch, check_finite,
+                                   common_prefix)
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.prefetcher import build_prefetcher
 
@@ -230,20 +231,25 @@ class DecoderMoE(DecoderFFN):
         batch = [(seq, torch.as_tensor(tokens, dtype=torch.long).flatten()) for seq, tokens in batch]
         if self.prefetcher is not None and any(len(seq) == 0 for seq, _ in batch):
             self.prefetcher.reset()
-        if sum(len(tokens) for _, tokens in batch) > NATIVE_MAX_TOKENS:
-            out = self._forward(batch, all_logits)
-        else:
-            # A decode step's heavy products run on moeedge's own kernel threads; torch's
-            # OpenMP threads would only spin against them on the small remaining ops.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                out = self._forward(batch, all_logits)
-            finally:
-                torch.set_num_threads(threads)
+        out = self._forward_threads(batch, all_logits)
+        if not all(bool(torch.isfinite(o).all()) for o in out):
+            self._forward_threads(batch, all_logits, check=True)  # again, layer by layer: which one
+            raise NonFiniteError("the logits hold NaN or Inf values: the checkpoint's weights or config are bad")
         for seq, tokens in batch:  # only now: a step that failed part-way changed no record
             seq.ids.extend(tokens.tolist())
         return out
+
+    def _forward_threads(self, batch, all_logits: bool, check: bool = False) -> list[torch.Tensor]:
+        if sum(len(tokens) for _, tokens in batch) > NATIVE_MAX_TOKENS:
+            return self._forward(batch, all_logits, check)
+        # A decode step's heavy products run on moeedge's own kernel threads; torch's
+        # OpenMP threads would only spin against them on the small remaining ops.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._forward(batch, all_logits, check)
+        finally:
+            torch.set_num_threads(threads)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         embed = self.w["model.embed_tokens.weight"]
@@ -251,11 +257,16 @@ class DecoderMoE(DecoderFFN):
             return embed.rows(tokens, self.dtype)
         return F.embedding(tokens, embed).to(self.dtype)
 
-    def _forward(self, batch: list[tuple[Sequence, torch.Tensor]], all_logits: bool) -> list[torch.Tensor]:
+    def _forward(self, batch: list[tuple[Sequence, torch.Tensor]], all_logits: bool,
+                 check: bool = False) -> list[torch.Tensor]:
+        """check: raise NonFiniteError naming the first layer whose output is not finite."""
         cfg, w = self.cfg, self.w
         sizes = [len(tokens) for _, tokens in batch]
         h = self._embed(torch.cat([tokens for _, tokens in batch]) if len(batch) > 1 else batch[0][1])
+        if check:
+            check_finite(h, "the token embedding")
         ropes = [self._rope(torch.arange(len(seq), len(seq) + len(tokens))) for seq, tokens in batch]
+        apart = len(batch) > 1 and all(n == 1 for n in sizes)  # a decode step of several sequences
         for layer in range(cfg.n_layers):
             parts = [self._attention_block(part, layer, seq, rope)
                      for part, (seq, _), rope in zip(h.split(sizes), batch, ropes)]
@@ -264,12 +275,19 @@ class DecoderMoE(DecoderFFN):
             else:
                 h, x = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
                 logits = None if any(p[2] is None for p in parts) else torch.cat([p[2] for p in parts])
-            h = h + self._ffn(x, layer, logits)
+            if check:
+                check_finite(x, f"layer {layer}'s attention block")
+            h = h + self._ffn(x, layer, logits, apart)
+            if check:
+                check_finite(h, f"layer {layer}'s feed-forward block")
         ends = torch.tensor(sizes).cumsum(0)
         if not all_logits:
             h = h[ends - 1]
             sizes = [1] * len(batch)
-        return list(linear(rms_norm(h, w["model.norm.weight"], cfg.rms_eps), self.lm_head).split(sizes))
+        out = linear(rms_norm(h, w["model.norm.weight"], cfg.rms_eps), self.lm_head)
+        if check:
+            check_finite(out, "the final norm and output projection")
+        return list(out.split(sizes))
 
     def _attention_block(self, h: torch.Tensor, layer: int, seq: Sequence, rope):
         """One sequence's rows through a layer's attention block: (h after it, the feed-forward's

@@ -94,7 +94,10 @@ class DecoderFFN:
             top_w = top_w.masked_fill(dropped, 0.0)
         return top_w, top_i
 
-    def _moe(self, x: torch.Tensor, layer: int, logits: torch.Tensor | None = None) -> torch.Tensor:
+    def _moe(self, x: torch.Tensor, layer: int, logits: torch.Tensor | None = None,
+             apart: bool = False) -> torch.Tensor:
+        """apart: each row is another sequence's one new token (a decode step of several):
+        each gets the arithmetic it would get alone."""
         moe_layer = self.moe_index[layer]
         top_w, top_i = self.route(x, layer, logits)
         if self.recorder is not None:
@@ -110,6 +113,8 @@ class DecoderFFN:
         self.experts.prefetch(moe_layer, missing, priority=1)
         if x.shape[0] == 1 and layer not in self.base:
             out = self._moe_token(x, moe_layer, chosen, missing, top_w, top_i)
+        elif apart and layer not in self.base:
+            out = self._moe_rows(x, moe_layer, chosen, missing, top_w, top_i)
         else:
             out = self._moe_tokens(x, layer, moe_layer, chosen, missing, top_w, top_i)
         p = f"model.layers.{layer}.mlp."
@@ -142,6 +147,39 @@ class DecoderFFN:
             out = out + outputs[e]
         return out
 
+    def _moe_rows(self, x: torch.Tensor, moe_layer: int, chosen: list[int], missing: list[int],
+                  top_w: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+        """_moe_token for several rows at once, each row's bits those of _moe_token on it alone:
+        an expert's rows in one call of the (batch-invariant) kernels, unscaled, then each row
+        times its gate (the one fp32 multiply the kernel makes), summed over its experts in
+        expert order from the first (not from zero, which would turn -0.0 into +0.0)."""
+        gates: list[dict[int, float]] = []
+        for picks, weights in zip(top_i.tolist(), top_w.tolist()):
+            row: dict[int, float] = {}
+            for e, g in zip(picks, weights):
+                row[e] = row.get(e, 0.0) + g  # as _moe_token sums them: in Python floats
+            gates.append(row)
+        outputs = {}
+        for e in sorted(chosen, key=lambda e: e in missing):
+            rows = [r for r, row in enumerate(gates) if e in row]
+            xs = x[rows].contiguous()
+            scale = torch.tensor([gates[r][e] for r in rows], dtype=torch.float64).to(top_w.dtype)[:, None]
+            ffn = self.experts.ffn(moe_layer, e) if x.dtype == torch.float32 == top_w.dtype else None
+            if ffn is not None:
+                y = torch.empty_like(xs)
+                ffn(xs.numpy(), self.experts.buffer(moe_layer, e), y.numpy(), 1.0)
+            else:
+                ew = self.experts.get(moe_layer, e)
+                y = linear(F.silu(linear(xs, ew["gate"])) * linear(xs, ew["up"]), ew["down"])
+                del ew  # unpin before the next expert is read
+            outputs[e] = (torch.tensor(rows), (y * scale).to(x.dtype))
+        out, written = torch.empty_like(x), torch.zeros(x.shape[0], dtype=torch.bool)
+        for e in sorted(chosen):
+            rows, y = outputs[e]
+            out[rows] = torch.where(written[rows, None], out[rows] + y, y)
+            written[rows] = True
+        return out
+
     def _moe_tokens(self, x: torch.Tensor, layer: int, moe_layer: int, chosen: list[int], missing: list[int],
                     top_w: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
         base = self.base.get(layer)
@@ -168,8 +206,9 @@ class DecoderFFN:
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
 
-    def _ffn(self, x: torch.Tensor, layer: int, logits: torch.Tensor | None = None) -> torch.Tensor:
+    def _ffn(self, x: torch.Tensor, layer: int, logits: torch.Tensor | None = None,
+             apart: bool = False) -> torch.Tensor:
         if layer in self.moe_index:
-            return self._moe(x, layer, logits)
+            return self._moe(x, layer, logits, apart)
         p = f"model.layers.{layer}.mlp."
         return self._mlp(x, self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"])

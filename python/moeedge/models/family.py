@@ -7,7 +7,7 @@ import torch
 from moeedge._core import ExpertStore
 from moeedge.formats.checkpoint import Checkpoint, StoredTensor
 from moeedge.formats.hf_config import DecoderConfig
-from moeedge.formats.switch_checkpoint import SwitchConfig
+from moeedge.formats.switch_config import SwitchConfig
 from moeedge.models.decoder import DecoderMoE
 from moeedge.models.runner import Runner
 from moeedge.models.switch import SwitchMoE

@@ -21,6 +21,15 @@ from moeedge.runtime.experts import ExpertAccess
 Recorder = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+class NonFiniteError(ValueError):
+    """A forward produced NaN or Inf: the checkpoint's weights or config (e.g. rms_norm_eps) are bad."""
+
+
+def check_finite(t: torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{where} produced NaN or Inf values: the checkpoint's weights or config are bad")
+
+
 @dataclass(frozen=True)
 class Prediction:
     """How a runner guesses the experts of the next layers (moeedge.predict), set up when it is made."""

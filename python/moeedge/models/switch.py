@@ -17,8 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moeedge.formats.switch_checkpoint import SwitchConfig, expert_tensor_names, ff_prefix
-from moeedge.models.runner import Prediction, Sequence, SlotPool, check_batch
+from moeedge.formats.switch_checkpoint import expert_tensor_names, ff_prefix
+from moeedge.formats.switch_config import SwitchConfig
+from moeedge.models.runner import NonFiniteError, Prediction, Sequence, SlotPool, check_batch, check_finite
 from moeedge.runtime.experts import ExpertAccess
 
 ATTN_CHUNK = 128  # queries per attention step: bounds the [H, T, S] scores
@@ -292,6 +293,7 @@ class SwitchMoE:
             out = attend(self._project(x, a + "q"), self._project(x, a + "k"), self._project(x, a + "v"), bias)
             h = h + F.linear(out, w[a + "o.weight"])
             h = h + self._ffn(t5_norm(h, w[p + "1.layer_norm.weight"], cfg.eps), "encoder", b)
+            check_finite(h, f"encoder block {b}")  # once a prompt: cheap beside the block
         h = t5_norm(h, w["encoder.final_layer_norm.weight"], cfg.eps)
         seq.ids, seq.encoded = [], []  # from here on the slot's cross-attention is overwritten
         for b in range(cfg.n_decoder_layers):
@@ -310,12 +312,17 @@ class SwitchMoE:
         if any(not seq.encoded for seq, _ in batch):
             raise RuntimeError("encode(seq, input_ids) before decoding a sequence")
         out = [self._decode(seq, tokens, all_logits) for seq, tokens in batch]
+        for (seq, tokens), logits in zip(batch, out):
+            if not bool(torch.isfinite(logits).all()):
+                self._decode(seq, tokens, all_logits, check=True)  # again, block by block: which one
+                raise NonFiniteError("the logits hold NaN or Inf values: the checkpoint's weights or config are bad")
         for seq, tokens in batch:  # only now: a step that failed part-way changed no record
             seq.ids.extend(tokens.tolist())
         return out
 
-    def _decode(self, seq: Sequence, tokens: torch.Tensor, all_logits: bool) -> torch.Tensor:
-        """Decoder tokens [T] at seq's next positions -> logits [T, V] (or [1, V], the last)."""
+    def _decode(self, seq: Sequence, tokens: torch.Tensor, all_logits: bool, check: bool = False) -> torch.Tensor:
+        """Decoder tokens [T] at seq's next positions -> logits [T, V] (or [1, V], the last);
+        check: raise NonFiniteError naming the first decoder block whose output is not finite."""
         cfg, w, T, slot, start = self.cfg, self.w, tokens.shape[0], seq.slot, len(seq)
         S = start + T
         encoded = len(seq.encoded)
@@ -336,6 +343,8 @@ class SwitchMoE:
             out = attend(self._project(x, a + "q"), self.cross_k[slot, b, :encoded], self.cross_v[slot, b, :encoded])
             h = h + F.linear(out, w[a + "o.weight"])
             h = h + self._ffn(t5_norm(h, w[p + "2.layer_norm.weight"], cfg.eps), "decoder", b)
+            if check:
+                check_finite(h, f"decoder block {b}")
         if not all_logits:
             h = h[-1:]
         h = t5_norm(h, w["decoder.final_layer_norm.weight"], cfg.eps)

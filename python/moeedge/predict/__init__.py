@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from moeedge.kernels import QuantTensor
+from moeedge.formats.quant_tensor import QuantTensor
 from moeedge.predict.predictors import FrequencyPrior, Predictor, PreviousToken, StaleGate
 
 PREDICTORS = ("frequency", "previous", "stale-gate", "history", "learned")

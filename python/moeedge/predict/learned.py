@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeedge.predict.predictors import Predictor
+from moeedge.predict.predictors import usage
 
 
 def make_net(hidden: int, n_experts: int, width: int, previous: bool = True, depth: int = 1) -> nn.Sequential:
@@ -154,8 +155,6 @@ def train_learned(hidden: torch.Tensor, experts: torch.Tensor, n_experts: int, w
     """hidden [N, L, H] router inputs and experts [N, L, K] of a training trace, cut into
     windows (sequences): a token's next token is in its window. Each net has its own seed,
     so `jobs` processes (one torch thread each) train the same nets as one."""
-    from moeedge.predict.predictors import usage
-
     global _TRAINING
     has_next = torch.zeros(experts.shape[0], dtype=torch.bool)  # the token's next one is in its window
     for a, b in windows:

@@ -23,8 +23,9 @@ from moeedge.formats.group_quant import BITS, GROUP_SIZES, qweight_shape, quanti
 from moeedge.formats.hf_config import DecoderConfig
 from moeedge.formats.quant_checkpoint import FORMAT, QUANT_FILE, VERSION, expert_matrices
 from moeedge.formats.safetensors_file import DTYPES
-from moeedge.kernels import QuantTensor
+from moeedge.formats.quant_tensor import QuantTensor
 from moeedge.units import format_bytes
+from moeedge._core import ExpertStore
 
 DEFAULT_GROUP = 64
 CALIBRATION_TOKENS = 4096
@@ -60,8 +61,6 @@ class ExpertReader:
     one expert at a time."""
 
     def __init__(self, ckpt: Checkpoint):
-        from moeedge._core import ExpertStore
-
         self.ckpt = ckpt
         self.store = ExpertStore(ckpt.files, ckpt.expert_ranges)
 

@@ -11,6 +11,7 @@ import torch
 
 from moeedge.formats.checkpoint import Checkpoint, StoredTensor
 from moeedge.formats.errors import CheckpointError
+from moeedge.formats.gguf_quants import dequantize
 
 EMBEDDING = "model.embed_tokens.weight"
 PLAIN = (torch.bfloat16, torch.float16, torch.float32)
@@ -43,8 +44,6 @@ class DiskEmbedding:
             return torch.empty((0, self.shape[1]), dtype=dtype)
         raw = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).copy())
         if self.quant is not None:
-            from moeedge.formats.gguf_quants import dequantize
-
             return dequantize(raw, self.quant, (len(ids), self.shape[1]), dtype)
         return raw.view(self.info.dtype).view(len(ids), self.shape[1]).to(dtype)
 

@@ -7,7 +7,8 @@ from moeedge._core import ExpertBuffer, ExpertCache, ExpertFfn
 from moeedge.expert_tensor import expert_view
 from moeedge.formats.checkpoint import ExpertPart
 from moeedge.keys import ExpertKey
-from moeedge.kernels import QuantTensor, native_format
+from moeedge.formats.quant_tensor import QuantTensor
+from moeedge.kernels import native_format
 
 
 class ExpertWeights:

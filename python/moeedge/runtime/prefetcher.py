@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from moeedge.predict import make_predictor
+from moeedge.predict.bundle import FILENAME, load_bundle
 from moeedge.predict.predictors import Predictor
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.predicted_eviction import PredictedEviction
@@ -213,9 +215,6 @@ class Prefetcher:
 def build_prefetcher(cfg, source: str | None, dense: dict, experts: ExpertAccess, name: str | None, lookahead: int,
                      predictor_file, policy: str) -> Prefetcher | None:
     """What reads ahead and, for policy="predicted", feeds eviction; None when nothing does."""
-    from moeedge.predict import make_predictor
-    from moeedge.predict.bundle import FILENAME, load_bundle
-
     if name is None and policy != "predicted":
         return None
     path = Path(predictor_file) if predictor_file is not None else Path(source) / FILENAME if source else None

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
+from moeedge.data import corpus as corpus_lib
 
 # -- schedule ----------------------------------------------------------------------------
 # Warm up, hold, and decay over the last decay_percent of the steps. The step count may be
@@ -99,10 +101,6 @@ def open_run(cfg) -> tuple[Path, Path, object, dict | None, dict | None]:
     """How every trainer starts: threads, directories, the corpus and any saved state.
     Returns (out, state_dir, corpus, meta or None for a fresh run, the record of a run
     that already finished, or None)."""
-    from transformers.utils import logging as hf_logging
-
-    from moeedge.data import corpus as corpus_lib
-
     hf_logging.disable_progress_bar()   # one progress bar: training's
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     out, state_dir = Path(cfg.out), Path(cfg.out) / "train_state"

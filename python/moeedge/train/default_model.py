@@ -30,41 +30,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeedge.data import corpus as corpus_lib
+from moeedge.train import model_card
+from moeedge.train.mixtral_experts import EXPERTS_IMPL
 from moeedge.train.common import (StepClock, balance_loss, decay_start, length_if_due, lr_at,  # noqa: F401
                                   make_optimizer, open_run, open_state, publish, save_state,
                                   steps_if_decaying_after)
 
-EXPERTS_IMPL = "moeedge_sorted"
 MAX_BYTES = 20 * 1000 * 1000
-
-
-def sorted_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                           top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Mixtral's experts for training on CPU: (token, slot) pairs sorted by expert, one
-    matmul per expert on a contiguous slice, one view per expert's weights (unbind).
-    The same sums as transformers' own paths; on the 2-core machine this was written on,
-    a training step ran at 2.5k tokens/s against 0.4k (eager) and 0.7k (grouped_mm).
-    N = tokens, K = top-k, H = hidden."""
-    k = top_k_index.shape[1]
-    flat = top_k_index.reshape(-1)                               # [N*K]
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-    token = order // k                                           # [N*K] token of each sorted pair
-    x = hidden_states[token]                                     # [N*K, H]
-    gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-    outs = []
-    for e, xe in enumerate(x.split(counts)):
-        if counts[e]:
-            gate, up = F.linear(xe, gate_up[e]).chunk(2, dim=-1)
-            outs.append(F.linear(self.act_fn(gate) * up, down[e]))
-    y = torch.cat(outs) * top_k_weights.reshape(-1)[order, None].to(hidden_states.dtype)
-    return torch.zeros_like(hidden_states).index_add_(0, token, y)
-
-
-ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPL, sorted_experts_forward)
 
 
 @dataclass
@@ -305,10 +279,6 @@ def export(model: MixtralForCausalLM, cfg: TrainConfig, state_dir: Path, directo
                                                                 indent=2) + "\n")
 
 
-def load_exported(directory: Path, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:
-    return MixtralForCausalLM.from_pretrained(directory, dtype=dtype, experts_implementation=EXPERTS_IMPL).eval()
-
-
 def command_line(cfg: TrainConfig, run: dict) -> str:
     return (f"python -m moeedge.train.default_model --out DIR --seed {cfg.seed} --threads {torch.get_num_threads()} "
             f"--dense-steps {run['dense_steps']} --moe-steps {run['moe_steps']}")
@@ -374,8 +344,6 @@ def finish(cfg: TrainConfig, model, run: dict, meta: dict, corpus, batches, t0: 
            state_dir: Path) -> dict:
     """Export, measure (the model card), and publish the trained model; what training.json records."""
     from safetensors.torch import load_file
-
-    from moeedge.train import model_card
 
     staging = state_dir / "final"
     export(model, cfg, state_dir, staging)

@@ -9,6 +9,9 @@ N = W*T tokens, L layers, E experts, K = top-k.
 """
 from __future__ import annotations
 
+import platform
+from typing import TYPE_CHECKING
+
 import copy
 import json
 import math
@@ -18,7 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moeedge.train.default_model import TrainConfig, load_exported
+from moeedge.train.mixtral_experts import load_exported
+
+if TYPE_CHECKING:  # the trainer imports this module: a type, not an import at run time
+    from moeedge.train.default_model import TrainConfig
 
 SPLIT_LABELS = (("train", "train"), ("heldout", "held out"))
 PROMPT = 'import os\n\n\ndef read_lines(path):\n    """'
@@ -134,7 +140,6 @@ def evaluate(directory: Path, dense, state_dir: Path, cfg: TrainConfig, eval_tok
 
 
 def versions() -> dict:
-    import platform
 
     import sentencepiece
     import transformers

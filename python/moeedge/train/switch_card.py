@@ -11,6 +11,8 @@ Tt target tokens, N tokens of one MoE layer, E experts.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import copy
 import math
 from pathlib import Path
@@ -18,17 +20,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import SwitchTransformersForConditionalGeneration
 
-from moeedge.formats.switch_checkpoint import sparse_blocks
+from moeedge.formats.switch_config import sparse_blocks
 from moeedge.train import model_card
 from moeedge.data.span_corruption import EOS_ID, TOKENIZER_FILE, sentinel, shift_right
-from moeedge.train.switch_model import SwitchTrainConfig, load_exported
+
+if TYPE_CHECKING:  # the trainer imports this module: a type, not an import at run time
+    from moeedge.train.switch_model import SwitchTrainConfig
 
 EVAL_SEED = 20210111   # the held-out corruption, whatever the training seed (Switch's arXiv date)
 PROMPT = ('def read_lines(path):\n    """Return the lines of a text file."""\n    with open(path) as f:\n'
           f'        return {sentinel(0)}\n\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n'
           f'        {sentinel(1)}\n')
 
+
+def load_exported(directory: Path) -> SwitchTransformersForConditionalGeneration:
+    return SwitchTransformersForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
 
 def examples(stream: np.ndarray, cfg: SwitchTrainConfig, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs [B, Ti], targets [B, Tt]): n windows spread evenly over the stream, corrupted."""

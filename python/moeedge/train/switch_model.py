@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
 from moeedge.data import corpus as corpus_lib
+from moeedge.train import model_card, switch_card
 from moeedge.train.common import StepClock, balance_loss, length_if_due, lr_at, open_run, publish, save_state
 from moeedge.data.span_corruption import (EOS_ID, PAD_ID, TOKENIZER_FILE, SpanBatches, SpanCorruption, encode_stream,
                                            shift_right, tokenizer_config, train_tokenizer)
@@ -137,10 +138,6 @@ def reduce_init(model: SwitchTransformersForConditionalGeneration, scale: float)
         if name.endswith(".mlp.experts"):
             for expert in module.values():
                 expert.wo.weight.normal_(0.0, math.sqrt(scale / d_ff))
-
-
-def load_exported(directory: Path) -> SwitchTransformersForConditionalGeneration:
-    return SwitchTransformersForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
 
 
 def router_logits(out) -> list[torch.Tensor]:
@@ -345,8 +342,6 @@ def train(cfg: SwitchTrainConfig) -> dict | None:
     if not run_training(model, optimizer, batches, run, cfg, state_dir):
         return None
     del optimizer
-
-    from moeedge.train import model_card, switch_card
 
     staging = state_dir / "final"
     export(model, cfg, state_dir, staging)
