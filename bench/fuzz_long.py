@@ -1,6 +1,6 @@
 """The long fuzz run: 5000 inputs (default) over every class, then a markdown report.
 
-    python bench/fuzz_long.py [--seed 0] [--count 5000] [--jobs 2] [--timeout 10] [--out DIR]
+    python bench/fuzz_long.py [--seed 0] [--count 5000] [--jobs 2] [--timeout 30] [--out DIR]
     python bench/fuzz_long.py --report-only DIR/fuzz-seed0.json   # the markdown again, from the records
 
 Writes under DIR (default /var/tmp/moeedge-fuzz-long): fuzz-seedS.json (the summary and
@@ -44,7 +44,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--count", type=int, default=5000)
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--out", type=Path, default=Path("/var/tmp/moeedge-fuzz-long"))
     p.add_argument("--report-only", type=Path, metavar="JSON", help="write the markdown of an earlier run's --json")
     args = p.parse_args()

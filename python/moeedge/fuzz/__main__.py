@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long", action="store_true", help=f"the long run: --count {LONG_COUNT} unless given")
     p.add_argument("--classes", type=_classes, default=CLASS_NAMES,
                    help=f"comma-separated, by name or letter: {', '.join(f'{k}={v}' for k, v in LETTERS.items())}")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per input before it is a hang (default 10)")
+    # Above moeedge's own limits: a chat input renders its template twice, each under a 5 s deadline.
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per input before it is a hang (default 30)")
     p.add_argument("--memory", type=int, default=768, metavar="MiB",
                    help="each child's memory cgroup limit; the model's memory_budget is what the child holds "
                         "plus half of it (default 768)")

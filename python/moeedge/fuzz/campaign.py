@@ -40,7 +40,7 @@ class Config:
     seed: int = 0
     count: int = 300
     classes: tuple[str, ...] = CLASS_NAMES
-    timeout: float = 10.0
+    timeout: float = 30.0
     memory_mib: int = 768
     jobs: int = 1
     reference: bool = True
