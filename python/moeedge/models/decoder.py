@@ -23,8 +23,8 @@ from moeedge.formats.hf_config import DecoderConfig
 from moeedge.kernels import CONVERT_BLOCK_BYTES, NATIVE_MAX_TOKENS, linear, stored
 from moeedge.models.decoder_ffn import DecoderFFN, ffn_rows, widest_ffn
 from moeedge.policies import RUNTIME_POLICIES
-from moeedge.models.runner import (NonFiniteError, Prediction, Sequence, SlotPool, check_batch, check_finite,
-                                   common_prefix)
+from moeedge.models.runner import (NonFiniteError, Prediction, Sequence, SlotPool, all_finite, check_batch,
+                                   check_finite, common_prefix)
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.prefetcher import build_prefetcher
 
@@ -232,7 +232,7 @@ class DecoderMoE(DecoderFFN):
         if self.prefetcher is not None and any(len(seq) == 0 for seq, _ in batch):
             self.prefetcher.reset()
         out = self._forward_threads(batch, all_logits)
-        if not all(bool(torch.isfinite(o).all()) for o in out):
+        if not all_finite(out):
             self._forward_threads(batch, all_logits, check=True)  # again, layer by layer: which one
             raise NonFiniteError("the logits hold NaN or Inf values: the checkpoint's weights or config are bad")
         for seq, tokens in batch:  # only now: a step that failed part-way changed no record
@@ -266,13 +266,16 @@ class DecoderMoE(DecoderFFN):
         if check:
             check_finite(h, "the token embedding")
         ropes = [self._rope(torch.arange(len(seq), len(seq) + len(tokens))) for seq, tokens in batch]
+        # a one-token segment's native step takes cos and sin [D] as numpy: made once, not per layer
+        ropes = [(rope, tuple(t.reshape(-1).contiguous().numpy() for t in rope) if n == 1 else None)
+                 for rope, n in zip(ropes, sizes)]
         apart = len(batch) > 1 and all(n == 1 for n in sizes)  # a decode step of several sequences
         for layer in range(cfg.n_layers):
-            parts = [self._attention_block(part, layer, seq, rope)
-                     for part, (seq, _), rope in zip(h.split(sizes), batch, ropes)]
-            if len(parts) == 1:
-                h, x, logits = parts[0]
+            if len(batch) == 1:
+                h, x, logits = self._attention_block(h, layer, batch[0][0], ropes[0])
             else:
+                parts = [self._attention_block(part, layer, seq, rope)
+                         for part, (seq, _), rope in zip(h.split(sizes), batch, ropes)]
                 h, x = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
                 logits = None if any(p[2] is None for p in parts) else torch.cat([p[2] for p in parts])
             if check:
@@ -280,25 +283,26 @@ class DecoderMoE(DecoderFFN):
             h = h + self._ffn(x, layer, logits, apart)
             if check:
                 check_finite(h, f"layer {layer}'s feed-forward block")
-        ends = torch.tensor(sizes).cumsum(0)
         if not all_logits:
-            h = h[ends - 1]
+            h = h[-1:] if len(batch) == 1 else h[torch.tensor(sizes).cumsum(0) - 1]
             sizes = [1] * len(batch)
         out = linear(rms_norm(h, w["model.norm.weight"], cfg.rms_eps), self.lm_head)
         if check:
             check_finite(out, "the final norm and output projection")
-        return list(out.split(sizes))
+        return [out] if len(batch) == 1 else list(out.split(sizes))
 
-    def _attention_block(self, h: torch.Tensor, layer: int, seq: Sequence, rope):
+    def _attention_block(self, h: torch.Tensor, layer: int, seq: Sequence, ropes):
         """One sequence's rows through a layer's attention block: (h after it, the feed-forward's
-        normed input, the router's logits where the native step computed them)."""
+        normed input, the router's logits where the native step computed them). ropes: the
+        rotary (cos, sin) as tensors, and as numpy [D] for a one-token step."""
         cfg, w, start = self.cfg, self.w, len(seq)
+        rope, native_rope = ropes
         step = self.steps[seq.slot][layer] if h.shape[0] == 1 else None
         if step is not None:  # one native call, h updated in place
             h = h.contiguous()
             x = torch.empty_like(h)
             logits = torch.empty(1, step.router_rows) if step.router_rows else None
-            cos, sin = (t.reshape(-1).contiguous().numpy() for t in rope)  # [D] each
+            cos, sin = native_rope
             step(h.numpy(), start, cos, sin, x.numpy(), None if logits is None else logits.numpy())
             return h, x, logits
         p = f"model.layers.{layer}."

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from moeedge.formats.switch_checkpoint import expert_tensor_names, ff_prefix
 from moeedge.formats.switch_config import SwitchConfig
-from moeedge.models.runner import NonFiniteError, Prediction, Sequence, SlotPool, check_batch, check_finite
+from moeedge.models.runner import (NonFiniteError, Prediction, Sequence, SlotPool, all_finite, check_batch,
+                                   check_finite)
 from moeedge.runtime.experts import ExpertAccess
 
 ATTN_CHUNK = 128  # queries per attention step: bounds the [H, T, S] scores
@@ -313,7 +314,7 @@ class SwitchMoE:
             raise RuntimeError("encode(seq, input_ids) before decoding a sequence")
         out = [self._decode(seq, tokens, all_logits) for seq, tokens in batch]
         for (seq, tokens), logits in zip(batch, out):
-            if not bool(torch.isfinite(logits).all()):
+            if not all_finite([logits]):
                 self._decode(seq, tokens, all_logits, check=True)  # again, block by block: which one
                 raise NonFiniteError("the logits hold NaN or Inf values: the checkpoint's weights or config are bad")
         for seq, tokens in batch:  # only now: a step that failed part-way changed no record
