@@ -25,8 +25,8 @@ from collections import Counter
 import torch
 
 from moeedge.formats.checkpoint import Checkpoint, ExpertPart
-from moeedge.formats.decoder_tensors import (EXPERT_NAMES, LAYER_TENSOR, expected_dense, expert_shapes,
-                                             optional_dense)
+from moeedge.formats.decoder_tensors import (EXPERT_NAMES, LAYER_TENSOR, check_attention_biases, expected_dense,
+                                             expert_shapes, optional_dense)
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.group_quant import GROUP_SIZES, qweight_shape, quant_name, scales_shape
 from moeedge.formats.hf_config import DecoderConfig, decoder_config
@@ -122,5 +122,6 @@ def open_quant_directory(directory: HFDirectory, raw: dict) -> Checkpoint:
     files = [str(p) for p in shards]
     check_layer_count(tensors, LAYER_TENSOR, cfg.n_layers, f"{config}: num_hidden_layers =")
     experts = quant_expert_table(cfg, info, tensors, files)
+    check_attention_biases(cfg, tensors, config)
     check_dense(tensors, expected_dense(cfg), files[0], optional_dense(cfg))
     return safetensors_checkpoint(directory.path, cfg, files, tensors, experts, directory.tokenizer_files())
