@@ -375,7 +375,7 @@ def test_a_gguf_missing_a_dense_tensor_is_refused(tmp_path):
     refused(path, r"tensor 'blk\.1\.attn_k\.weight' is missing")
 
 
-# --------------------------------------------------------------------------- fields transformers reads and moeedge must too
+# --------------------------------------------------------------------------- fields transformers reads
 # Each of these once loaded and ran, silently computing another model than transformers does.
 
 def tiny_raw(family: str, **extra) -> dict:
@@ -524,3 +524,46 @@ def test_switch_sparse_steps_are_read_as_transformers_reads_them(switch, tmp_pat
     reference = transformers.AutoModelForSeq2SeqLM.from_config(transformers.AutoConfig.from_pretrained(directory))
     cfg = open_checkpoint(directory).config
     assert cfg.encoder_moe_blocks == [i for i, b in enumerate(reference.encoder.block) if b.is_sparse] == [1, 3]
+
+
+# --------------------------------------------------------------------------- messages a checkpoint can lengthen
+
+def one_short_line(message: str) -> str:
+    """Any message a checkpoint can influence: one line of at most ~1000 characters."""
+    assert "\n" not in message and len(message) <= 1000, (len(message), message[:300])
+    return message
+
+
+def test_many_missing_shards_are_counted_not_listed(sharded, tmp_path):
+    directory = clone(sharded, tmp_path / "ckpt")
+    edit_json(directory / INDEX, lambda d: d["weight_map"].update({f"t{i}": f"missing-{i:05}.safetensors"
+                                                                    for i in range(10000)}))
+    message = one_short_line(refused(directory, r"names shards that are missing: 'missing-00000\.safetensors', "))
+    assert message.endswith("and 9997 more (10000 in all)")
+
+
+def test_a_shard_name_with_a_newline_is_refused_in_one_line(sharded, tmp_path):
+    directory = clone(sharded, tmp_path / "ckpt")
+    name = "model-00001\nof-00010.safetensors"
+    (directory / name).write_bytes((directory / "model-00001-of-00010.safetensors").read_bytes())
+    edit_json(directory / INDEX, lambda d: d["weight_map"].update({k: name for k, v in d["weight_map"].items()
+                                                                    if v == "model-00001-of-00010.safetensors"}))
+    one_short_line(refused(directory, r"index\.json: shard name 'model-00001\\nof-00010\.safetensors' holds control"))
+
+
+def test_long_tensor_names_are_cut_short(mixtral, tmp_path):
+    directory = clone(mixtral, tmp_path / "ckpt")
+    long_a, long_b = "a\n" * 50000, "b\n" * 50000
+
+    def edit(h):
+        h[long_a] = h.pop("model.norm.weight")
+        h[long_b] = dict(h[long_a])  # the same bytes: the two overlap
+    rewrite_header(directory / "model.safetensors", edit)
+    one_short_line(refused(directory, r"tensors 'a\\na\\n.*\.\.\. and 'b\\nb\\n.*\.\.\. overlap"))
+
+
+def test_invalid_gguf_dimensions_are_cut_short(tmp_path):
+    with pytest.raises(CheckpointError, match=r"tensor 'blk\.0\.x+\.\.\. has invalid dimensions \[1, 1, .*\.\.\.$"):
+        gguf_file._tensor("m.gguf", b"blk.0." + b"x" * 10000, 255, [1] * 2000, 0, 0, 32, 0, 1 << 20)
+    one_short_line(str(pytest.raises(CheckpointError, gguf_file._tensor, "m.gguf", b"x" * 10000, 255, [1] * 2000, 0,
+                                     0, 32, 0, 1 << 20).value))

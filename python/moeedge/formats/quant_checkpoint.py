@@ -27,7 +27,7 @@ import torch
 from moeedge.formats.checkpoint import Checkpoint, ExpertPart
 from moeedge.formats.decoder_tensors import (EXPERT_NAMES, LAYER_TENSOR, check_attention_biases, expected_dense,
                                              expert_shapes, optional_dense)
-from moeedge.formats.errors import CheckpointError
+from moeedge.formats.errors import CheckpointError, shown_name
 from moeedge.formats.group_quant import GROUP_SIZES, qweight_shape, quant_name, scales_shape
 from moeedge.formats.hf_config import DecoderConfig, decoder_config
 from moeedge.formats.hf_directory import CONFIG_FILE, HFDirectory
@@ -74,9 +74,9 @@ def read_quant_info(directory: HFDirectory, cfg: DecoderConfig) -> dict:
 
 def _check(info: TensorInfo | None, name: str, dtype: torch.dtype, shape: tuple[int, int], why: str) -> None:
     if info is None:
-        raise CheckpointError(f"expert tensor {name!r} is missing")
+        raise CheckpointError(f"expert tensor {shown_name(name)} is missing")
     if info.dtype != dtype or info.shape != shape:
-        raise CheckpointError(f"{info.path}: {name!r} is {str(info.dtype).removeprefix('torch.')}"
+        raise CheckpointError(f"{info.path}: {shown_name(name)} is {str(info.dtype).removeprefix('torch.')}"
                               f"{list(info.shape)}; {why} imply {str(dtype).removeprefix('torch.')}{list(shape)}")
 
 
