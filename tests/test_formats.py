@@ -123,7 +123,7 @@ def test_garbage_safetensors_is_refused(mixtral, tmp_path, content, message):
 def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path, mixtral):
     (tmp_path / "config.json").write_text((mixtral[0] / "config.json").read_text())
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04 not even a pickle")
-    with pytest.raises(CheckpointError, match=r"pytorch_model.bin, a pickle checkpoint; moeedge never unpickles"):
+    with pytest.raises(CheckpointError, match=r"'pytorch_model.bin', a pickle checkpoint; moeedge never unpickles"):
         open_hf_directory(tmp_path)
 
 

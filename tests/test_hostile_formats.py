@@ -373,3 +373,197 @@ def test_a_huge_gguf_metadata_array_is_refused_before_it_is_listed(tmp_path, mon
 def test_a_gguf_missing_a_dense_tensor_is_refused(tmp_path):
     path = write_gguf(tmp_path / "model.gguf", drop=("blk.1.attn_k.weight",))
     refused(path, r"tensor 'blk\.1\.attn_k\.weight' is missing")
+
+
+# --------------------------------------------------------------------------- fields transformers reads
+# Each of these once loaded and ran, silently computing another model than transformers does.
+
+def tiny_raw(family: str, **extra) -> dict:
+    """A decoder config.json of a family, without RoPE fields."""
+    raw = {"model_type": family, "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 160, "max_position_embeddings": 256, "num_experts_per_tok": 2,
+           "intermediate_size": 96, "moe_intermediate_size": 48, **extra}
+    raw["num_local_experts" if family == "mixtral" else "num_experts"] = 6
+    return raw
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """A tiny Qwen2-MoE (qkv_bias: its q/k/v projections have biases)."""
+    directory = tmp_path_factory.mktemp("qwen")
+    make_decoder(directory, "qwen2_moe", seed=1)
+    return directory
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
+def test_without_rope_fields_the_rope_base_is_transformers_default(tmp_path, family):
+    import transformers
+
+    raw = tiny_raw(family)
+    reference = transformers.AutoConfig.for_model(**raw).rope_parameters["rope_theta"]
+    assert decoder_config(raw, tmp_path / "config.json").rope_theta == reference
+    assert reference == (1e6 if family == "mixtral" else 1e4)
+
+
+def test_rope_scaling_replaces_rope_parameters_as_in_transformers(tmp_path):
+    raw = tiny_raw("mixtral", rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                   rope_scaling={"rope_type": "default", "rope_theta": 5e5})
+    assert decoder_config(raw, tmp_path / "config.json").rope_theta == 5e5
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, r"rope_scaling rope_type 'linear' is not supported"),
+    ({"rope_parameters": {"type": "dynamic"}}, r"rope_parameters rope_type .dynamic. is not supported"),
+    ({"rope_scaling": "linear"}, r"rope_scaling = 'linear': must be an object"),
+    ({"partial_rotary_factor": 0.5}, r"partial_rotary_factor = 0\.5: partial rotary embeddings are not supported"),
+    ({"rope_parameters": {"full_attention": {"rope_theta": 1e4}}}, r"rope_parameters = .*: per-layer-type RoPE"),
+    ({"hidden_act": "gelu"}, r"hidden_act = 'gelu': is not supported; the experts compute SiLU"),
+    ({"hidden_act": 5}, r"hidden_act = 5: is not supported"),
+    ({"sliding_window": 0}, r"sliding_window = 0: must be a positive integer or null"),
+    ({"sliding_window": -1}, r"sliding_window = -1: must be a positive integer or null"),
+    ({"sliding_window": "16"}, r"sliding_window = '16': must be a positive integer or null"),
+])
+def test_a_field_moeedge_cannot_honour_is_refused(tmp_path, change, message):
+    with pytest.raises(CheckpointError, match=r"config\.json: " + message):
+        decoder_config(tiny_raw("mixtral", **change), tmp_path / "config.json")
+
+
+def test_swish_is_silu(tmp_path):
+    assert decoder_config(tiny_raw("mixtral", hidden_act="swish"), tmp_path / "config.json").family == "mixtral"
+
+
+@pytest.mark.parametrize("family, extra, context", [
+    ("mixtral", {"sliding_window": 16}, 16),
+    ("mixtral", {"sliding_window": 4096}, 256),       # wider than the context: nothing to cap
+    ("mixtral", {"sliding_window": None}, 256),
+    ("olmoe", {"sliding_window": 16}, 256),           # OLMoE's mask ignores it
+    ("qwen2_moe", {"sliding_window": 16}, 256),       # use_sliding_window is false by default
+    ("qwen2_moe", {"sliding_window": 16, "use_sliding_window": True}, 16),
+    ("qwen2_moe", {"sliding_window": 16, "use_sliding_window": True, "max_window_layers": 0}, 256),
+    ("qwen2_moe", {"sliding_window": 16, "use_sliding_window": True, "layer_types": ["full_attention"] * 4}, 256),
+])
+def test_a_sliding_window_caps_the_context_at_the_window(tmp_path, family, extra, context):
+    """Within the window, sliding-window attention is full attention; past it moeedge refuses to go."""
+    assert decoder_config(tiny_raw(family, **extra), tmp_path / "config.json").max_position == context
+
+
+def test_sliding_layers_without_use_sliding_window_are_refused(tmp_path):
+    raw = tiny_raw("qwen2_moe", sliding_window=16, layer_types=["sliding_attention"] * 4)
+    with pytest.raises(CheckpointError, match=r"use_sliding_window = False: but layer_types names sliding layers"):
+        decoder_config(raw, tmp_path / "config.json")
+
+
+def test_a_sliding_window_checkpoint_refuses_a_longer_prompt(mixtral, tmp_path):
+    import moeedge
+
+    directory = clone(mixtral, tmp_path / "ckpt")
+    edit_json(directory / "config.json", lambda c: c.update(sliding_window=4))
+    model = moeedge.load(directory, memory_budget="8GiB")
+    assert model.logits([1, 2, 3, 4]).shape[0] == 4
+    with pytest.raises(ValueError, match="exceed max_context=4"):
+        model.logits([1, 2, 3, 4, 5])
+
+
+def test_qkv_bias_false_with_biases_in_the_file_is_refused(qwen, tmp_path):
+    directory = clone(qwen, tmp_path / "ckpt")
+    edit_json(directory / "config.json", lambda c: c.update(qkv_bias=False))
+    refused(directory, r"config\.json: qkv_bias = False, but .* holds 'model\.layers\.0\.self_attn\.q_proj\.bias' "
+                       r"\(transformers would ignore it\)")
+
+
+def test_qkv_bias_true_without_a_bias_in_the_file_is_refused(qwen, tmp_path):
+    directory = clone(qwen, tmp_path / "ckpt")
+    drop_tensor(directory / "model.safetensors", "model.layers.2.self_attn.v_proj.bias")
+    refused(directory, r"config\.json: qkv_bias = True, but tensor 'model\.layers\.2\.self_attn\.v_proj\.bias' is "
+                       r"missing")
+
+
+def test_qwen_with_its_biases_opens(qwen):
+    assert open_checkpoint(qwen).config.qkv_bias
+
+
+def test_biases_in_a_mixtral_file_are_refused(tmp_path):
+    """Mixtral has no q/k/v biases: transformers ignores stored ones, so moeedge must not add them."""
+    from types import SimpleNamespace
+
+    from moeedge.formats.decoder_tensors import check_attention_biases
+
+    cfg = decoder_config(tiny_raw("mixtral"), tmp_path / "config.json")
+    tensors = {"model.layers.3.self_attn.k_proj.bias": SimpleNamespace(path="model.safetensors")}
+    with pytest.raises(CheckpointError, match=r"config\.json: mixtral has no q/k/v biases, but model\.safetensors "
+                                              r"holds 'model\.layers\.3\.self_attn\.k_proj\.bias'"):
+        check_attention_biases(cfg, tensors, tmp_path / "config.json")
+
+
+def test_olmoe_attention_bias_is_refused(tmp_path):
+    """OLMoE's attention_bias puts a bias on o_proj too, which the decoder does not add."""
+    with pytest.raises(CheckpointError, match=r"attention_bias = True: attention biases are not supported for olmoe"):
+        decoder_config(tiny_raw("olmoe", attention_bias=True), tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"is_encoder_decoder": False}, r"is_encoder_decoder = False: a Switch Transformer is an encoder-decoder"),
+    ({"encoder_sparse_step": -2 ** 31}, r"num_sparse_encoder_layers / encoder_sparse_step make encoder blocks \[\] "
+                                        r"sparse, but the file has routers in blocks \[1, 3\]"),
+    ({"decoder_sparse_step": 1}, r"decoder_sparse_step make decoder blocks \[0, 1, 2, 3\] sparse, but the file has "
+                                 r"routers in blocks \[1, 3\]"),
+    ({"encoder_sparse_step": "2"}, r"encoder_sparse_step = '2': must be an integer"),
+])
+def test_a_switch_config_disagreeing_with_its_experts_is_refused(switch, tmp_path, change, message):
+    directory = clone(switch, tmp_path / "ckpt")
+    edit_json(directory / "config.json", lambda c: c.update(change))
+    refused(directory, r"config\.json: .*" + message)
+
+
+def test_switch_sparse_steps_are_read_as_transformers_reads_them(switch, tmp_path):
+    """A sparse step config.json gives overrides the one derived from the sparse count."""
+    import transformers
+
+    directory = clone(switch, tmp_path / "ckpt")
+    edit_json(directory / "config.json", lambda c: c.update(encoder_sparse_step=2, num_sparse_encoder_layers=4))
+    reference = transformers.AutoModelForSeq2SeqLM.from_config(transformers.AutoConfig.from_pretrained(directory))
+    cfg = open_checkpoint(directory).config
+    assert cfg.encoder_moe_blocks == [i for i, b in enumerate(reference.encoder.block) if b.is_sparse] == [1, 3]
+
+
+# --------------------------------------------------------------------------- messages a checkpoint can lengthen
+
+def one_short_line(message: str) -> str:
+    """Any message a checkpoint can influence: one line of at most ~1000 characters."""
+    assert "\n" not in message and len(message) <= 1000, (len(message), message[:300])
+    return message
+
+
+def test_many_missing_shards_are_counted_not_listed(sharded, tmp_path):
+    directory = clone(sharded, tmp_path / "ckpt")
+    edit_json(directory / INDEX, lambda d: d["weight_map"].update({f"t{i}": f"missing-{i:05}.safetensors"
+                                                                    for i in range(10000)}))
+    message = one_short_line(refused(directory, r"names shards that are missing: 'missing-00000\.safetensors', "))
+    assert message.endswith("and 9997 more (10000 in all)")
+
+
+def test_a_shard_name_with_a_newline_is_refused_in_one_line(sharded, tmp_path):
+    directory = clone(sharded, tmp_path / "ckpt")
+    name = "model-00001\nof-00010.safetensors"
+    (directory / name).write_bytes((directory / "model-00001-of-00010.safetensors").read_bytes())
+    edit_json(directory / INDEX, lambda d: d["weight_map"].update({k: name for k, v in d["weight_map"].items()
+                                                                    if v == "model-00001-of-00010.safetensors"}))
+    one_short_line(refused(directory, r"index\.json: shard name 'model-00001\\nof-00010\.safetensors' holds control"))
+
+
+def test_long_tensor_names_are_cut_short(mixtral, tmp_path):
+    directory = clone(mixtral, tmp_path / "ckpt")
+    long_a, long_b = "a\n" * 50000, "b\n" * 50000
+
+    def edit(h):
+        h[long_a] = h.pop("model.norm.weight")
+        h[long_b] = dict(h[long_a])  # the same bytes: the two overlap
+    rewrite_header(directory / "model.safetensors", edit)
+    one_short_line(refused(directory, r"tensors 'a\\na\\n.*\.\.\. and 'b\\nb\\n.*\.\.\. overlap"))
+
+
+def test_invalid_gguf_dimensions_are_cut_short(tmp_path):
+    with pytest.raises(CheckpointError, match=r"tensor 'blk\.0\.x+\.\.\. has invalid dimensions \[1, 1, .*\.\.\.$"):
+        gguf_file._tensor("m.gguf", b"blk.0." + b"x" * 10000, 255, [1] * 2000, 0, 0, 32, 0, 1 << 20)
+    one_short_line(str(pytest.raises(CheckpointError, gguf_file._tensor, "m.gguf", b"x" * 10000, 255, [1] * 2000, 0,
+                                     0, 32, 0, 1 << 20).value))

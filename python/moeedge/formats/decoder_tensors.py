@@ -3,6 +3,7 @@ what moeedge.models.decoder reads, so that a checkpoint lacking one is refused w
 is opened, not when the runner first looks for it."""
 from __future__ import annotations
 
+from moeedge.formats.errors import CheckpointError, shown
 from moeedge.formats.hf_config import DecoderConfig
 
 # family -> (MoE block prefix, router, expert tensor pattern, (gate, up, down) names)
@@ -76,3 +77,19 @@ def optional_dense(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
         a = f"model.layers.{layer}.self_attn."
         shapes.update({a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)})
     return shapes
+
+
+def check_attention_biases(cfg: DecoderConfig, tensors: dict, config) -> None:
+    """The q/k/v biases are in the file exactly where the config says the model has them:
+    otherwise transformers would initialize missing ones at random or ignore stored ones,
+    and moeedge (which adds those it finds) would compute another model."""
+    names = [f"model.layers.{layer}.self_attn.{m}_proj.bias" for layer in range(cfg.n_layers) for m in "qkv"]
+    present = [n for n in names if n in tensors]
+    if cfg.qkv_bias and len(present) < len(names):
+        missing = next(n for n in names if n not in tensors)
+        raise CheckpointError(f"{config}: qkv_bias = True, but tensor {shown(missing)} is missing "
+                              f"(transformers would initialize it at random)")
+    if not cfg.qkv_bias and present:
+        flag = "qkv_bias = False" if cfg.family == "qwen2_moe" else f"{cfg.family} has no q/k/v biases"
+        raise CheckpointError(f"{config}: {flag}, but {tensors[present[0]].path} holds {shown(present[0])} "
+                              f"(transformers would ignore it)")

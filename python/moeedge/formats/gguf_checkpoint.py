@@ -24,7 +24,7 @@ import torch
 from moeedge.formats.checkpoint import Checkpoint, ExpertPart, StoredTensor
 from moeedge.formats.config_fields import (MAX_CONTEXT, MAX_EXPERTS, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS,
                                            MAX_VOCAB, MAX_WIDTH, REQUIRED, Fields)
-from moeedge.formats.errors import CheckpointError, shown
+from moeedge.formats.errors import CheckpointError, shown, shown_name
 from moeedge.formats.gguf_file import TYPES, GGUFFile, GGUFTensor, read_gguf, tensor_nbytes
 from moeedge.formats.gguf_quants import dequantize
 from moeedge.formats.hf_config import DecoderConfig
@@ -128,7 +128,7 @@ def _check_tensors(f: GGUFFile, cfg: DecoderConfig) -> dict[str, GGUFTensor]:
             raise CheckpointError(f"{f.path}: unexpected tensor {shown(name)} for a {cfg.n_layers}-layer model; "
                                   f"supported: {SUPPORTED_MODELS}, without biases or dense FFN layers")
         if t.shape != shapes[short]:
-            raise CheckpointError(f"{f.path}: tensor {name!r} has shape {list(t.shape)} (GGUF dims "
+            raise CheckpointError(f"{f.path}: tensor {shown_name(name)} has shape {list(t.shape)} (GGUF dims "
                                   f"{list(reversed(t.shape))}); the metadata implies {list(shapes[short])}")
         if short in TOP_LEVEL:
             dense[TOP_LEVEL[short]] = t
@@ -138,7 +138,7 @@ def _check_tensors(f: GGUFFile, cfg: DecoderConfig) -> dict[str, GGUFTensor]:
     wanted += [f"blk.{layer}.{short}" for layer in range(cfg.n_layers) for short in (*PER_LAYER, *EXPERTS.values())]
     missing = [n for n in wanted if n not in f.tensors]
     if missing:
-        raise CheckpointError(f"{f.path}: tensor {missing[0]!r} is missing" +
+        raise CheckpointError(f"{f.path}: tensor {shown_name(missing[0])} is missing" +
                               (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return dense
 
@@ -203,7 +203,7 @@ def _tokenizer_factory(f: GGUFFile):
                               f"(integers) are missing, of other types or differ in length")
     for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
         if key in m and not (isinstance(m[key], int) and 0 <= m[key] < len(tokens)):
-            raise CheckpointError(f"{f.path}: {key} = {m[key]!r} is not a token id (vocabulary of {len(tokens)})")
+            raise CheckpointError(f"{f.path}: {key} = {shown(m[key])} is not a token id (vocabulary of {len(tokens)})")
     from moeedge.tokenizer_gguf import GGUFTokenizer  # noqa: PLC0415 (the tokenizer imports formats' users)
 
     eos = [m[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in m]

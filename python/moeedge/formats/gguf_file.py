@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moeedge.formats.errors import CheckpointError
+from moeedge.formats.errors import CheckpointError, brief, shown, shown_name
 from moeedge.formats.trust import open_regular
 
 GGUF_MAGIC = b"GGUF"
@@ -160,19 +160,19 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
                   for p in (f.parts for f in reader.tensor_fields)]
         alignment, data_offset = int(reader.alignment), int(reader.data_offset)
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, RecursionError) as e:
-        raise CheckpointError(f"{path}: corrupt GGUF header ({e})") from None
+        raise CheckpointError(f"{path}: corrupt GGUF header ({brief(e)})") from None
     finally:
         reader = None  # drop the file mapping: tensors are read with pread
     tensors: dict[str, GGUFTensor] = {}
     for raw_name, n_dims, ne, ggml_type, rel in fields:
         t = _tensor(path, raw_name, n_dims, ne, ggml_type, rel, alignment, data_offset, size)
         if t.name in tensors:
-            raise CheckpointError(f"{path}: tensor {t.name!r} appears twice")
+            raise CheckpointError(f"{path}: tensor {shown_name(t.name)} appears twice")
         tensors[t.name] = t
     spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values())
     for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
         if begin_b < end_a:
-            raise CheckpointError(f"{path}: tensors {name_a!r} and {name_b!r} overlap")
+            raise CheckpointError(f"{path}: tensors {shown_name(name_a)} and {shown_name(name_b)} overlap")
     return GGUFFile(path, metadata, tensors)
 
 
@@ -182,7 +182,7 @@ def _tensor(path, raw_name, n_dims, ne, ggml_type, rel, alignment, data_offset, 
     except UnicodeDecodeError:
         raise CheckpointError(f"{path}: tensor name {raw_name[:64]!r} is not UTF-8") from None
     if not 1 <= n_dims <= MAX_DIMS or any(d < 1 for d in ne) or math.prod(ne) >= 1 << 62:
-        raise CheckpointError(f"{path}: tensor {name!r} has invalid dimensions {ne}")
+        raise CheckpointError(f"{path}: tensor {shown_name(name)} has invalid dimensions {shown(ne)}")
     if ggml_type not in TYPES:
         from gguf import GGMLQuantizationType  # noqa: PLC0415
 
@@ -190,20 +190,21 @@ def _tensor(path, raw_name, n_dims, ne, ggml_type, rel, alignment, data_offset, 
             found = GGMLQuantizationType(ggml_type).name
         except ValueError:
             found = f"ggml type id {ggml_type}"
-        raise CheckpointError(f"{path}: tensor {name!r} is {found}, which moeedge does not read; "
+        raise CheckpointError(f"{path}: tensor {shown_name(name)} is {found}, which moeedge does not read; "
                               f"supported: {SUPPORTED_TYPES} (requantize, e.g. llama-quantize ... Q4_K_M)")
     type_name, _, _, block, _ = TYPES[ggml_type]
     if ne[0] % block:
-        raise CheckpointError(f"{path}: tensor {name!r} is {type_name} with rows of {ne[0]} weights, "
+        raise CheckpointError(f"{path}: tensor {shown_name(name)} is {type_name} with rows of {ne[0]} weights, "
                               f"not whole {block}-weight blocks")
     shape = tuple(reversed(ne))
     nbytes = tensor_nbytes(ggml_type, shape)
     if rel % alignment:
-        raise CheckpointError(f"{path}: tensor {name!r} at data offset {rel} is not aligned to {alignment} bytes")
+        raise CheckpointError(f"{path}: tensor {shown_name(name)} at data offset {rel} is not aligned to "
+                              f"{alignment} bytes")
     offset = data_offset + rel
     if offset + nbytes > size:
-        raise CheckpointError(f"{path}: tensor {name!r} ({type_name}{list(shape)}, {nbytes} bytes at offset {offset}) "
-                              f"ends past the end of the file ({size} bytes; truncated?)")
+        raise CheckpointError(f"{path}: tensor {shown_name(name)} ({type_name}{list(shape)}, {nbytes} bytes at "
+                              f"offset {offset}) ends past the end of the file ({size} bytes; truncated?)")
     return GGUFTensor(name, ggml_type, shape, offset, nbytes)
 
 

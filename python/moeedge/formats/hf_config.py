@@ -37,6 +37,7 @@ class DecoderConfig:
     max_position: int = 4096
     tie_embeddings: bool = False
     clip_qkv: float | None = None
+    qkv_bias: bool = False           # q/k/v projections have biases (Qwen2-MoE's qkv_bias)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     dtype: torch.dtype = torch.bfloat16
@@ -45,18 +46,63 @@ class DecoderConfig:
     expert_map: list[list[int]] | None = None
 
 
-def rope_theta(f: Fields, path: Path) -> float:
-    """The RoPE base; only the default RoPE is supported (no scaling)."""
+# transformers' default RoPE base of each family when config.json gives none (MixtralConfig.default_theta)
+DEFAULT_ROPE_THETA = {"mixtral": 1e6, "qwen2_moe": 10000.0, "olmoe": 10000.0}
+# ACT2FN names of SiLU, the only activation the decoder's experts compute
+SILU = ("silu", "swish")
+
+
+def rope_theta(f: Fields, path: Path, default: float) -> float:
+    """The RoPE base, read as transformers 5 reads it (RotaryEmbeddingConfigMixin): a non-empty
+    rope_scaling replaces rope_parameters; rope_theta in that object, else top-level, else the
+    family's default. Only the default RoPE over the whole head is supported: any other
+    rope_type or a partial_rotary_factor is refused, not ignored."""
     params, scaling = f.get("rope_parameters", {}), f.get("rope_scaling", {})
     for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if not isinstance(value, dict):
             raise f.bad(key, value, "must be an object")
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    key, rope = ("rope_scaling", scaling) if scaling else ("rope_parameters", params)
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise f.bad(key, rope, "per-layer-type RoPE parameters are not supported")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise CheckpointError(f"{path}: RoPE scaling {shown(rope_type)} is not supported (only the default RoPE)")
-    if "rope_theta" in params:
-        return Fields(params, f"{path}: rope_parameters", f"{path}: rope_parameters lacks").number("rope_theta")
-    return f.number("rope_theta", 10000.0)
+        raise CheckpointError(f"{path}: {key} rope_type {shown(rope_type)} is not supported (only the default RoPE)")
+    partial = rope.get("partial_rotary_factor", f.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise f.bad("partial_rotary_factor", partial, "partial rotary embeddings are not supported")
+    if "rope_theta" in rope:
+        return Fields(rope, f"{path}: {key}", f"{path}: {key} lacks").number("rope_theta")
+    return f.number("rope_theta", default)
+
+
+def sliding_window(f: Fields, family: str, n_layers: int) -> int | None:
+    """The attention window transformers applies (None: attention over every position).
+    Mixtral: sliding_window on every layer; Qwen2-MoE: on the layers layer_types (or
+    use_sliding_window and max_window_layers) names sliding; OLMoE: never."""
+    if family == "olmoe":  # OlmoeModel builds a plain causal mask whatever sliding_window says
+        return None
+    if family == "qwen2_moe":
+        use = f.flag("use_sliding_window", False)
+        types = f.get("layer_types", None)
+        if types is None:  # Qwen2MoeConfig.__post_init__: every other layer below max_window_layers
+            below = f.get("max_window_layers", 28)
+            if isinstance(below, bool) or not isinstance(below, int):
+                raise f.bad("max_window_layers", below, "must be an integer")
+            types = ["sliding_attention" if i % 2 == 0 and i < below and use else "full_attention"
+                     for i in range(n_layers)]
+        if not (isinstance(types, list) and len(types) == n_layers
+                and all(t in ("full_attention", "sliding_attention") for t in types)):
+            raise f.bad("layer_types", types, f"must list {n_layers} of 'full_attention', 'sliding_attention'")
+        if "sliding_attention" not in types:
+            return None
+        if not use:  # Qwen2MoeConfig sets sliding_window to 0 then: a window of nothing
+            raise f.bad("use_sliding_window", False, "but layer_types names sliding layers")
+    window = f.get("sliding_window", None)
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise f.bad("sliding_window", window, "must be a positive integer or null")
+    return window
 
 
 def attention_shape(f: Fields) -> tuple[int, int, int, int]:
@@ -107,9 +153,19 @@ def decoder_config(raw: dict, path: Path) -> DecoderConfig:
     n_layers = f.count("num_hidden_layers", MAX_LAYERS)
     vocab = f.count("vocab_size", MAX_VOCAB)
     hidden, n_heads, n_kv, head_dim = attention_shape(f)
+    act = f.get("hidden_act", "silu")
+    if act not in SILU:
+        raise f.bad("hidden_act", act, f"is not supported; the experts compute SiLU ({', '.join(SILU)})")
+    max_position = f.count("max_position_embeddings", MAX_CONTEXT, 4096)
+    window = sliding_window(f, family, n_layers)
+    if window is not None:
+        # moeedge attends to every earlier position. Within the window that is what sliding-window
+        # attention computes too, so the context allowed is capped at the window: no position
+        # past it is ever attended.
+        max_position = min(max_position, window)
     common = dict(family=family, n_layers=n_layers, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv,
                   head_dim=head_dim, vocab=vocab, rms_eps=f.number("rms_norm_eps", 1e-5),
-                  rope_theta=rope_theta(f, path), max_position=f.count("max_position_embeddings", MAX_CONTEXT, 4096),
+                  rope_theta=rope_theta(f, path, DEFAULT_ROPE_THETA[family]), max_position=max_position,
                   tie_embeddings=f.flag("tie_word_embeddings", False), bos_token_id=f.token_id("bos_token_id", vocab),
                   eos_token_ids=f.token_ids("eos_token_id", vocab), dtype=f.dtype())
     if family == "mixtral":
@@ -123,10 +179,13 @@ def decoder_config(raw: dict, path: Path) -> DecoderConfig:
                              dense_intermediate=f.count("intermediate_size", MAX_WIDTH, 0, minimum=0),
                              shared_expert_intermediate=f.count("shared_expert_intermediate_size", MAX_WIDTH, 0,
                                                                 minimum=0),
-                             norm_topk_prob=f.flag("norm_topk_prob", False), **common)
+                             norm_topk_prob=f.flag("norm_topk_prob", False), qkv_bias=f.flag("qkv_bias", True),
+                             **common)
     if family == "olmoe":
         n_experts, top_k, inter = experts(f, "num_experts", "intermediate_size")
         clip = f.number("clip_qkv") if f.get("clip_qkv", None) is not None else None
+        if f.flag("attention_bias", False):  # biases on q, k, v and o: the decoder has none on o
+            raise f.bad("attention_bias", True, "attention biases are not supported for olmoe")
         return DecoderConfig(n_experts=n_experts, top_k=top_k, expert_intermediate=inter,
                              moe_layers=list(range(n_layers)), norm_topk_prob=f.flag("norm_topk_prob", False),
                              clip_qkv=clip, **common)

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from moeedge.formats.errors import CheckpointError, shown
+from moeedge.formats.errors import CheckpointError, brief, shown, shown_list, shown_name
 from moeedge.formats.trust import open_regular, require_regular, resolve_inside, trust_root
 
 CONFIG_FILE = "config.json"
@@ -25,6 +25,14 @@ SIDE_FILES = (PREDICTOR_FILE, "generation_config.json")
 # JSON descriptions (config, index, moeedge's own) are kilobytes; a real index of a
 # 100k-tensor model a few MiB. A larger one is refused before it is read.
 MAX_JSON_BYTES = 64 << 20
+
+
+def _check_printable(names: list[str], named_by) -> None:
+    """Shard names end up in error messages as paths: one with a newline or another control
+    character would break a message over lines, so it is refused here."""
+    bad = [n for n in names if not n.isprintable()]
+    if bad:
+        raise CheckpointError(f"{named_by}: shard name {shown_name(bad[0])} holds control characters")
 
 
 class HFDirectory:
@@ -58,7 +66,7 @@ class HFDirectory:
         except UnicodeDecodeError as e:
             raise CheckpointError(f"{path}: not {what} (not UTF-8 at byte {e.start})") from None
         except (json.JSONDecodeError, RecursionError) as e:
-            raise CheckpointError(f"{path}: not {what} ({e})") from None
+            raise CheckpointError(f"{path}: not {what} ({brief(e)})") from None
 
     def config(self) -> dict:
         if not os.path.lexists(self.path / CONFIG_FILE):
@@ -73,17 +81,19 @@ class HFDirectory:
         index = self.find(INDEX_FILE)
         if index is not None:
             names = sorted(set(self._weight_map(index).values()))
+            _check_printable(names, index)
             paths = [resolve_inside(self.root, self.path, n, index) for n in names]  # before looking at them
             missing = [n for n, p in zip(names, paths) if not os.path.lexists(p)]
             if missing:
-                raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing)}")
+                raise CheckpointError(f"{index} names shards that are missing: {shown_list(missing)}")
             return [self.file(n, index) for n in names]
         files = sorted(self.file(p.name) for p in self.path.glob("*.safetensors") if p.name != PREDICTOR_FILE)
+        _check_printable([p.name for p in files], self.path)
         if files:
             return files
         pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise CheckpointError(f"{self.path}: found {', '.join(pickles)}, a pickle checkpoint; moeedge never "
+            raise CheckpointError(f"{self.path}: found {shown_list(pickles)}, a pickle checkpoint; moeedge never "
                                   f"unpickles. Supported: .safetensors (Hugging Face) or .gguf")
         raise CheckpointError(f"{self.path}: no .safetensors files")
 

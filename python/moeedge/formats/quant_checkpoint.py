@@ -25,9 +25,9 @@ from collections import Counter
 import torch
 
 from moeedge.formats.checkpoint import Checkpoint, ExpertPart
-from moeedge.formats.decoder_tensors import (EXPERT_NAMES, LAYER_TENSOR, expected_dense, expert_shapes,
-                                             optional_dense)
-from moeedge.formats.errors import CheckpointError
+from moeedge.formats.decoder_tensors import (EXPERT_NAMES, LAYER_TENSOR, check_attention_biases, expected_dense,
+                                             expert_shapes, optional_dense)
+from moeedge.formats.errors import CheckpointError, shown_name
 from moeedge.formats.group_quant import GROUP_SIZES, qweight_shape, quant_name, scales_shape
 from moeedge.formats.hf_config import DecoderConfig, decoder_config
 from moeedge.formats.hf_directory import CONFIG_FILE, HFDirectory
@@ -74,9 +74,9 @@ def read_quant_info(directory: HFDirectory, cfg: DecoderConfig) -> dict:
 
 def _check(info: TensorInfo | None, name: str, dtype: torch.dtype, shape: tuple[int, int], why: str) -> None:
     if info is None:
-        raise CheckpointError(f"expert tensor {name!r} is missing")
+        raise CheckpointError(f"expert tensor {shown_name(name)} is missing")
     if info.dtype != dtype or info.shape != shape:
-        raise CheckpointError(f"{info.path}: {name!r} is {str(info.dtype).removeprefix('torch.')}"
+        raise CheckpointError(f"{info.path}: {shown_name(name)} is {str(info.dtype).removeprefix('torch.')}"
                               f"{list(info.shape)}; {why} imply {str(dtype).removeprefix('torch.')}{list(shape)}")
 
 
@@ -122,5 +122,6 @@ def open_quant_directory(directory: HFDirectory, raw: dict) -> Checkpoint:
     files = [str(p) for p in shards]
     check_layer_count(tensors, LAYER_TENSOR, cfg.n_layers, f"{config}: num_hidden_layers =")
     experts = quant_expert_table(cfg, info, tensors, files)
+    check_attention_biases(cfg, tensors, config)
     check_dense(tensors, expected_dense(cfg), files[0], optional_dense(cfg))
     return safetensors_checkpoint(directory.path, cfg, files, tensors, experts, directory.tokenizer_files())

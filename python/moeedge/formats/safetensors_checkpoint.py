@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from moeedge.formats.checkpoint import Checkpoint, ExpertPart, StoredTensor
-from moeedge.formats.errors import CheckpointError, shown
+from moeedge.formats.errors import CheckpointError, shown, shown_name
 from moeedge.formats.safetensors_file import TensorInfo, read_header, read_tensor
 from moeedge.keys import ExpertKey
 
@@ -34,17 +34,17 @@ def tensor_table(files: list[Path]) -> dict[str, TensorInfo]:
     for path in files:
         for name, info in read_header(path).items():
             if name in tensors:
-                raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].path} and {path}")
+                raise CheckpointError(f"tensor {shown_name(name)} appears in both {tensors[name].path} and {path}")
             tensors[name] = info
     return tensors
 
 
 def check_weight(info: TensorInfo, shape: tuple[int, ...], implied_by: str = "config.json") -> None:
     if info.shape != shape:
-        raise CheckpointError(f"{info.path}: {info.name!r} has shape {list(info.shape)}, "
+        raise CheckpointError(f"{info.path}: {shown_name(info.name)} has shape {shown(list(info.shape))}, "
                               f"{implied_by} implies {list(shape)}")
     if info.dtype not in FLOAT_DTYPES:
-        raise CheckpointError(f"{info.path}: {info.name!r} is {str(info.dtype).removeprefix('torch.')}, "
+        raise CheckpointError(f"{info.path}: {shown_name(info.name)} is {str(info.dtype).removeprefix('torch.')}, "
                               f"not a float dtype (F32, F16, BF16, F64) as a weight must be")
 
 
@@ -54,7 +54,7 @@ def check_dense(tensors: dict[str, TensorInfo], needed: dict[str, tuple[int, ...
     for name, shape in needed.items():
         info = tensors.get(name)
         if info is None:
-            raise CheckpointError(f"{source}: tensor {name!r} is missing")
+            raise CheckpointError(f"{source}: tensor {shown_name(name)} is missing")
         check_weight(info, shape)
     for name, shape in (optional or {}).items():
         if name in tensors:
@@ -88,7 +88,7 @@ def expert_table(tensors: dict[str, TensorInfo], files: list[str], shapes,
             for role, name in names(moe_layer, e):
                 info = tensors.get(name)
                 if info is None:
-                    raise CheckpointError(f"{files[0]}: expert tensor {name!r} is missing")
+                    raise CheckpointError(f"{files[0]}: expert tensor {shown_name(name)} is missing")
                 check_weight(info, shapes(moe_layer)[role])
                 table.names.add(name)
                 segments.append((file_index[info.path], info.offset, info.nbytes))
@@ -112,7 +112,7 @@ def lowrank_rank(cfg, tensors: dict[str, TensorInfo], moe_layer: int, shapes: di
     for role, name in base:
         info = tensors.get(name)
         if info is None or info.shape != shapes[role]:
-            raise CheckpointError(f"{label}: low-rank base {name!r} is missing or not {list(shapes[role])}")
+            raise CheckpointError(f"{label}: low-rank base {shown_name(name)} is missing or not {list(shapes[role])}")
     if cfg.expert_map is None or cfg.expert_map[moe_layer] != list(range(cfg.n_experts)):
         raise CheckpointError(f"{label}: a low-rank layer stores every expert (expert_map must be 0..E-1)")
     first = tensors.get(names(cfg, moe_layer, 0, lowrank=True)[0][1])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from moeedge.formats.errors import CheckpointError, shown
+from moeedge.formats.errors import CheckpointError, brief, shown, shown_name
 from moeedge.formats.trust import open_regular
 
 DTYPES: dict[str, torch.dtype] = {
@@ -60,7 +60,7 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON (not UTF-8 at byte {e.start})") from None
     except (json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({brief(e)})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     return _validate(path, header, data_start=8 + header_len, file_size=size)
@@ -95,7 +95,7 @@ def _validate(path: str, header: dict, data_start: int, file_size: int) -> dict[
     spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
     for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
         if begin_b < end_a:
-            raise CheckpointError(f"{path}: tensors {name_a!r} and {name_b!r} overlap")
+            raise CheckpointError(f"{path}: tensors {shown_name(name_a)} and {shown_name(name_b)} overlap")
     return tensors
 
 
@@ -115,7 +115,7 @@ def read_tensor(info: TensorInfo, fd: int | None = None) -> torch.Tensor:
         while done < info.nbytes:
             n = os.preadv(fd, [view[done:]], info.offset + done)
             if n == 0:
-                raise CheckpointError(f"{info.path}: short read of tensor {info.name!r} at offset "
+                raise CheckpointError(f"{info.path}: short read of tensor {shown_name(info.name)} at offset "
                                       f"{info.offset + done} (file truncated?)")
             done += n
         os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)

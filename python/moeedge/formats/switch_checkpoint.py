@@ -9,9 +9,11 @@ dense `...mlp.experts.base.wi/wo.weight` and each expert's factors as
 `...expert_E.wi.lora_A.weight` / `lora_B`."""
 from __future__ import annotations
 
+import re
+
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.decoder_tensors import LOWRANK_FACTORS
-from moeedge.formats.errors import CheckpointError
+from moeedge.formats.errors import CheckpointError, shown
 from moeedge.formats.hf_directory import CONFIG_FILE, HFDirectory
 from moeedge.formats.safetensors_checkpoint import (check_dense, check_layer_count, safetensors_checkpoint,
                                                     tensor_table, variant_expert_table)
@@ -81,6 +83,17 @@ def expert_tensor_names(cfg: SwitchConfig, moe_layer: int, e: int | str, lowrank
     return [(f"{role}_{f}", f"{prefix}.{role}.{peft}.weight") for role in ("wi", "wo") for f, peft in LOWRANK_FACTORS]
 
 
+def _check_sparse_blocks(cfg: SwitchConfig, tensors: dict[str, TensorInfo], config) -> None:
+    """The blocks with a router in the file are those the config makes sparse: else
+    transformers would initialize the missing feed-forwards at random."""
+    for stack, blocks in (("encoder", cfg.encoder_moe_blocks), ("decoder", cfg.decoder_moe_blocks)):
+        router = rf"{stack}\.block\.(\d{{1,9}})\.layer\.\d+\.mlp\.router\.classifier\.weight"
+        found = sorted({int(m.group(1)) for name in tensors if (m := re.fullmatch(router, name))})
+        if found != blocks:
+            raise CheckpointError(f"{config}: num_sparse_{stack}_layers / {stack}_sparse_step make {stack} blocks "
+                                  f"{shown(blocks)} sparse, but the file has routers in blocks {shown(found)}")
+
+
 def open_switch(directory: HFDirectory, raw: dict) -> Checkpoint:
     config = directory.path / CONFIG_FILE
     cfg = switch_config(raw, config)
@@ -94,6 +107,7 @@ def open_switch(directory: HFDirectory, raw: dict) -> Checkpoint:
     for stack, n, field in (("encoder", cfg.n_encoder_layers, "num_layers"),
                             ("decoder", cfg.n_decoder_layers, "num_decoder_layers")):
         check_layer_count(tensors, rf"{stack}\.block\.(\d+)\.", n, f"{config}: {field} =")
+    _check_sparse_blocks(cfg, tensors, config)
     shapes = {"wi": (cfg.ff, cfg.hidden), "wo": (cfg.hidden, cfg.ff)}
     experts = variant_expert_table(cfg, tensors, files, shapes, len(blocks), expert_tensor_names,
                                    lambda moe_layer: "{} block {}".format(*blocks[moe_layer]))

@@ -77,18 +77,30 @@ class SwitchConfig:
 
 
 def sparse_blocks(n_layers: int, n_sparse: int) -> list[int]:
-    """The blocks transformers makes sparse (SwitchTransformersConfig.__post_init__ and
-    SwitchTransformersStack): every `step`-th block from block 1, or all when step is 1."""
-    step = n_layers // n_sparse if n_sparse > 0 else n_layers
+    """The blocks transformers makes sparse for n_sparse sparse layers (SwitchTransformersConfig.__post_init__)."""
+    return step_blocks(n_layers, n_layers // n_sparse if n_sparse > 0 else n_layers)
+
+
+def step_blocks(n_layers: int, step: int) -> list[int]:
+    """SwitchTransformersStack's sparse blocks: every `step`-th block from block 1, or all when step is 1."""
     if step <= 0:
         return []
     return [i for i in range(n_layers) if i % step == 1 or step == 1]
 
 
-def _stack(f: Fields, layers_key: str, sparse_key: str, default_layers: int | None = None) -> tuple[int, list[int]]:
-    """A stack's block count and its sparse blocks (transformers' default: 3 sparse blocks)."""
+def _stack(f: Fields, layers_key: str, sparse_key: str, step_key: str,
+           default_layers: int | None = None) -> tuple[int, list[int]]:
+    """A stack's block count and its sparse blocks (transformers' default: 3 sparse blocks). A
+    config.json that gives {encoder,decoder}_sparse_step overrides the step transformers
+    derives from the sparse count (it is set after __post_init__): read as it is."""
     n_layers = f.count(layers_key, MAX_LAYERS, default_layers if default_layers is not None else REQUIRED)
-    return n_layers, sparse_blocks(n_layers, f.count(sparse_key, n_layers, 3, minimum=0))
+    blocks = sparse_blocks(n_layers, f.count(sparse_key, n_layers, 3, minimum=0))
+    step = f.get(step_key, None)
+    if step is None:
+        return n_layers, blocks
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise f.bad(step_key, step, "must be an integer")
+    return n_layers, step_blocks(n_layers, step)
 
 
 def switch_config(raw: dict, path: Path) -> SwitchConfig:
@@ -106,9 +118,11 @@ def switch_config(raw: dict, path: Path) -> SwitchConfig:
     capacity = raw.get("expert_capacity")
     if isinstance(capacity, int) and not isinstance(capacity, bool) and capacity < 1:
         raise CheckpointError(f"{path}: expert_capacity must be at least 1, got {capacity}")
+    if not f.flag("is_encoder_decoder", True):  # the model is an encoder and a decoder; nothing else is read
+        raise f.bad("is_encoder_decoder", False, "a Switch Transformer is an encoder-decoder")
     vocab = f.count("vocab_size", MAX_VOCAB)
-    n_enc, encoder_moe = _stack(f, "num_layers", "num_sparse_encoder_layers")
-    n_dec, decoder_moe = _stack(f, "num_decoder_layers", "num_sparse_decoder_layers", n_enc)
+    n_enc, encoder_moe = _stack(f, "num_layers", "num_sparse_encoder_layers", "encoder_sparse_step")
+    n_dec, decoder_moe = _stack(f, "num_decoder_layers", "num_sparse_decoder_layers", "decoder_sparse_step", n_enc)
     pad = f.token_id("pad_token_id", vocab) if "pad_token_id" in raw else 0
     start = f.token_id("decoder_start_token_id", vocab)
     return SwitchConfig(

@@ -9,7 +9,7 @@ import os
 import stat
 from pathlib import Path
 
-from moeedge.formats.errors import CheckpointError, shown
+from moeedge.formats.errors import CheckpointError, shown, shown_name
 
 KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFLNK: "a symlink"}
@@ -37,7 +37,7 @@ def resolve_inside(root: Path, directory: Path, name: str, named_by: str | os.Pa
     real = os.path.realpath(path)
     if os.path.commonpath([real, str(root)]) != str(root):
         raise CheckpointError(f"{named_by}: {shown(name)} lies outside the checkpoint's folder {root} "
-                              f"(its real path, symlinks followed, is {real}); refused")
+                              f"(its real path, symlinks followed, is {shown_name(real)}); refused")
     return path
 
 

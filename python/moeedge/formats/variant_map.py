@@ -3,7 +3,7 @@ aggregated variant's router-to-stored-expert table, read the same way for decode
 Switch."""
 from __future__ import annotations
 
-from moeedge.formats.errors import CheckpointError
+from moeedge.formats.errors import CheckpointError, shown
 from moeedge.formats.hf_directory import HFDirectory
 
 VARIANT_FILE = "moeedge_variant.json"
@@ -28,5 +28,5 @@ def read_variant_map(directory: HFDirectory, n_moe_layers: int, n_experts: int) 
         stored = {e for e in row if e >= 0}
         if min(row) < -1 or not stored or stored != set(range(max(stored) + 1)):
             raise CheckpointError(f"{path}: expert_map[{i}] must map onto stored experts 0..n-1, each used, "
-                                  f"or -1 (dropped); got {row}")
+                                  f"or -1 (dropped); got {shown(row)}")
     return table
