@@ -12,7 +12,7 @@ import torch
 from moeedge._core import ExpertCache, ExpertStore, set_kernel_threads
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.open import open_checkpoint
-from moeedge.models.family import dense_weights, plan_for, runner_class
+from moeedge.models.family import dense_weights, open_tokenizer, plan_for, resolve_policy, runner_class
 from moeedge.models.runner import Prediction, Recorder, Runner
 from moeedge.runtime.embedding import embedding_on_disk
 from moeedge.runtime.experts import ExpertAccess
@@ -178,20 +178,6 @@ def _check_settings(device: str, max_context: int, lookahead: int, io_threads: i
         raise ValueError(f"threads must be at least 1, got {threads}")
 
 
-def _resolve_policy(policy: str, runner: type[Runner]) -> str:
-    if policy == "auto":
-        return runner.default_policy
-    if policy not in runner.policies:
-        raise ValueError(f"unknown policy {policy!r} for this model; choose one of auto, {', '.join(runner.policies)}")
-    return policy
-
-
-def _open_tokenizer(ckpt: Checkpoint) -> Tokenizer | None:
-    if ckpt.tokenizer_factory is not None:  # a GGUF's own vocabulary
-        return ckpt.tokenizer_factory()
-    return Tokenizer(ckpt.tokenizer_files) if ckpt.tokenizer_files else None
-
-
 def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = "auto", device: str = "cpu",
          prefetch: bool | None = None, predictor: str | None = "auto", lookahead: int = 1,
          predictor_file: str | os.PathLike | None = None, policy: str = "auto", io_threads: int | None = None,
@@ -221,7 +207,7 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     store = ExpertStore(ckpt.files, ckpt.expert_ranges, direct_io=direct_io)
     on_disk = embedding_on_disk(ckpt)  # Switch's tables are named otherwise and tied: None
     plan = plan_for(ckpt, store, memory_budget, fixed, max_context, dtype, on_disk)
-    policy = _resolve_policy(policy, runner_cls)
+    policy = resolve_policy(policy, runner_cls)
     # "predicted" is the native "score" policy, its scores set before each layer
     cache = ExpertCache(store, expert_budget(plan, sum(store.slot_bytes(k) for k in store.keys())),
                         "score" if policy == "predicted" else policy, io_threads or 2)
@@ -234,7 +220,7 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
         # this default on default-64m under limits but 0.73-1.31x on random routing (README, Results).
         prediction = Prediction(predictor, prefetch, lookahead, predictor_file, policy, str(ckpt.source))
         runner = runner_cls(ckpt.config, dense, experts, max_context, dtype, prediction)
-        tokenizer = _open_tokenizer(ckpt)
+        tokenizer = open_tokenizer(ckpt)
     except BaseException:
         cache.close()
         raise

@@ -14,6 +14,7 @@ from moeedge.models.switch import SwitchMoE
 from moeedge.runtime.embedding import EMBEDDING, DiskEmbedding
 from moeedge.runtime.measure import is_smallest, resolve_budget
 from moeedge.runtime.plan import MemoryPlan, plan_checkpoint
+from moeedge.tokenizer import Tokenizer
 
 RUNNERS: dict[type, type] = {DecoderConfig: DecoderMoE, SwitchConfig: SwitchMoE}
 
@@ -47,3 +48,19 @@ def dense_weights(ckpt: Checkpoint, runner: type[Runner], dtype: torch.dtype, on
     if on_disk is not None:
         dense[EMBEDDING] = DiskEmbedding(on_disk)
     return dense
+
+
+def resolve_policy(policy: str, runner: type[Runner]) -> str:
+    """The cache policy a load asked for, "auto" resolved to the runner's best measured."""
+    if policy == "auto":
+        return runner.default_policy
+    if policy not in runner.policies:
+        raise ValueError(f"unknown policy {policy!r} for this model; choose one of auto, {', '.join(runner.policies)}")
+    return policy
+
+
+def open_tokenizer(ckpt: Checkpoint) -> Tokenizer | None:
+    """The checkpoint's tokenizer, None where it has no tokenizer files."""
+    if ckpt.tokenizer_factory is not None:  # a GGUF's own vocabulary
+        return ckpt.tokenizer_factory()
+    return Tokenizer(ckpt.tokenizer_files) if ckpt.tokenizer_files else None
