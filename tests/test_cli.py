@@ -38,6 +38,8 @@ def test_bench_io_json_reports_positive_throughput(tmp_path):
     (["bench", "io", "--expert-bytes", "0"], "must be positive"),
     (["bench", "io", "--file-bytes", "1000TiB"], "more than half the free space"),
     (["no-such-command"], "invalid choice"),
+    (["info", "--max-context", "-5"], "--max-context must be positive, got -5"),
+    (["run", "--prompt", "x", "--max-context", "0"], "--max-context must be positive, got 0"),
 ])
 def test_bad_input_exits_2_without_traceback(args, message):
     run = moeedge(*args)

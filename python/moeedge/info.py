@@ -16,6 +16,8 @@ from moeedge.units import format_bytes
 def facts(source, max_context: int) -> dict:
     """What `moeedge info --json` prints: the checkpoint's shape, sizes and minimum budget."""
     fixed = rss_bytes()
+    if max_context < 1:
+        raise ValueError(f"--max-context must be positive, got {max_context}")
     ckpt = open_checkpoint(source)
     cfg = ckpt.config
     dtype = runner_class(cfg).compute_dtype(ckpt)
