@@ -49,7 +49,16 @@ MOEEDGE_AVX2 void silu_mul_avx2(float* g, const float* u, size_t n) {
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 x = _mm256_loadu_ps(g + i);
-    const __m256 e = detail::exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+    __m256 e = detail::exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+    // Below -88 exp8 clamps e^-x at e^88, which made silu x e^-88 (~1e-37) where it is
+    // far smaller, and -0.0 (x / inf) once e^-x overflows, as std::exp and torch give;
+    // weights of 1e36 turned that into a wrong output under the fuzzer. There, e^-x is
+    // (e^(-x/2))^2: exact to float rounding down to -176, then inf.
+    const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(-88.f), _CMP_LT_OQ);
+    if (_mm256_movemask_ps(under)) {
+      const __m256 half = detail::exp8(_mm256_mul_ps(x, _mm256_set1_ps(-0.5f)));
+      e = _mm256_blendv_ps(e, _mm256_mul_ps(half, half), under);
+    }
     const __m256 s = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e));
     _mm256_storeu_ps(g + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
   }

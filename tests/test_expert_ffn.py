@@ -134,3 +134,14 @@ def test_decode_steps_match_the_torch_path(tmp_path, monkeypatch, family):
         torch_tokens, torch_logits = decode(model)
     assert native_tokens == torch_tokens
     torch.testing.assert_close(native_logits, torch_logits, rtol=0, atol=1e-5 * float(torch_logits.abs().max()))
+
+
+def test_silu_far_below_zero_is_zero_as_in_torch():
+    """Below -88 the SIMD exp clamps; silu must still be -0.0 there (x / inf), not x e^-88:
+    multiplied by a huge `up` (weights of 1e36, found by moeedge.fuzz) that was a wrong output."""
+    x = torch.tensor([[-20.0, -87.0, -88.5, -89.0, -100.0, -1e30, 50.0, 100.0] * 6])
+    got = x.clone()
+    _core.silu_mul(got.numpy(), torch.ones_like(x).numpy())
+    want = torch.nn.functional.silu(x)
+    assert torch.equal(got[:, 2:6], want[:, 2:6]) and torch.equal(torch.signbit(got), torch.signbit(want))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
