@@ -25,6 +25,9 @@ MAX_TOTAL_CHARS = 64 << 20     # all of them, in one rendering
 MAX_RANGE = 100_000            # items of one range()
 MAX_INT_BITS = 4096            # an integer the template computes (** and * on ints)
 DEADLINE_S = 5.0               # one rendering, wall clock
+# wordwrap runs Python's textwrap, which no deadline check interrupts and which grows faster
+# than its input (a million characters at width 1 ran past 30 s; 64 Ki take 0.25 s here).
+MAX_WRAP_CHARS = 64 << 10
 
 
 
@@ -260,6 +263,9 @@ def _filter_args(name: str, value, args: tuple, kwargs: dict):
         width = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
         allow(len(value) + (value.count("\n") + 1) * width, "indent()")
     elif name == "wordwrap":
+        if len(value) > MAX_WRAP_CHARS:
+            raise ChatTemplateError(f"chat template: wordwrap() of {len(value):,} characters, over the limit of "
+                                    f"{MAX_WRAP_CHARS:,}")
         wrap = kwargs.get("wrapstring", args[2] if len(args) > 2 else None)
         allow(len(value) * (1 + len(wrap if isinstance(wrap, str) else "\n")), "wordwrap()")
     elif name == "format":
