@@ -95,11 +95,11 @@ def run_limited(cmd: list[str], limit_bytes: int | None, timeout: float, env: di
         if version == 1:
             peak = int((child / "memory.max_usage_in_bytes").read_text())
             failcnt = int((child / "memory.failcnt").read_text())
-            oom = _oom_kills(child / "memory.oom_control")
+            oom = oom_kills(child / "memory.oom_control")
         else:
             peak = int((child / "memory.peak").read_text()) if (child / "memory.peak").exists() else 0
             failcnt = 0
-            oom = _oom_kills(child / "memory.events")
+            oom = oom_kills(child / "memory.events")
         return LimitedResult(code, out, err, limit_bytes, peak, failcnt, oom, seconds, faults, 512 * blocks)
     finally:
         _remove(child)
@@ -109,7 +109,8 @@ def _text(output: bytes | str | None) -> str:
     return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
 
-def _oom_kills(path: Path) -> int:
+def oom_kills(path: Path) -> int:
+    """The oom_kill count in a cgroup's memory.oom_control (v1) or memory.events (v2); 0 if unreadable."""
     try:
         for line in path.read_text().splitlines():
             key, _, value = line.partition(" ")

@@ -11,6 +11,7 @@ import resource
 import time
 import uuid
 
+from moeedge.cgroup import oom_kills
 from moeedge.runtime.measure import memory_cgroup
 
 
@@ -63,15 +64,7 @@ class CgroupLimit(MemoryLimit):
             f.write(str(os.getpid()))
 
     def oom_kills(self) -> int:
-        name = "memory.oom_control" if self.version == 1 else "memory.events"
-        try:
-            for line in (self.path / name).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        except OSError:
-            pass
-        return 0
+        return oom_kills(self.path / ("memory.oom_control" if self.version == 1 else "memory.events"))
 
     def close(self) -> None:
         for _ in range(50):  # the last child may still be leaving

@@ -23,8 +23,8 @@ from moeedge.formats.hf_config import DecoderConfig
 from moeedge.kernels import CONVERT_BLOCK_BYTES, NATIVE_MAX_TOKENS, linear, stored
 from moeedge.models.decoder_ffn import DecoderFFN, ffn_rows, widest_ffn
 from moeedge.policies import RUNTIME_POLICIES
-from moeedge.models.runner import (NonFiniteError, Prediction, Sequence, SlotPool, all_finite, check_batch,
-                                   check_finite, common_prefix)
+from moeedge.models.runner import (NonFiniteError, Prediction, Sequence, SlotPool, SlotSequences, all_finite,
+                                   check_batch, check_finite, common_prefix)
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.prefetcher import build_prefetcher
 
@@ -41,7 +41,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class DecoderMoE(DecoderFFN):
+class DecoderMoE(DecoderFFN, SlotSequences):
     """Forward of several sequences, each in a preallocated KV slot (moeedge.models.runner.Runner)."""
 
     mixed_precision = True  # weights stay as stored; activations in self.dtype
@@ -109,15 +109,6 @@ class DecoderMoE(DecoderFFN):
         return chunk * per_token * 4 + ffn + converted
 
     # -- sequences ---------------------------------------------------------------------
-    def new_sequence(self) -> Sequence:
-        return self.slots.take()
-
-    def truncate(self, seq: Sequence, n: int) -> None:
-        del seq.ids[n:]
-
-    def free(self, seq: Sequence) -> None:
-        self.slots.give_back(seq)
-
     def prompt(self, seq: Sequence, ids: list[int], chunk: int) -> tuple[torch.Tensor, int]:
         common = common_prefix(seq.ids, ids)
         self.truncate(seq, common)

@@ -80,6 +80,21 @@ class SlotPool:
             self.free.append(seq.slot)
 
 
+class SlotSequences:
+    """new_sequence, truncate and free as both runners keep them: a SlotPool in self.slots."""
+
+    slots: SlotPool
+
+    def new_sequence(self) -> Sequence:
+        return self.slots.take()
+
+    def truncate(self, seq: Sequence, n: int) -> None:
+        del seq.ids[n:]
+
+    def free(self, seq: Sequence) -> None:
+        self.slots.give_back(seq)
+
+
 def check_batch(batch, max_context: int) -> None:
     """Every sequence live, once in the batch, with new tokens that fit in max_context."""
     seen = set()

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from moeedge.formats.switch_checkpoint import expert_tensor_names, ff_prefix
 from moeedge.formats.switch_config import SwitchConfig
-from moeedge.models.runner import (NonFiniteError, Prediction, Sequence, SlotPool, all_finite, check_batch,
-                                   check_finite)
+from moeedge.models.runner import (NonFiniteError, Prediction, Sequence, SlotPool, SlotSequences, all_finite,
+                                   check_batch, check_finite)
 from moeedge.runtime.experts import ExpertAccess
 
 ATTN_CHUNK = 128  # queries per attention step: bounds the [H, T, S] scores
@@ -94,7 +94,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: PositionBias
     return out.reshape(T, H * D)
 
 
-class SwitchMoE:
+class SwitchMoE(SlotSequences):
     """Encode once per sequence, then decode with a self-attention KV cache and cached
     cross-attention keys and values, each sequence in its own slot (moeedge.models.runner.Runner)."""
 
@@ -169,15 +169,6 @@ class SwitchMoE:
         return (max_context * per_token + scores + ffn + chunk * cfg.vocab) * 4
 
     # -- sequences ---------------------------------------------------------------------
-    def new_sequence(self) -> Sequence:
-        return self.slots.take()
-
-    def truncate(self, seq: Sequence, n: int) -> None:
-        del seq.ids[n:]
-
-    def free(self, seq: Sequence) -> None:
-        self.slots.give_back(seq)
-
     def prompt(self, seq: Sequence, ids: list[int], chunk: int) -> tuple[torch.Tensor, int]:
         """Encode ids; the decoder starts again from its start token."""
         self.encode(seq, torch.tensor(ids))
