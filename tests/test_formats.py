@@ -12,6 +12,7 @@ import moeedge
 from moeedge.runtime.plan import FIXED_JITTER_BYTES
 from moeedge.formats.errors import CheckpointError
 from moeedge.formats.open import open_hf_directory
+import hostile_fixtures
 from tiny_checkpoints import make_decoder
 
 IDS = torch.arange(3, 19)
@@ -59,14 +60,7 @@ def test_16_bit_weights_are_multiplied_as_stored(tmp_path, dtype):
 
 def rewrite_header(directory, edit):
     """Apply edit(header_dict) to model.safetensors' JSON header, keeping the data."""
-    path = directory / "model.safetensors"
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    edit(header)
-    new = json.dumps(header).encode()
-    new += b" " * (n - len(new)) if len(new) <= n else b""
-    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+    hostile_fixtures.rewrite_header(directory / "model.safetensors", edit)
 
 
 def first_expert(header):

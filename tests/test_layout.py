@@ -1,5 +1,5 @@
 """The package's shape, as the spine wants it: imports among moeedge's modules point one
-way (no cycles, counting function-level imports too), no module imports another's
+way (no cycles, counting function-level and type-checking imports too), no module imports another's
 underscore names, and no file grows past about 400 lines of Python."""
 from __future__ import annotations
 
@@ -24,9 +24,6 @@ def imports(name: str, tree: ast.Module, known: set[str]) -> list[tuple[str, lis
     found = []
     package = name if name in known and (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists() \
         else name.rpartition(".")[0]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
-            node.body = []  # imports for type hints only: no edge at run time (walked below)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(a.name, []) for a in node.names if a.name.startswith("moeedge")]

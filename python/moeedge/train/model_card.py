@@ -10,8 +10,6 @@ N = W*T tokens, L layers, E experts, K = top-k.
 from __future__ import annotations
 
 import platform
-from typing import TYPE_CHECKING
-
 import copy
 import json
 import math
@@ -23,8 +21,6 @@ import torch.nn.functional as F
 
 from moeedge.train.mixtral_experts import load_exported
 
-if TYPE_CHECKING:  # the trainer imports this module: a type, not an import at run time
-    from moeedge.train.default_model import TrainConfig
 
 SPLIT_LABELS = (("train", "train"), ("heldout", "held out"))
 PROMPT = 'import os\n\n\ndef read_lines(path):\n    """'
@@ -114,8 +110,9 @@ def moeedge_check(directory: Path, window: torch.Tensor, reference: torch.Tensor
             "tokenizer_roundtrip": roundtrip}
 
 
-def evaluate(directory: Path, dense, state_dir: Path, cfg: TrainConfig, eval_tokens: int) -> dict:
-    """Every figure of the card; `dense` is the model as it was when upcycled."""
+def evaluate(directory: Path, dense, state_dir: Path, cfg, eval_tokens: int) -> dict:
+    """Every figure of the card; `dense` is the model as it was when upcycled, cfg the
+    trainer's TrainConfig (not imported here: the trainer imports this module)."""
     heldout = np.load(state_dir / "heldout_tokens.npy")
     train = np.load(state_dir / "train_tokens.npy")
     held = windows(heldout, cfg.seq_len, eval_tokens)

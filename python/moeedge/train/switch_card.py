@@ -11,8 +11,6 @@ Tt target tokens, N tokens of one MoE layer, E experts.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import copy
 import math
 from pathlib import Path
@@ -26,8 +24,6 @@ from moeedge.formats.switch_config import sparse_blocks
 from moeedge.train import model_card
 from moeedge.data.span_corruption import EOS_ID, TOKENIZER_FILE, sentinel, shift_right
 
-if TYPE_CHECKING:  # the trainer imports this module: a type, not an import at run time
-    from moeedge.train.switch_model import SwitchTrainConfig
 
 EVAL_SEED = 20210111   # the held-out corruption, whatever the training seed (Switch's arXiv date)
 PROMPT = ('def read_lines(path):\n    """Return the lines of a text file."""\n    with open(path) as f:\n'
@@ -38,8 +34,9 @@ PROMPT = ('def read_lines(path):\n    """Return the lines of a text file."""\n  
 def load_exported(directory: Path) -> SwitchTransformersForConditionalGeneration:
     return SwitchTransformersForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
 
-def examples(stream: np.ndarray, cfg: SwitchTrainConfig, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs [B, Ti], targets [B, Tt]): n windows spread evenly over the stream, corrupted."""
+def examples(stream: np.ndarray, cfg, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs [B, Ti], targets [B, Tt]): n windows spread evenly over the stream, corrupted.
+    cfg, here and below, is the trainer's SwitchTrainConfig (not imported: the trainer imports this module)."""
     windows = model_card.windows(stream, cfg.seq_len, n * cfg.seq_len).numpy()
     return cfg.corruption.batch(windows, np.random.default_rng(seed))
 
@@ -70,7 +67,7 @@ def summarise(totals: dict) -> dict:
 
 
 @torch.no_grad()
-def measure(model, inputs: torch.Tensor, targets: torch.Tensor, cfg: SwitchTrainConfig, routing: bool = True,
+def measure(model, inputs: torch.Tensor, targets: torch.Tensor, cfg, routing: bool = True,
             batch: int = 16) -> dict:
     """Loss and accuracy; with routing, each MoE layer's usage (top-1 before capacity),
     dropped share, and how often the next layer of the same stack, routing this layer's
@@ -132,7 +129,7 @@ def average_experts(model):
     return avg
 
 
-def unigram(train_targets: torch.Tensor, targets: torch.Tensor, cfg: SwitchTrainConfig) -> dict:
+def unigram(train_targets: torch.Tensor, targets: torch.Tensor, cfg) -> dict:
     """Target-token frequencies of corrupted training examples (add-one), scored like the models:
     over all targets, and the span tokens' own frequencies over the span tokens."""
     first_sentinel = cfg.vocab - cfg.n_sentinels
@@ -163,7 +160,7 @@ def moeedge_check(directory: Path, inputs: torch.Tensor, targets: torch.Tensor, 
             "tokenizer_roundtrip": roundtrip, "sentinel_is_last_id": sentinels_whole}
 
 
-def evaluate(directory: Path, state_dir: Path, cfg: SwitchTrainConfig, n_examples: int) -> dict:
+def evaluate(directory: Path, state_dir: Path, cfg, n_examples: int) -> dict:
     """Every figure of the card, from the written directory."""
     heldout = np.load(state_dir / "heldout_tokens.npy")
     train = np.load(state_dir / "train_tokens.npy")
