@@ -225,3 +225,17 @@ def test_an_empty_prompt_is_one_clear_error(tiny):
         with pytest.raises(ValueError, match="empty prompt"):
             list(model.stream_ids([], max_new_tokens=3))
         assert model.logits([1, 2]).shape[0] == 2  # the model goes on
+
+
+def test_load_plans_every_sequence_slot_and_refuses_a_bad_count(tiny):
+    with moeedge.load(tiny, memory_budget="1GiB", max_context=64) as one, \
+            moeedge.load(tiny, memory_budget="1GiB", max_context=64, n_sequences=3) as three:
+        assert three.plan.n_sequences == 3 and three.plan.kv_cache_bytes == 3 * one.plan.kv_cache_bytes
+        extra = [three.runner.new_sequence(), three.runner.new_sequence()]  # model.sequence holds the first
+        with pytest.raises(RuntimeError):
+            three.runner.new_sequence()
+        for seq in extra:
+            three.runner.free(seq)
+    for bad in (0, 257, 1.5, True):
+        with pytest.raises(ValueError, match="n_sequences"):
+            moeedge.load(tiny, n_sequences=bad)

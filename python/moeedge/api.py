@@ -18,7 +18,7 @@ from moeedge.runtime.embedding import embedding_on_disk
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.measure import rss_bytes
 from moeedge.runtime.plan import MemoryPlan, expert_budget, prefill_borrow
-from moeedge.runtime.sampling import sample, validate_sampling
+from moeedge.runtime.sampling import Sampler, SamplingParams
 from moeedge.text import TextGeneration
 from moeedge.tokenizer import Tokenizer
 
@@ -82,25 +82,27 @@ class MoeModel(TextGeneration):
             return self.runner.score(seq, ids, self.plan.prefill_chunk, decoder_input_ids).float()
 
     def stream_ids(self, ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                   top_k: int = 0, seed: int | None = None) -> Iterator[int]:
+                   top_k: int = 0, seed: int | None = None, *, min_p: float = 0.0, repeat_penalty: float = 1.0,
+                   repeat_last_n: int = 64) -> Iterator[int]:
         """Yield generated token ids; stops at an end-of-sequence token or max_new_tokens."""
-        validate_sampling(temperature, top_p, top_k)
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed))
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if len(ids) == 0:
             raise ValueError("empty prompt: no tokens to run (a tokenizer without a BOS token encodes '' to none)")
         self._check_context(len(ids) + max_new_tokens)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        eos = set(self.config.eos_token_ids) | set(self.tokenizer.eos_ids if self.tokenizer else [])
+        eos = self.eos_ids
         if max_new_tokens == 0:
             return
         with self._turn() as seq:
-            logits = self._prompt(seq, list(ids))
+            history = list(ids)
+            logits = self._prompt(seq, history)
             for step in range(max_new_tokens):
-                token = sample(logits, temperature, top_p, top_k, generator)
+                token = sampler.choose(logits, history)
                 if token in eos:
                     return
                 yield token
+                history.append(token)
                 if step + 1 == max_new_tokens:
                     return
                 start = time.perf_counter()
@@ -108,6 +110,11 @@ class MoeModel(TextGeneration):
                     logits = self.runner.step([(seq, torch.tensor([token]))])[0][-1]
                 self._counters["generated_tokens"] += 1
                 self._counters["decode_seconds"] += time.perf_counter() - start
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Tokens that end a generation: the config's and the tokenizer's."""
+        return set(self.config.eos_token_ids) | set(self.tokenizer.eos_ids if self.tokenizer else [])
 
     @torch.inference_mode()
     def _prompt(self, seq, ids: list[int]) -> torch.Tensor:
@@ -165,7 +172,7 @@ class MoeModel(TextGeneration):
 
 
 def _check_settings(device: str, max_context: int, lookahead: int, io_threads: int | None,
-                    threads: int | None) -> None:
+                    threads: int | None, n_sequences: int) -> None:
     if device != "cpu":
         raise ValueError(f"device {device!r} is not supported yet; use 'cpu'")
     if max_context < 1:
@@ -176,13 +183,15 @@ def _check_settings(device: str, max_context: int, lookahead: int, io_threads: i
         raise ValueError(f"io_threads must be between 1 and 64, got {io_threads}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
+    if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or not 1 <= n_sequences <= 256:
+        raise ValueError(f"n_sequences must be an integer from 1 to 256, got {n_sequences!r}")
 
 
 def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = "auto", device: str = "cpu",
          prefetch: bool | None = None, predictor: str | None = "auto", lookahead: int = 1,
          predictor_file: str | os.PathLike | None = None, policy: str = "auto", io_threads: int | None = None,
          max_context: int = 2048, direct_io: bool = True, dtype: torch.dtype | None = None,
-         threads: int | None = None) -> MoeModel:
+         threads: int | None = None, n_sequences: int = 1) -> MoeModel:
     """Open a checkpoint and plan it into memory_budget (the whole process's memory).
 
     predictor: what guesses the experts of the next layers (moeedge.predict): "stale-gate",
@@ -194,9 +203,11 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     models on CPU). memory_budget: bytes ("4GiB"), "auto" (the cgroup's limit, else most of
     what is free), or "min" (the smallest workable: one layer's experts cached). threads:
     the compute threads, moeedge's kernels and torch's (process-wide, as
-    torch.set_num_threads; default: every CPU this process may run on)."""
+    torch.set_num_threads; default: every CPU this process may run on). n_sequences: KV
+    slots planned into the budget, for sequences decoded together (model.runner.new_sequence();
+    model.sequence holds the first)."""
     fixed = rss_bytes()  # measured before anything of the model is read
-    _check_settings(device, max_context, lookahead, io_threads, threads)
+    _check_settings(device, max_context, lookahead, io_threads, threads, n_sequences)
     if threads is not None:
         set_kernel_threads(threads)
         torch.set_num_threads(threads)
@@ -206,7 +217,7 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     max_context = min(max_context, ckpt.config.max_position)
     store = ExpertStore(ckpt.files, ckpt.expert_ranges, direct_io=direct_io)
     on_disk = embedding_on_disk(ckpt)  # Switch's tables are named otherwise and tied: None
-    plan = plan_for(ckpt, store, memory_budget, fixed, max_context, dtype, on_disk)
+    plan = plan_for(ckpt, store, memory_budget, fixed, max_context, dtype, on_disk, n_sequences)
     policy = resolve_policy(policy, runner_cls)
     # "predicted" is the native "score" policy, its scores set before each layer
     cache = ExpertCache(store, expert_budget(plan, sum(store.slot_bytes(k) for k in store.keys())),
@@ -219,7 +230,7 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
         # (prefetch=True): read only where it pays (runtime/prefetcher.py), it was 1.02-1.14x
         # this default on default-64m under limits but 0.73-1.31x on random routing (README, Results).
         prediction = Prediction(predictor, prefetch, lookahead, predictor_file, policy, str(ckpt.source))
-        runner = runner_cls(ckpt.config, dense, experts, max_context, dtype, prediction)
+        runner = runner_cls(ckpt.config, dense, experts, max_context, dtype, prediction, n_sequences)
         tokenizer = open_tokenizer(ckpt)
     except BaseException:
         cache.close()

@@ -19,13 +19,14 @@ class TextGeneration:
 
     def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-               _ids: list[int] | None = None) -> Iterator[str]:
-        """Yield pieces of text as they are generated."""
+               _ids: list[int] | None = None, **sampling) -> Iterator[str]:
+        """Yield pieces of text as they are generated; sampling: stream_ids' min_p,
+        repeat_penalty, repeat_last_n."""
         tok = self._need_tokenizer()
         ids = _ids if _ids is not None else tok.encode(prompt)
         generated: list[int] = []
         emitted = ""
-        for token in self.stream_ids(ids, max_new_tokens, temperature, top_p, top_k, seed):
+        for token in self.stream_ids(ids, max_new_tokens, temperature, top_p, top_k, seed, **sampling):
             generated.append(token)
             text = tok.decode(generated)
             if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
@@ -40,8 +41,8 @@ class TextGeneration:
                 emitted = text
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, stop: list[str] | None = None) -> str:
-        return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop))
+                 top_k: int = 0, seed: int | None = None, stop: list[str] | None = None, **sampling) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, **sampling))
 
     def chat(self, messages: list[dict], stream: bool = False, **kwargs):
         """The assistant's reply to a conversation, with the checkpoint's chat template."""
