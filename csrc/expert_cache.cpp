@@ -336,6 +336,8 @@ std::vector<uint64_t> ExpertCache::resident_keys() const {
 CacheStats ExpertCache::stats() const {
   std::lock_guard<std::mutex> lk(mu_);
   CacheStats s = stats_;
+  if (reads_in_flight_ > 0)  // the busy interval still open counts up to now
+    s.read_busy_seconds += std::chrono::duration<double>(Clock::now() - busy_since_).count();
   for (const auto& kv : entries_) {
     if (kv.second->pins > 0) s.pinned_bytes += kv.second->reserved_bytes;
     if (kv.second->state == Entry::State::Ready) ++s.n_resident;
@@ -349,6 +351,7 @@ void ExpertCache::reset_stats() {
   fresh.resident_bytes = fresh.peak_resident_bytes = stats_.resident_bytes;
   fresh.budget_bytes = budget_bytes_;
   stats_ = fresh;
+  if (reads_in_flight_ > 0) busy_since_ = Clock::now();  // an open interval counts from the reset
 }
 
 uint64_t ExpertCache::budget_bytes() const {

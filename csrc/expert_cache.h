@@ -51,6 +51,8 @@ struct CacheStats {
   double wait_seconds = 0;           // time callers spent blocked in get()
   uint64_t reads = 0;                // loads that finished, from disk
   double read_seconds = 0;           // their durations summed (concurrent reads overlap)
+  double read_busy_seconds = 0;      // wall time with at least one read in flight: bytes_read over it is the
+                                     // bandwidth the disk gave while it was asked for something
 };
 
 class ExpertCache;
@@ -152,6 +154,8 @@ class ExpertCache : public std::enable_shared_from_this<ExpertCache> {
   mutable std::mutex mu_;
   std::condition_variable work_cv_;  // IO threads: a demand or prefetch is queued
   std::condition_variable done_cv_;  // readers: a load finished or failed
+  int reads_in_flight_ = 0;                      // under mu_
+  std::chrono::steady_clock::time_point busy_since_;  // when reads_in_flight_ last rose from 0
   std::atomic<uint64_t> landed_{0};  // bumped with every done_cv_ notify: what a spinning reader watches
   // A thread that sleeps while its expert is read leaves its core idle, and on the machines
   // measured the next products then ran up to 2x slower (a wait of 20 ms before each FFN:

@@ -108,11 +108,12 @@ void ExpertCache::load(const std::shared_ptr<Entry>& e, std::unique_lock<std::mu
   e->state = Entry::State::Loading;
   const uint64_t key = e->key;
   std::shared_ptr<Slab> slab = std::move(e->slab);  // recycled from an eviction, or none yet
+  const auto t0 = Clock::now();
+  if (reads_in_flight_++ == 0) busy_since_ = t0;
   lk.unlock();
   uint64_t from_disk = 0;
   bool stopped = false;
   std::exception_ptr error;
-  const auto t0 = Clock::now();
   try {
     if (!slab) slab = std::make_shared<Slab>(e->reserved_bytes);
     std::function<bool()> go_on;
@@ -127,8 +128,11 @@ void ExpertCache::load(const std::shared_ptr<Entry>& e, std::unique_lock<std::mu
   } catch (...) {
     error = std::current_exception();
   }
-  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  const auto t1 = Clock::now();
+  const double seconds = std::chrono::duration<double>(t1 - t0).count();
   lk.lock();
+  // The union of the reads' intervals: a read that ends while another goes on adds nothing yet.
+  if (--reads_in_flight_ == 0) stats_.read_busy_seconds += std::chrono::duration<double>(t1 - busy_since_).count();
   stats_.bytes_read += from_disk;
   if (stopped && e->pins > 0 && !closed_) {
     // Pinned after it stopped: read it again, now on demand.

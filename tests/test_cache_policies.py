@@ -243,3 +243,21 @@ def test_reset_stats(five, make_cache):
     assert s["budget_bytes"] == 2 * five.slot
     play(cache, five, "B")  # B was among the two most recent: a hit
     assert counts(cache) == (1, 0, 0)
+
+
+def test_read_busy_seconds_is_the_union_of_the_reads(five, make_cache):
+    """Wall time with a read in flight: above zero once something was read, never above the
+    reads' summed durations (concurrent reads overlap) nor the wall time around them."""
+    import time
+
+    cache = make_cache(five.store, 5 * five.slot, io_threads=3)
+    assert cache.stats()["read_busy_seconds"] == 0.0
+    start = time.perf_counter()
+    cache.prefetch(list(five.keys))
+    play(cache, five, "ABCDE")
+    wall = time.perf_counter() - start
+    s = cache.stats()
+    assert s["reads"] == 5 and 0.0 < s["read_busy_seconds"] <= s["read_seconds"] + 1e-9
+    assert s["read_busy_seconds"] <= wall
+    cache.reset_stats()
+    assert cache.stats()["read_busy_seconds"] == 0.0

@@ -38,6 +38,7 @@ def write(tmp_path: Path, text: str, name: str = "m.toml") -> Path:
     ("[[model]]\nname='a'\nhf='x'\nengines=['vllm']\n", "unknown engine 'vllm'"),
     ("[[model]]\nname='a'\nhf='x'\nlimits=['lots']\n", "limit 'lots'"),
     ("[[model]]\nname='a'\nhf='x'\nlimits=['experts:1.5']\n", "limit 'experts:1.5'"),
+    ("[settings]\nread_throttle = 'fast'\n[[model]]\nname='a'\nhf='x'\n", "[settings]"),
 ])
 def test_bad_matrix_files_name_the_problem(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -190,6 +191,30 @@ def _machine(tmp_path: Path) -> None:
 
 
 @needs_cgroup
+def _throttle_line(directory: Path) -> str:
+    """A read throttle of the matrix's settings where this machine can make one, else none."""
+    from moeedge.read_throttle import ReadThrottle, ThrottleUnavailable, disk_of
+
+    try:
+        with ReadThrottle(disk_of(directory), 1 << 30):
+            return 'read_throttle = "1GiB"'
+    except (ThrottleUnavailable, OSError):
+        return ""
+
+
+def test_shortfall_compares_reads_with_beladys():
+    bound = type("B", (), {"miss_bytes": 3000, "decode_tokens": 3, "run_miss_bytes": 4500})()
+    result = {"tokens": 4, "decode_read_bytes": 4000, "decode_cache_read_bytes": 3900, "decode_read_busy_s": 2.0,
+              "stats": {"bytes_read": 6000}}
+    got = matrix.shortfall(result, bound, disk_bytes_per_s=2000.0)
+    assert got["belady_bytes_per_token"] == 1000 and got["read_bytes_per_token"] == pytest.approx(4000 / 3)
+    assert got["policy_ratio"] == pytest.approx(0.75) and got["io_ratio"] == pytest.approx(3900 / 2.0 / 2000)
+    nothing = type("B", (), {"miss_bytes": 0, "decode_tokens": 3, "run_miss_bytes": 0})()
+    assert matrix.shortfall({"tokens": 4, "stats": {"bytes_read": 0}}, nothing, 1.0)["policy_ratio"] == 1.0
+    llama = matrix.shortfall({"tokens": 4, "decode_read_bytes": 300}, bound, 1.0)  # no expert reads of its own
+    assert llama["policy_ratio"] is None and llama["read_bytes_per_token"] == 100
+
+
 def test_matrix_records_each_run_and_skips_it_next_time(tmp_path):
     _machine(tmp_path)
     path = write(tmp_path, f"""
@@ -198,6 +223,7 @@ tokens = 4
 prompt_tokens = 4
 timeout_s = 300
 disk_probe = false
+{_throttle_line(Path(DEFAULT))}
 [[model]]
 name = "default"
 hf = "{DEFAULT}"
@@ -213,6 +239,8 @@ limits = ["unlimited", "min"]
         assert len(r["result"]["token_wait_s"]) == 3
         if r["limit_bytes"] is not None:
             assert r["peak_bytes"] <= r["limit_bytes"]
+        # Belady's cache of the same size never reads more experts than the engine did
+        assert r["policy_ratio"] is not None and 0 < r["policy_ratio"] <= 1.0, r["policy_ratio"]
     files = sorted((tmp_path / "results" / "runs" / "default").glob("*.json"))
     assert len(files) == 4
     stamps = [f.stat().st_mtime_ns for f in files]

@@ -35,6 +35,7 @@ py::dict stats_dict(const ExpertCache& cache) {
   d["wait_seconds"] = s.wait_seconds;
   d["reads"] = s.reads;
   d["read_seconds"] = s.read_seconds;
+  d["read_busy_seconds"] = s.read_busy_seconds;
   d["policy"] = policy_name(cache.policy());
   d["io_threads"] = cache.io_threads();
   d["direct_io"] = store->direct_io();

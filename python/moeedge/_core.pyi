@@ -232,6 +232,7 @@ class ExpertCache:
         prefetch_wasted_bytes, evictions, bytes_read, io_errors,
         resident_bytes, peak_resident_bytes, pinned_bytes, budget_bytes,
         n_resident, wait_seconds, reads, read_seconds (their durations summed),
+        read_busy_seconds (wall time with a read in flight),
         policy, io_threads, direct_io, direct_io_fallback."""
     def reset_stats(self) -> None:
         """Zero the counters (peak_resident_bytes restarts from resident_bytes)."""

@@ -60,9 +60,11 @@ def drop_page_cache() -> bool:
         return False
 
 
-def run_limited(cmd: list[str], limit_bytes: int | None, timeout: float, env: dict | None = None) -> LimitedResult:
+def run_limited(cmd: list[str], limit_bytes: int | None, timeout: float, env: dict | None = None,
+                also_join: list[Path] = ()) -> LimitedResult:
     """Start cmd inside a fresh child cgroup limited to limit_bytes (None: unlimited, measured
-    only); remove the cgroup afterwards."""
+    only); remove the cgroup afterwards. also_join: cgroup.procs files of other hierarchies'
+    cgroups it joins as well before it execs (a ReadThrottle's)."""
     parent, version = own_memory_cgroup()
     child = parent / f"moeedge-{uuid.uuid4().hex[:12]}"
     try:
@@ -81,7 +83,8 @@ def run_limited(cmd: list[str], limit_bytes: int | None, timeout: float, env: di
             (child / "memory.swap.max").write_text("0")
         procs = str(child / "cgroup.procs")
         # The child joins the cgroup before it execs, so the whole process is limited.
-        wrapped = ["sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh", *cmd]
+        joins = " && ".join(f'echo $$ > "{p}"' for p in [procs, *also_join])
+        wrapped = ["sh", "-c", f'{joins} && exec "$@"', "sh", *cmd]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         try:

@@ -27,6 +27,18 @@ def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(3, vocab, n)]
 
 
+def storage_read_bytes() -> int:
+    """Bytes this process (all of its threads) has had read from storage: /proc/self/io's
+    read_bytes, direct reads and page-cache fills (an mmap's faults) alike; 0 where unreadable."""
+    try:
+        for line in open("/proc/self/io"):
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def latency_summary(seconds: list[float]) -> dict:
     """Decode tokens/s (median) and p50/p99 per-token latency of the generated tokens after
     the first; steady_tok_s from the last half only, once a cold start has read what it needs."""
@@ -80,15 +92,23 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
         last = time.perf_counter()
         waited = model.cache.stats()["wait_seconds"]
         out = []
+        window: dict = {}  # the decode steps after the first token: what the bound covers
         for token in model.stream_ids(prompt, max_new_tokens=tokens):
             now = time.perf_counter()
-            w = model.cache.stats()["wait_seconds"]
+            cache = model.cache.stats()
+            w = cache["wait_seconds"]
+            if not out:
+                window.update(storage=storage_read_bytes(), cache_bytes=cache["bytes_read"],
+                              busy=cache["read_busy_seconds"])
             times.append(now - last)
             waits.append(w - waited)
             out.append(int(token))
             last, waited = now, w
     stats = model.stats()
     model.close()
+    decode_reads = {"decode_read_bytes": storage_read_bytes() - window["storage"],
+                    "decode_cache_read_bytes": stats["bytes_read"] - window["cache_bytes"],
+                    "decode_read_busy_s": stats["read_busy_seconds"] - window["busy"]} if window else {}
     steps, step_waits = times[1:], waits[1:]  # the first includes the prefill
     first_decoder_layer = len(model.config.encoder_moe_blocks) if model.encoder_decoder else 0
     return {
@@ -105,6 +125,7 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
         # Per generated token after the first: seconds waiting for experts, and the rest (compute, Python).
         "token_wait_s": step_waits,
         "token_other_s": [t - w for t, w in zip(steps, step_waits)],
+        **decode_reads,
         "routing": routing.experts(first_decoder_layer),
         "plan": stats["plan"], "stats": {k: v for k, v in stats.items() if k not in ("plan",)},
     }

@@ -17,6 +17,7 @@ class Bound:
     miss_bytes: int          # what Belady's cache of capacity_experts reads over the decode steps
     capacity_experts: int
     decode_tokens: int
+    run_miss_bytes: int = 0  # what it reads over the whole run from an empty cache, the prompt's tokens too
 
     def as_dict(self) -> dict:
         return {"bound_tok_s": self.tok_s, "bound_compute_s_per_token": self.compute_s_per_token,
@@ -64,6 +65,7 @@ def physical_bound(facts: dict, routing: np.ndarray, prompt_tokens: int, limit_b
     keys = trace.step_keys[decode]
     misses = int(((keys >= 0) & (run.hit[decode] == 0)).sum())
     miss_bytes = misses * expert_slot_bytes(facts)
+    run_misses = int(((trace.step_keys >= 0) & (run.hit == 0)).sum())
     compute = touched_bytes_per_token(facts) / matvec_bytes_per_s
     seconds = max(steps * compute, miss_bytes / disk_bytes_per_s)
-    return Bound(steps / seconds, compute, miss_bytes, capacity, steps)
+    return Bound(steps / seconds, compute, miss_bytes, capacity, steps, run_misses * expert_slot_bytes(facts))

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from moeedge.decode_bench import latency_summary, prompt_ids
+from moeedge.decode_bench import latency_summary, prompt_ids, storage_read_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     prefill_s = time.perf_counter() - last
     token = next_token()
     generated, times = [token], []
+    read_before = storage_read_bytes()  # the decode steps after the first token: what the bound covers
     for _ in range(args.tokens - 1):
         last = time.perf_counter()
         llm.eval([token])
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine": "llama.cpp", "source": args.gguf, "threads": args.threads, "tokens": args.tokens,
         "prompt_tokens": args.prompt_tokens, **latency_summary(times),
         "prefill_tok_s": args.prompt_tokens / prefill_s, "load_s": load_s, "generated": generated,
+        "decode_read_bytes": storage_read_bytes() - read_before,
         "version": llama_cpp.__version__,
         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
     }))

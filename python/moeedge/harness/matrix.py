@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 import platform
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moeedge.cgroup import CgroupUnavailable, drop_page_cache, evict_files, run_limited
+from moeedge.read_throttle import ReadThrottle, disk_of
 from moeedge.harness.engines import ENGINES, GGUF_ONLY, HF_ONLY, Run, command
 from moeedge.runtime.plan import FIXED_JITTER_BYTES
 from moeedge.units import parse_bytes
@@ -40,6 +42,13 @@ class Settings:
     max_context: int = 256     # the KV cache every engine sets up (llama.cpp's n_ctx)
     timeout_s: float = 900.0
     disk_probe: bool = True    # measure the disk before every run (512 MiB of the run's own weight files)
+    # Reads of the model's disk held to this many bytes/s ("200MiB") in every run, and the bound
+    # uses it: set below the slowest rate the disk has shown, every engine sees the same disk.
+    read_throttle: str | None = None
+
+    @property
+    def read_throttle_bytes_per_s(self) -> int | None:
+        return None if self.read_throttle is None else parse_bytes(self.read_throttle)
 
 
 @dataclass
@@ -63,7 +72,8 @@ def read_config(path: str | Path) -> tuple[Settings, list[Model]]:
         raise ValueError(f"{path}: not TOML: {e}") from None
     try:
         settings = Settings(**raw.get("settings", {}))
-    except TypeError as e:
+        settings.read_throttle_bytes_per_s
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: [settings]: {e}") from None
     models = []
     for i, entry in enumerate(raw.get("model", [])):
@@ -180,11 +190,14 @@ def record_path(results: Path, run: Run, settings: Settings, head: str) -> Path:
 def execute(run: Run, settings: Settings, env: dict | None = None) -> dict:
     """One cold run in its own cgroup; the record's measured part (no bound yet)."""
     evict_files(run.files)
-    disk = probe_disk(run) if settings.disk_probe else None
+    throttle = settings.read_throttle_bytes_per_s
+    disk = probe_disk(run) if settings.disk_probe and throttle is None else None
     cold = drop_page_cache()
     cmd = command(run, settings.tokens, settings.prompt_tokens, settings.threads, settings.max_context)
     load = os.getloadavg()[0]
-    result = run_limited(cmd, run.limit_bytes, settings.timeout_s, env=env)
+    with contextlib.ExitStack() as stack:
+        join = [stack.enter_context(ReadThrottle(disk_of(run.files[0]), throttle)).procs] if throttle else []
+        result = run_limited(cmd, run.limit_bytes, settings.timeout_s, env=env, also_join=join)
     out: dict = {}
     error = None
     if result.returncode == 0:
@@ -202,7 +215,7 @@ def execute(run: Run, settings: Settings, env: dict | None = None) -> dict:
         "peak_bytes": result.peak_bytes, "oom_kills": result.oom_kills, "failcnt": result.failcnt,
         "major_faults": result.major_faults, "read_bytes": result.read_bytes, "cold": cold,
         "returncode": result.returncode, "error": error, "seconds": result.seconds, "load_average": load,
-        "disk_bytes_per_s_at_run": disk,
+        "disk_bytes_per_s_at_run": disk, "read_throttle_bytes_per_s": throttle,
         "source": run.source, "command": cmd, "result": out,
     }
 
@@ -294,14 +307,38 @@ def with_bound(record: dict, facts: dict, routing_: list, prompt_tokens: int, ma
     from moeedge.harness.bound import physical_bound
 
     # The bound models a decoder's token loop; an encoder-decoder's decode has no bound here.
-    disk = record.get("disk_bytes_per_s_at_run") or machine["disk_bytes_per_s"]
+    disk = (record.get("read_throttle_bytes_per_s") or record.get("disk_bytes_per_s_at_run")
+            or machine["disk_bytes_per_s"])
     bound = None if facts["architecture"] == "switch_transformers" else physical_bound(
         facts, routing_, prompt_tokens, record["limit_bytes"], disk, machine["matvec_bytes_per_s"])
     record.update(bound.as_dict() if bound else {"bound_tok_s": None})
     tok_s = record["decode_tok_s"]
     record["fraction_of_bound"] = tok_s / bound.tok_s if bound and tok_s else None
+    record.update(shortfall(record["result"], bound, disk))
     record["machine"] = machine
     return record
+
+
+def shortfall(result: dict, bound, disk_bytes_per_s: float) -> dict:
+    """Where a run falls short of its bound. read_bytes_per_token: what the engine's process had
+    read from storage per decode token (any engine); policy: the expert bytes Belady's cache of
+    the same size reads over the whole run from empty, over what moeedge's cache read (1: as
+    few; engines that do not count expert reads apart from the rest get None); io: the
+    bandwidth moeedge's reads got while one was in flight, over the disk's."""
+    out: dict = {"read_bytes_per_token": None, "belady_bytes_per_token": None, "policy_ratio": None,
+                 "io_ratio": None}
+    steps = result.get("tokens", 0) - 1
+    if bound is None or steps <= 0:
+        return out
+    out["belady_bytes_per_token"] = bound.miss_bytes / bound.decode_tokens
+    if result.get("decode_read_bytes") is not None:
+        out["read_bytes_per_token"] = result["decode_read_bytes"] / steps
+    expert_reads = result.get("stats", {}).get("bytes_read")
+    if expert_reads is not None:
+        out["policy_ratio"] = bound.run_miss_bytes / expert_reads if expert_reads else 1.0
+    if result.get("decode_read_busy_s"):
+        out["io_ratio"] = result["decode_cache_read_bytes"] / result["decode_read_busy_s"] / disk_bytes_per_s
+    return out
 
 
 def refresh_bounds(results: Path) -> int:
