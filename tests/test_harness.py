@@ -212,7 +212,9 @@ def test_shortfall_compares_reads_with_beladys():
     nothing = type("B", (), {"miss_bytes": 0, "decode_tokens": 3, "run_miss_bytes": 0})()
     assert matrix.shortfall({"tokens": 4, "stats": {"bytes_read": 0}}, nothing, 1.0)["policy_ratio"] == 1.0
     llama = matrix.shortfall({"tokens": 4, "decode_read_bytes": 300}, bound, 1.0)  # no expert reads of its own
-    assert llama["policy_ratio"] is None and llama["read_bytes_per_token"] == 100
+    assert llama["policy_ratio"] is None and llama["read_bytes_per_token"] == 100 and llama["occupancy"] is None
+    timed = {"tokens": 3, "token_wait_s": [0.5, 0.1], "token_other_s": [0.5, 0.9], "decode_kernel_s": 1.0}
+    assert matrix.shortfall(timed, bound, 1.0)["occupancy"] == pytest.approx((1.0 + 0.6) / 2.0)
 
 
 def test_matrix_records_each_run_and_skips_it_next_time(tmp_path):
@@ -241,6 +243,7 @@ limits = ["unlimited", "min"]
             assert r["peak_bytes"] <= r["limit_bytes"]
         # Belady's cache of the same size never reads more experts than the engine did
         assert r["policy_ratio"] is not None and 0 < r["policy_ratio"] <= 1.0, r["policy_ratio"]
+        assert 0 < r["occupancy"] <= 1.0
     files = sorted((tmp_path / "results" / "runs" / "default").glob("*.json"))
     assert len(files) == 4
     stamps = [f.stat().st_mtime_ns for f in files]

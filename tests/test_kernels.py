@@ -98,3 +98,20 @@ def test_q8_0_bad_arguments_are_refused():
         _core.linear_q8_0(x, np.zeros(100, np.uint8), out)
     with pytest.raises(ValueError, match="whole 32-weight blocks"):
         _core.linear_q8_0(np.zeros((1, 40), np.float32), np.zeros(100, np.uint8), out)
+
+
+def test_kernel_busy_seconds_counts_the_time_inside_kernel_calls():
+    import time
+
+    from moeedge._core import kernel_busy_seconds, linear_f32
+
+    x, w = torch.randn(4, 512), torch.randn(2048, 512)
+    out = torch.empty(4, 2048)
+    before, start = kernel_busy_seconds(), time.perf_counter()
+    for _ in range(20):
+        linear_f32(x.numpy(), w.numpy(), out.numpy())
+    wall = time.perf_counter() - start
+    busy = kernel_busy_seconds() - before
+    assert 0 < busy <= wall  # this thread's calls only: other threads here run no kernels
+    time.sleep(0.01)
+    assert kernel_busy_seconds() - before == busy  # nothing counts between calls

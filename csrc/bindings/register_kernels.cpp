@@ -1,6 +1,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <chrono>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -17,6 +19,20 @@ namespace py = pybind11;
 namespace moeedge {
 
 namespace {
+
+// Wall time callers spent inside the compute kernels, summed over calls (a harness divides it
+// by a token's time: what is neither a kernel nor a wait for a read is overhead).
+std::atomic<int64_t> g_kernel_ns{0};
+
+// Counts the scope it lives in into g_kernel_ns; declared after the GIL is released.
+struct KernelBusy {
+  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+  ~KernelBusy() {
+    g_kernel_ns.fetch_add(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count(),
+        std::memory_order_relaxed);
+  }
+};
 
 // A C-contiguous 2-D buffer of `itemsize`-byte items; ValueError naming `what` otherwise.
 py::buffer_info matrix(const py::buffer& b, py::ssize_t itemsize, bool writable, const char* what) {
@@ -65,6 +81,7 @@ void def_quant_linear(py::module_& m, const char* name, const std::string& label
                                       std::to_string(need));
         if (!contiguous(wi)) throw std::invalid_argument("w must be C-contiguous");
         py::gil_scoped_release release;
+        KernelBusy busy;
         fn(static_cast<const float*>(xi.ptr), xi.shape[0], static_cast<const uint8_t*>(wi.ptr), rows, cols,
            static_cast<float*>(oi.ptr), threads);
       },
@@ -111,6 +128,7 @@ void def_group_linear(py::module_& m, const char* name, int bits, GroupLinear fn
                            "fp16 [" + std::to_string(rows) + ", " + std::to_string(groups) + "] (group " +
                                std::to_string(group) + ")");
         py::gil_scoped_release release;
+        KernelBusy busy;
         fn(static_cast<const float*>(xi.ptr), xi.shape[0], static_cast<const uint8_t*>(qi.ptr),
            static_cast<const uint8_t*>(si.ptr), rows, cols, group, static_cast<float*>(oi.ptr), threads);
       },
@@ -173,6 +191,7 @@ void def_expert_ffn(py::module_& m) {
                                           ", " + std::to_string(oi.shape[1]) + "] for an expert " +
                                           std::to_string(f.gate.cols) + " -> " + std::to_string(f.down.rows));
             py::gil_scoped_release release;
+            KernelBusy busy;
             expert_ffn(static_cast<const float*>(xi.ptr), xi.shape[0], static_cast<const uint8_t*>(ei.ptr),
                        ei.size * ei.itemsize, f.gate, f.up, f.down, scale, static_cast<float*>(oi.ptr), threads);
           },
@@ -279,6 +298,7 @@ void def_attention_step(py::module_& m) {
               lp = floats(logits.cast<py::buffer>(), b.step->router_rows(), true, "logits");
             }
             py::gil_scoped_release release;
+            KernelBusy busy;
             b.step->run(hp, pos, cp, sp, pp, lp, threads);
           },
           py::arg("h"), py::arg("pos"), py::arg("cos"), py::arg("sin"), py::arg("post"), py::arg("logits") = py::none(),
@@ -302,6 +322,7 @@ void def_dense_linear(py::module_& m, const char* name, const std::string& label
                                       std::to_string(wi.shape[1]) + "], out [" + std::to_string(oi.shape[0]) +
                                       ", " + std::to_string(oi.shape[1]) + "]");
         py::gil_scoped_release release;
+        KernelBusy busy;
         fn(static_cast<const float*>(xi.ptr), xi.shape[0], static_cast<const W*>(wi.ptr), wi.shape[0], wi.shape[1],
            static_cast<float*>(oi.ptr), threads);
       },
@@ -323,6 +344,7 @@ void register_kernels(py::module_& m) {
         auto ui = matrix(u, 4, false, "u (float32 [tokens, n])");
         if (gi.shape != ui.shape) throw std::invalid_argument("g and u differ in shape");
         py::gil_scoped_release release;
+        KernelBusy busy;
         silu_mul_rows(static_cast<float*>(gi.ptr), static_cast<const float*>(ui.ptr), gi.shape[0], gi.shape[1]);
       },
       py::arg("g"), py::arg("u"),
@@ -347,6 +369,10 @@ void register_kernels(py::module_& m) {
       py::arg("n"),
       "Threads the kernels use when a call does not say (threads=0): n, at most the CPUs this process may "
       "run on; 0 for all of them (the default). Process-wide.");
+  m.def(
+      "kernel_busy_seconds", [] { return g_kernel_ns.load(std::memory_order_relaxed) * 1e-9; },
+      "Wall seconds callers have spent inside moeedge's compute kernels since the process started "
+      "(every kernel call, in any thread, summed).");
   m.def("kernel_threads", &kernel_threads,
         "Threads a kernel call uses when it does not say: set_kernel_threads's n, or the CPUs this process may "
         "run on (its affinity mask).");

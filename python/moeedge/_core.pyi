@@ -103,6 +103,10 @@ def set_kernel_threads(n: int) -> None:
     this process may run on; 0 for all of them (the default). Process-wide. ValueError for
     n < 0."""
 
+def kernel_busy_seconds() -> float:
+    """Wall seconds callers have spent inside moeedge's compute kernels since the process
+    started (every kernel call, in any thread, summed)."""
+
 def kernel_threads() -> int:
     """Threads a kernel call uses when it does not say: set_kernel_threads's n, or the CPUs
     this process may run on (its affinity mask: taskset and cpusets count)."""

@@ -69,6 +69,7 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
             threads: int, predictor: str | None = "auto", max_context: int = 1024, warm: bool = False) -> dict:
     """warm: read every expert first (as many as the cache holds) and decode the prompt once
     untimed, so that a budget that holds the model measures compute alone."""
+    from moeedge._core import kernel_busy_seconds
     from moeedge.api import load  # lazy: the harness imports this module and must not map torch
 
     start = time.perf_counter()
@@ -99,7 +100,7 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
             w = cache["wait_seconds"]
             if not out:
                 window.update(storage=storage_read_bytes(), cache_bytes=cache["bytes_read"],
-                              busy=cache["read_busy_seconds"])
+                              busy=cache["read_busy_seconds"], kernel=kernel_busy_seconds())
             times.append(now - last)
             waits.append(w - waited)
             out.append(int(token))
@@ -108,7 +109,8 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
     model.close()
     decode_reads = {"decode_read_bytes": storage_read_bytes() - window["storage"],
                     "decode_cache_read_bytes": stats["bytes_read"] - window["cache_bytes"],
-                    "decode_read_busy_s": stats["read_busy_seconds"] - window["busy"]} if window else {}
+                    "decode_read_busy_s": stats["read_busy_seconds"] - window["busy"],
+                    "decode_kernel_s": kernel_busy_seconds() - window["kernel"]} if window else {}
     steps, step_waits = times[1:], waits[1:]  # the first includes the prefill
     first_decoder_layer = len(model.config.encoder_moe_blocks) if model.encoder_decoder else 0
     return {

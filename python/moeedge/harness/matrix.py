@@ -324,9 +324,13 @@ def shortfall(result: dict, bound, disk_bytes_per_s: float) -> dict:
     read from storage per decode token (any engine); policy: the expert bytes Belady's cache of
     the same size reads over the whole run from empty, over what moeedge's cache read (1: as
     few; engines that do not count expert reads apart from the rest get None); io: the
-    bandwidth moeedge's reads got while one was in flight, over the disk's."""
+    bandwidth moeedge's reads got while one was in flight, over the disk's; occupancy: the
+    share of moeedge's decode time in a compute kernel or waiting for a read (the rest is overhead)."""
     out: dict = {"read_bytes_per_token": None, "belady_bytes_per_token": None, "policy_ratio": None,
-                 "io_ratio": None}
+                 "io_ratio": None, "occupancy": None}
+    decode_s = sum(result.get("token_wait_s", [])) + sum(result.get("token_other_s", []))
+    if "decode_kernel_s" in result and decode_s > 0:
+        out["occupancy"] = (result["decode_kernel_s"] + sum(result["token_wait_s"])) / decode_s
     steps = result.get("tokens", 0) - 1
     if bound is None or steps <= 0:
         return out
