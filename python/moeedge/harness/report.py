@@ -32,7 +32,8 @@ def table(records: list[dict]) -> str:
     llama = {(r["model"], r["precision"], r["limit_label"]): r.get("decode_tok_s") for r in records
              if r["engine"] == "llama.cpp"}
     rows = ["| model | precision | limit | engine | decode tok/s | x llama.cpp | steady tok/s | bound tok/s "
-            "| of bound | p99 ms | peak | OOM kills |", "|" + "---|" * 12]
+            "| of bound | read MB/token (Belady's) | policy | IO | occupancy | p99 ms | peak | OOM kills |",
+            "|" + "---|" * 16]
     for r in records:
         tok_s = r.get("decode_tok_s")
         ref = llama.get((r["model"], r["precision"], r["limit_label"]))
@@ -43,9 +44,23 @@ def table(records: list[dict]) -> str:
             f"{tok_s:.2f}" if tok_s else _failure(r),
             ratio, f"{r['steady_tok_s']:.2f}" if r.get("steady_tok_s") else "-", f"{bound:.2f}" if bound else "-",
             f"{r['fraction_of_bound']:.2f}" if r.get("fraction_of_bound") else "-",
+            _per_token(r), *(_ratio(r.get(k)) for k in ("policy_ratio", "io_ratio", "occupancy")),
             f"{r['p99_ms']:.0f}" if r.get("p99_ms") else "-",
             format_bytes(r["peak_bytes"]), f"{r['oom_kills']} |"]))
     return "\n".join(rows)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _per_token(r: dict) -> str:
+    """Storage bytes the engine read per decode token, and Belady's for the same cache size."""
+    engine, belady = r.get("read_bytes_per_token"), r.get("belady_bytes_per_token")
+    if engine is None and belady is None:
+        return "-"
+    mb = (lambda v: "-" if v is None else f"{v / 1e6:.1f}")
+    return f"{mb(engine)} ({mb(belady)})"
 
 
 def _failure(r: dict) -> str:
