@@ -22,15 +22,31 @@ from pathlib import Path
 import torch
 
 from moeedge.formats.checkpoint import Checkpoint, ExpertPart, StoredTensor
-from moeedge.formats.config_fields import (MAX_CONTEXT, MAX_EXPERTS, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS,
-                                           MAX_VOCAB, MAX_WIDTH, REQUIRED, Fields)
+from moeedge.formats.config_fields import (
+    MAX_CONTEXT,
+    MAX_EXPERTS,
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    REQUIRED,
+    Fields,
+)
 from moeedge.formats.errors import CheckpointError, shown, shown_name
-from moeedge.formats.gguf_file import TYPES, GGUFFile, GGUFTensor, read_gguf, tensor_nbytes
+from moeedge.formats.gguf_file import (
+    TYPES,
+    GGUFFile,
+    GGUFTensor,
+    read_gguf,
+    tensor_nbytes,
+)
 from moeedge.formats.gguf_quants import dequantize
 from moeedge.formats.hf_config import DecoderConfig
 from moeedge.formats.quant_tensor import QuantTensor
 from moeedge.formats.safetensors_file import TensorInfo, read_tensor
 from moeedge.keys import ExpertKey
+
 TOP_LEVEL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
 PER_LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -204,7 +220,7 @@ def _tokenizer_factory(f: GGUFFile):
     for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
         if key in m and not (isinstance(m[key], int) and 0 <= m[key] < len(tokens)):
             raise CheckpointError(f"{f.path}: {key} = {shown(m[key])} is not a token id (vocabulary of {len(tokens)})")
-    from moeedge.tokenizer_gguf import GGUFTokenizer  # noqa: PLC0415 (the tokenizer imports formats' users)
+    from moeedge.tokenizer_gguf import GGUFTokenizer
 
     eos = [m[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in m]
     return functools.partial(GGUFTokenizer, tokens, scores, types, bos_id=m.get("tokenizer.ggml.bos_token_id"),
@@ -214,8 +230,20 @@ def _tokenizer_factory(f: GGUFFile):
                              chat_template=m.get("tokenizer.chat_template"))
 
 
+def _refuse_split(f: GGUFFile) -> None:
+    """A model split over several files (llama-gguf-split: NAME-00001-of-00003.gguf) holds
+    only some tensors in each: refused by name, with the command that joins it."""
+    count, no = f.metadata.get("split.count", 1), f.metadata.get("split.no")
+    if isinstance(count, int) and count > 1:
+        part = no + 1 if isinstance(no, int) else "?"
+        raise CheckpointError(f"{f.path}: part {part} of a GGUF model split in "
+                              f"{count} files; moeedge reads one-file GGUFs: join the parts with `llama-gguf-split "
+                              f"--merge {Path(f.path).name} merged.gguf`")
+
+
 def open_gguf(path: str | os.PathLike) -> Checkpoint:
     f = read_gguf(Path(path))
+    _refuse_split(f)
     cfg = gguf_config(f)
     dense = _check_tensors(f, cfg)
     ranges, parts = _expert_layout(f, cfg)
