@@ -76,7 +76,7 @@ GGUFS = ["m-Q4_K_M.gguf", "m-Q8_0.gguf", "m-Q2_K-00001-of-00002.gguf", "m-Q2_K-0
 
 
 @pytest.mark.parametrize("quant, entry", [("q8_0", "m-Q8_0.gguf"), ("Q4_K_M", "m-Q4_K_M.gguf"),
-                                          (None, "m-Q4_K_M.gguf")])
+                                          (None, "m-Q4_K_M.gguf"), ("Q2_K", "m-Q2_K-00001-of-00002.gguf")])
 def test_gguf_quant_tag_picks_the_file(quant, entry):
     chosen = select(RepoRef("o/n", quant=quant), GGUFS, "the hub")
     assert chosen.kind == "gguf" and chosen.entry == entry
@@ -89,27 +89,9 @@ def test_gguf_unknown_tag_lists_the_tags():
         select(RepoRef("o/n", quant="Q5_K_S"), GGUFS, "the hub")
 
 
-def test_gguf_split_is_refused_by_name_before_downloading():
-    with pytest.raises(CheckpointError, match=r"split in 2 GGUF files \('m-Q2_K-00001-of-00002.gguf', \.\.\.\); "
-                                              r"moeedge reads one-file GGUFs: .*llama-gguf-split --merge "
-                                              r"m-Q2_K-00001-of-00002.gguf merged.gguf"):
-        select(RepoRef("o/n", quant="Q2_K"), GGUFS, "the hub")
-
-
-def test_a_local_split_gguf_part_is_refused(tmp_path):
-    import gguf
-
-    path = tmp_path / "m-00002-of-00003.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_uint16("split.no", 1)
-    writer.add_uint16("split.count", 3)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(CheckpointError, match=r"part 2 of a GGUF model split in 3 files; moeedge reads one-file "
-                                              r"GGUFs: join the parts with `llama-gguf-split --merge"):
-        open_checkpoint(path)
+def test_gguf_split_with_a_part_missing_is_refused():
+    with pytest.raises(CheckpointError, match=r"parts \[1\] of the 2-part split GGUF .*; all 2 are needed"):
+        select(RepoRef("o/n", quant="Q2_K"), ["m-Q2_K-00001-of-00002.gguf"], "the hub")
 
 
 # ---------------------------------------------------------------- the cache, offline

@@ -23,32 +23,17 @@ from pathlib import Path
 import torch
 
 from moeedge.formats.checkpoint import Checkpoint, ExpertPart, StoredTensor
-from moeedge.formats.config_fields import (
-    MAX_CONTEXT,
-    MAX_EXPERTS,
-    MAX_HEAD_DIM,
-    MAX_HEADS,
-    MAX_LAYERS,
-    MAX_VOCAB,
-    MAX_WIDTH,
-    REQUIRED,
-    Fields,
-)
+from moeedge.formats.config_fields import (MAX_CONTEXT, MAX_EXPERTS, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS,
+                                           MAX_VOCAB, MAX_WIDTH, REQUIRED, Fields)
 from moeedge.formats.errors import CheckpointError, shown, shown_name
-from moeedge.formats.gguf_file import (
-    TYPES,
-    GGUFFile,
-    GGUFTensor,
-    read_gguf,
-    tensor_nbytes,
-)
+from moeedge.formats.gguf_file import TYPES, GGUFFile, GGUFTensor, tensor_nbytes
 from moeedge.formats.gguf_quants import dequantize
+from moeedge.formats.gguf_split import read_gguf_model
 from moeedge.formats.gguf_vocab import tokenizer_factory
 from moeedge.formats.hf_config import DecoderConfig
 from moeedge.formats.quant_tensor import QuantTensor
 from moeedge.formats.safetensors_file import TensorInfo, read_tensor
 from moeedge.keys import ExpertKey
-
 TOP_LEVEL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
 PER_LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -199,7 +184,7 @@ def _expert_layout(f: GGUFFile, cfg: DecoderConfig):
             packed += per_expert
         parts[layer] = layout
         for e in range(cfg.n_experts):
-            ranges[ExpertKey(layer, e).packed] = [(0, t.offset + e * p.nbytes, p.nbytes)
+            ranges[ExpertKey(layer, e).packed] = [(t.file, t.offset + e * p.nbytes, p.nbytes)
                                                   for t, p in zip(tensors.values(), layout)]
     return ranges, parts
 
@@ -215,7 +200,7 @@ def _read_dense(f: GGUFFile, cfg: DecoderConfig, dense: dict[str, GGUFTensor], n
     t = dense[name]
     _, dtype, quant, _, _ = TYPES[t.ggml_type]
     shape = (t.shape[0], t.nbytes // t.shape[0]) if quant else t.shape  # quantized rows: whole blocks each
-    w = read_tensor(TensorInfo(t.name, f.path, t.offset, t.nbytes, dtype, shape))
+    w = read_tensor(TensorInfo(t.name, f.paths[t.file], t.offset, t.nbytes, dtype, shape))
     if cfg.family == "mixtral" and name.endswith("q_proj.weight"):  # only LlamaModel permutes
         w = _unpermute(w, cfg.n_heads)
     elif cfg.family == "mixtral" and name.endswith("k_proj.weight"):
@@ -230,27 +215,15 @@ def _read_dense(f: GGUFFile, cfg: DecoderConfig, dense: dict[str, GGUFTensor], n
 def _locate(f: GGUFFile, dense: dict[str, GGUFTensor], name: str) -> StoredTensor:
     t = dense[name]
     _, dtype, quant, _, _ = TYPES[t.ggml_type]
-    return StoredTensor(TensorInfo(t.name, f.path, t.offset, t.nbytes, dtype, t.shape), quant)
-
-
-def _refuse_split(f: GGUFFile) -> None:
-    """A model split over several files (llama-gguf-split: NAME-00001-of-00003.gguf) holds
-    only some tensors in each: refused by name, with the command that joins it."""
-    count, no = f.metadata.get("split.count", 1), f.metadata.get("split.no")
-    if isinstance(count, int) and count > 1:
-        part = no + 1 if isinstance(no, int) else "?"
-        raise CheckpointError(f"{f.path}: part {part} of a GGUF model split in "
-                              f"{count} files; moeedge reads one-file GGUFs: join the parts with `llama-gguf-split "
-                              f"--merge {Path(f.path).name} merged.gguf`")
+    return StoredTensor(TensorInfo(t.name, f.paths[t.file], t.offset, t.nbytes, dtype, t.shape), quant)
 
 
 def open_gguf(path: str | os.PathLike) -> Checkpoint:
-    f = read_gguf(Path(path))
-    _refuse_split(f)
+    f = read_gguf_model(Path(path))
     cfg = gguf_config(f)
     dense = _check_tensors(f, cfg)
     ranges, parts = _expert_layout(f, cfg)
-    return Checkpoint(source=f.path, config=cfg, files=[f.path], expert_ranges=ranges, expert_parts=parts,
+    return Checkpoint(source=f.path, config=cfg, files=list(f.paths), expert_ranges=ranges, expert_parts=parts,
                       dense_names=sorted(dense), read_dense=functools.partial(_read_dense, f, cfg, dense),
                       dense_numel=sum(math.prod(t.shape) for t in dense.values()),
                       dense_nbytes=sum(t.nbytes for t in dense.values()),

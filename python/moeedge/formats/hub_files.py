@@ -116,13 +116,12 @@ def _select_gguf(ref: RepoRef, ggufs: list[str], where: str) -> Selection:
                               f"download the one you want and pass its path")
     parts = sorted(matching)
     split = SPLIT.fullmatch(PurePosixPath(parts[0]).name)
-    if split:
+    if split:  # every part is needed (moeedge.formats.gguf_split reads them as one model)
         count = int(split.group("count"))
-        # Refused before gigabytes are fetched: moeedge.formats.gguf_checkpoint reads one-file GGUFs.
-        raise CheckpointError(f"{ref}: {where} holds that model split in {count} GGUF files ({shown(parts[0])}, "
-                              f"...); moeedge reads one-file GGUFs: download the parts, join them with "
-                              f"`llama-gguf-split --merge {PurePosixPath(parts[0]).name} merged.gguf` and pass "
-                              f"merged.gguf's path")
+        present = {int(m.group("no")) for n in parts if (m := SPLIT.fullmatch(PurePosixPath(n).name))}
+        if present != set(range(1, count + 1)) or len(parts) != count:
+            raise CheckpointError(f"{ref}: {where} holds parts {sorted(present)} of the {count}-part split GGUF "
+                                  f"{shown(parts[0])}; all {count} are needed")
     return Selection("gguf", tuple(parts), parts[0])
 
 
