@@ -140,8 +140,17 @@ def test_incomplete_snapshot_is_not_used_offline(hf_env, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     snapshot = cache_repo(hf_env, "org/tiny", {"config.json": CONFIG, "model.safetensors": b"a"})
     os.unlink(os.path.realpath(snapshot / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="is not in the Hugging Face cache"):
+    with pytest.raises(CheckpointError, match=r"^org/tiny: the cached snapshot .* lacks 'model.safetensors' \(a "
+                                              r"download cut short, or deleted blobs\); HF_HUB_OFFLINE is set"):
         resolve("org/tiny")
+
+
+def test_cached_gguf_repo_without_the_tag_says_which_it_has(hf_env, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache_repo(hf_env, "org/m-GGUF", {"m-Q4_K_M.gguf": b"GGUF4"})
+    with pytest.raises(CheckpointError, match=r"^org/m-GGUF:Q8_0: the cached snapshot .* has no GGUF file for quant "
+                                              r"tag :Q8_0; its tags: Q4_K_M .*HF_HUB_OFFLINE is set"):
+        resolve("org/m-GGUF:Q8_0")
 
 
 def test_snapshot_symlink_escaping_the_repo_folder_is_refused(hf_env, monkeypatch, tmp_path):

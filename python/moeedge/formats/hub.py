@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from moeedge.formats.errors import CheckpointError, brief, shown
+from moeedge.formats.errors import CheckpointError, brief, shown, shown_list
 from moeedge.formats.hub_files import (
     COMMIT,
     RepoRef,
@@ -55,32 +55,38 @@ def resolve(source: str) -> Path:
         raise CheckpointError(f"{shown(source)}: no such file or directory, and not a Hugging Face repo id "
                               f"(org/name, org/name@revision or org/name:QUANT)")
     cache = cache_dir()
-    found = cached(ref, cache)
+    found, lacking = cached(ref, cache)
     if found is not None:
         return found
+    if offline() and lacking:
+        raise CheckpointError(f"{ref}: {lacking}; HF_HUB_OFFLINE is set, so it cannot be fetched (unset it and "
+                              f"run once online)")
     if offline():
         raise CheckpointError(f"{ref} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set: "
                               f"download it online once, or unset HF_HUB_OFFLINE")
     return download(ref, cache)
 
 
-def cached(ref: RepoRef, cache: Path) -> Path | None:
-    """The checkpoint from the cache where the revision's snapshot holds all of it, else None."""
+def cached(ref: RepoRef, cache: Path) -> tuple[Path | None, str | None]:
+    """(the checkpoint, None) from the cache where the revision's snapshot holds all of it;
+    else (None, what the cached snapshot lacks), or (None, None) where there is none."""
     folder = repo_folder(ref, cache)
     snapshot = _snapshot(ref, folder)
     if snapshot is None:
-        return None
+        return None, None
     # The repo's listing at that commit, which huggingface_hub keeps (trees/<commit>.json)
     # before it downloads: a download cut short leaves a snapshot lacking some shards.
     listing = _tree_listing(folder, snapshot.name)
     try:
         chosen = select(ref, listing if listing is not None else _files(snapshot),
                         f"the cached snapshot {snapshot}")
-    except CheckpointError:
-        return None  # perhaps a partial download: the hub's listing decides
-    if not _complete(snapshot, chosen):
-        return None
-    return _checked(snapshot, chosen)
+    except CheckpointError as e:  # perhaps a partial download: online, the hub's listing decides
+        return None, str(e).removeprefix(f"{ref}: ")
+    missing = _missing(snapshot, chosen)
+    if missing:
+        return None, (f"the cached snapshot {snapshot} lacks {shown_list(missing)} (a download cut short, or "
+                      f"deleted blobs)")
+    return _checked(snapshot, chosen), None
 
 
 def _snapshot(ref: RepoRef, folder: Path) -> Path | None:
@@ -125,17 +131,21 @@ def _files(snapshot: Path) -> list[str]:
     return sorted(names)
 
 
-def _complete(snapshot: Path, chosen: Selection) -> bool:
-    """Every file the checkpoint needs is there (a broken symlink: a blob still downloading
-    or deleted, is not): the chosen files, and the shards an index names."""
+def _missing(snapshot: Path, chosen: Selection) -> list[str]:
+    """The files the checkpoint needs that are not there (a broken symlink: a blob still
+    downloading or deleted, is not): of the chosen files, and the shards an index names."""
     needed = list(chosen.files)
     if chosen.kind == "safetensors":
         raw = _small_json(snapshot / "model.safetensors.index.json")
         weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if isinstance(weight_map, dict):  # HFDirectory reports a malformed index when it reads it
             needed += [n for n in set(weight_map.values()) if isinstance(n, str)]
+    return sorted({n for n in needed if not _is_file(snapshot / n)})
+
+
+def _is_file(path: Path) -> bool:
     try:
-        return all(os.path.isfile(snapshot / n) for n in needed)
+        return os.path.isfile(path)
     except (OSError, ValueError):  # a name with a NUL, or too long
         return False
 
