@@ -2,6 +2,7 @@
 lays it out (offline), and downloaded from a stand-in hub on loopback (HF_ENDPOINT)."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -303,6 +304,8 @@ def test_cli_runs_a_model_by_name_from_an_offline_cache(hf_env, monkeypatch, tin
     by_name = capsys.readouterr().out
     assert main(["run", str(tiny_model), *args]) == 0
     assert by_name == capsys.readouterr().out and by_name.strip()
+    assert main(["info", "org/tiny-moe", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["source"].endswith(f"models--org--tiny-moe/snapshots/{StubRepo({}).commit}")
 
 
 def test_cli_model_not_cached_offline_exits_2(hf_env, monkeypatch, capsys):
