@@ -64,7 +64,8 @@ def _cmd_bench_io(args: argparse.Namespace) -> int:
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", default=None,
-                   help="Hugging Face checkpoint directory or .gguf file (default: the bundled model)")
+                   help="Hugging Face checkpoint directory, .gguf file, or hub repo id (org/name, org/name@revision, "
+                        "org/name-GGUF:Q4_K_M) (default: the bundled model)")
     p.add_argument("--memory-budget", default="auto", type=_budget,
                    help="memory the whole process may use, e.g. 1.5GiB, or min: the smallest workable "
                         "(default: auto)")

@@ -21,10 +21,11 @@ COPIED = ("config.json", "generation_config.json", "moeedge_predictor.safetensor
 def open_decoder_source(source, command: str) -> Checkpoint:
     """The source checkpoint if `command` can derive from it: a Hugging Face directory of a
     decoder-only MoE that is not already a derived variant (ValueError saying why not)."""
-    from moeedge.formats.open import open_checkpoint
+    from moeedge.formats.open import open_checkpoint, resolve_source
     from moeedge.formats.quant_checkpoint import QUANT_FILE
 
-    if source is not None and Path(source).is_file():
+    source = resolve_source(source)  # a repo id: its snapshot, or the GGUF file its tag names
+    if Path(source).is_file():
         raise ValueError(f"{source}: {command} reads Hugging Face checkpoint directories (Mixtral, Qwen2-MoE, "
                          f"OLMoE); GGUF files are not supported")
     ckpt = open_checkpoint(source)

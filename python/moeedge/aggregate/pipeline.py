@@ -18,7 +18,7 @@ from moeedge.aggregate.clustering import merge_tree
 from moeedge.aggregate.layer import MoeLayer, read_layer
 from moeedge.aggregate.merge import usage_weights
 from moeedge.aggregate.targets import choose_levels
-from moeedge.formats.open import open_checkpoint
+from moeedge.formats.open import open_checkpoint, resolve_source
 from moeedge.derived import check_output, open_decoder_source, publish
 from moeedge.evaluate import DEFAULT_WINDOW, evaluate
 from moeedge.formats.checkpoint import Checkpoint
@@ -35,7 +35,8 @@ EVAL_TOKENS = 8192
 def open_source(source) -> Checkpoint:
     """A Switch Transformers directory that is not already a variant, or a decoder source
     as moeedge.derived.open_decoder_source checks it (ValueError saying why not)."""
-    if source is None or not Path(source).is_dir():
+    source = resolve_source(source)
+    if not source.is_dir():
         return open_decoder_source(source, "aggregate")
     ckpt = open_checkpoint(source)
     if not isinstance(ckpt.config, SwitchConfig):

@@ -1,5 +1,6 @@
 """GGUF files as llama.cpp and its converter write them, for Mixtral-style models
-(architecture "llama" with llama.expert_count). The metadata and the tensor table are
+(architecture "llama" with llama.expert_count) and Qwen2-MoE ("qwen2moe": a shared
+expert beside the routed ones, q/k/v biases). The metadata and the tensor table are
 parsed and validated by moeedge.formats.gguf_file, the model they describe checked
 here before anything is trusted; tensors are then located by absolute file offset and
 read with pread, like safetensors.
@@ -25,8 +26,10 @@ from moeedge.formats.checkpoint import Checkpoint, ExpertPart, StoredTensor
 from moeedge.formats.config_fields import (MAX_CONTEXT, MAX_EXPERTS, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS,
                                            MAX_VOCAB, MAX_WIDTH, REQUIRED, Fields)
 from moeedge.formats.errors import CheckpointError, shown, shown_name
-from moeedge.formats.gguf_file import TYPES, GGUFFile, GGUFTensor, read_gguf, tensor_nbytes
+from moeedge.formats.gguf_file import TYPES, GGUFFile, GGUFTensor, tensor_nbytes
 from moeedge.formats.gguf_quants import dequantize
+from moeedge.formats.gguf_split import read_gguf_model
+from moeedge.formats.gguf_vocab import tokenizer_factory
 from moeedge.formats.hf_config import DecoderConfig
 from moeedge.formats.quant_tensor import QuantTensor
 from moeedge.formats.safetensors_file import TensorInfo, read_tensor
@@ -35,66 +38,81 @@ TOP_LEVEL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weig
              "output.weight": "lm_head.weight"}
 PER_LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
              "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-             "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-             "ffn_gate_inp.weight": "block_sparse_moe.gate.weight"}
+             "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight"}
+# GGUF architecture -> (moeedge family, its router's name, tensors only it has)
+ARCHS = {
+    "llama": ("mixtral", "block_sparse_moe.gate.weight", {}),
+    "qwen2moe": ("qwen2_moe", "mlp.gate.weight", {
+        "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+        "attn_v.bias": "self_attn.v_proj.bias", "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+        "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+        "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+        "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight"}),
+}
 EXPERTS = {"gate": "ffn_gate_exps.weight", "up": "ffn_up_exps.weight", "down": "ffn_down_exps.weight"}
-SUPPORTED_MODELS = "architecture 'llama' with llama.expert_count (Mixtral), experts stacked in blk.N.ffn_*_exps"
+SUPPORTED_MODELS = ("architecture 'llama' with llama.expert_count (Mixtral) or 'qwen2moe' (Qwen2-MoE), experts "
+                    "stacked in blk.N.ffn_*_exps")
 
 
 def gguf_config(f: GGUFFile) -> DecoderConfig:
     """The model the metadata describes, every value checked before anything is sized by it."""
     arch = f.metadata.get("general.architecture")
-    if arch != "llama":
+    if arch not in ARCHS:
         raise CheckpointError(f"{f.path}: GGUF architecture {shown(arch)} is not supported; "
                               f"supported: {SUPPORTED_MODELS}")
-    if not f.metadata.get("llama.expert_count"):
-        raise CheckpointError(f"{f.path}: a dense llama model (no llama.expert_count): moeedge runs Mixture-of-Experts "
+    if not f.metadata.get(f"{arch}.expert_count"):
+        raise CheckpointError(f"{f.path}: a dense {arch} model (no {arch}.expert_count): moeedge runs Mixture-of-Experts "
                               f"models; supported: {SUPPORTED_MODELS}")
-    scaling = f.metadata.get("llama.rope.scaling.type", "none")
+    scaling = f.metadata.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in f.tensors:
         raise CheckpointError(f"{f.path}: RoPE scaling ({shown(scaling)}, rope_freqs) is not supported "
                               f"(only the default RoPE)")
     m = Fields(f.metadata, f"{f.path}: GGUF metadata", f"{f.path}: GGUF metadata lacks")
-    n_layers = m.count("llama.block_count", MAX_LAYERS)
-    hidden, n_heads, n_kv, head_dim = _attention_shape(f, m)
-    n_experts, top_k = m.count("llama.expert_count", MAX_EXPERTS), m.count("llama.expert_used_count", MAX_EXPERTS)
+    n_layers = m.count(f"{arch}.block_count", MAX_LAYERS)
+    hidden, n_heads, n_kv, head_dim = _attention_shape(f, m, arch)
+    n_experts, top_k = m.count(f"{arch}.expert_count", MAX_EXPERTS), m.count(f"{arch}.expert_used_count", MAX_EXPERTS)
     if top_k > n_experts:
         raise CheckpointError(f"{f.path}: inconsistent GGUF metadata: {n_experts=} {top_k=}")
-    vocab = _vocab(f, m)
+    vocab = _vocab(f, m, arch)
     eos = [m.token_id(k, vocab) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
            if k in f.metadata]
     gate = f.tensors.get(f"blk.0.{EXPERTS['gate']}")
-    _, dtype, quant, _, _ = TYPES[gate.ggml_type] if gate else TYPES[0]
+    _, dtype, _, _, _ = TYPES[gate.ggml_type] if gate else TYPES[0]
+    qwen = arch == "qwen2moe"
+    # Qwen2-MoE: the experts' width is expert_feed_forward_length; llama.cpp does not
+    # renormalise the top-k weights (norm_w false), as Qwen1.5-MoE's norm_topk_prob.
+    width = m.count(f"{arch}.expert_feed_forward_length" if qwen else f"{arch}.feed_forward_length", MAX_WIDTH)
     return DecoderConfig(
-        family="mixtral", n_layers=n_layers, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
-        vocab=vocab, n_experts=n_experts, top_k=top_k,
-        expert_intermediate=m.count("llama.feed_forward_length", MAX_WIDTH), moe_layers=list(range(n_layers)),
-        norm_topk_prob=True, rms_eps=m.number("llama.attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=m.number("llama.rope.freq_base", 10000.0),
-        max_position=m.count("llama.context_length", MAX_CONTEXT, 4096),
+        family=ARCHS[arch][0], n_layers=n_layers, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv,
+        head_dim=head_dim, vocab=vocab, n_experts=n_experts, top_k=top_k,
+        expert_intermediate=width, moe_layers=list(range(n_layers)),
+        shared_expert_intermediate=m.count(f"{arch}.expert_shared_feed_forward_length", MAX_WIDTH) if qwen else 0,
+        qkv_bias=qwen, norm_topk_prob=not qwen, rms_eps=m.number(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=m.number(f"{arch}.rope.freq_base", 10000.0),
+        max_position=m.count(f"{arch}.context_length", MAX_CONTEXT, 4096),
         tie_embeddings="output.weight" not in f.tensors,
         bos_token_id=m.token_id("tokenizer.ggml.bos_token_id", vocab), eos_token_ids=list(dict.fromkeys(eos)),
         dtype=dtype)
 
 
-def _attention_shape(f: GGUFFile, m: Fields) -> tuple[int, int, int, int]:
+def _attention_shape(f: GGUFFile, m: Fields, arch: str) -> tuple[int, int, int, int]:
     """(hidden, heads, kv heads, head dim), each checked and consistent."""
-    hidden, n_heads = m.count("llama.embedding_length", MAX_WIDTH), m.count("llama.attention.head_count", MAX_HEADS)
-    n_kv = m.count("llama.attention.head_count_kv", MAX_HEADS, n_heads)
+    hidden, n_heads = m.count(f"{arch}.embedding_length", MAX_WIDTH), m.count(f"{arch}.attention.head_count", MAX_HEADS)
+    n_kv = m.count(f"{arch}.attention.head_count_kv", MAX_HEADS, n_heads)
     if n_heads % n_kv:
         raise CheckpointError(f"{f.path}: inconsistent GGUF metadata: {hidden=} {n_heads=} {n_kv=}")
-    head_dim = m.count("llama.attention.key_length", MAX_HEAD_DIM, hidden // n_heads, minimum=0)
-    if head_dim == 0 or head_dim % 2 or m.count("llama.attention.value_length", MAX_HEAD_DIM, head_dim) != head_dim:
+    head_dim = m.count(f"{arch}.attention.key_length", MAX_HEAD_DIM, hidden // n_heads, minimum=0)
+    if head_dim == 0 or head_dim % 2 or m.count(f"{arch}.attention.value_length", MAX_HEAD_DIM, head_dim) != head_dim:
         raise CheckpointError(f"{f.path}: head dimension {head_dim} (key_length/value_length) is not supported")
-    rope_dim = m.count("llama.rope.dimension_count", MAX_HEAD_DIM, head_dim)
+    rope_dim = m.count(f"{arch}.rope.dimension_count", MAX_HEAD_DIM, head_dim)
     if rope_dim != head_dim:
-        raise CheckpointError(f"{f.path}: partial rotary embeddings (llama.rope.dimension_count {rope_dim}, "
+        raise CheckpointError(f"{f.path}: partial rotary embeddings ({arch}.rope.dimension_count {rope_dim}, "
                               f"head dimension {head_dim}) are not supported")
     return hidden, n_heads, n_kv, head_dim
 
 
-def _vocab(f: GGUFFile, m: Fields) -> int:
-    """The embedded vocabulary's size, else llama.vocab_size, else the embedding's rows."""
+def _vocab(f: GGUFFile, m: Fields, arch: str) -> int:
+    """The embedded vocabulary's size, else ARCH.vocab_size, else the embedding's rows."""
     tokens = f.metadata.get("tokenizer.ggml.tokens")
     if isinstance(tokens, list):
         if not 1 <= len(tokens) <= MAX_VOCAB:
@@ -102,22 +120,32 @@ def _vocab(f: GGUFFile, m: Fields) -> int:
                                   f"moeedge reads vocabularies of 1 to {MAX_VOCAB}")
         return len(tokens)
     embed = f.tensors.get("token_embd.weight")
-    return m.count("llama.vocab_size", MAX_VOCAB, embed.shape[0] if embed else REQUIRED)
+    return m.count(f"{arch}.vocab_size", MAX_VOCAB, embed.shape[0] if embed else REQUIRED)
+
+
+def _layer_names(cfg: DecoderConfig) -> dict[str, str]:
+    """GGUF per-layer short name -> the Hugging Face name after model.layers.N., for cfg's family."""
+    _, router, extra = next(a for a in ARCHS.values() if a[0] == cfg.family)
+    return {**PER_LAYER, "ffn_gate_inp.weight": router, **extra}
 
 
 def _expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
-    """GGUF short name (without blk.N.) -> torch shape."""
-    H, V, E, I = cfg.hidden, cfg.vocab, cfg.n_experts, cfg.expert_intermediate
+    """GGUF short name (without blk.N.) -> torch shape, of the tensors cfg's family has."""
+    H, V, E, I, S = cfg.hidden, cfg.vocab, cfg.n_experts, cfg.expert_intermediate, cfg.shared_expert_intermediate
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return {"token_embd.weight": (V, H), "output.weight": (V, H), "output_norm.weight": (H,),
-            "attn_norm.weight": (H,), "ffn_norm.weight": (H,), "attn_q.weight": (q, H), "attn_k.weight": (kv, H),
-            "attn_v.weight": (kv, H), "attn_output.weight": (H, q), "ffn_gate_inp.weight": (E, H),
-            "ffn_gate_exps.weight": (E, I, H), "ffn_up_exps.weight": (E, I, H), "ffn_down_exps.weight": (E, H, I)}
+    shapes = {"token_embd.weight": (V, H), "output.weight": (V, H), "output_norm.weight": (H,),
+              "attn_norm.weight": (H,), "ffn_norm.weight": (H,), "attn_q.weight": (q, H), "attn_k.weight": (kv, H),
+              "attn_v.weight": (kv, H), "attn_output.weight": (H, q), "ffn_gate_inp.weight": (E, H),
+              "ffn_gate_exps.weight": (E, I, H), "ffn_up_exps.weight": (E, I, H), "ffn_down_exps.weight": (E, H, I),
+              "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,), "ffn_gate_inp_shexp.weight": (1, H),
+              "ffn_gate_shexp.weight": (S, H), "ffn_up_shexp.weight": (S, H), "ffn_down_shexp.weight": (H, S)}
+    known = {*TOP_LEVEL, *_layer_names(cfg), *EXPERTS.values()}
+    return {k: v for k, v in shapes.items() if k in known}
 
 
 def _check_tensors(f: GGUFFile, cfg: DecoderConfig) -> dict[str, GGUFTensor]:
     """Every tensor known, present and of the shape the metadata implies; returns HF name -> dense tensor."""
-    shapes, dense = _expected_shapes(cfg), {}
+    shapes, per_layer, dense = _expected_shapes(cfg), _layer_names(cfg), {}
     for name, t in f.tensors.items():
         m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
         short = m.group(2) if m else name
@@ -132,10 +160,10 @@ def _check_tensors(f: GGUFFile, cfg: DecoderConfig) -> dict[str, GGUFTensor]:
                                   f"{list(reversed(t.shape))}); the metadata implies {list(shapes[short])}")
         if short in TOP_LEVEL:
             dense[TOP_LEVEL[short]] = t
-        elif short in PER_LAYER:
-            dense[f"model.layers.{m.group(1)}.{PER_LAYER[short]}"] = t
+        elif short in per_layer:
+            dense[f"model.layers.{m.group(1)}.{per_layer[short]}"] = t
     wanted = [n for n in TOP_LEVEL if n != "output.weight"]
-    wanted += [f"blk.{layer}.{short}" for layer in range(cfg.n_layers) for short in (*PER_LAYER, *EXPERTS.values())]
+    wanted += [f"blk.{layer}.{short}" for layer in range(cfg.n_layers) for short in (*per_layer, *EXPERTS.values())]
     missing = [n for n in wanted if n not in f.tensors]
     if missing:
         raise CheckpointError(f"{f.path}: tensor {shown_name(missing[0])} is missing" +
@@ -156,7 +184,7 @@ def _expert_layout(f: GGUFFile, cfg: DecoderConfig):
             packed += per_expert
         parts[layer] = layout
         for e in range(cfg.n_experts):
-            ranges[ExpertKey(layer, e).packed] = [(0, t.offset + e * p.nbytes, p.nbytes)
+            ranges[ExpertKey(layer, e).packed] = [(t.file, t.offset + e * p.nbytes, p.nbytes)
                                                   for t, p in zip(tensors.values(), layout)]
     return ranges, parts
 
@@ -172,10 +200,10 @@ def _read_dense(f: GGUFFile, cfg: DecoderConfig, dense: dict[str, GGUFTensor], n
     t = dense[name]
     _, dtype, quant, _, _ = TYPES[t.ggml_type]
     shape = (t.shape[0], t.nbytes // t.shape[0]) if quant else t.shape  # quantized rows: whole blocks each
-    w = read_tensor(TensorInfo(t.name, f.path, t.offset, t.nbytes, dtype, shape))
-    if name.endswith("q_proj.weight"):
+    w = read_tensor(TensorInfo(t.name, f.paths[t.file], t.offset, t.nbytes, dtype, shape))
+    if cfg.family == "mixtral" and name.endswith("q_proj.weight"):  # only LlamaModel permutes
         w = _unpermute(w, cfg.n_heads)
-    elif name.endswith("k_proj.weight"):
+    elif cfg.family == "mixtral" and name.endswith("k_proj.weight"):
         w = _unpermute(w, cfg.n_kv_heads)
     if quant:
         if len(t.shape) != 2:
@@ -187,41 +215,17 @@ def _read_dense(f: GGUFFile, cfg: DecoderConfig, dense: dict[str, GGUFTensor], n
 def _locate(f: GGUFFile, dense: dict[str, GGUFTensor], name: str) -> StoredTensor:
     t = dense[name]
     _, dtype, quant, _, _ = TYPES[t.ggml_type]
-    return StoredTensor(TensorInfo(t.name, f.path, t.offset, t.nbytes, dtype, t.shape), quant)
-
-
-def _tokenizer_factory(f: GGUFFile):
-    """The tokenizer embedded in the file, for sentencepiece-style ("llama") vocabularies; None for others."""
-    m = f.metadata
-    if m.get("tokenizer.ggml.model") != "llama":
-        return None
-    tokens, scores, types = (m.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
-    if not (isinstance(tokens, list) and isinstance(scores, list) and isinstance(types, list)
-            and len(tokens) == len(scores) == len(types) and all(isinstance(t, str) for t in tokens)
-            and all(isinstance(x, (int, float)) for x in scores) and all(isinstance(t, int) for t in types)):
-        raise CheckpointError(f"{f.path}: tokenizer.ggml.tokens (strings), scores (numbers) and token_type "
-                              f"(integers) are missing, of other types or differ in length")
-    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
-        if key in m and not (isinstance(m[key], int) and 0 <= m[key] < len(tokens)):
-            raise CheckpointError(f"{f.path}: {key} = {shown(m[key])} is not a token id (vocabulary of {len(tokens)})")
-    from moeedge.tokenizer_gguf import GGUFTokenizer  # noqa: PLC0415 (the tokenizer imports formats' users)
-
-    eos = [m[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in m]
-    return functools.partial(GGUFTokenizer, tokens, scores, types, bos_id=m.get("tokenizer.ggml.bos_token_id"),
-                             eos_ids=list(dict.fromkeys(eos)),
-                             add_bos=bool(m.get("tokenizer.ggml.add_bos_token", True)),
-                             add_space_prefix=bool(m.get("tokenizer.ggml.add_space_prefix", True)),
-                             chat_template=m.get("tokenizer.chat_template"))
+    return StoredTensor(TensorInfo(t.name, f.paths[t.file], t.offset, t.nbytes, dtype, t.shape), quant)
 
 
 def open_gguf(path: str | os.PathLike) -> Checkpoint:
-    f = read_gguf(Path(path))
+    f = read_gguf_model(Path(path))
     cfg = gguf_config(f)
     dense = _check_tensors(f, cfg)
     ranges, parts = _expert_layout(f, cfg)
-    return Checkpoint(source=f.path, config=cfg, files=[f.path], expert_ranges=ranges, expert_parts=parts,
+    return Checkpoint(source=f.path, config=cfg, files=list(f.paths), expert_ranges=ranges, expert_parts=parts,
                       dense_names=sorted(dense), read_dense=functools.partial(_read_dense, f, cfg, dense),
                       dense_numel=sum(math.prod(t.shape) for t in dense.values()),
                       dense_nbytes=sum(t.nbytes for t in dense.values()),
-                      tokenizer_factory=_tokenizer_factory(f), locate=functools.partial(_locate, f, dense))
+                      tokenizer_factory=tokenizer_factory(f), locate=functools.partial(_locate, f, dense))
 

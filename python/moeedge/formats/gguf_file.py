@@ -8,7 +8,7 @@ import math
 import os
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ class GGUFTensor:
     shape: tuple[int, ...]  # torch order: GGUF lists ne[0], the innermost dimension, first
     offset: int             # absolute offset in the file
     nbytes: int
+    file: int = 0           # which of GGUFFile.paths holds it (a split model's part)
 
     @property
     def type_name(self) -> str:
@@ -57,6 +58,10 @@ class GGUFFile:
     path: str
     metadata: dict
     tensors: dict[str, GGUFTensor]
+    paths: list[str] = field(default_factory=list)  # every part's file; [path] unless split
+
+    def __post_init__(self):
+        self.paths = self.paths or [self.path]
 
 
 def tensor_nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:

@@ -1,6 +1,7 @@
 """One way to open a checkpoint: a Hugging Face directory (a decoder MoE, moeedge's
-quantized directory, an aggregated variant, a Switch Transformer), a .gguf file, or
-None for the bundled default model. The formats' modules each read one kind; which
+quantized directory, an aggregated variant, a Switch Transformer), a .gguf file, a
+Hugging Face repo id (moeedge.formats.hub: org/name, @revision, :QUANT), or None for
+the bundled default model. The formats' modules each read one kind; which
 one reads a source is decided here and nowhere else."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 from pathlib import Path
 
 from moeedge.default_model import default_model_path
+from moeedge.formats import hub
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.decoder_checkpoint import open_decoder
 from moeedge.formats.errors import CheckpointError, shown
@@ -21,13 +23,22 @@ SWITCH = "switch_transformers"
 SUPPORTED = DECODER_FAMILIES + (SWITCH,)
 
 
-def open_checkpoint(source: str | os.PathLike | None) -> Checkpoint:
-    """A Hugging Face directory or a .gguf file; CheckpointError says what was found otherwise."""
+def resolve_source(source: str | os.PathLike | None) -> Path:
+    """The local path a source names: itself where it exists (a path always wins over a
+    repo id), else the Hugging Face repo it names, from the cache or downloaded."""
     if source is None:
-        source = default_model_path()
+        return Path(default_model_path())
     path = Path(source)
+    if path.exists() or os.path.islink(path):
+        return path
+    return hub.resolve(os.fspath(source))
+
+
+def open_checkpoint(source: str | os.PathLike | None) -> Checkpoint:
+    """A Hugging Face directory, a .gguf file or a repo id; CheckpointError says what was found otherwise."""
+    path = resolve_source(source)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
+        raise CheckpointError(f"{path}: no such file or directory (a broken symlink)")
     if path.is_dir():
         return open_hf_directory(path)
     if path.suffix == ".gguf":

@@ -107,7 +107,7 @@ def build_predictor(name: str, model: str | None, predictor_file: str | None, tr
         raise ValueError(f"{source}: expert prediction covers decoder-only models")
     bundle = None
     if name in NEEDS_FILE:
-        path = Path(predictor_file) if predictor_file else Path(source) / FILENAME
+        path = Path(predictor_file) if predictor_file else Path(ckpt.source) / FILENAME  # a repo id: its snapshot
         if not path.is_file():
             raise ValueError(f"predictor {name!r} needs a trained predictor file; {path} does not exist "
                              f"(moeedge predict train)")

@@ -1,0 +1,132 @@
+"""GGUF byte-level BPE tokenizers (tokenizer.ggml.model "gpt2") and Qwen2-MoE GGUFs, on a
+tiny Qwen2-MoE converted by llama.cpp's own convert_hf_to_gguf.py (tests/fixtures/
+make_qwen_bpe_gguf.py made the fixture: the .gguf, the transformers tokenizer.json it was
+converted from, and transformers' token ids, logits and greedy tokens)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import moeedge
+import pytest
+import torch
+from gguf_fixtures import set_metadata_string
+from moeedge.formats.errors import CheckpointError
+from moeedge.formats.gguf_file import read_gguf
+from moeedge.formats.open import open_checkpoint
+from moeedge.tokenizer_gguf_bpe import GGUFBPETokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GGUF = FIXTURES / "qwen2moe-bpe.gguf"
+REFERENCE = json.loads((FIXTURES / "qwen2moe-bpe.json").read_text())
+MORE_TEXTS = ["Hello, World! 1234567 apples", "  \n\t  mixed \r\n whitespace\n\n", "naïve café 東京 🙂",
+              "x+=1; y-=22 // comment", "it's THEY'LL we'Re", "a  b   c    d", "trailing space "]
+
+
+@pytest.fixture(scope="module")
+def model():
+    with moeedge.load(GGUF, memory_budget="4GiB") as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(FIXTURES / "qwen2moe-bpe.tokenizer.json"))
+
+
+def test_token_ids_equal_transformers(model, hf_tokenizer):
+    assert REFERENCE["texts"] and len(REFERENCE["texts"]) == len(REFERENCE["ids"])
+    for text, ids in zip(REFERENCE["texts"], REFERENCE["ids"]):
+        assert model.tokenizer.encode(text) == ids, text
+    for text in MORE_TEXTS:
+        assert model.tokenizer.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False).ids, text
+
+
+def test_decode_inverts_encode(model):
+    for text in MORE_TEXTS:
+        assert model.tokenizer.decode(model.tokenizer.encode(text)) == text
+
+
+def test_special_tokens_as_the_file_says(model, hf_tokenizer):
+    tok = model.tokenizer
+    im_end = hf_tokenizer.token_to_id("<|im_end|>")
+    assert tok.bos_id is None  # no tokenizer.ggml.add_bos_token: llama.cpp adds none to a Qwen2 prompt
+    assert tok.eos_ids == [im_end] and im_end in model.eos_ids
+    ids = tok.encode_chat([{"role": "user", "content": "hi"}])
+    assert ids == hf_tokenizer.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+                                      add_special_tokens=False).ids
+    assert ids[0] == hf_tokenizer.token_to_id("<|im_start|>")
+    assert tok.decode([im_end]) == ""  # control tokens are not text
+
+
+def test_qwen2moe_gguf_matches_transformers(model):
+    logits = model.logits(REFERENCE["prompt"])
+    torch.testing.assert_close(logits, torch.tensor(REFERENCE["logits"]), atol=1e-3, rtol=0)
+    assert list(model.stream_ids(REFERENCE["prompt"], 8, temperature=0.0)) == REFERENCE["greedy"]
+    text = model.generate("def read_config(path):\n", max_new_tokens=8, temperature=0.0)
+    assert text == model.tokenizer.decode(REFERENCE["greedy"])
+
+
+def _file_vocab():
+    m = read_gguf(GGUF).metadata
+    return m["tokenizer.ggml.tokens"], m["tokenizer.ggml.token_type"], m["tokenizer.ggml.merges"]
+
+
+def _reference(split, ignore_merges=False):
+    """The fixture's BPE with another pre-tokenizer, as a tokenizer.json would hold it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokens, types, merges = _file_vocab()
+    vocab = {t: i for i, t in enumerate(tokens) if types[i] != 5}
+    tok = Tokenizer(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], ignore_merges=ignore_merges))
+    tok.pre_tokenizer = split if split is not None else pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+# Llama 3's tokenizer.json expression, which llama.cpp rewrites without (?i:...)
+LLAMA3_ORIGINAL = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe"])
+def test_other_pre_tokenizers_equal_their_tokenizer_json(pre):
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre == "gpt-2":  # GPT-2's own: byte-level with its expression
+        reference = _reference(None)
+    else:
+        reference = _reference(pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_ORIGINAL), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), ignore_merges=True)
+    tokens, types, merges = _file_vocab()
+    ours = GGUFBPETokenizer(tokens, types, merges, pre)
+    for text in REFERENCE["texts"] + MORE_TEXTS:
+        if "<|" in text or "\u0301" in text:
+            continue  # added tokens and NFC: not part of these references
+        assert ours.encode(text) == reference.encode(text, add_special_tokens=False).ids, (pre, text)
+
+
+@pytest.fixture
+def damaged(tmp_path):
+    path = tmp_path / "m.gguf"
+    shutil.copyfile(GGUF, path)
+    return path
+
+
+def test_unknown_pre_tokenizer_is_refused_by_name(damaged):
+    set_metadata_string(damaged, "tokenizer.ggml.pre", "qwen9")
+    with pytest.raises(CheckpointError, match=r"tokenizer.ggml.pre 'qwen9' is a pre-tokenizer moeedge does not "
+                                              r"know; known: .*llama-bpe.*olmo.*qwen2"):
+        open_checkpoint(damaged)
+
+
+def test_bad_merges_are_refused():
+    tokens, types, merges = _file_vocab()
+    with pytest.raises(CheckpointError, match=r"merges holds 'nospace', not two tokens separated by a space"):
+        GGUFBPETokenizer(tokens, types, [*merges, "nospace"], "qwen2")
+    with pytest.raises(CheckpointError, match=r"tokens and merges do not make a BPE vocabulary"):
+        GGUFBPETokenizer(tokens, types, [*merges, "zz\u0100 qq\u0101"], "qwen2")
