@@ -159,3 +159,29 @@ def test_bad_merges_are_refused():
         GGUFBPETokenizer(tokens, types, [*merges, "nospace"], "qwen2")
     with pytest.raises(CheckpointError, match=r"tokens and merges do not make a BPE vocabulary"):
         GGUFBPETokenizer(tokens, types, [*merges, "zz\u0100 qq\u0101"], "qwen2")
+
+
+@pytest.mark.slow  # runs llama.cpp's converter twice (each run imports torch and transformers)
+def test_fixtures_are_what_the_converter_makes(tmp_path):
+    """tests/fixtures/make_bpe_ggufs.py, run again, gives the committed tokenizers and tensor tables."""
+    import subprocess
+    import sys
+
+    from gguf_fixtures import ConverterUnavailable, converter_dir
+
+    try:
+        converter_dir()
+    except ConverterUnavailable as e:
+        pytest.skip(str(e))
+    subprocess.run([sys.executable, str(FIXTURES / "make_bpe_ggufs.py"), str(tmp_path)], check=True,
+                   capture_output=True, timeout=600)
+    for family in FAMILIES:
+        made, kept = read_gguf(tmp_path / f"{family}-bpe.gguf"), read_gguf(FIXTURES / f"{family}-bpe.gguf")
+        for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                    "tokenizer.ggml.token_type", "tokenizer.ggml.eos_token_id", "general.architecture"):
+            assert made.metadata[key] == kept.metadata[key], (family, key)
+        assert {n: (t.shape, t.ggml_type) for n, t in made.tensors.items()} == \
+               {n: (t.shape, t.ggml_type) for n, t in kept.tensors.items()}
+        made_ref = json.loads((tmp_path / f"{family}-bpe.json").read_text())
+        kept_ref = json.loads((FIXTURES / f"{family}-bpe.json").read_text())
+        assert made_ref["texts"] == kept_ref["texts"] and made_ref["ids"] == kept_ref["ids"]
