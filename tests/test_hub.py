@@ -42,7 +42,7 @@ def test_repo_ids_parse(text, ref):
     assert parse_ref(text) == ref
 
 
-@pytest.mark.parametrize("text", ["name", "a/b/c", "/abs/path", "./org/name", "org/na--me", "org/..",
+@pytest.mark.parametrize("text", ["name", "a/b/c", "models/mixtral.gguf", "out/model.safetensors", "/abs/path", "./org/name", "org/na--me", "org/..",
                                   "org/name@../../x", "org/name@", "org/name:", "~/models/x", "org/name@a//b"])
 def test_non_repo_ids_are_refused(text):
     assert parse_ref(text) is None
@@ -262,6 +262,16 @@ def test_gated_repo_names_hf_token(hf_env, monkeypatch):
         with pytest.raises(CheckpointError, match=r"^org/gated is a gated model: accept its terms at "
                                                   r"https://huggingface.co/org/gated, then set HF_TOKEN"):
             resolve("org/gated")
+
+
+def test_gated_repo_with_a_token_without_access(hf_env, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_not_granted")
+    with HubStub({"org/gated": StubRepo(FILES, gated=True)}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with pytest.raises(CheckpointError, match=r"^org/gated is a gated model and HF_TOKEN's token has no access "
+                                                  r"to it: accept its terms at https://huggingface.co/org/gated"):
+            resolve("org/gated")
+    assert hub.fetched == []
 
 
 def test_unknown_repo_says_so(hf_env, monkeypatch):
