@@ -165,6 +165,30 @@ def test_snapshot_symlink_escaping_the_repo_folder_is_refused(hf_env, monkeypatc
         resolve("org/evil")
 
 
+def test_snapshot_folder_symlinked_out_of_the_repo_folder_is_refused(hf_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = cache_repo(hf_env, "org/evil", {"README.md": b"x"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_bytes(CONFIG)
+    (elsewhere / "model.safetensors").write_bytes(b"w")
+    os.unlink(snapshot / "README.md")
+    snapshot.rmdir()
+    os.symlink(elsewhere, snapshot)
+    with pytest.raises(CheckpointError, match=r"a cached snapshot whose real path .* lies outside its repo's cache "
+                                              r"folder .*models--org--evil; refused"):
+        resolve("org/evil")
+
+
+def test_a_damaged_ref_is_refused(hf_env, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache_repo(hf_env, "org/tiny", {"config.json": CONFIG, "model.safetensors": b"a"})
+    (hf_env / "models--org--tiny" / "refs" / "main").write_text("../../../etc")
+    with pytest.raises(CheckpointError, match=r"refs/main: holds '../../../etc', not a commit hash \(a damaged "
+                                              r"cache: delete .*models--org--tiny\)"):
+        resolve("org/tiny")
+
+
 def test_symlink_into_another_repos_blobs_is_refused(hf_env, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     other = cache_repo(hf_env, "org/other", {"m-Q8_0.gguf": b"GGUF"})

@@ -151,8 +151,12 @@ def _is_file(path: Path) -> bool:
 
 
 def _checked(snapshot: Path, chosen: Selection) -> Path:
-    """The entry to open, once every chosen file is known to lie inside the repo's cache folder."""
-    root = trust_root(snapshot)
+    """The entry to open, once the snapshot and every chosen file are known to lie inside
+    the repo's cache folder (snapshots/<commit>/..: the folder the files' trust root must be)."""
+    folder, root = Path(os.path.realpath(snapshot.parent.parent)), trust_root(snapshot)
+    if root != folder:
+        raise CheckpointError(f"{snapshot}: a cached snapshot whose real path ({shown(os.path.realpath(snapshot))}) "
+                              f"lies outside its repo's cache folder {folder}; refused")
     for name in chosen.files:
         resolve_inside(root, snapshot, name, snapshot)
     return snapshot / chosen.entry if chosen.entry else snapshot
