@@ -306,6 +306,16 @@ def test_unknown_repo_says_so(hf_env, monkeypatch):
             resolve("org/nope")
 
 
+def test_unsupported_model_is_refused_before_its_weights_are_fetched(hf_env, monkeypatch):
+    files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"w" * 4096}
+    with HubStub({"org/dense": StubRepo(files)}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with pytest.raises(CheckpointError, match=r"config.json: model_type 'llama' is not supported; supported: "
+                                                  r"mixtral"):
+            open_checkpoint("org/dense")
+    assert hub.fetched == ["org/dense/config.json"]
+
+
 def test_hub_repo_of_pickles_is_refused_before_downloading(hf_env, monkeypatch):
     with HubStub({"org/old": StubRepo({"config.json": CONFIG, "pytorch_model.bin": b"p"})}) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
