@@ -352,6 +352,21 @@ def test_cli_runs_a_model_by_name_from_an_offline_cache(hf_env, monkeypatch, tin
     assert json.loads(capsys.readouterr().out)["source"].endswith(f"models--org--tiny-moe/snapshots/{StubRepo({}).commit}")
 
 
+def test_cli_runs_a_gguf_by_quant_tag_from_an_offline_cache(hf_env, monkeypatch, capsys):
+    from pathlib import Path
+
+    from moeedge.cli import main
+
+    fixture = Path(__file__).parent / "fixtures" / "qwen2moe-bpe.gguf"
+    cache_repo(hf_env, "org/tiny-GGUF", {"tiny-F16.gguf": fixture.read_bytes(), "README.md": b"x"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["--prompt", "def f(x):", "--max-new-tokens", "4", "--temperature", "0", "--memory-budget", "4GiB"]
+    assert main(["run", "org/tiny-GGUF:f16", *args]) == 0
+    by_name = capsys.readouterr().out
+    assert main(["run", str(fixture), *args]) == 0
+    assert by_name == capsys.readouterr().out and by_name.strip()
+
+
 def test_cli_model_not_cached_offline_exits_2(hf_env, monkeypatch, capsys):
     from moeedge.cli import main
 
