@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 class StubRepo:
     files: dict[str, bytes]
     commit: str = "0123456789abcdef0123456789abcdef01234567"
-    gated: bool = False
+    gated: bool = False  # files refused (401 GatedRepo); the listing is public, as on the hub
     branches: tuple[str, ...] = ("main",)
     broken: set[str] = field(default_factory=set)  # files the stub refuses (HTTP 500)
 
@@ -63,9 +63,6 @@ class HubStub:
                 if repo is None:
                     self._error(401, "RepoNotFound", "Repository not found")
                     return None
-                if repo.gated:
-                    self._error(401, "GatedRepo", "Access to model is restricted. You must have access to it.")
-                    return None
                 if revision not in (None, repo.commit, *repo.branches):
                     self._error(404, "RevisionNotFound", "Invalid rev id")
                     return None
@@ -93,6 +90,9 @@ class HubStub:
                     repo_id, revision, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
                     repo = self._repo(repo_id, revision)
                     if repo is None:
+                        return
+                    if repo.gated:  # as the hub: a gated repo's listing is public, its files are not
+                        self._error(401, "GatedRepo", "Access to model is restricted. You must have access to it.")
                         return
                     if name not in repo.files:
                         self._error(404, "EntryNotFound", "Entry not found")

@@ -42,7 +42,7 @@ def test_repo_ids_parse(text, ref):
     assert parse_ref(text) == ref
 
 
-@pytest.mark.parametrize("text", ["name", "a/b/c", "/abs/path", "./org/name", "org/na--me", "org/..",
+@pytest.mark.parametrize("text", ["name", "a/b/c", "models/mixtral.gguf", "out/model.safetensors", "/abs/path", "./org/name", "org/na--me", "org/..",
                                   "org/name@../../x", "org/name@", "org/name:", "~/models/x", "org/name@a//b"])
 def test_non_repo_ids_are_refused(text):
     assert parse_ref(text) is None
@@ -165,6 +165,30 @@ def test_snapshot_symlink_escaping_the_repo_folder_is_refused(hf_env, monkeypatc
         resolve("org/evil")
 
 
+def test_snapshot_folder_symlinked_out_of_the_repo_folder_is_refused(hf_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = cache_repo(hf_env, "org/evil", {"README.md": b"x"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_bytes(CONFIG)
+    (elsewhere / "model.safetensors").write_bytes(b"w")
+    os.unlink(snapshot / "README.md")
+    snapshot.rmdir()
+    os.symlink(elsewhere, snapshot)
+    with pytest.raises(CheckpointError, match=r"a cached snapshot whose real path .* lies outside its repo's cache "
+                                              r"folder .*models--org--evil; refused"):
+        resolve("org/evil")
+
+
+def test_a_damaged_ref_is_refused(hf_env, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache_repo(hf_env, "org/tiny", {"config.json": CONFIG, "model.safetensors": b"a"})
+    (hf_env / "models--org--tiny" / "refs" / "main").write_text("../../../etc")
+    with pytest.raises(CheckpointError, match=r"refs/main: holds '../../../etc', not a commit hash \(a damaged "
+                                              r"cache: delete .*models--org--tiny\)"):
+        resolve("org/tiny")
+
+
 def test_symlink_into_another_repos_blobs_is_refused(hf_env, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     other = cache_repo(hf_env, "org/other", {"m-Q8_0.gguf": b"GGUF"})
@@ -264,12 +288,32 @@ def test_gated_repo_names_hf_token(hf_env, monkeypatch):
             resolve("org/gated")
 
 
+def test_gated_repo_with_a_token_without_access(hf_env, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_not_granted")
+    with HubStub({"org/gated": StubRepo(FILES, gated=True)}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with pytest.raises(CheckpointError, match=r"^org/gated is a gated model and HF_TOKEN's token has no access "
+                                                  r"to it: accept its terms at https://huggingface.co/org/gated"):
+            resolve("org/gated")
+    assert hub.fetched == []
+
+
 def test_unknown_repo_says_so(hf_env, monkeypatch):
     with HubStub({}) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         with pytest.raises(CheckpointError, match=r"^org/nope: no such local path, and no such model on the hub, "
                                                   r"or it is private \(set HF_TOKEN"):
             resolve("org/nope")
+
+
+def test_unsupported_model_is_refused_before_its_weights_are_fetched(hf_env, monkeypatch):
+    files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"w" * 4096}
+    with HubStub({"org/dense": StubRepo(files)}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with pytest.raises(CheckpointError, match=r"config.json: model_type 'llama' is not supported; supported: "
+                                                  r"mixtral"):
+            open_checkpoint("org/dense")
+    assert hub.fetched == ["org/dense/config.json"]
 
 
 def test_hub_repo_of_pickles_is_refused_before_downloading(hf_env, monkeypatch):
@@ -306,6 +350,21 @@ def test_cli_runs_a_model_by_name_from_an_offline_cache(hf_env, monkeypatch, tin
     assert by_name == capsys.readouterr().out and by_name.strip()
     assert main(["info", "org/tiny-moe", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["source"].endswith(f"models--org--tiny-moe/snapshots/{StubRepo({}).commit}")
+
+
+def test_cli_runs_a_gguf_by_quant_tag_from_an_offline_cache(hf_env, monkeypatch, capsys):
+    from pathlib import Path
+
+    from moeedge.cli import main
+
+    fixture = Path(__file__).parent / "fixtures" / "qwen2moe-bpe.gguf"
+    cache_repo(hf_env, "org/tiny-GGUF", {"tiny-F16.gguf": fixture.read_bytes(), "README.md": b"x"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["--prompt", "def f(x):", "--max-new-tokens", "4", "--temperature", "0", "--memory-budget", "4GiB"]
+    assert main(["run", "org/tiny-GGUF:f16", *args]) == 0
+    by_name = capsys.readouterr().out
+    assert main(["run", str(fixture), *args]) == 0
+    assert by_name == capsys.readouterr().out and by_name.strip()
 
 
 def test_cli_model_not_cached_offline_exits_2(hf_env, monkeypatch, capsys):

@@ -194,6 +194,9 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
          threads: int | None = None, n_sequences: int = 1) -> MoeModel:
     """Open a checkpoint and plan it into memory_budget (the whole process's memory).
 
+    source: a Hugging Face directory, a .gguf file, a hub repo id ("org/name",
+    "org/name@revision", "org/name-GGUF:Q4_K_M": from the hub cache, else downloaded; see
+    docs/models.md), or None for the bundled model.
     predictor: what guesses the experts of the next layers (moeedge.predict): "stale-gate",
     "learned", "history", "frequency", "previous", "auto" (the best available), or None;
     its guesses feed policy="predicted"'s eviction, and with prefetch=True are also read

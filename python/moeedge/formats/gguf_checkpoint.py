@@ -1,6 +1,6 @@
 """GGUF files as llama.cpp and its converter write them, for Mixtral-style models
-(architecture "llama" with llama.expert_count) and Qwen2-MoE ("qwen2moe": a shared
-expert beside the routed ones, q/k/v biases). The metadata and the tensor table are
+(architecture "llama" with llama.expert_count), Qwen2-MoE ("qwen2moe": a shared expert
+beside the routed ones, q/k/v biases) and OLMoE ("olmoe": q/k norms). The metadata and the tensor table are
 parsed and validated by moeedge.formats.gguf_file, the model they describe checked
 here before anything is trusted; tensors are then located by absolute file offset and
 read with pread, like safetensors.
@@ -48,10 +48,12 @@ ARCHS = {
         "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
         "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
         "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight"}),
+    "olmoe": ("olmoe", "mlp.gate.weight", {
+        "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"}),
 }
 EXPERTS = {"gate": "ffn_gate_exps.weight", "up": "ffn_up_exps.weight", "down": "ffn_down_exps.weight"}
-SUPPORTED_MODELS = ("architecture 'llama' with llama.expert_count (Mixtral) or 'qwen2moe' (Qwen2-MoE), experts "
-                    "stacked in blk.N.ffn_*_exps")
+SUPPORTED_MODELS = ("architecture 'llama' with llama.expert_count (Mixtral), 'qwen2moe' (Qwen2-MoE) or 'olmoe' "
+                    "(OLMoE), experts stacked in blk.N.ffn_*_exps")
 
 
 def gguf_config(f: GGUFFile) -> DecoderConfig:
@@ -79,15 +81,17 @@ def gguf_config(f: GGUFFile) -> DecoderConfig:
     gate = f.tensors.get(f"blk.0.{EXPERTS['gate']}")
     _, dtype, _, _, _ = TYPES[gate.ggml_type] if gate else TYPES[0]
     qwen = arch == "qwen2moe"
-    # Qwen2-MoE: the experts' width is expert_feed_forward_length; llama.cpp does not
-    # renormalise the top-k weights (norm_w false), as Qwen1.5-MoE's norm_topk_prob.
-    width = m.count(f"{arch}.expert_feed_forward_length" if qwen else f"{arch}.feed_forward_length", MAX_WIDTH)
+    # The experts' width: expert_feed_forward_length where given (Qwen2-MoE), else the FFN's.
+    # llama.cpp renormalises the top-k weights for Mixtral only (norm_w), as transformers
+    # does by default (Qwen2-MoE's and OLMoE's norm_topk_prob is false).
+    width_key = f"{arch}.expert_feed_forward_length"
+    width = m.count(width_key if width_key in f.metadata else f"{arch}.feed_forward_length", MAX_WIDTH)
     return DecoderConfig(
         family=ARCHS[arch][0], n_layers=n_layers, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv,
         head_dim=head_dim, vocab=vocab, n_experts=n_experts, top_k=top_k,
         expert_intermediate=width, moe_layers=list(range(n_layers)),
         shared_expert_intermediate=m.count(f"{arch}.expert_shared_feed_forward_length", MAX_WIDTH) if qwen else 0,
-        qkv_bias=qwen, norm_topk_prob=not qwen, rms_eps=m.number(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        qkv_bias=qwen, norm_topk_prob=arch == "llama", rms_eps=m.number(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
         rope_theta=m.number(f"{arch}.rope.freq_base", 10000.0),
         max_position=m.count(f"{arch}.context_length", MAX_CONTEXT, 4096),
         tie_embeddings="output.weight" not in f.tensors,
@@ -138,7 +142,8 @@ def _expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
               "attn_v.weight": (kv, H), "attn_output.weight": (H, q), "ffn_gate_inp.weight": (E, H),
               "ffn_gate_exps.weight": (E, I, H), "ffn_up_exps.weight": (E, I, H), "ffn_down_exps.weight": (E, H, I),
               "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,), "ffn_gate_inp_shexp.weight": (1, H),
-              "ffn_gate_shexp.weight": (S, H), "ffn_up_shexp.weight": (S, H), "ffn_down_shexp.weight": (H, S)}
+              "ffn_gate_shexp.weight": (S, H), "ffn_up_shexp.weight": (S, H), "ffn_down_shexp.weight": (H, S),
+              "attn_q_norm.weight": (q,), "attn_k_norm.weight": (kv,)}
     known = {*TOP_LEVEL, *_layer_names(cfg), *EXPERTS.values()}
     return {k: v for k, v in shapes.items() if k in known}
 

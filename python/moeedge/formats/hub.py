@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from moeedge.formats.errors import CheckpointError, brief, shown, shown_list
@@ -47,9 +48,12 @@ def repo_folder(ref: RepoRef, cache: Path) -> Path:
     return cache / ("models--" + ref.repo_id.replace("/", "--"))
 
 
-def resolve(source: str) -> Path:
+def resolve(source: str, precheck: Callable[[Path], None] | None = None) -> Path:
     """The local checkpoint (a snapshot directory or a .gguf file) a repo id names;
-    CheckpointError (one line) where it is not a repo id, not cached offline, gated, ..."""
+    CheckpointError (one line) where it is not a repo id, not cached offline, gated, ...
+    precheck(snapshot) is called on a snapshot holding only config.json before a
+    safetensors repo's weights are downloaded: a model moeedge cannot run is refused
+    before gigabytes are fetched."""
     ref = parse_ref(source)
     if ref is None:
         raise CheckpointError(f"{shown(source)}: no such file or directory, and not a Hugging Face repo id "
@@ -64,7 +68,7 @@ def resolve(source: str) -> Path:
     if offline():
         raise CheckpointError(f"{ref} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set: "
                               f"download it online once, or unset HF_HUB_OFFLINE")
-    return download(ref, cache)
+    return download(ref, cache, precheck)
 
 
 def cached(ref: RepoRef, cache: Path) -> tuple[Path | None, str | None]:
@@ -151,14 +155,18 @@ def _is_file(path: Path) -> bool:
 
 
 def _checked(snapshot: Path, chosen: Selection) -> Path:
-    """The entry to open, once every chosen file is known to lie inside the repo's cache folder."""
-    root = trust_root(snapshot)
+    """The entry to open, once the snapshot and every chosen file are known to lie inside
+    the repo's cache folder (snapshots/<commit>/..: the folder the files' trust root must be)."""
+    folder, root = Path(os.path.realpath(snapshot.parent.parent)), trust_root(snapshot)
+    if root != folder:
+        raise CheckpointError(f"{snapshot}: a cached snapshot whose real path ({shown(os.path.realpath(snapshot))}) "
+                              f"lies outside its repo's cache folder {folder}; refused")
     for name in chosen.files:
         resolve_inside(root, snapshot, name, snapshot)
     return snapshot / chosen.entry if chosen.entry else snapshot
 
 
-def download(ref: RepoRef, cache: Path) -> Path:
+def download(ref: RepoRef, cache: Path, precheck: Callable[[Path], None] | None = None) -> Path:
     """Fetch the checkpoint's files into the cache (only those select() picks) and return
     it from there."""
     from huggingface_hub import HfApi, snapshot_download
@@ -172,6 +180,9 @@ def download(ref: RepoRef, cache: Path) -> Path:
         errors.downloading = True
         print(f"moeedge: downloading {ref} ({len(chosen.files)} files, {format_bytes(total)}) into {cache}",
               file=sys.stderr)
+        if precheck is not None and chosen.kind == "safetensors":
+            precheck(Path(snapshot_download(ref.repo_id, revision=ref.revision, cache_dir=cache, endpoint=endpoint,
+                                            allow_patterns=["config.json"])))
         snapshot = snapshot_download(ref.repo_id, revision=ref.revision, cache_dir=cache, endpoint=endpoint,
                                      allow_patterns=allow_patterns(chosen.files))
     return _checked(Path(snapshot), chosen)

@@ -26,6 +26,7 @@ CONFIG_FILES = ("config.json", "generation_config.json", "model.safetensors.inde
 # Never fetched: pickles (moeedge never unpickles) and Mistral's consolidated.* copies
 # of the same weights in another layout.
 NEVER = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "consolidated.*", "*/consolidated.*")
+FILE_SUFFIXES = (".gguf", ".safetensors", ".json", ".bin", ".pt", ".pth")
 SPLIT = re.compile(r"(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf", re.IGNORECASE)
 
 
@@ -45,6 +46,8 @@ def parse_ref(text: str) -> RepoRef | None:
     m = _REF.fullmatch(text)
     if m is None or any(bad in m.group("repo") for bad in ("--", "..")):
         return None
+    if m.group("repo").lower().endswith(FILE_SUFFIXES):
+        return None  # models/x.gguf is a path that does not exist, not a repo
     revision = m.group("revision") or DEFAULT_REVISION
     # A revision names a file under refs/ in the cache: no way out of it.
     if ".." in revision.split("/") or revision.startswith("/") or revision.endswith("/") or "//" in revision:

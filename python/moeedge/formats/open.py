@@ -31,7 +31,7 @@ def resolve_source(source: str | os.PathLike | None) -> Path:
     path = Path(source)
     if path.exists() or os.path.islink(path):
         return path
-    return hub.resolve(os.fspath(source))
+    return hub.resolve(os.fspath(source), precheck=_check_model_type)
 
 
 def open_checkpoint(source: str | os.PathLike | None) -> Checkpoint:
@@ -47,14 +47,20 @@ def open_checkpoint(source: str | os.PathLike | None) -> Checkpoint:
                           f"or a .gguf file)")
 
 
-def open_hf_directory(path: str | os.PathLike) -> Checkpoint:
-    """A Hugging Face directory, read by the module for its model_type and variant."""
+def _check_model_type(path: str | os.PathLike) -> tuple[HFDirectory, dict, str]:
+    """The directory, its config and its model_type, which moeedge must run."""
     directory = HFDirectory(path)
     raw = directory.config()
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or model_type not in SUPPORTED:
         raise CheckpointError(f"{directory.path / 'config.json'}: model_type {shown(model_type)} is not supported; "
                               f"supported: {', '.join(SUPPORTED)}")
+    return directory, raw, model_type
+
+
+def open_hf_directory(path: str | os.PathLike) -> Checkpoint:
+    """A Hugging Face directory, read by the module for its model_type and variant."""
+    directory, raw, model_type = _check_model_type(path)
     directory.check_side_files()
     if model_type == SWITCH:
         return open_switch(directory, raw)
