@@ -125,7 +125,7 @@ def test_chat_load_of_a_bad_file_says_why_and_goes_on(chat_model, tmp_path):
     (["run", "/no/such/model", "--prompt", "x"], "no such file or directory"),
     (["run", "{model}", "--prompt", "x", "--memory-budget", "10MB"], "below the smallest workable budget"),
     (["run", "{model}", "--prompt", "x", "--memory-budget", "lots"], "not a byte count"),
-    (["run", "{model}", "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["run", "{model}", "--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["run", "{model}", "--prompt", "x", "--top-p", "0"], "top_p must be in"),
     (["run", "{model}", "--prompt", "x", "--max-context", "0"], "--max-context must be positive"),
     (["run", "{model}", "--prompt", "x", "--max-new-tokens", "100000"], "exceed max_context"),
