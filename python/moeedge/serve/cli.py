@@ -33,7 +33,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="requests that may wait for a slot; more get 429 (default 64)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    p.add_argument("--api-key", default=os.environ.get("MOEEDGE_API_KEY"),
+    p.add_argument("--api-key", default=os.environ.get("MOEEDGE_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' (default: $MOEEDGE_API_KEY, else none)")
     p.add_argument("--model-id", default=None, help="the model's name in the API (default: the checkpoint's)")
     p.add_argument("--max-body", default="4MiB", help="largest request body (default 4MiB); larger get 413")

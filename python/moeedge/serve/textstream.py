@@ -2,7 +2,7 @@
 
 Each token decodes within a short window of the tokens before it (as Hugging Face's
 text-generation-inference does), so a piece costs the same at token 10 and at token
-2,000, and a tokenizer that drops a word's leading space when it starts the text
+2,000 and the pieces join to what decoding all the ids at once gives, and a tokenizer that drops a word's leading space when it starts the text
 (sentencepiece, Metaspace) still gives the space. Text is held back while it ends in half
 a UTF-8 character, or in what could be the start of a stop string, until decided.
 """
@@ -32,7 +32,12 @@ class TextStream:
         if now.endswith("\ufffd") or len(now) < len(before):  # half a character: wait for the rest
             return ""
         self._held += now[len(before):]
-        self._prefix, self._read = self._read, len(self.ids)
+        # The window moves on to the previous token only if that decodes to text alone: a
+        # token that decodes to nothing (a special one, one past the vocabulary) would leave
+        # the next token first in the window, and the tokenizer would drop its leading space.
+        if self._read > self._prefix and self.tok.decode(self.ids[self._read:self._read + 1]):
+            self._prefix = self._read
+        self._read = len(self.ids)
         return self._decide()
 
     def _decide(self) -> str:
