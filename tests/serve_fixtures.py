@@ -20,6 +20,17 @@ START_S = 90.0  # the machine is shared: a start (torch, the model) can take a w
 CONTEXT = 1024
 
 
+_made: dict[str, Path] = {}
+
+
+def shared_checkpoint(tmp_path_factory) -> Path:
+    """One tiny checkpoint for every server test module of the session (writing one imports
+    transformers: seconds)."""
+    if "tiny" not in _made:
+        _made["tiny"] = tiny_served_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-mixtral")
+    return _made["tiny"]
+
+
 def tiny_served_checkpoint(directory: Path) -> Path:
     """A tiny chat-ready Mixtral whose config allows CONTEXT positions (rotary: any)."""
     directory.mkdir(parents=True, exist_ok=True)

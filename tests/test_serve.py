@@ -20,7 +20,7 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return sf.tiny_served_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-mixtral")
+    return sf.shared_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
