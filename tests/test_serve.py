@@ -237,3 +237,43 @@ def test_full_queue_is_429_and_a_disconnect_frees_the_slot(servers):
     assert waited.status == 200 and waited.read().decode().strip().endswith("data: [DONE]")
     assert sf.metric(narrow, 'moeedge_requests_total{outcome="cancelled"}') == 1
     assert sf.metric(narrow, "moeedge_generated_tokens_total") < long["max_tokens"]
+
+
+def _browser() -> str | None:
+    import shutil
+
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def test_chat_page_streams_a_reply_in_headless_chromium(server, client, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the chat page test drives a browser with playwright")
+    browser_path = _browser()
+    if browser_path is None:
+        pytest.skip("no chromium installed (Debian: apt-get install chromium)")
+    expected = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello world"}],
+                                              max_tokens=12, temperature=0).choices[0].message.content
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 600})
+            page.goto(server.url + "/")
+            page.click("#settings summary")
+            page.fill("#api-key", KEY)
+            page.fill("#temperature", "0")
+            page.fill("#max-tokens", "12")
+            page.fill("#prompt", "hello world")
+            page.press("#prompt", "Enter")
+            page.wait_for_function("document.querySelector('.msg.assistant .who')?.textContent.includes('tok/s')",
+                                   timeout=60_000)
+            page.wait_for_function("document.getElementById('stats').textContent.includes('cache hit rate')")
+            assert page.text_content(".msg.assistant .text") == expected
+            page.screenshot(path=str(tmp_path / "chat.png"))
+        finally:
+            browser.close()
+    assert (tmp_path / "chat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_static_files_are_served(server):
+    for path in ("/static/app.js", "/static/style.css"):
+        status, _, body = sf.request(server, "GET", path)
+        assert status == 200 and len(body) > 100
