@@ -40,6 +40,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may take to finish after SIGTERM before they are "
                         "cancelled (default 10)")
+    p.add_argument("--policy", choices=("auto", "lru", "lfu", "score", "predicted"), default="auto",
+                   help="expert cache eviction policy (default auto, as for run)")
     p.add_argument("--threads", type=int, default=None,
                    help="compute threads (default: every CPU this process may run on)")
     p.set_defaults(run=run_serve)
@@ -101,7 +103,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from moeedge.serve.generation import Served
 
     model = load(args.source, memory_budget=options["memory_budget"], max_context=args.max_context,
-                 n_sequences=args.max_batch, threads=args.threads)
+                 n_sequences=args.max_batch, threads=args.threads, policy=args.policy)
     engine = None
     try:
         check_servable(model)
