@@ -12,7 +12,8 @@ opening (the default model's corpus), greedy, ignore_eos, --tokens tokens. Per N
 reports: aggregate tokens/s (all tokens over the round's wall time, from the first
 request sent to the last token), the server's decode tokens/s (its counters: generated
 tokens over time in decode steps), p50/p99 time to first token, p99 time between tokens
-(gaps between a stream's chunks), and expert bytes read per generated token (/metrics).
+(gaps between a stream's chunks), expert bytes read per generated token, and experts used
+per generated token, resident or read (cache gets; /metrics).
 --baseline also times `moeedge run`'s decode loop (the library, loaded and warm in a
 process of its own) on the same prompt, alternating with a one-stream request, and
 reports the server's decode time per token over run's (both stop at end of sequence).
@@ -155,6 +156,8 @@ def one_round(server: Server, prompts: list[str], tokens: int) -> dict:
             "server_decode_tok_s": delta["moeedge_generated_tokens_total"] / delta["moeedge_decode_seconds_total"],
             "ttft": [o["chunks"][0] - o["sent"] for o in outs], "gaps": gaps,
             "bytes_read_per_token": delta["moeedge_bytes_read_total"] / generated,
+            # experts the steps used (cache gets), resident or read: the weights a token costs
+            "experts_per_token": (delta["moeedge_cache_hits_total"] + delta["moeedge_cache_misses_total"]) / generated,
             "decode_steps": delta["moeedge_decode_steps_total"]}
 
 
@@ -172,6 +175,7 @@ def summarize(rounds: list[dict]) -> dict:
             "ttft_p99_s": percentile([t for r in rounds for t in r["ttft"]], 0.99),
             "between_tokens_p99_s": percentile([g for r in rounds for g in r["gaps"]], 0.99),
             "bytes_read_per_token": med(r["bytes_read_per_token"] for r in rounds),
+            "experts_per_token": med(r["experts_per_token"] for r in rounds),
             "all_aggregate_tok_s": [round(r["aggregate_tok_s"], 2) for r in rounds]}
 
 
