@@ -147,6 +147,16 @@ def test_seed_reproduces_a_sampled_answer(client, reference):
     assert set(results.values()) == {first}
 
 
+def test_a_repeated_prompt_reuses_the_kept_prefix(server, client):
+    before = sf.metric(server, "moeedge_reused_prompt_tokens_total", AUTH)
+    prompt = "hello world, how are you today? fine thanks."
+    first = client.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0)
+    again = client.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0)
+    assert again.choices[0].text == first.choices[0].text
+    # the second found all but the last prompt token (whose logits it needs) in the slot
+    assert sf.metric(server, "moeedge_reused_prompt_tokens_total", AUTH) - before >= first.usage.prompt_tokens - 1
+
+
 def test_wrong_or_missing_key_is_401(server):
     for headers in ({"authorization": "Bearer nope"}, {}):
         status, _, body = sf.request(server, "GET", "/v1/models", headers=headers)
