@@ -56,6 +56,9 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 def test_models_lists_the_checkpoint(client):
     assert [m.id for m in client.models.list().data] == ["tiny-mixtral"]
+    assert client.models.retrieve("tiny-mixtral").owned_by == "moeedge"
+    with pytest.raises(openai.NotFoundError, match="tiny-mixtral"):
+        client.models.retrieve("gpt-4")
 
 
 def test_greedy_completion_equals_the_library(client, reference):

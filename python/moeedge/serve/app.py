@@ -124,10 +124,18 @@ def create_app(served, model, *, api_key: str | None = None, max_body_bytes: int
     async def health():
         return {"status": "ok"}
 
+    def card() -> dict:
+        return {"id": served.model_id, "object": "model", "created": int(app.state.started), "owned_by": "moeedge"}
+
     @app.get("/v1/models", dependencies=guard)
     async def models():
-        return {"object": "list", "data": [{"id": served.model_id, "object": "model",
-                                            "created": int(app.state.started), "owned_by": "moeedge"}]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=guard)
+    async def model_card(model_id: str):
+        if model_id != served.model_id:
+            raise StarletteHTTPException(404, f"no model {model_id!r} here; this server serves {served.model_id!r}")
+        return card()
 
     @app.post("/v1/completions", dependencies=guard)
     async def _completions(req: CompletionRequest, request: Request):
