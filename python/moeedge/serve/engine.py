@@ -136,6 +136,10 @@ class Engine:
                 "recent_tok_s": sum(n for _, n in recent) / max(span, 1.0) if recent else 0.0,
                 "requests": dict(c.requests)}
 
+    @property
+    def stopped(self) -> bool:
+        return not self._thread.is_alive()
+
     def close(self, timeout: float = 30.0) -> None:
         """Cancel what waits and what runs (each handler gets its last event), stop the thread."""
         with self._cond:
