@@ -161,3 +161,18 @@ def test_close_cancels_what_runs_and_what_waits():
     assert last_event(running_events).finish_reason == "cancelled"
     assert last_event(waiting_events).finish_reason == "cancelled"
     assert engine.stopped
+
+
+def test_a_waiting_request_whose_client_left_gives_up_its_place(engines):
+    model = FakeModel(1)
+    engine = engines(model, 1, 2)
+    running, running_events = job([1], 10**6)
+    engine.submit(running)
+    running_events.get(timeout=WAIT_S)
+    engine.submit(job([2], 5)[0])
+    gone, gone_events = job([3], 5)
+    engine.submit(gone)
+    gone.cancel()   # behind another waiting request
+    assert last_event(gone_events).finish_reason == "cancelled"
+    engine.submit(job([4], 5)[0])   # its place is free again (without it: QueueFull)
+    running.cancel()

@@ -171,11 +171,11 @@ class Engine:
                     self._finish(job, None, f"{type(e).__name__}: {e}")
 
     def _admit(self) -> None:
-        while self.waiting and (self.free or self.waiting[0].cancelled):
+        for job in [j for j in self.waiting if j.cancelled]:   # their clients left: places in the queue free
+            self.waiting.remove(job)
+            self._finish(job, "cancelled")
+        while self.waiting and self.free:
             job = self.waiting.popleft()
-            if job.cancelled:
-                self._finish(job, "cancelled")
-                continue
             # the free slot whose kept tokens share the longest prefix with this prompt
             shared = [common_prefix(seq.ids, job.ids) for seq in self.free]
             best = max(range(len(self.free)), key=shared.__getitem__)
