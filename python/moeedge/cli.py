@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_parser(sub)
     from moeedge.quantize.cli import add_quantize_parser
     add_quantize_parser(sub)
+    from moeedge.serve.cli import add_serve_parser
+    add_serve_parser(sub)
 
     bench = sub.add_parser("bench", help="measure this machine")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
