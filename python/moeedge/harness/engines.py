@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 # name -> (what it runs, the precisions it takes). "bf16" runs the Hugging Face directory
 # (llama.cpp: its GGUF BF16 conversion); other precisions run the model's GGUF of that type.
@@ -34,7 +35,10 @@ class Run:
     files: tuple[str, ...]    # what to evict from the page cache before the run
 
 
-def command(run: Run, tokens: int, prompt_tokens: int, threads: int, max_context: int) -> list[str]:
+def command(run: Run, tokens: int, prompt_tokens: int, threads: int, max_context: int,
+            llama_cpp_python: str = "") -> list[str]:
+    """The run's command line. llama_cpp_python: an interpreter whose llama_cpp is built for this
+    machine (moeedge.harness.llama_build), which then runs llama_cpp_decode.py as a file; "" for this one."""
     common = ["--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens), "--threads", str(threads),
               "--max-context", str(max_context)]
     py = [sys.executable, "-m"]
@@ -45,6 +49,8 @@ def command(run: Run, tokens: int, prompt_tokens: int, threads: int, max_context
                  "moeedge-prefetch": ["--prefetch", "--policy", "auto", "--predictor", "auto"]}[run.engine]
         return py + ["moeedge.decode_bench", run.source, "--memory-budget", budget, *extra, *common]
     if run.engine == "llama.cpp":
+        if llama_cpp_python:
+            return [llama_cpp_python, str(Path(__file__).with_name("llama_cpp_decode.py")), run.source, *common]
         return py + ["moeedge.harness.llama_cpp_decode", run.source, *common]
     if run.engine == "transformers":
         extra = [] if run.limit_bytes is None else [

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from moeedge.cgroup import CgroupUnavailable, drop_page_cache, evict_files, run_limited
 from moeedge.harness.engines import ENGINES, GGUF_ONLY, HF_ONLY, Run, command
+from moeedge.harness.llama_build import check_native, describe
 from moeedge.runtime.plan import FIXED_JITTER_BYTES
 from moeedge.units import parse_bytes
 
@@ -40,6 +41,7 @@ class Settings:
     max_context: int = 256     # the KV cache every engine sets up (llama.cpp's n_ctx)
     timeout_s: float = 900.0
     disk_probe: bool = True    # measure the disk before every run (512 MiB of the run's own weight files)
+    llama_cpp_python: str = ""  # an interpreter whose llama_cpp is built for this CPU ("": the harness's own)
 
 
 @dataclass
@@ -182,7 +184,8 @@ def execute(run: Run, settings: Settings, env: dict | None = None) -> dict:
     evict_files(run.files)
     disk = probe_disk(run) if settings.disk_probe else None
     cold = drop_page_cache()
-    cmd = command(run, settings.tokens, settings.prompt_tokens, settings.threads, settings.max_context)
+    cmd = command(run, settings.tokens, settings.prompt_tokens, settings.threads, settings.max_context,
+                  settings.llama_cpp_python)
     load = os.getloadavg()[0]
     result = run_limited(cmd, run.limit_bytes, settings.timeout_s, env=env)
     out: dict = {}
@@ -247,6 +250,10 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
     if any(run.limit_bytes is not None for run in todo) and not cgroup_writable():
         raise CgroupUnavailable("no writable memory cgroup here: refusing to label results as limited "
                                 "(run as root on a machine with the memory controller)")
+    llama = None
+    if any(run.engine == "llama.cpp" for run in todo):  # against a llama.cpp built for this CPU only
+        llama = describe(settings.llama_cpp_python or None)
+        check_native(llama)
     from tqdm import tqdm
 
     records = []
@@ -258,6 +265,8 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
             records.append(json.loads(path.read_text()))
             continue
         record = execute(run, settings)
+        if run.engine == "llama.cpp":
+            record["llama_cpp_build"] = llama
         reference_source = source_of_reference(models, run)
         reference = routing(results, run.model, run.precision, reference_source, settings)
         with_bound(record, info(reference_source), reference["routing"], settings.prompt_tokens, machine)
