@@ -33,6 +33,7 @@ class Run:
     limit_bytes: int | None   # None: unlimited
     source: str               # the directory or file the engine loads
     files: tuple[str, ...]    # what to evict from the page cache before the run
+    prompt_tokens: int | None = None  # a prefill cell's prompt length; None: the matrix's settings'
 
 
 def command(run: Run, tokens: int, prompt_tokens: int, threads: int, max_context: int,

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from moeedge.cgroup import CgroupUnavailable, drop_page_cache, evict_files, run_limited
@@ -47,11 +47,12 @@ class Settings:
 @dataclass
 class Model:
     name: str
-    hf: str | None
+    hf: str | None = None   # the Hugging Face directory (bf16); a GGUF-only model has none
     gguf: dict[str, str] = field(default_factory=dict)
     precisions: list[str] = field(default_factory=lambda: ["bf16"])
     engines: list[str] = field(default_factory=lambda: list(ENGINES))
     limits: list[str] = field(default_factory=lambda: ["unlimited"])
+    prefill_tokens: list[int] = field(default_factory=list)  # also a cold run with a prompt of each length
 
 
 def read_config(path: str | Path) -> tuple[Settings, list[Model]]:
@@ -79,6 +80,9 @@ def read_config(path: str | Path) -> tuple[Settings, list[Model]]:
                              f"choose from {', '.join(ENGINES)}")
         for limit in model.limits:
             _check_limit(path, model.name, limit)
+        if not all(isinstance(n, int) and 1 <= n <= 32768 for n in model.prefill_tokens):
+            raise ValueError(f"{path}: model {model.name}: prefill_tokens {model.prefill_tokens!r} are not "
+                             f"prompt lengths of 1 to 32768 tokens")
         models.append(model)
     if not models:
         raise ValueError(f"{path}: no [[model]] entries")
@@ -141,7 +145,9 @@ def plan(models: list[Model], info) -> list[Run]:
                         continue
                     reference = source_of(model, "moeedge", precision)
                     limit = limit_bytes(label, reference, info)
-                    runs.append(Run(model.name, engine, precision, label, limit, source, tuple(files_of(source))))
+                    for prompt in [None, *model.prefill_tokens]:
+                        runs.append(Run(model.name, engine, precision, label, limit, source, tuple(files_of(source)),
+                                        prompt))
     return runs
 
 
@@ -172,11 +178,21 @@ def commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
+def for_run(settings: Settings, run: Run) -> Settings:
+    """The settings a run takes: a prefill cell's prompt length, with the context to hold it."""
+    if run.prompt_tokens is None:
+        return settings
+    return replace(settings, prompt_tokens=run.prompt_tokens,
+                   max_context=max(settings.max_context, run.prompt_tokens + settings.tokens))
+
+
 def record_path(results: Path, run: Run, settings: Settings, head: str) -> Path:
+    settings = for_run(settings, run)
     # The label, not the bytes: "min" moves with the measured fixed cost from one info call to the next.
     key = json.dumps([head, asdict(settings), run.source, run.limit_label], sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return results / "runs" / run.model / f"{run.engine}-{run.precision}-{run.limit_label}-{digest}.json"
+    prefill = "" if run.prompt_tokens is None else f"-p{run.prompt_tokens}"
+    return results / "runs" / run.model / f"{run.engine}-{run.precision}-{run.limit_label}{prefill}-{digest}.json"
 
 
 def execute(run: Run, settings: Settings, env: dict | None = None) -> dict:
@@ -240,7 +256,8 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
         for run in runs:
             done = record_path(results, run, settings, head).is_file()
             print(f"{'done' if done else 'todo'}  {run.model:18} {run.engine:17} {run.precision:5} "
-                  f"{run.limit_label:9} {'-' if run.limit_bytes is None else run.limit_bytes >> 20} MiB")
+                  f"{run.limit_label:9} {'-' if run.limit_bytes is None else run.limit_bytes >> 20} MiB"
+                  f"{'' if run.prompt_tokens is None else f'  prefill {run.prompt_tokens}'}")
         return []
     if not runs:
         return []
@@ -264,16 +281,17 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
         if path.is_file():
             records.append(json.loads(path.read_text()))
             continue
-        record = execute(run, settings)
+        cell = for_run(settings, run)
+        record = execute(run, cell)
         if run.engine == "llama.cpp":
             record["llama_cpp_build"] = llama
         reference_source = source_of_reference(models, run)
-        reference = routing(results, run.model, run.precision, reference_source, settings)
-        with_bound(record, info(reference_source), reference["routing"], settings.prompt_tokens, machine)
+        reference = routing(results, run.model, run.precision, reference_source, cell)
+        with_bound(record, info(reference_source), reference["routing"], cell.prompt_tokens, machine)
         generated = record["result"].get("generated")
         record["same_tokens_as_reference"] = None if generated is None else generated == reference["generated"]
         record["result"].pop("routing", None)
-        record.update(settings=asdict(settings), commit=head, versions=versions(),
+        record.update(settings=asdict(cell), prefill_cell=run.prompt_tokens, commit=head, versions=versions(),
                       finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1, default=str) + "\n")

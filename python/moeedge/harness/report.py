@@ -15,7 +15,7 @@ def load_records(results: Path, commit: str | None = None) -> list[dict]:
         r = json.loads(path.read_text())
         if commit is not None and not r.get("commit", "").startswith(commit):
             continue
-        key = (r["model"], r["engine"], r["precision"], r["limit_label"])
+        key = (r["model"], r["engine"], r["precision"], r["limit_label"], r.get("prefill_cell"))
         if key not in latest or r.get("finished_at", "") > latest[key].get("finished_at", ""):
             latest[key] = r
     return sorted(latest.values(), key=lambda r: (r["model"], r["precision"], -(r["limit_bytes"] or 1 << 62),
@@ -28,7 +28,9 @@ def _limit(r: dict) -> str:
 
 def table(records: list[dict]) -> str:
     """Markdown: one row per run; `x llama.cpp` compares with llama.cpp at the same model,
-    precision and limit."""
+    precision and limit. Prefill cells (a long prompt in its own run) follow in a table of their own."""
+    prefill = [r for r in records if r.get("prefill_cell")]
+    records = [r for r in records if not r.get("prefill_cell")]
     llama = {(r["model"], r["precision"], r["limit_label"]): r.get("decode_tok_s") for r in records
              if r["engine"] == "llama.cpp"}
     rows = ["| model | precision | limit | engine | decode tok/s | x llama.cpp | steady tok/s | bound tok/s "
@@ -45,6 +47,22 @@ def table(records: list[dict]) -> str:
             f"{r['fraction_of_bound']:.2f}" if r.get("fraction_of_bound") else "-",
             f"{r['p99_ms']:.0f}" if r.get("p99_ms") else "-",
             format_bytes(r["peak_bytes"]), f"{r['oom_kills']} |"]))
+    return "\n".join(rows) + (f"\n\n{prefill_table(prefill)}" if prefill else "")
+
+
+def prefill_table(records: list[dict]) -> str:
+    """Markdown: prefill tokens/s of each prefill cell, against llama.cpp's on the same prompt."""
+    llama = {(r["model"], r["precision"], r["limit_label"], r["prefill_cell"]): r.get("prefill_tok_s")
+             for r in records if r["engine"] == "llama.cpp"}
+    rows = ["| model | precision | limit | engine | prompt tokens | prefill tok/s | x llama.cpp | peak | OOM kills |",
+            "|" + "---|" * 9]
+    for r in records:
+        tok_s = r.get("prefill_tok_s")
+        ref = llama.get((r["model"], r["precision"], r["limit_label"], r["prefill_cell"]))
+        ratio = f"{tok_s / ref:.2f}x" if tok_s and ref and r["engine"] != "llama.cpp" else "-"
+        rows.append(" | ".join([f"| {r['model']}", r["precision"], _limit(r), r["engine"], str(r["prefill_cell"]),
+                                f"{tok_s:.1f}" if tok_s else _failure(r), ratio, format_bytes(r["peak_bytes"]),
+                                f"{r['oom_kills']} |"]))
     return "\n".join(rows)
 
 
@@ -67,8 +85,8 @@ def plot(records: list[dict], out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for model in sorted({r["model"] for r in records}):
-        rs = [r for r in records if r["model"] == model]
+    for model in sorted({r["model"] for r in records if not r.get("prefill_cell")}):
+        rs = [r for r in records if r["model"] == model and not r.get("prefill_cell")]
         unlimited_x = 1.25 * max([r["limit_bytes"] for r in rs if r["limit_bytes"]] or [1 << 30]) / 2 ** 20
         x_of = lambda r: r["limit_bytes"] / 2 ** 20 if r["limit_bytes"] else unlimited_x  # noqa: E731
         fig, (speed, split) = plt.subplots(1, 2, figsize=(12, 4.5))
