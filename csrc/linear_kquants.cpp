@@ -76,21 +76,28 @@ void q4_0_scalar(const QuantX& x, const uint8_t* w, float* out, size_t rows, siz
   }
 }
 
-void q4_k_scalar(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {
+// Q4_K and Q5_K share the header (d, dmin, 6-bit scales and mins) and the nibbles; Q5_K
+// puts qh[32] before them, bit j of qh[i] the fifth bit of weight i of sub-block j.
+template <bool kFifthBit>
+void q4_5_k_scalar(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {
+  constexpr size_t kBytes = kFifthBit ? kQ5KBlockBytes : kQ4KBlockBytes;
   const size_t supers = x.blocks / 8;
   for (size_t r = begin; r < end; ++r) {
-    const uint8_t* row = w + r * supers * kQ4KBlockBytes;
+    const uint8_t* row = w + r * supers * kBytes;
     for (size_t t = 0; t < x.tokens; ++t) {
       float acc = 0.f;
       for (size_t s = 0; s < supers; ++s) {
-        const uint8_t* block = row + s * kQ4KBlockBytes;
+        const uint8_t* block = row + s * kBytes;
         const float d = half_to_float(load_u16(block)), dmin = half_to_float(load_u16(block + 2));
         uint64_t sc, m;
         q4_k_scales(block + 4, sc, m);
-        const uint8_t* qs = block + 16;
+        const uint8_t *qh = block + 16, *qs = block + (kFifthBit ? 48 : 16);
         for (int j = 0; j < 8; ++j) {  // sub-block j: nibbles (j % 2: high) of the 32 bytes qs[32 * (j / 2) ...]
           int8_t q[32];
-          for (int i = 0; i < 32; ++i) q[i] = static_cast<int8_t>((qs[32 * (j / 2) + i] >> (4 * (j % 2))) & 15);
+          for (int i = 0; i < 32; ++i) {
+            const int high = kFifthBit ? ((qh[i] >> j) & 1) << 4 : 0;
+            q[i] = static_cast<int8_t>(((qs[32 * (j / 2) + i] >> (4 * (j % 2))) & 15) | high);
+          }
           const size_t b = s * 8 + j;
           const int scale = (sc >> 8 * j) & 63, min = (m >> 8 * j) & 63;
           acc += d * scale * *x.scales(t, b) * dot_pairs(q, x.block(t, b), 0, 16) - dmin * min * *x.sums(t, b);
@@ -101,30 +108,12 @@ void q4_k_scalar(const QuantX& x, const uint8_t* w, float* out, size_t rows, siz
   }
 }
 
+void q4_k_scalar(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {
+  q4_5_k_scalar<false>(x, w, out, rows, begin, end);
+}
+
 void q5_k_scalar(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {
-  const size_t supers = x.blocks / 8;
-  for (size_t r = begin; r < end; ++r) {
-    const uint8_t* row = w + r * supers * kQ5KBlockBytes;
-    for (size_t t = 0; t < x.tokens; ++t) {
-      float acc = 0.f;
-      for (size_t s = 0; s < supers; ++s) {
-        const uint8_t* block = row + s * kQ5KBlockBytes;
-        const float d = half_to_float(load_u16(block)), dmin = half_to_float(load_u16(block + 2));
-        uint64_t sc, m;
-        q4_k_scales(block + 4, sc, m);
-        const uint8_t *qh = block + 16, *qs = block + 48;
-        for (int j = 0; j < 8; ++j) {  // sub-block j: Q4_K's nibbles, bit j of qh[i] the fifth bit
-          int8_t q[32];
-          for (int i = 0; i < 32; ++i)
-            q[i] = static_cast<int8_t>(((qs[32 * (j / 2) + i] >> (4 * (j % 2))) & 15) | ((qh[i] >> j) & 1) << 4);
-          const size_t b = s * 8 + j;
-          const int scale = (sc >> 8 * j) & 63, min = (m >> 8 * j) & 63;
-          acc += d * scale * *x.scales(t, b) * dot_pairs(q, x.block(t, b), 0, 16) - dmin * min * *x.sums(t, b);
-        }
-      }
-      out[t * rows + r] = acc;
-    }
-  }
+  q4_5_k_scalar<true>(x, w, out, rows, begin, end);
 }
 
 void q6_k_scalar(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {
