@@ -19,9 +19,9 @@ def test_the_full_size_entry_plans_decode_and_prefill_cells_at_8_and_16_gib():
     assert model.hf is None and model.precisions == ["q4_k_m"] and model.prefill_tokens == [512]
     runs = matrix.plan([model], info=None)  # byte limits: no `moeedge info` needed
     assert {r.limit_bytes for r in runs} == {8 << 30, 16 << 30}
-    assert {r.engine for r in runs} == {"moeedge", "moeedge-lru", "moeedge-prefetch", "llama.cpp"}
+    assert {r.engine for r in runs} == {"moeedge", "moeedge-lru", "moeedge-prefetch", "llama.cpp", "llama.cpp-norepack"}
     assert sorted({r.prompt_tokens for r in runs}, key=str) == [512, None]
-    assert len(runs) == 2 * 4 * 2 and all(r.source.endswith("mixtral-8x7b-q4_k_m.gguf") for r in runs)
+    assert len(runs) == 2 * 5 * 2 and all(r.source.endswith("mixtral-8x7b-q4_k_m.gguf") for r in runs)
     assert settings.llama_cpp_python  # a llama.cpp built for the machine, not the harness's own
 
 
@@ -54,8 +54,10 @@ def test_prefill_cells_get_their_own_table():
         return {"model": "m", "engine": engine, "precision": "q4_k_m", "limit_label": "8GiB", "limit_bytes": 8 << 30,
                 "prefill_cell": prefill, "decode_tok_s": tok_s, "prefill_tok_s": 10 * tok_s, "peak_bytes": 1 << 30,
                 "oom_kills": 0, "result": {}}
-    shown = table([record("moeedge", None, 2.0), record("llama.cpp", None, 1.0), record("moeedge", 512, 3.0),
-                   record("llama.cpp", 512, 2.0)])
+    oom = dict(record("llama.cpp", None, 0.0), decode_tok_s=None, prefill_tok_s=None, oom_kills=1, error="killed")
+    shown = table([record("moeedge", None, 2.0), oom, record("llama.cpp-norepack", None, 1.0),
+                   record("moeedge", 512, 3.0), record("llama.cpp", 512, 2.0), record("llama.cpp-norepack", 512, 1.0)])
     decode, prefill = shown.split("\n\n")
-    assert decode.count("| m | q4_k_m |") == 2 and "| 2.00 | 2.00x |" in decode
-    assert prefill.count("| m | q4_k_m |") == 2 and "| 512 | 30.0 | 1.50x |" in prefill
+    # against the faster llama.cpp: its default was OOM-killed, so the one without repacking
+    assert decode.count("| m | q4_k_m |") == 3 and "| 2.00 | 2.00x |" in decode and "OOM-killed" in decode
+    assert prefill.count("| m | q4_k_m |") == 3 and "| 512 | 30.0 | 1.50x |" in prefill

@@ -82,6 +82,8 @@ def test_llama_cpp_runs_under_another_interpreter_as_a_file():
     cmd = command(run, 8, 4, 2, 256, llama_cpp_python="/var/tmp/llama-venv/bin/python")
     assert cmd[0] == "/var/tmp/llama-venv/bin/python" and Path(cmd[1]).is_file() and cmd[2] == "/m.gguf"
     assert command(run, 8, 4, 2, 256)[:3] == [sys.executable, "-m", "moeedge.harness.llama_cpp_decode"]
+    norepack = command(Run("m", "llama.cpp-norepack", "q8_0", "unlimited", None, "/m.gguf", ("/m.gguf",)), 8, 4, 2, 256)
+    assert norepack[-1] == "--no-repack" and "--no-repack" not in cmd
     # Without moeedge importable, the file still finds the prompt every engine decodes from.
     code = ("import sys, runpy; sys.modules['moeedge'] = None; "
             f"g = runpy.run_path({cmd[1]!r}, run_name='probe'); print(g['prompt_ids'](32000, 16))")

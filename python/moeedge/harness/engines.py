@@ -14,10 +14,13 @@ ENGINES = {
     "moeedge-prefetch": "moeedge with the default predictor and policy, guesses also read early",
     "moeedge-naive": "moeedge with the smallest cache and no prefetch: every expert read on demand",
     "llama.cpp": "llama.cpp through llama-cpp-python, mmap on (its default)",
+    "llama.cpp-norepack": "llama.cpp with weight repacking off (llama-cli --no-repack): by default it copies the "
+                          "weights it repacks (Q4_0, Q4_K, ...) out of the mapped file into anonymous memory, "
+                          "so a Q4_K_M model larger than the limit is OOM-killed",
     "transformers": "transformers; under a limit, accelerate's disk offload",
 }
 HF_ONLY = ("transformers",)
-GGUF_ONLY = ("llama.cpp",)
+GGUF_ONLY = ("llama.cpp", "llama.cpp-norepack")
 
 # What transformers' weights may take under a limit: the rest is the process (Python,
 # torch, transformers: about 600 MiB here) and the KV cache. A user would have to guess it.
@@ -49,7 +52,8 @@ def command(run: Run, tokens: int, prompt_tokens: int, threads: int, max_context
                  "moeedge-naive": ["--policy", "lru"],
                  "moeedge-prefetch": ["--prefetch", "--policy", "auto", "--predictor", "auto"]}[run.engine]
         return py + ["moeedge.decode_bench", run.source, "--memory-budget", budget, *extra, *common]
-    if run.engine == "llama.cpp":
+    if run.engine in GGUF_ONLY:
+        common += ["--no-repack"] if run.engine == "llama.cpp-norepack" else []
         if llama_cpp_python:
             return [llama_cpp_python, str(Path(__file__).with_name("llama_cpp_decode.py")), run.source, *common]
         return py + ["moeedge.harness.llama_cpp_decode", run.source, *common]

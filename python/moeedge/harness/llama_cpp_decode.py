@@ -38,9 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-context", type=int, default=1024, help="n_ctx (default 1024)")
+    parser.add_argument("--no-repack", action="store_true",
+                        help="weights stay in the mapped file (llama-cli --no-repack); by default llama.cpp copies "
+                             "the ones it repacks (Q4_0, Q4_K, ...) into anonymous memory, all of them")
     args = parser.parse_args(argv)
     import llama_cpp
     import llama_cpp.llama_cpp as lib
+
+    if args.no_repack:  # Llama() takes no use_extra_bufts: its default parameters are patched instead
+        defaults = lib.llama_model_default_params
+
+        def no_repack():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+        lib.llama_model_default_params = no_repack
 
     start = time.perf_counter()
     llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=args.max_context, n_threads=args.threads,
@@ -64,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         token = next_token()
         generated.append(token)
     print(json.dumps({
-        "engine": "llama.cpp", "source": args.gguf, "threads": args.threads, "tokens": args.tokens,
+        "engine": "llama.cpp-norepack" if args.no_repack else "llama.cpp", "source": args.gguf, "threads": args.threads, "tokens": args.tokens,
         "prompt_tokens": args.prompt_tokens, **latency_summary(times),
         "prefill_tok_s": args.prompt_tokens / prefill_s, "load_s": load_s, "generated": generated,
         "version": llama_cpp.__version__, "python": sys.executable, "module": llama_cpp.__file__,
-        "lib": getattr(getattr(lib, "_lib", None), "_name", None),
+        "lib": getattr(getattr(lib, "_lib", None), "_name", None), "repack": not args.no_repack,
         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
     }))
     return 0

@@ -268,7 +268,7 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
         raise CgroupUnavailable("no writable memory cgroup here: refusing to label results as limited "
                                 "(run as root on a machine with the memory controller)")
     llama = None
-    if any(run.engine == "llama.cpp" for run in todo):  # against a llama.cpp built for this CPU only
+    if any(run.engine in GGUF_ONLY for run in todo):  # against a llama.cpp built for this CPU only
         llama = describe(settings.llama_cpp_python or None)
         check_native(llama)
     from tqdm import tqdm
@@ -283,7 +283,7 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
             continue
         cell = for_run(settings, run)
         record = execute(run, cell)
-        if run.engine == "llama.cpp":
+        if run.engine in GGUF_ONLY:
             record["llama_cpp_build"] = llama
         reference_source = source_of_reference(models, run)
         reference = routing(results, run.model, run.precision, reference_source, cell)
