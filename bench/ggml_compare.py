@@ -8,7 +8,7 @@ written once to temporary files; bench/ggml_matvec.c (compiled here against a ll
 build's libggml) times out = ggml_mul_mat(W, x) on those bytes, and moeedge._core.linear_*
 times the same product in this process, with the same thread count and repetitions. The
 two engines alternate, round after round, so machine noise hits both. The outputs must
-agree: ggml rounds x to 8 bits per block (Q8_0 for q8_0/q4_0, Q8_K for q4_k/q6_k) and to
+agree: ggml rounds x to 8 bits per block (Q8_0 for q8_0/q4_0, Q8_K for the K-quants) and to
 bf16 for bf16, so the check is max|ggml - moeedge| / max|moeedge| <= --tol. Each engine's
 error against a float64 product of W dequantized (moeedge.formats.gguf_quants) is shown too.
 
@@ -40,9 +40,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 DEFAULT_LIB = "/var/tmp/llama-build/bin"
 DEFAULT_INCLUDE_GLOB = "/var/tmp/llama-src/*/vendor/llama.cpp/ggml/include"
-FORMATS = ["q8_0", "q4_0", "q4_k", "q6_k", "bf16"]
-BLOCKS = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_k": (256, 144), "q6_k": (256, 210)}  # values, bytes
-SCALE_OFFSETS = {"q8_0": [0], "q4_0": [0], "q4_k": [0, 2], "q6_k": [208]}  # fp16 d (and dmin) in a block
+FORMATS = ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "bf16"]
+BLOCKS = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)}  # values, bytes
+SCALE_OFFSETS = {"q8_0": [0], "q4_0": [0], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}  # fp16 d (and dmin) in a block
 LIBS = ["libggml.so", "libggml-base.so", "libggml-cpu.so"]
 HEADERS = ["ggml.h", "ggml-cpu.h", "ggml-backend.h", "ggml-alloc.h"]
 
@@ -87,7 +87,7 @@ def ggml_path(fmt: str, tokens: int, mode: str) -> str:
     ggml-cpu.c, tiled/tiled.cpp, llamafile/sgemm.cpp, repack.cpp, for an AVX2 build)."""
     if mode == "repack":
         return "repack gemv" if tokens < 4 else "repack gemm"
-    if tokens >= 8 and fmt in ("q4_k", "q6_k"):
+    if tokens >= 8 and fmt in ("q4_k", "q5_k", "q6_k"):
         return "tiled"
     if tokens >= 2 and fmt in ("q8_0", "q4_0", "bf16"):
         return "sgemm"
@@ -160,7 +160,7 @@ def checked_setup(args: argparse.Namespace) -> tuple[list[str], list[int], list[
     if bad := [m for m in modes if m not in ("plain", "repack")]:
         refuse(f"unknown ggml modes {bad}; known: plain, repack")
     if any(args.cols % BLOCKS.get(f, (32,))[0] for f in formats):
-        refuse(f"--cols {args.cols} must be a multiple of each format's block (32; 256 for q4_k, q6_k)")
+        refuse(f"--cols {args.cols} must be a multiple of each format's block (32; 256 for the K-quants)")
     lib = Path(args.lib)
     if missing := [n for n in LIBS if not (lib / n).exists()]:
         refuse(f"llama.cpp's ggml libraries not found in {lib} (missing {', '.join(missing)}); pass --lib")

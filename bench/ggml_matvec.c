@@ -6,11 +6,11 @@
 // time and the output. It is a bench helper, not part of the package.
 //
 // usage: ggml_matvec FORMAT ROWS COLS T THREADS REPS W_FILE X_FILE OUT_FILE [plain|repack]
-//   FORMAT  q8_0 | q4_0 | q4_k | q6_k | bf16; W_FILE holds the raw GGUF blocks of W [ROWS, COLS]
+//   FORMAT  q8_0 | q4_0 | q4_k | q5_k | q6_k | bf16; W_FILE holds the raw GGUF blocks of W [ROWS, COLS]
 //   X_FILE  float32 [T, COLS]; OUT_FILE receives float32 [T, ROWS] (after the last repetition)
 //   plain   W in an ordinary CPU buffer: ggml_mul_mat goes through the type's vec_dot
 //           (T = 1), llamafile's sgemm (T >= 2: q8_0, q4_0, bf16) or the tiled K-quant path
-//           (T >= 8: q4_k, q6_k), whichever this ggml picks.
+//           (T >= 8: the K-quants), whichever this ggml picks.
 //   repack  W in the CPU_REPACK buffer type, as llama.cpp loads weights by default: on AVX2
 //           Q4_0 and Q4_K are repacked to 8x8 interleaved blocks with their own gemv/gemm.
 //           Exits 3 when this ggml has no repacked layout for FORMAT on this CPU.
@@ -76,6 +76,7 @@ int main(int argc, char ** argv) {
     if      (strcmp(fmt, "q8_0") == 0) type = GGML_TYPE_Q8_0;
     else if (strcmp(fmt, "q4_0") == 0) type = GGML_TYPE_Q4_0;
     else if (strcmp(fmt, "q4_k") == 0) type = GGML_TYPE_Q4_K;
+    else if (strcmp(fmt, "q5_k") == 0) type = GGML_TYPE_Q5_K;
     else if (strcmp(fmt, "q6_k") == 0) type = GGML_TYPE_Q6_K;
     else if (strcmp(fmt, "bf16") == 0) type = GGML_TYPE_BF16;
     else { fprintf(stderr, "unknown format %s\n", fmt); return 1; }

@@ -67,7 +67,7 @@ def test_matvec_q8_0(benchmark, impl):
 # --------------------------------------------------------------------------- one expert matrix, every format
 
 EXPERT_ROWS, EXPERT_COLS = 14336, 4096  # Mixtral-8x7B's w1/w3: [intermediate, hidden]
-FORMATS = ["bf16", "q8_0", "q4_0", "q4_k", "q6_k",  # bf16 first: the others report ratios to it
+FORMATS = ["bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k",  # bf16 first: the others report ratios to it
            "int8_g32", "int8_g128", "int4_g32", "int4_g128"]  # moeedge's own (moeedge.formats.group_quant)
 
 
@@ -80,7 +80,7 @@ def _gguf_blocks(quant: str, rows: int, cols: int, seed: int = 0) -> torch.Tenso
     block, block_bytes = BLOCKS[quant]
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(rows * cols // block, block_bytes), dtype=np.uint8)
-    for at in {"q8_0": [0], "q4_0": [0], "q4_k": [0, 2], "q6_k": [208]}[quant]:
+    for at in {"q8_0": [0], "q4_0": [0], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}[quant]:
         scale = np.abs(rng.normal(0, 1e-3, size=(len(blocks), 1))) + 1e-4
         blocks[:, at:at + 2] = scale.astype(np.float16).view(np.uint8)
     return torch.from_numpy(blocks.reshape(-1))

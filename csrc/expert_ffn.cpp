@@ -15,11 +15,12 @@ WeightFormat weight_format(const std::string& name) {
   if (name == "q8_0") return WeightFormat::q8_0;
   if (name == "q4_0") return WeightFormat::q4_0;
   if (name == "q4_k") return WeightFormat::q4_k;
+  if (name == "q5_k") return WeightFormat::q5_k;
   if (name == "q6_k") return WeightFormat::q6_k;
   if (name == "int8") return WeightFormat::int8;
   if (name == "int4") return WeightFormat::int4;
   throw std::invalid_argument("unknown weight format '" + name +
-                              "' (f32, bf16, q8_0, q4_0, q4_k, q6_k, int8 or int4)");
+                              "' (f32, bf16, q8_0, q4_0, q4_k, q5_k, q6_k, int8 or int4)");
 }
 
 namespace {
@@ -30,6 +31,7 @@ void block_of(WeightFormat f, size_t* weights, size_t* bytes) {
     case WeightFormat::q8_0: *weights = kQ8Block, *bytes = kQ8BlockBytes; return;
     case WeightFormat::q4_0: *weights = kQ4_0Block, *bytes = kQ4_0BlockBytes; return;
     case WeightFormat::q4_k: *weights = kQKBlock, *bytes = kQ4KBlockBytes; return;
+    case WeightFormat::q5_k: *weights = kQKBlock, *bytes = kQ5KBlockBytes; return;
     case WeightFormat::q6_k: *weights = kQKBlock, *bytes = kQ6KBlockBytes; return;
     default: *weights = 1, *bytes = 0;
   }
@@ -109,6 +111,7 @@ void linear_stored(const float* x, size_t tokens, const uint8_t* expert, const S
     case WeightFormat::q8_0: return linear_q8_0(x, tokens, w, m.rows, m.cols, out, threads);
     case WeightFormat::q4_0: return linear_q4_0(x, tokens, w, m.rows, m.cols, out, threads);
     case WeightFormat::q4_k: return linear_q4_k(x, tokens, w, m.rows, m.cols, out, threads);
+    case WeightFormat::q5_k: return linear_q5_k(x, tokens, w, m.rows, m.cols, out, threads);
     case WeightFormat::q6_k: return linear_q6_k(x, tokens, w, m.rows, m.cols, out, threads);
     case WeightFormat::int8:
       return linear_int8(x, tokens, w, w + group_q_bytes(m), m.rows, m.cols, m.group, out, threads);

@@ -9,9 +9,9 @@
 
 namespace moeedge {
 
-enum class WeightFormat { f32, bf16, q8_0, q4_0, q4_k, q6_k, int8, int4 };
+enum class WeightFormat { f32, bf16, q8_0, q4_0, q4_k, q5_k, q6_k, int8, int4 };
 
-// A format by its name in moeedge ("f32", "bf16", "q8_0", "q4_0", "q4_k", "q6_k", "int8", "int4");
+// A format by its name in moeedge ("f32", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "int8", "int4");
 // std::invalid_argument naming it otherwise.
 WeightFormat weight_format(const std::string& name);
 

@@ -1,5 +1,5 @@
 // out[T, rows] = x[T, cols] (fp32) times W[rows, cols]^T with W as stored (bf16, GGUF
-// Q8_0, Q4_0, Q4_K or Q6_K blocks, moeedge's group-wise int8/int4): no dequantized copy of W is ever made. Memory-bound
+// Q8_0, Q4_0, Q4_K, Q5_K or Q6_K blocks, moeedge's group-wise int8/int4): no dequantized copy of W is ever made. Memory-bound
 // for small T, so the win is reading the stored bytes once. AVX2+FMA(+F16C) where the
 // CPU has it (chosen at run time), a portable loop otherwise; both accumulate in fp32.
 // Batch invariance: on a given path each output is summed one way only, so out[t] has the
@@ -25,11 +25,13 @@ constexpr size_t kQ8BlockBytes = 34;
 void linear_q8_0(const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
                  int threads);
 
-// GGUF Q4_0, Q4_K and Q6_K (ggml-common.h layouts), multiplied by linear_kquants.cpp:
+// GGUF Q4_0, Q4_K, Q5_K and Q6_K (ggml-common.h layouts), multiplied by linear_kquants.cpp:
 // - Q4_0: 32 weights in 18 bytes {fp16 d, 16 bytes of nibbles}: weights 0..15 in the
 //   low nibbles, 16..31 in the high ones; weight = d * (q - 8).
 // - Q4_K: 256 weights in 144 bytes {fp16 d, fp16 dmin, 12 bytes of 6-bit scales and
 //   mins for 8 sub-blocks of 32, 128 bytes of nibbles}; weight = d * sc * q - dmin * m.
+// - Q5_K: 256 weights in 176 bytes {Q4_K's d, dmin and 12 scale bytes, qh[32] (bit j of
+//   byte l: the fifth bit of weight l of sub-block j), Q4_K's 128 bytes of nibbles}; q in 0..31.
 // - Q6_K: 256 weights in 210 bytes {ql[128] low 4 bits, qh[64] high 2 bits, int8
 //   scales[16] for 16 weights each, fp16 d}; weight = d * scale * (q - 32).
 // Unlike bf16 they (and Q8_0) take x rounded to int16 with one fp32 scale per 32 values,
@@ -37,15 +39,18 @@ void linear_q8_0(const float* x, size_t tokens, const uint8_t* w, size_t rows, s
 // instruction). That moves each x[i] by at most 0.51 s, s = max|x| over its 32-block /
 // 32767, so an output differs from fp32 arithmetic on the dequantized weights by at most
 // sum_i |a[i]| * 0.51 s(i) (a relative 2**-16 of each block's largest activation) plus
-// float rounding; a[i] = w[i], except Q4_K: d * sc * q (its mins use the exact sum of x).
+// float rounding; a[i] = w[i], except Q4_K and Q5_K: d * sc * q (its mins use the exact sum of x).
 constexpr size_t kQ4_0Block = 32;
 constexpr size_t kQ4_0BlockBytes = 18;
 constexpr size_t kQKBlock = 256;  // weights per K-quant super-block
 constexpr size_t kQ4KBlockBytes = 144;
+constexpr size_t kQ5KBlockBytes = 176;
 constexpr size_t kQ6KBlockBytes = 210;
 void linear_q4_0(const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
                  int threads);
 void linear_q4_k(const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
+                 int threads);
+void linear_q5_k(const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
                  int threads);
 void linear_q6_k(const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
                  int threads);

@@ -1,4 +1,4 @@
-// GGUF Q4_0, Q4_K and Q6_K multiplied as stored (block layouts in linear.h).
+// GGUF Q4_0, Q4_K, Q5_K and Q6_K multiplied as stored (block layouts in linear.h).
 //
 // x is first rounded to int16 per 32-value block (quantize_x in linear_quant_x.h, shared by both paths, so
 // the paths compute the same integer sums and differ only in float rounding). Within a
@@ -76,21 +76,28 @@ void q4_0_scalar(const QuantX& x, const uint8_t* w, float* out, size_t rows, siz
   }
 }
 
-void q4_k_scalar(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {
+// Q4_K and Q5_K share the header (d, dmin, 6-bit scales and mins) and the nibbles; Q5_K
+// puts qh[32] before them, bit j of qh[i] the fifth bit of weight i of sub-block j.
+template <bool kFifthBit>
+void q4_5_k_scalar(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {
+  constexpr size_t kBytes = kFifthBit ? kQ5KBlockBytes : kQ4KBlockBytes;
   const size_t supers = x.blocks / 8;
   for (size_t r = begin; r < end; ++r) {
-    const uint8_t* row = w + r * supers * kQ4KBlockBytes;
+    const uint8_t* row = w + r * supers * kBytes;
     for (size_t t = 0; t < x.tokens; ++t) {
       float acc = 0.f;
       for (size_t s = 0; s < supers; ++s) {
-        const uint8_t* block = row + s * kQ4KBlockBytes;
+        const uint8_t* block = row + s * kBytes;
         const float d = half_to_float(load_u16(block)), dmin = half_to_float(load_u16(block + 2));
         uint64_t sc, m;
         q4_k_scales(block + 4, sc, m);
-        const uint8_t* qs = block + 16;
+        const uint8_t *qh = block + 16, *qs = block + (kFifthBit ? 48 : 16);
         for (int j = 0; j < 8; ++j) {  // sub-block j: nibbles (j % 2: high) of the 32 bytes qs[32 * (j / 2) ...]
           int8_t q[32];
-          for (int i = 0; i < 32; ++i) q[i] = static_cast<int8_t>((qs[32 * (j / 2) + i] >> (4 * (j % 2))) & 15);
+          for (int i = 0; i < 32; ++i) {
+            const int high = kFifthBit ? ((qh[i] >> j) & 1) << 4 : 0;
+            q[i] = static_cast<int8_t>(((qs[32 * (j / 2) + i] >> (4 * (j % 2))) & 15) | high);
+          }
           const size_t b = s * 8 + j;
           const int scale = (sc >> 8 * j) & 63, min = (m >> 8 * j) & 63;
           acc += d * scale * *x.scales(t, b) * dot_pairs(q, x.block(t, b), 0, 16) - dmin * min * *x.sums(t, b);
@@ -99,6 +106,14 @@ void q4_k_scalar(const QuantX& x, const uint8_t* w, float* out, size_t rows, siz
       out[t * rows + r] = acc;
     }
   }
+}
+
+void q4_k_scalar(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {
+  q4_5_k_scalar<false>(x, w, out, rows, begin, end);
+}
+
+void q5_k_scalar(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {
+  q4_5_k_scalar<true>(x, w, out, rows, begin, end);
 }
 
 void q6_k_scalar(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {
@@ -208,6 +223,28 @@ struct Q4_KAvx2 {
   }
 };
 
+// Bit k (< 8) of each byte of h, moved to bit 4 (16-bit shifts; the mask keeps each byte's own bit).
+MOEEDGE_AVX2 inline __m256i fifth_bit(__m256i h, int k) {
+  const __m256i moved = _mm256_sll_epi16(_mm256_srl_epi16(h, _mm_cvtsi32_si128(k)), _mm_cvtsi32_si128(4));
+  return _mm256_and_si256(moved, _mm256_set1_epi8(0x10));
+}
+
+// Q5_K: Q4_K's header and scales, then qh[32] (bit j of byte l: the fifth bit of weight l
+// of sub-block j), then Q4_K's 128 bytes of nibbles.
+struct Q5_KAvx2 {
+  static constexpr size_t kGroupBytes = kQ5KBlockBytes;
+  MOEEDGE_AVX2 static void scales(const uint8_t* block, size_t nb, __m256* scale, __m256* min) {
+    Q4_KAvx2::scales(block, nb, scale, min);
+  }
+  MOEEDGE_AVX2 static void pair(const uint8_t* block, size_t, int c, __m256i* w) {
+    const __m256i v = load256(block + 48 + 32 * c), h = load256(block + 16), nibble = _mm256_set1_epi8(0x0F);
+    const __m256i zero = _mm256_setzero_si256();
+    const __m256i h0 = fifth_bit(h, 2 * c), h1 = fifth_bit(h, 2 * c + 1);
+    split(_mm256_or_si256(_mm256_and_si256(v, nibble), h0), zero, w);
+    split(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), h1), zero, w + 2);
+  }
+};
+
 struct Q6_KAvx2 {
   static constexpr size_t kGroupBytes = kQ6KBlockBytes;
   MOEEDGE_AVX2 static void scales(const uint8_t* block, size_t, __m256* scale, __m256* min) {
@@ -299,6 +336,9 @@ MOEEDGE_AVX2 void q4_0_avx2(const QuantX& x, const uint8_t* w, float* out, size_
 MOEEDGE_AVX2 void q4_k_avx2(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {
   rows_avx2<Q4_KAvx2>(x, w, x.blocks / 8 * kQ4KBlockBytes, out, rows, begin, end);
 }
+MOEEDGE_AVX2 void q5_k_avx2(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {
+  rows_avx2<Q5_KAvx2>(x, w, x.blocks / 8 * kQ5KBlockBytes, out, rows, begin, end);
+}
 MOEEDGE_AVX2 void q6_k_avx2(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {
   rows_avx2<Q6_KAvx2>(x, w, x.blocks / 8 * kQ6KBlockBytes, out, rows, begin, end);
 }
@@ -327,6 +367,11 @@ void linear_q4_0(const float* x, size_t tokens, const uint8_t* w, size_t rows, s
 void linear_q4_k(const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
                  int threads) {
   run(MOEEDGE_KERNEL(q4_k), x, tokens, w, rows, cols, out, threads);
+}
+
+void linear_q5_k(const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
+                 int threads) {
+  run(MOEEDGE_KERNEL(q5_k), x, tokens, w, rows, cols, out, threads);
 }
 
 void linear_q6_k(const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,

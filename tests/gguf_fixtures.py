@@ -219,13 +219,13 @@ def rename_metadata_key(path: Path, key: str, new_key: str) -> None:
 
 # --------------------------------------------------------------------------- block-quantized tensors
 
-QUANT_TYPES = {"q8_0": 8, "q4_0": 2, "q4_k": 12, "q6_k": 14}  # quant name -> ggml type id
+QUANT_TYPES = {"q8_0": 8, "q4_0": 2, "q4_k": 12, "q5_k": 13, "q6_k": 14}  # quant name -> ggml type id
 
 
 def random_blocks(quant: str, rows: int, cols: int, rng: np.random.Generator, std: float = 0.08) -> np.ndarray:
     """[rows, bytes per row] blocks of a [rows, cols] matrix whose weights have about `std`.
     Q8_0 and Q4_0 come from gguf's own quantizer applied to normal weights; gguf cannot
-    quantize Q4_K and Q6_K, so those are random bytes (every nibble, scale and min value
+    quantize the K-quants, so those are random bytes (every nibble, scale and min value
     occurs) with finite fp16 scales of random sign, sized to give that std."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
@@ -233,7 +233,7 @@ def random_blocks(quant: str, rows: int, cols: int, rng: np.random.Generator, st
     if quant in ("q8_0", "q4_0"):
         weights = rng.normal(0, std, (rows, cols)).astype(np.float32)
         return quantize(weights, GGMLQuantizationType(QUANT_TYPES[quant]))
-    block_bytes = {"q4_k": 144, "q6_k": 210}[quant]
+    block_bytes = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[quant]
     blocks = rng.integers(0, 256, size=(rows * cols // 256, block_bytes), dtype=np.uint8)
     spread = rng.uniform(0.5, 1.5, len(blocks)) * rng.choice([-1.0, 1.0], len(blocks))
 
@@ -243,6 +243,9 @@ def random_blocks(quant: str, rows: int, cols: int, rng: np.random.Generator, st
     if quant == "q4_k":  # d * sc * q - dmin * m, sc, m in 0..63, q in 0..15: std ~ 258 d; dmin = 7.5 d centres it
         d = std / 258 * spread
         blocks[:, 0:2], blocks[:, 2:4] = f16(d), f16(7.5 * d)
+    elif quant == "q5_k":  # the same with q in 0..31: std ~ 520 d, dmin = 15.5 d
+        d = std / 520 * spread
+        blocks[:, 0:2], blocks[:, 2:4] = f16(d), f16(15.5 * d)
     else:  # d * scale * (q - 32), scale in -128..127, q in 0..63: std ~ 1366 d
         blocks[:, 208:210] = f16(std / 1366 * spread)
     return blocks.reshape(rows, -1)

@@ -38,7 +38,7 @@ ROWS = 45  # not a multiple of any row block: every tile shape and tail occurs
 # 1000 and 2311 are not whole SIMD steps (bf16 then takes the portable kernel, fp32 adds
 # its last columns one by one); 2336 is 73 blocks of 32, not whole groups of 8 or 2.
 CASES = [("bf16", 2304), ("bf16", 1000), ("f32", 2311), ("f32", 256), ("q8_0", 2336), ("q4_0", 2336),
-         ("q4_k", 2304), ("q6_k", 2304), ("int8_g32", 2336), ("int4_g64", 2336)]
+         ("q4_k", 2304), ("q5_k", 2304), ("q6_k", 2304), ("int8_g32", 2336), ("int4_g64", 2336)]
 
 
 def weight(fmt: str, rows: int, cols: int, rng: np.random.Generator):
@@ -113,7 +113,7 @@ def expert(fmt: str, hidden: int, inter: int, seed: int = 0):
 
 # (format, hidden, intermediate): 300 is not whole SIMD steps (SiLU's scalar tail, fp32's last columns)
 EXPERTS = [("f32", 256, 300), ("bf16", 256, 512), ("q8_0", 256, 512), ("q4_0", 256, 512), ("q4_k", 256, 512),
-           ("q6_k", 256, 512), ("int8_g32", 256, 512), ("int4_g64", 256, 512)]
+           ("q5_k", 256, 512), ("q6_k", 256, 512), ("int8_g32", 256, 512), ("int4_g64", 256, 512)]
 
 
 @pytest.mark.parametrize("fmt, hidden, inter", EXPERTS)
@@ -132,7 +132,7 @@ def test_expert_ffn_rows_are_batch_invariant_and_are_linear_s(path, fmt, hidden,
     assert_same_bits(batch, linear(g, down) * 0.75, "ExpertFfn against kernels.linear and _core.silu_mul")
 
 
-ATTENTION_FORMATS = ["f32", "bf16", "q8_0", "q4_0", "q4_k", "q6_k", "int8_g32", "int4_g64"]
+ATTENTION_FORMATS = ["f32", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "int8_g32", "int4_g64"]
 
 
 @pytest.mark.parametrize("fmt", ATTENTION_FORMATS)

@@ -47,7 +47,7 @@ def expert(fmt: str, seed: int = 0, lead: int = 3):
     return torch.cat(pieces).numpy(), specs, weights
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "q8_0", "q4_0", "q4_k", "q6_k", "int8_g32", "int4_g64"])
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "int8_g32", "int4_g64"])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_matches_the_kernels_one_at_a_time(path, fmt, tokens):
     buf, specs, (gate, up, down) = expert(fmt)

@@ -150,7 +150,7 @@ def test_q8_0_experts_stay_quantized_in_the_cache(ggufs, mixtral):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k"])
 def test_dequantize_matches_gguf_reference(quant, dtype):
     """Random bytes, so every quant, scale and min value occurs; finite fp16 scales."""
     from gguf.quants import dequantize as reference
@@ -158,7 +158,7 @@ def test_dequantize_matches_gguf_reference(quant, dtype):
     block, block_bytes = BLOCKS[quant]
     rng = np.random.default_rng(0)
     blocks = rng.integers(0, 256, size=(40, block_bytes), dtype=np.uint8)
-    for at in {"q8_0": [0], "q4_0": [0], "q4_k": [0, 2], "q6_k": [208]}[quant]:
+    for at in {"q8_0": [0], "q4_0": [0], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}[quant]:
         blocks[:, at:at + 2] = rng.normal(0, 0.01, size=(40, 1)).astype(np.float16).view(np.uint8)
     shape = (10, 4 * block)
     want = torch.from_numpy(reference(blocks.reshape(-1), gf._qtype(quant)).copy()).view(shape)
@@ -183,10 +183,10 @@ def test_q4_0_round_trip_through_gguf_quantize():
     assert (np.abs(got - w) <= np.where(clipped, step, step / 2) + 8 * step * 2 ** -10).all()
 
 
-@pytest.mark.parametrize("quant", ["q4_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("quant", ["q4_0", "q4_k", "q5_k", "q6_k"])
 def test_quantized_experts_stay_quantized_and_logits_match_the_dequantized_model(tmp_path, quant):
     """A tiny Mixtral whose experts and dense matrices are Q4_0, Q4_K (with a Q6_K output, as
-    Q4_K_M has) or Q6_K, run by the native kernels on both paths, against the same model stored
+    Q4_K_M has), Q5_K or Q6_K, run by the native kernels on both paths, against the same model stored
     as F32 (torch on the dequantized weights). The kernels round activations to int16 per 32
     values (about 2**-16 of each block's largest): measured 3e-4 at most on these logits of
     std 1.4; a wrong nibble or scale order gives errors of order 1."""
@@ -288,9 +288,9 @@ def test_overlapping_tensors(damaged):
 
 def test_unsupported_quant_type(damaged):
     path = damaged("q8_0")
-    gf.set_tensor_type(path, "blk.0.ffn_gate_exps.weight", 13)  # Q5_K
-    with pytest.raises(CheckpointError, match=r"'blk\.0\.ffn_gate_exps\.weight' is Q5_K, .*"
-                                              r"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K"):
+    gf.set_tensor_type(path, "blk.0.ffn_gate_exps.weight", 11)  # Q3_K
+    with pytest.raises(CheckpointError, match=r"'blk\.0\.ffn_gate_exps\.weight' is Q3_K, .*"
+                                              r"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K"):
         moeedge.load(path, memory_budget="8GiB")
 
 

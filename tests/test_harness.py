@@ -14,7 +14,7 @@ import pytest
 
 from moeedge.cgroup import CgroupUnavailable, run_limited
 from moeedge.harness import matrix
-from moeedge.harness.bound import capacity_experts, physical_bound, touched_bytes_per_token
+from moeedge.harness.bound import capacity_experts, physical_bound, shortfall, touched_bytes_per_token
 from moeedge.harness.report import load_records, plot, table
 from moeedge.runtime.plan import FIXED_JITTER_BYTES
 
@@ -206,15 +206,15 @@ def test_shortfall_compares_reads_with_beladys():
     bound = type("B", (), {"miss_bytes": 3000, "decode_tokens": 3, "run_miss_bytes": 4500})()
     result = {"tokens": 4, "decode_read_bytes": 4000, "decode_cache_read_bytes": 3900, "decode_read_busy_s": 2.0,
               "stats": {"bytes_read": 6000}}
-    got = matrix.shortfall(result, bound, disk_bytes_per_s=2000.0)
+    got = shortfall(result, bound, disk_bytes_per_s=2000.0)
     assert got["belady_bytes_per_token"] == 1000 and got["read_bytes_per_token"] == pytest.approx(4000 / 3)
     assert got["policy_ratio"] == pytest.approx(0.75) and got["io_ratio"] == pytest.approx(3900 / 2.0 / 2000)
     nothing = type("B", (), {"miss_bytes": 0, "decode_tokens": 3, "run_miss_bytes": 0})()
-    assert matrix.shortfall({"tokens": 4, "stats": {"bytes_read": 0}}, nothing, 1.0)["policy_ratio"] == 1.0
-    llama = matrix.shortfall({"tokens": 4, "decode_read_bytes": 300}, bound, 1.0)  # no expert reads of its own
+    assert shortfall({"tokens": 4, "stats": {"bytes_read": 0}}, nothing, 1.0)["policy_ratio"] == 1.0
+    llama = shortfall({"tokens": 4, "decode_read_bytes": 300}, bound, 1.0)  # no expert reads of its own
     assert llama["policy_ratio"] is None and llama["read_bytes_per_token"] == 100 and llama["occupancy"] is None
     timed = {"tokens": 3, "token_wait_s": [0.5, 0.1], "token_other_s": [0.5, 0.9], "decode_kernel_s": 1.0}
-    assert matrix.shortfall(timed, bound, 1.0)["occupancy"] == pytest.approx((1.0 + 0.6) / 2.0)
+    assert shortfall(timed, bound, 1.0)["occupancy"] == pytest.approx((1.0 + 0.6) / 2.0)
 
 
 def test_matrix_records_each_run_and_skips_it_next_time(tmp_path):

@@ -1,10 +1,10 @@
-"""The native GGUF Q4_0, Q4_K and Q6_K kernels against float64 arithmetic on the weights
+"""The native GGUF Q4_0, Q4_K, Q5_K and Q6_K kernels against float64 arithmetic on the weights
 as torch dequantizes them (itself checked bit for bit against gguf's reference in
 test_gguf.py), on the AVX2 path and the portable one.
 
 The kernels round x to int16 per 32 values (csrc/linear.h), which moves each x[i] by at
 most 0.51 s, s = max|x| over its block / 32767; so an output may differ from the exact
-product by at most sum_i |a[i]| * 0.51 s(i), with a = w except for Q4_K (d * sc * q: its
+product by at most sum_i |a[i]| * 0.51 s(i), with a = w except for Q4_K and Q5_K (d * sc * q: its
 mins dmin * m go through the exact sum of x), plus fp32 rounding: one rounding per scale
 product and per sum of 16-weight partials, at most (cols / 16 + 40) * 2**-24 of the sum of
 the absolute terms. The tests allow exactly that bound.
@@ -22,8 +22,9 @@ from moeedge.formats.quant_tensor import QuantTensor
 from moeedge.kernels import linear
 from conftest import kernel_path
 
-QUANTS = ("q4_0", "q4_k", "q6_k")
-KERNELS = {"q4_0": _core.linear_q4_0, "q4_k": _core.linear_q4_k, "q6_k": _core.linear_q6_k}
+QUANTS = ("q4_0", "q4_k", "q5_k", "q6_k")
+KERNELS = {"q4_0": _core.linear_q4_0, "q4_k": _core.linear_q4_k, "q5_k": _core.linear_q5_k,
+           "q6_k": _core.linear_q6_k}
 
 
 
@@ -33,10 +34,10 @@ def weights(quant: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
 
 
 def mins(quant: str, raw: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The dmin * m part of each weight (Q4_K), found by dequantizing with every nibble zeroed; 0 otherwise."""
-    if quant != "q4_k":
+    """The dmin * m part of each weight (Q4_K, Q5_K), found by dequantizing with every quant bit zeroed; 0 otherwise."""
+    if quant not in ("q4_k", "q5_k"):
         return torch.zeros(shape)
-    blocks = raw.clone().view(-1, 144)
+    blocks = raw.clone().view(-1, BLOCKS[quant][1])
     blocks[:, 16:] = 0
     return -dequantize(blocks.reshape(-1), quant, shape, torch.float32)
 

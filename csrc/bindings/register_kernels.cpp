@@ -162,7 +162,7 @@ using MatrixArgs = std::tuple<std::string, py::ssize_t, py::ssize_t, py::ssize_t
 void def_expert_ffn(py::module_& m) {
   py::class_<ExpertFfn>(m, "ExpertFfn",
                         "Where an expert's gate, up and down matrices lie in its bytes, each (format, offset, "
-                        "rows, cols, group): format 'bf16', 'q8_0', 'q4_0', 'q4_k', 'q6_k', 'int8' or 'int4' "
+                        "rows, cols, group): format 'bf16', 'q8_0', 'q4_0', 'q4_k', 'q5_k', 'q6_k', 'int8' or 'int4' "
                         "(group: int8/int4's, else 0). Call it as ffn(x, expert, out, scale=1.0, threads=0): "
                         "out = scale * down(silu(gate(x)) * up(x)), x float32 [tokens, in], out float32 "
                         "[tokens, out], expert the expert's bytes (an ExpertBuffer); GIL released.")
@@ -353,6 +353,7 @@ void register_kernels(py::module_& m) {
   def_quant_linear(m, "linear_q8_0", "Q8_0", kQ8Block, kQ8BlockBytes, &linear_q8_0);
   def_quant_linear(m, "linear_q4_0", "Q4_0", kQ4_0Block, kQ4_0BlockBytes, &linear_q4_0);
   def_quant_linear(m, "linear_q4_k", "Q4_K", kQKBlock, kQ4KBlockBytes, &linear_q4_k);
+  def_quant_linear(m, "linear_q5_k", "Q5_K", kQKBlock, kQ5KBlockBytes, &linear_q5_k);
   def_quant_linear(m, "linear_q6_k", "Q6_K", kQKBlock, kQ6KBlockBytes, &linear_q6_k);
   def_group_linear(m, "linear_int8", 8, &linear_int8);
   def_group_linear(m, "linear_int4", 4, &linear_int4);

@@ -47,6 +47,10 @@ def linear_q4_k(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
     """w: GGUF Q4_K super-blocks, rows * cols / 256 * 144 bytes; cols % 256 == 0. x is
     rounded to int16 per 32 values, as for linear_q4_0."""
 
+def linear_q5_k(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
+    """w: GGUF Q5_K super-blocks, rows * cols / 256 * 176 bytes; cols % 256 == 0. x is
+    rounded to int16 per 32 values, as for linear_q4_0."""
+
 def linear_q6_k(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
     """w: GGUF Q6_K super-blocks, rows * cols / 256 * 210 bytes; cols % 256 == 0. x is
     rounded to int16 per 32 values, as for linear_q4_0."""
@@ -62,7 +66,7 @@ def linear_int4(x: Buffer, qweight: Buffer, scales: Buffer, out: Buffer, group: 
 
 class ExpertFfn:
     """Where an expert's gate, up and down matrices lie in its bytes, each as (format,
-    offset, rows, cols, group): format 'f32', 'bf16', 'q8_0', 'q4_0', 'q4_k', 'q6_k', 'int8'
+    offset, rows, cols, group): format 'f32', 'bf16', 'q8_0', 'q4_0', 'q4_k', 'q5_k', 'q6_k', 'int8'
     or 'int4' (group: int8/int4's, else 0; their scales follow the qweight bytes). ValueError
     naming the role for an unknown format, a width that is not whole blocks, or shapes that
     do not chain (gate and up [I, H], down [H, I])."""

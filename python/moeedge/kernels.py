@@ -1,5 +1,5 @@
 """Matrix products on weights as they are stored: fp32 activations times bf16 weights,
-GGUF Q8_0, Q4_0, Q4_K and Q6_K blocks or moeedge's group-wise int8/int4 go through the
+GGUF Q8_0, Q4_0, Q4_K, Q5_K and Q6_K blocks or moeedge's group-wise int8/int4 go through the
 native kernels (no fp32 copy of the weights is made); everything else through torch."""
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ NATIVE_MAX_TOKENS = 16
 # expert's), which no memory plan could afford at prefill.
 CONVERT_BLOCK_BYTES = 8 << 20
 
-# quant -> native kernel (csrc/linear*.cpp); Q4_0/Q4_K/Q6_K round x to int16 per 32
+# quant -> native kernel (csrc/linear*.cpp); Q4_0 and the K-quants round x to int16 per 32
 # values first (error bound in csrc/linear.h).
 NATIVE_QUANTS = {"q8_0": _core.linear_q8_0, "q4_0": _core.linear_q4_0, "q4_k": _core.linear_q4_k,
-                 "q6_k": _core.linear_q6_k}
+                 "q5_k": _core.linear_q5_k, "q6_k": _core.linear_q6_k}
 # moeedge's group-wise formats (moeedge.formats.group_quant): bits -> kernel, which takes
 # the qweight and scales bytes apart and rounds x as the K-quant kernels do.
 GROUP_KERNELS = {8: _core.linear_int8, 4: _core.linear_int4}

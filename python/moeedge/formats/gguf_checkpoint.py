@@ -8,7 +8,7 @@ read with pread, like safetensors.
 Each layer's experts are stacked in one tensor per matrix, `blk.L.ffn_{gate,up,down}_exps`
 ([E, out, in] in torch order), so expert e is the e-th contiguous slice of each: three
 byte ranges per expert, handed to the native cache as they lie in the file. Q8_0, Q4_0,
-Q4_K and Q6_K tensors stay quantized, in the cache and in memory, and are multiplied as
+Q4_K, Q5_K and Q6_K tensors stay quantized, in the cache and in memory, and are multiplied as
 stored by the native kernels (moeedge.kernels); a row is whole blocks, so each expert's
 slice of a stacked tensor is too.
 """

@@ -34,6 +34,7 @@ TYPES = {
     8: ("Q8_0", torch.uint8, "q8_0", 32, 34),
     2: ("Q4_0", torch.uint8, "q4_0", 32, 18),
     12: ("Q4_K", torch.uint8, "q4_k", 256, 144),
+    13: ("Q5_K", torch.uint8, "q5_k", 256, 176),  # Q4_K_M's attn_output for Mixtral
     14: ("Q6_K", torch.uint8, "q6_k", 256, 210),  # Q4_K_M files mix Q4_K and Q6_K (and keep some F32)
 }
 SUPPORTED_TYPES = ", ".join(t[0] for t in TYPES.values())

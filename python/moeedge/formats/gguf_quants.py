@@ -11,6 +11,9 @@ row-major order. fp16 fields are little-endian.
   mins m for 8 sub-blocks of 32, then 128 bytes: each 32 bytes hold a pair of
   sub-blocks, the first in the low nibbles, the second in the high ones;
   weight = d * sc * q - dmin * m.
+- Q5_K, 256 weights in 176 bytes: Q4_K's d, dmin and 12 scale bytes, then qh[32]
+  (bit j of byte l is the fifth bit of weight l of sub-block j), then Q4_K's 128 bytes of
+  nibbles; weight = d * sc * q - dmin * m with q in 0..31.
 - Q6_K, 256 weights in 210 bytes: ql[128] (low 4 bits), qh[64] (high 2 bits), int8
   scales[16] (one per 16 weights), fp16 d; weight = d * scale * (q - 32).
 
@@ -24,7 +27,8 @@ import math
 import torch
 
 # quant -> (weights per block, bytes per block)
-BLOCKS: dict[str, tuple[int, int]] = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_k": (256, 144), "q6_k": (256, 210)}
+BLOCKS: dict[str, tuple[int, int]] = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_k": (256, 144), "q5_k": (256, 176),
+                                      "q6_k": (256, 210)}
 
 
 def quant_nbytes(quant: str, shape: tuple[int, ...]) -> int:
@@ -46,7 +50,7 @@ def dequantize(raw: torch.Tensor, quant: str, shape: tuple[int, ...], dtype: tor
     if quant == "q8_0":
         return _dequantize_q8_0(raw, tuple(shape), dtype)
     blocks = raw.view(-1, BLOCKS[quant][1])
-    w = {"q4_0": _q4_0, "q4_k": _q4_k, "q6_k": _q6_k}[quant](blocks)  # [N, weights per block] float32
+    w = {"q4_0": _q4_0, "q4_k": _q4_k, "q5_k": _q5_k, "q6_k": _q6_k}[quant](blocks)  # [N, weights per block] float32
     return w.to(dtype).view(shape)
 
 
@@ -73,13 +77,28 @@ def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    return _k_scaled(blocks, _nibbles(blocks[:, 16:]))
+
+
+def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    qh = blocks[:, 16:48].reshape(-1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)  # [N, 8, 32]
+    return _k_scaled(blocks, _nibbles(blocks[:, 48:]) | ((qh & 1) << 4))
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """128 bytes of Q4_K/Q5_K nibbles per block -> [N, sub-block, 32]: each 32 bytes hold a
+    pair of sub-blocks, the first in the low nibbles."""
+    qs = qs.reshape(qs.shape[0], 4, 1, 32)
+    return torch.cat([qs & 15, qs >> 4], dim=2).reshape(qs.shape[0], 8, 32)
+
+
+def _k_scaled(blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """d * sc * q - dmin * m with Q4_K/Q5_K's header (d, dmin, 12 scale bytes); q [N, 8, 32]."""
     n = blocks.shape[0]
     s = blocks[:, 4:16]                                                        # ggml's get_scale_min_k4
     lo, mid, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
     sc = torch.cat([lo & 63, (hi & 15) | ((lo >> 6) << 4)], dim=1)           # [N, 8] 6-bit scales
     m = torch.cat([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], dim=1)          # [N, 8] 6-bit mins
-    qs = blocks[:, 16:].reshape(n, 4, 1, 32)
-    q = torch.cat([qs & 15, qs >> 4], dim=2).reshape(n, 8, 32)                # [N, sub-block, 32]
     d = (_f16(blocks, 0) * sc).unsqueeze(-1)                                   # [N, 8, 1]
     dm = (_f16(blocks, 2) * m).unsqueeze(-1)
     return (d * q - dm).reshape(n, 256)

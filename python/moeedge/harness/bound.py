@@ -69,3 +69,29 @@ def physical_bound(facts: dict, routing: np.ndarray, prompt_tokens: int, limit_b
     compute = touched_bytes_per_token(facts) / matvec_bytes_per_s
     seconds = max(steps * compute, miss_bytes / disk_bytes_per_s)
     return Bound(steps / seconds, compute, miss_bytes, capacity, steps, run_misses * expert_slot_bytes(facts))
+
+
+def shortfall(result: dict, bound, disk_bytes_per_s: float) -> dict:
+    """Where a run falls short of its bound. read_bytes_per_token: what the engine's process had
+    read from storage per decode token (any engine); policy: the expert bytes Belady's cache of
+    the same size reads over the whole run from empty, over what moeedge's cache read (1: as
+    few; engines that do not count expert reads apart from the rest get None); io: the
+    bandwidth moeedge's reads got while one was in flight, over the disk's; occupancy: the
+    share of moeedge's decode time in a compute kernel or waiting for a read (the rest is overhead)."""
+    out: dict = {"read_bytes_per_token": None, "belady_bytes_per_token": None, "policy_ratio": None,
+                 "io_ratio": None, "occupancy": None}
+    decode_s = sum(result.get("token_wait_s", [])) + sum(result.get("token_other_s", []))
+    if "decode_kernel_s" in result and decode_s > 0:
+        out["occupancy"] = (result["decode_kernel_s"] + sum(result["token_wait_s"])) / decode_s
+    steps = result.get("tokens", 0) - 1
+    if bound is None or steps <= 0:
+        return out
+    out["belady_bytes_per_token"] = bound.miss_bytes / bound.decode_tokens
+    if result.get("decode_read_bytes") is not None:
+        out["read_bytes_per_token"] = result["decode_read_bytes"] / steps
+    expert_reads = result.get("stats", {}).get("bytes_read")
+    if expert_reads is not None:
+        out["policy_ratio"] = bound.run_miss_bytes / expert_reads if expert_reads else 1.0
+    if result.get("decode_read_busy_s"):
+        out["io_ratio"] = result["decode_cache_read_bytes"] / result["decode_read_busy_s"] / disk_bytes_per_s
+    return out

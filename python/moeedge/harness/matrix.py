@@ -18,12 +18,13 @@ import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from moeedge.cgroup import CgroupUnavailable, drop_page_cache, evict_files, run_limited
 from moeedge.read_throttle import ReadThrottle, disk_of
 from moeedge.harness.engines import ENGINES, GGUF_ONLY, HF_ONLY, Run, command
+from moeedge.harness.llama_build import check_native, describe
 from moeedge.runtime.plan import FIXED_JITTER_BYTES
 from moeedge.units import parse_bytes
 
@@ -42,6 +43,7 @@ class Settings:
     max_context: int = 256     # the KV cache every engine sets up (llama.cpp's n_ctx)
     timeout_s: float = 900.0
     disk_probe: bool = True    # measure the disk before every run (512 MiB of the run's own weight files)
+    llama_cpp_python: str = ""  # an interpreter whose llama_cpp is built for this CPU ("": the harness's own)
     # Reads of the model's disk held to this many bytes/s ("200MiB") in every run, and the bound
     # uses it: set below the slowest rate the disk has shown, every engine sees the same disk.
     read_throttle: str | None = None
@@ -54,11 +56,12 @@ class Settings:
 @dataclass
 class Model:
     name: str
-    hf: str | None
+    hf: str | None = None   # the Hugging Face directory (bf16); a GGUF-only model has none
     gguf: dict[str, str] = field(default_factory=dict)
     precisions: list[str] = field(default_factory=lambda: ["bf16"])
     engines: list[str] = field(default_factory=lambda: list(ENGINES))
     limits: list[str] = field(default_factory=lambda: ["unlimited"])
+    prefill_tokens: list[int] = field(default_factory=list)  # also a cold run with a prompt of each length
 
 
 def read_config(path: str | Path) -> tuple[Settings, list[Model]]:
@@ -87,6 +90,9 @@ def read_config(path: str | Path) -> tuple[Settings, list[Model]]:
                              f"choose from {', '.join(ENGINES)}")
         for limit in model.limits:
             _check_limit(path, model.name, limit)
+        if not all(isinstance(n, int) and 1 <= n <= 32768 for n in model.prefill_tokens):
+            raise ValueError(f"{path}: model {model.name}: prefill_tokens {model.prefill_tokens!r} are not "
+                             f"prompt lengths of 1 to 32768 tokens")
         models.append(model)
     if not models:
         raise ValueError(f"{path}: no [[model]] entries")
@@ -149,7 +155,9 @@ def plan(models: list[Model], info) -> list[Run]:
                         continue
                     reference = source_of(model, "moeedge", precision)
                     limit = limit_bytes(label, reference, info)
-                    runs.append(Run(model.name, engine, precision, label, limit, source, tuple(files_of(source))))
+                    for prompt in [None, *model.prefill_tokens]:
+                        runs.append(Run(model.name, engine, precision, label, limit, source, tuple(files_of(source)),
+                                        prompt))
     return runs
 
 
@@ -180,11 +188,21 @@ def commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
+def for_run(settings: Settings, run: Run) -> Settings:
+    """The settings a run takes: a prefill cell's prompt length, with the context to hold it."""
+    if run.prompt_tokens is None:
+        return settings
+    return replace(settings, prompt_tokens=run.prompt_tokens,
+                   max_context=max(settings.max_context, run.prompt_tokens + settings.tokens))
+
+
 def record_path(results: Path, run: Run, settings: Settings, head: str) -> Path:
+    settings = for_run(settings, run)
     # The label, not the bytes: "min" moves with the measured fixed cost from one info call to the next.
     key = json.dumps([head, asdict(settings), run.source, run.limit_label], sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return results / "runs" / run.model / f"{run.engine}-{run.precision}-{run.limit_label}-{digest}.json"
+    prefill = "" if run.prompt_tokens is None else f"-p{run.prompt_tokens}"
+    return results / "runs" / run.model / f"{run.engine}-{run.precision}-{run.limit_label}{prefill}-{digest}.json"
 
 
 def execute(run: Run, settings: Settings, env: dict | None = None) -> dict:
@@ -193,7 +211,8 @@ def execute(run: Run, settings: Settings, env: dict | None = None) -> dict:
     throttle = settings.read_throttle_bytes_per_s
     disk = probe_disk(run) if settings.disk_probe and throttle is None else None
     cold = drop_page_cache()
-    cmd = command(run, settings.tokens, settings.prompt_tokens, settings.threads, settings.max_context)
+    cmd = command(run, settings.tokens, settings.prompt_tokens, settings.threads, settings.max_context,
+                  settings.llama_cpp_python)
     load = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
         join = [stack.enter_context(ReadThrottle(disk_of(run.files[0]), throttle)).procs] if throttle else []
@@ -250,7 +269,8 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
         for run in runs:
             done = record_path(results, run, settings, head).is_file()
             print(f"{'done' if done else 'todo'}  {run.model:18} {run.engine:17} {run.precision:5} "
-                  f"{run.limit_label:9} {'-' if run.limit_bytes is None else run.limit_bytes >> 20} MiB")
+                  f"{run.limit_label:9} {'-' if run.limit_bytes is None else run.limit_bytes >> 20} MiB"
+                  f"{'' if run.prompt_tokens is None else f'  prefill {run.prompt_tokens}'}")
         return []
     if not runs:
         return []
@@ -260,6 +280,10 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
     if any(run.limit_bytes is not None for run in todo) and not cgroup_writable():
         raise CgroupUnavailable("no writable memory cgroup here: refusing to label results as limited "
                                 "(run as root on a machine with the memory controller)")
+    llama = None
+    if any(run.engine in GGUF_ONLY for run in todo):  # against a llama.cpp built for this CPU only
+        llama = describe(settings.llama_cpp_python or None)
+        check_native(llama)
     from tqdm import tqdm
 
     records = []
@@ -270,14 +294,17 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
         if path.is_file():
             records.append(json.loads(path.read_text()))
             continue
-        record = execute(run, settings)
+        cell = for_run(settings, run)
+        record = execute(run, cell)
+        if run.engine in GGUF_ONLY:
+            record["llama_cpp_build"] = llama
         reference_source = source_of_reference(models, run)
-        reference = routing(results, run.model, run.precision, reference_source, settings)
-        with_bound(record, info(reference_source), reference["routing"], settings.prompt_tokens, machine)
+        reference = routing(results, run.model, run.precision, reference_source, cell)
+        with_bound(record, info(reference_source), reference["routing"], cell.prompt_tokens, machine)
         generated = record["result"].get("generated")
         record["same_tokens_as_reference"] = None if generated is None else generated == reference["generated"]
         record["result"].pop("routing", None)
-        record.update(settings=asdict(settings), commit=head, versions=versions(),
+        record.update(settings=asdict(cell), prefill_cell=run.prompt_tokens, commit=head, versions=versions(),
                       finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1, default=str) + "\n")
@@ -304,7 +331,7 @@ class Facts:
 
 def with_bound(record: dict, facts: dict, routing_: list, prompt_tokens: int, machine: dict) -> dict:
     """The record with its physical bound and its fraction of it (moeedge.harness.bound)."""
-    from moeedge.harness.bound import physical_bound
+    from moeedge.harness.bound import physical_bound, shortfall
 
     # The bound models a decoder's token loop; an encoder-decoder's decode has no bound here.
     disk = (record.get("read_throttle_bytes_per_s") or record.get("disk_bytes_per_s_at_run")
@@ -317,32 +344,6 @@ def with_bound(record: dict, facts: dict, routing_: list, prompt_tokens: int, ma
     record.update(shortfall(record["result"], bound, disk))
     record["machine"] = machine
     return record
-
-
-def shortfall(result: dict, bound, disk_bytes_per_s: float) -> dict:
-    """Where a run falls short of its bound. read_bytes_per_token: what the engine's process had
-    read from storage per decode token (any engine); policy: the expert bytes Belady's cache of
-    the same size reads over the whole run from empty, over what moeedge's cache read (1: as
-    few; engines that do not count expert reads apart from the rest get None); io: the
-    bandwidth moeedge's reads got while one was in flight, over the disk's; occupancy: the
-    share of moeedge's decode time in a compute kernel or waiting for a read (the rest is overhead)."""
-    out: dict = {"read_bytes_per_token": None, "belady_bytes_per_token": None, "policy_ratio": None,
-                 "io_ratio": None, "occupancy": None}
-    decode_s = sum(result.get("token_wait_s", [])) + sum(result.get("token_other_s", []))
-    if "decode_kernel_s" in result and decode_s > 0:
-        out["occupancy"] = (result["decode_kernel_s"] + sum(result["token_wait_s"])) / decode_s
-    steps = result.get("tokens", 0) - 1
-    if bound is None or steps <= 0:
-        return out
-    out["belady_bytes_per_token"] = bound.miss_bytes / bound.decode_tokens
-    if result.get("decode_read_bytes") is not None:
-        out["read_bytes_per_token"] = result["decode_read_bytes"] / steps
-    expert_reads = result.get("stats", {}).get("bytes_read")
-    if expert_reads is not None:
-        out["policy_ratio"] = bound.run_miss_bytes / expert_reads if expert_reads else 1.0
-    if result.get("decode_read_busy_s"):
-        out["io_ratio"] = result["decode_cache_read_bytes"] / result["decode_read_busy_s"] / disk_bytes_per_s
-    return out
 
 
 def refresh_bounds(results: Path) -> int:

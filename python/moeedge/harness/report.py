@@ -15,7 +15,7 @@ def load_records(results: Path, commit: str | None = None) -> list[dict]:
         r = json.loads(path.read_text())
         if commit is not None and not r.get("commit", "").startswith(commit):
             continue
-        key = (r["model"], r["engine"], r["precision"], r["limit_label"])
+        key = (r["model"], r["engine"], r["precision"], r["limit_label"], r.get("prefill_cell"))
         if key not in latest or r.get("finished_at", "") > latest[key].get("finished_at", ""):
             latest[key] = r
     return sorted(latest.values(), key=lambda r: (r["model"], r["precision"], -(r["limit_bytes"] or 1 << 62),
@@ -27,17 +27,18 @@ def _limit(r: dict) -> str:
 
 
 def table(records: list[dict]) -> str:
-    """Markdown: one row per run; `x llama.cpp` compares with llama.cpp at the same model,
-    precision and limit."""
-    llama = {(r["model"], r["precision"], r["limit_label"]): r.get("decode_tok_s") for r in records
-             if r["engine"] == "llama.cpp"}
+    """Markdown: one row per run; `x llama.cpp` compares with the faster llama.cpp engine (as it
+    loads by default, or with repacking off) at the same model, precision and limit. Prefill cells (a long prompt in its own run) follow in a table of their own."""
+    prefill = [r for r in records if r.get("prefill_cell")]
+    records = [r for r in records if not r.get("prefill_cell")]
+    llama = _best_llama(records, "decode_tok_s", lambda r: (r["model"], r["precision"], r["limit_label"]))
     rows = ["| model | precision | limit | engine | decode tok/s | x llama.cpp | steady tok/s | bound tok/s "
             "| of bound | read MB/token (Belady's) | policy | IO | occupancy | p99 ms | peak | OOM kills |",
             "|" + "---|" * 16]
     for r in records:
         tok_s = r.get("decode_tok_s")
         ref = llama.get((r["model"], r["precision"], r["limit_label"]))
-        ratio = f"{tok_s / ref:.2f}x" if tok_s and ref and r["engine"] != "llama.cpp" else "-"
+        ratio = f"{tok_s / ref:.2f}x" if tok_s and ref and not r["engine"].startswith("llama.cpp") else "-"
         bound = r.get("bound_tok_s")
         rows.append(" | ".join([
             f"| {r['model']}", r["precision"], _limit(r), r["engine"],
@@ -47,6 +48,22 @@ def table(records: list[dict]) -> str:
             _per_token(r), *(_ratio(r.get(k)) for k in ("policy_ratio", "io_ratio", "occupancy")),
             f"{r['p99_ms']:.0f}" if r.get("p99_ms") else "-",
             format_bytes(r["peak_bytes"]), f"{r['oom_kills']} |"]))
+    return "\n".join(rows) + (f"\n\n{prefill_table(prefill)}" if prefill else "")
+
+
+def prefill_table(records: list[dict]) -> str:
+    """Markdown: prefill tokens/s of each prefill cell, against llama.cpp's on the same prompt."""
+    llama = _best_llama(records, "prefill_tok_s",
+                        lambda r: (r["model"], r["precision"], r["limit_label"], r["prefill_cell"]))
+    rows = ["| model | precision | limit | engine | prompt tokens | prefill tok/s | x llama.cpp | peak | OOM kills |",
+            "|" + "---|" * 9]
+    for r in records:
+        tok_s = r.get("prefill_tok_s")
+        ref = llama.get((r["model"], r["precision"], r["limit_label"], r["prefill_cell"]))
+        ratio = f"{tok_s / ref:.2f}x" if tok_s and ref and not r["engine"].startswith("llama.cpp") else "-"
+        rows.append(" | ".join([f"| {r['model']}", r["precision"], _limit(r), r["engine"], str(r["prefill_cell"]),
+                                f"{tok_s:.1f}" if tok_s else _failure(r), ratio, format_bytes(r["peak_bytes"]),
+                                f"{r['oom_kills']} |"]))
     return "\n".join(rows)
 
 
@@ -61,6 +78,15 @@ def _per_token(r: dict) -> str:
         return "-"
     mb = (lambda v: "-" if v is None else f"{v / 1e6:.1f}")
     return f"{mb(engine)} ({mb(belady)})"
+
+
+def _best_llama(records: list[dict], key: str, cell) -> dict:
+    """cell -> the highest `key` among the llama.cpp engines' records of that cell."""
+    best: dict = {}
+    for r in records:
+        if r["engine"].startswith("llama.cpp") and r.get(key):
+            best[cell(r)] = max(best.get(cell(r), 0.0), r[key])
+    return best
 
 
 def _failure(r: dict) -> str:
@@ -82,8 +108,8 @@ def plot(records: list[dict], out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for model in sorted({r["model"] for r in records}):
-        rs = [r for r in records if r["model"] == model]
+    for model in sorted({r["model"] for r in records if not r.get("prefill_cell")}):
+        rs = [r for r in records if r["model"] == model and not r.get("prefill_cell")]
         unlimited_x = 1.25 * max([r["limit_bytes"] for r in rs if r["limit_bytes"]] or [1 << 30]) / 2 ** 20
         x_of = lambda r: r["limit_bytes"] / 2 ** 20 if r["limit_bytes"] else unlimited_x  # noqa: E731
         fig, (speed, split) = plt.subplots(1, 2, figsize=(12, 4.5))
