@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 
@@ -191,7 +192,7 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
          prefetch: bool | None = None, predictor: str | None = "auto", lookahead: int = 1,
          predictor_file: str | os.PathLike | None = None, policy: str = "auto", io_threads: int | None = None,
          max_context: int = 2048, direct_io: bool = True, dtype: torch.dtype | None = None,
-         threads: int | None = None, n_sequences: int = 1) -> MoeModel:
+         threads: int | None = None, n_sequences: int = 1, plan: str | os.PathLike | dict | None = None) -> MoeModel:
     """Open a checkpoint and plan it into memory_budget (the whole process's memory).
 
     predictor: what guesses the experts of the next layers (moeedge.predict): "stale-gate",
@@ -205,27 +206,36 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     the compute threads, moeedge's kernels and torch's (process-wide, as
     torch.set_num_threads; default: every CPU this process may run on). n_sequences: KV
     slots planned into the budget, for sequences decoded together (model.runner.new_sequence();
-    model.sequence holds the first)."""
+    model.sequence holds the first). plan: the variant each MoE layer is read in, from a
+    ladder (a plan file `moeedge plan -o` wrote, or {"ladder": DIR, "variants": [...]};
+    moeedge.ladder), each variant under its own cache keys."""
     fixed = rss_bytes()  # measured before anything of the model is read
     _check_settings(device, max_context, lookahead, io_threads, threads, n_sequences)
     if threads is not None:
         set_kernel_threads(threads)
         torch.set_num_threads(threads)
     ckpt = open_checkpoint(source)
+    variants = None
+    if plan is not None:
+        from moeedge.ladder.compose import apply_plan
+
+        ckpt, variants = apply_plan(ckpt, plan)
     runner_cls = runner_class(ckpt.config)
     dtype = dtype or runner_cls.compute_dtype(ckpt)
     max_context = min(max_context, ckpt.config.max_position)
     store = ExpertStore(ckpt.files, ckpt.expert_ranges, direct_io=direct_io)
     on_disk = embedding_on_disk(ckpt)  # Switch's tables are named otherwise and tied: None
-    plan = plan_for(ckpt, store, memory_budget, fixed, max_context, dtype, on_disk, n_sequences)
+    memory = plan_for(ckpt, store, memory_budget, fixed, max_context, dtype, on_disk, n_sequences)
+    if variants is not None:
+        memory = replace(memory, expert_variants=tuple(variants))
     policy = resolve_policy(policy, runner_cls)
     # "predicted" is the native "score" policy, its scores set before each layer
-    cache = ExpertCache(store, expert_budget(plan, sum(store.slot_bytes(k) for k in store.keys())),
+    cache = ExpertCache(store, expert_budget(memory, sum(store.slot_bytes(k) for k in store.keys())),
                         "score" if policy == "predicted" else policy, io_threads or 2)
     try:
         dense = dense_weights(ckpt, runner_cls, dtype, on_disk)
         experts = ExpertAccess(cache, ckpt.expert_parts, None if runner_cls.mixed_precision else dtype,
-                               ckpt.expert_layouts)
+                               ckpt.expert_layouts, ckpt.layer_variants)
         # Guesses feed eviction (policy="predicted"); reading them early is off unless asked
         # (prefetch=True): read only where it pays (runtime/prefetcher.py), it was 1.02-1.14x
         # this default on default-64m under limits but 0.73-1.31x on random routing (README, Results).
@@ -235,4 +245,4 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     except BaseException:
         cache.close()
         raise
-    return MoeModel(ckpt, plan, cache, runner, tokenizer, policy)
+    return MoeModel(ckpt, memory, cache, runner, tokenizer, policy)

@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_parser(sub)
     from moeedge.quantize.cli import add_quantize_parser
     add_quantize_parser(sub)
+    from moeedge.ladder.cli import add_parsers as add_ladder_and_plan_parsers
+    add_ladder_and_plan_parsers(sub)
 
     bench = sub.add_parser("bench", help="measure this machine")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
