@@ -67,8 +67,12 @@ class Curve:
                    np.asarray(manifest_curve["hit_rate"], dtype=float))
 
     def at(self, capacity: float) -> float:
+        """The hit rate at this capacity; 1 where every expert fits (once read, decoding
+        never misses again: the curve's cold misses are a one-off)."""
         if capacity < self.capacity[0]:
             return 0.0
+        if capacity >= self.capacity[-1]:
+            return 1.0
         return float(np.interp(capacity, self.capacity, self.hit_rate))
 
 
