@@ -82,6 +82,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to prefetch (1-3, default 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="compute threads (default: every CPU this process may run on)")
+    p.add_argument("--plan", default=None, help="a plan file from `moeedge plan -o`: each MoE layer's variant")
 
 
 def _budget(text: str) -> str | int:
@@ -97,7 +98,7 @@ def _load(args: argparse.Namespace):
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     return load(args.source, memory_budget=args.memory_budget, max_context=args.max_context,
                 policy=args.policy, prefetch=args.prefetch, predictor=args.predictor, lookahead=args.lookahead,
-                threads=args.threads)
+                threads=args.threads, plan=args.plan)
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:

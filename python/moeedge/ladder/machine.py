@@ -120,3 +120,16 @@ def decode_step_seconds(source, identity: str, remeasure: bool = False, steps: i
                     times.append(time.perf_counter() - start)
         return statistics.median(times[4:])
     return cached(f"{machine_key()}|decode step {identity}", measure, remeasure)
+
+
+def load_fixed_bytes(remeasure: bool = False) -> int:
+    """What moeedge.load measures as the fixed cost in a fresh process that imported only
+    moeedge (as `moeedge run` does): the planner splits the budget of the process that
+    will run the plan, not of the one planning it (which imports more)."""
+    import subprocess
+    import sys
+
+    def measure():
+        code = "import moeedge.api; from moeedge.runtime.measure import rss_bytes; print(rss_bytes())"
+        return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    return cached(f"{machine_key()}|load fixed bytes", measure, remeasure)

@@ -13,7 +13,7 @@ from moeedge.ladder.cost import Curve, Machine
 from moeedge.ladder.planner import Choice, choose, layer_options
 from moeedge.models.family import runner_class
 from moeedge.runtime.embedding import embedding_on_disk
-from moeedge.runtime.measure import resolve_budget, rss_bytes
+from moeedge.runtime.measure import resolve_budget
 from moeedge.runtime.plan import MemoryPlan, plan_checkpoint
 
 
@@ -53,8 +53,8 @@ def measured_machine(ckpt, ladder: Path, identity: str, remeasure: bool) -> Mach
 
 def plan_source(source, memory_budget, max_kl: float = 0.0, ladder=None, max_context: int = 2048,
                 remeasure: bool = False) -> SourcePlan:
-    fixed = rss_bytes()
     ckpt = open_checkpoint(source)
+    fixed = machine.load_fixed_bytes(remeasure)
     directory = Path(ladder) if ladder is not None else pack.default_dir(ckpt)
     manifest = pack.read_manifest(directory)
     if manifest is None:
@@ -77,17 +77,23 @@ def plan_source(source, memory_budget, max_kl: float = 0.0, ladder=None, max_con
 
 def check(plan: SourcePlan) -> dict:
     """The chosen plan measured end to end against the source on held-out text."""
+    return {**check_variants(plan.source, plan.ladder, plan.choice.chosen.variants),
+            "kl_sum_predicted": plan.choice.chosen.kl}
+
+
+def check_variants(source, ladder: Path, variants: list[str]) -> dict:
+    """A plan of these variants against the source on the ladder's held-out tokens."""
     import moeedge
     from moeedge.evaluate import corpus_windows, measure
 
-    s = pack.read_manifest(plan.ladder)["settings"]
+    s = pack.read_manifest(ladder)["settings"]
     tokens = s["eval_tokens"] or 2048
-    with moeedge.load(plan.source, max_context=s["window"]) as ref:
+    with moeedge.load(source, max_context=s["window"]) as ref:
         windows = corpus_windows(ref.tokenizer, "heldout", tokens, s["window"])
-        with moeedge.load(plan.source, max_context=s["window"], plan=plan.plan_file()) as model:
+        plan = {"ladder": str(Path(ladder).resolve()), "variants": list(variants)}
+        with moeedge.load(source, max_context=s["window"], plan=plan) as model:
             q = measure(model, windows, ref)
-    return {"kl_mean": q.kl_mean, "kl_sum_predicted": plan.choice.chosen.kl, "top1_agreement": q.top1_agreement,
-            "ppl_ratio": q.ppl_ratio, "tokens": q.tokens}
+    return {"kl_mean": q.kl_mean, "top1_agreement": q.top1_agreement, "ppl_ratio": q.ppl_ratio, "tokens": q.tokens}
 
 
 def write_plan(plan: SourcePlan, path) -> None:
