@@ -69,16 +69,28 @@ def write_file(path: Path, tensors: dict) -> None:
     os.replace(tmp, path)
 
 
-def hit_curve(routing: list, n_experts: int) -> dict:
-    """The simulator's hit rate at every cache size (in experts) on the calibration routing."""
+def hit_curve(experts: np.ndarray, n_experts: int, policy: str = HIT_POLICY) -> dict:
+    """The simulator's hit rate at every cache size (in experts) on a routing trace
+    (experts [N, L, K]) under a policy; "predicted" starts from the trace's own pick rates
+    (as the runtime starts from its predictor's training counts) without guesses."""
     from moeedge.sim import from_experts
-    from moeedge.sim.policies import simulate
+    from moeedge.sim.policies import pick_rate, simulate
 
-    experts = np.stack([e.numpy() for _, e, _ in routing], axis=1)   # [N, L, K]
     trace = from_experts(experts, n_experts)
     sizes = list(range(trace.step_size, trace.n_keys + 1))
-    return {"policy": HIT_POLICY, "tokens": trace.n_tokens, "capacity_experts": sizes,
-            "hit_rate": [simulate(trace, HIT_POLICY, c).hit_rate for c in sizes]}
+    extra = {"pick_rate": pick_rate(trace, trace.n_keys)} if policy == "predicted" else {}
+    return {"policy": policy, "tokens": trace.n_tokens, "capacity_experts": sizes,
+            "hit_rate": [simulate(trace, policy, c, **extra).hit_rate for c in sizes]}
+
+
+def policy_curve(directory: Path, manifest: dict, policy: str) -> dict:
+    """The pack's hit-rate curve under the runtime's policy, worked out once from routing.npz."""
+    curves = manifest.setdefault("hit_curves", {})
+    if policy not in curves:
+        with np.load(Path(directory) / pack.ROUTING, allow_pickle=False) as data:
+            curves[policy] = hit_curve(data["experts"], int(data["n_experts"]), policy)
+        pack.write_manifest(directory, manifest)
+    return curves[policy]
 
 
 def build_layers(model, ckpt, out: Path, manifest: dict, progress: bool, on_layer: Callable | None) -> None:
@@ -86,9 +98,9 @@ def build_layers(model, ckpt, out: Path, manifest: dict, progress: bool, on_laye
     windows = calibration_windows(model.tokenizer, s["calibration_tokens"], s["window"])
     routing = record_routing(model, windows, progress)
     if "hit_curve" not in manifest:
-        manifest["hit_curve"] = hit_curve(routing, cfg.n_experts)
-        np.savez(out / pack.ROUTING, experts=np.stack([e.numpy() for _, e, _ in routing], axis=1),
-                 n_experts=cfg.n_experts)
+        experts = np.stack([e.numpy() for _, e, _ in routing], axis=1)   # [N, L, K]
+        manifest["hit_curve"] = hit_curve(experts, cfg.n_experts)
+        np.savez(out / pack.ROUTING, experts=experts, n_experts=cfg.n_experts)
     calibration = from_routing(routing, cfg.n_experts, [len(w) for w in windows])
     expert_bytes = ckpt.layer_expert_nbytes(0)
     for i in range(len(cfg.moe_layers)):

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from moeedge.formats.open import open_checkpoint
 from moeedge.ladder import machine, pack
+from moeedge.ladder.build import policy_curve
 from moeedge.ladder.cost import Curve, Machine
 from moeedge.ladder.planner import Choice, choose, layer_options
-from moeedge.models.family import runner_class
+from moeedge.models.family import resolve_policy, runner_class
 from moeedge.runtime.embedding import embedding_on_disk
 from moeedge.runtime.measure import resolve_budget
 from moeedge.runtime.plan import MemoryPlan, plan_checkpoint
@@ -52,7 +53,9 @@ def measured_machine(ckpt, ladder: Path, identity: str, remeasure: bool) -> Mach
 
 
 def plan_source(source, memory_budget, max_kl: float = 0.0, ladder=None, max_context: int = 2048,
-                remeasure: bool = False) -> SourcePlan:
+                remeasure: bool = False, policy: str = "auto") -> SourcePlan:
+    """The plan for a load with this budget, max_context and cache policy (the hit-rate
+    curve is the simulator's for that policy)."""
     ckpt = open_checkpoint(source)
     fixed = machine.load_fixed_bytes(remeasure)
     directory = Path(ladder) if ladder is not None else pack.default_dir(ckpt)
@@ -70,8 +73,8 @@ def plan_source(source, memory_budget, max_kl: float = 0.0, ladder=None, max_con
                              min(max_context, cfg.max_position), runner.compute_dtype(ckpt),
                              on_disk.info.nbytes if on_disk is not None else 0)
     m = measured_machine(ckpt, directory, pack.identity_hash(manifest["identity"]), remeasure)
-    choice = choose(options, memory.expert_cache_bytes, m, Curve.of(manifest["hit_curve"]), cfg.top_k,
-                    memory.prefill_chunk, max_kl)
+    curve = Curve.of(policy_curve(directory, manifest, resolve_policy(policy, runner)))
+    choice = choose(options, memory.expert_cache_bytes, m, curve, cfg.top_k, memory.prefill_chunk, max_kl)
     return SourcePlan(str(ckpt.source), directory, memory, choice, m, max_kl)
 
 
