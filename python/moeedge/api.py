@@ -46,6 +46,8 @@ class MoeModel(TextGeneration):
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._closed = False
+        self._pending_plan: MemoryPlan | None = None  # a set_budget not applied yet
+        self.budget_changes: list[dict] = []
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     @contextlib.contextmanager
@@ -62,6 +64,27 @@ class MoeModel(TextGeneration):
                 yield self.sequence
             finally:
                 self._owner = None
+
+    def set_budget(self, budget: int | str) -> MemoryPlan:
+        """A new memory budget for the whole process (bytes, "1GiB", "auto"), checked now
+        and applied between two tokens: at once when idle, else before the running
+        generation's next token (moeedge.ladder.live). Returns the new memory plan."""
+        from moeedge.ladder.live import replanned
+
+        self._pending_plan = replanned(self, budget)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._apply_budget()
+            finally:
+                self._lock.release()
+        return self._pending_plan or self.plan
+
+    def _apply_budget(self) -> None:
+        plan, self._pending_plan = self._pending_plan, None
+        if plan is not None:
+            from moeedge.ladder.live import apply
+
+            self.budget_changes.append(apply(self, plan))
 
     def _check_context(self, n: int) -> None:
         if n > self.runner.max_context:
@@ -106,6 +129,7 @@ class MoeModel(TextGeneration):
                 history.append(token)
                 if step + 1 == max_new_tokens:
                     return
+                self._apply_budget()
                 start = time.perf_counter()
                 with torch.inference_mode():
                     logits = self.runner.step([(seq, torch.tensor([token]))])[0][-1]
@@ -154,6 +178,7 @@ class MoeModel(TextGeneration):
             "resident": {"dense_bytes": self.plan.dense_bytes, "kv_cache_bytes": self.plan.kv_cache_bytes,
                          "expert_cache_bytes": cache["resident_bytes"], "process_bytes": rss_bytes()},
             "plan": self.plan.as_dict(),
+            "budget_changes": list(self.budget_changes),
         }
 
     def close(self) -> None:
