@@ -2,8 +2,8 @@
 the fastest on the frontier at each budget, each in its own process inside a memory
 cgroup limited to the budget, alternating plans, repeated; predicted against measured.
 
-    python bench/controller_plans.py [SOURCE] --ladder DIR --budgets 318MiB,320MiB,323MiB \
-        [--max-kl 0.001] [--tokens 64] [--repeats 3] [--json OUT]
+    python bench/controller_plans.py [SOURCE] --ladder DIR --budgets 277MiB,281MiB,285MiB \
+        [--max-kl 0.001] [--tokens 64] [--repeats 3] [--json OUT] [--no-limit]
 
 Quality of each plan: the end-to-end KL and top-1 agreement against the source on
 held-out text (moeedge.ladder.plan_source.check), once per plan.
@@ -40,11 +40,11 @@ def plans_at(source, ladder: str, budget: int, max_kl: float, tmp: Path) -> list
     return out
 
 
-def run_once(source, budget: int, plan_path: str, prompt: str, tokens: int) -> dict:
+def run_once(source, budget: int, plan_path: str, prompt: str, tokens: int, limited: bool = True) -> dict:
     cmd = [sys.executable, "-m", "moeedge.cli", "run", *([str(source)] if source else []),
            "--memory-budget", str(budget), "--plan", plan_path, "--max-context", "256", "--prompt", prompt,
            "--max-new-tokens", str(tokens), "--json"]
-    r = run_limited(cmd, budget, timeout=600)
+    r = run_limited(cmd, budget if limited else None, timeout=600)
     if r.returncode != 0:
         return {"returncode": r.returncode, "oom_kills": r.oom_kills, "peak_bytes": r.peak_bytes,
                 "error": r.stderr.strip().splitlines()[-1:]}
@@ -62,6 +62,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--no-limit", action="store_true",
+                   help="run each plan in a cgroup that only measures (the budget still sizes the cache): "
+                        "the cost model without the kernel's reclaim near a limit")
     args = p.parse_args()
     texts = collect().texts("heldout")
     prompt = texts[0][:400]
@@ -73,7 +76,8 @@ def main() -> None:
             for rep in range(args.repeats):
                 order = plans if rep % 2 == 0 else plans[::-1]
                 for label, plan, _ in order:
-                    runs[label].append(run_once(args.source, budget, plan["path"], prompt, args.tokens))
+                    runs[label].append(run_once(args.source, budget, plan["path"], prompt, args.tokens,
+                                                not args.no_limit))
             for label, plan, predicted in plans:
                 ok = [r for r in runs[label] if r["returncode"] == 0]
                 q = check_variants(args.source, Path(plan["ladder"]), plan["variants"])
