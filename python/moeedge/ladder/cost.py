@@ -8,7 +8,10 @@ capacity in experts (cache bytes / the plan's mean expert slot), read off the cu
 the rest of the step (attention, router, dense layers) is dense_s, measured on the
 source and the same for every plan:
 
-    t_decode = dense_s + sum_l top_k * (compute_l + (1 - h) * bytes_l / B)
+    t_decode = dense_s + sum_l top_k * (compute_l + (1 - h) * (latency + bytes_l / B))
+
+where latency is what a miss measurably waits beyond its bytes at B (the runtime's own
+counters: wait seconds per miss, moeedge.ladder.machine.miss_wait_seconds).
 
 Prefill, per token of a chunk of C tokens: compute at the chunk rate (prefill_s), and
 each layer reads the distinct experts the chunk routes to, E (1 - (1 - k/E)^C) of
@@ -54,6 +57,7 @@ class Machine:
     read_bps: float        # the cache's cold read bandwidth
     ffn: dict              # format -> {"decode_s", "prefill_s"} per expert
     dense_s: float         # the rest of a decode step, per token
+    miss_latency_s: float = 0.0  # a miss's measured wait beyond its bytes at read_bps
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ def capacity_experts(plan: list[Option], cache_bytes: int) -> float:
 def decode_seconds(plan: list[Option], cache_bytes: int, machine: Machine, curve: Curve, top_k: int) -> dict:
     h = curve.at(capacity_experts(plan, cache_bytes))
     compute = sum(top_k * compute_s(o, machine.ffn, "decode") for o in plan)
-    read = sum(top_k * (1 - h) * o.mean_bytes / machine.read_bps for o in plan)
+    read = sum(top_k * (1 - h) * (machine.miss_latency_s + o.mean_bytes / machine.read_bps) for o in plan)
     return {"seconds": machine.dense_s + compute + read, "compute_s": compute, "read_s": read,
             "dense_s": machine.dense_s, "hit_rate": h}
 
@@ -101,7 +105,8 @@ def prefill_seconds(plan: list[Option], cache_bytes: int, machine: Machine, top_
     resident = min(1.0, capacity_experts(plan, cache_bytes) / (n_experts * len(plan)))
     touched = n_experts * (1 - (1 - top_k / n_experts) ** chunk)
     return sum(top_k * compute_s(o, machine.ffn, "prefill")
-               + touched * (1 - resident) * o.mean_bytes / (machine.read_bps * chunk) for o in plan)
+               + touched * (1 - resident) * (machine.miss_latency_s + o.mean_bytes / machine.read_bps) / chunk
+               for o in plan)
 
 
 def fits(plan: list[Option], cache_bytes: int, top_k: int) -> bool:

@@ -133,3 +133,24 @@ def load_fixed_bytes(remeasure: bool = False) -> int:
         code = "import moeedge.api; from moeedge.runtime.measure import rss_bytes; print(rss_bytes())"
         return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     return cached(f"{machine_key()}|load fixed bytes", measure, remeasure)
+
+
+def miss_wait_seconds(source, identity: str, remeasure: bool = False, tokens: int = 32) -> float:
+    """What a miss costs a decode step here, from the runtime's own counters: the cache's
+    wait seconds per miss while decoding with room for half the experts. On a busy machine
+    it is far more than bytes / bandwidth (the reader thread's wake-up, other processes'
+    IO), so the cost model takes it as a per-read latency on top of the bytes."""
+    def measure():
+        import moeedge
+
+        with moeedge.load(source, max_context=256, memory_budget="2GiB") as model:
+            slot = model.runner.experts.slot
+            every = len(model.cache.store.keys())
+            model.cache.set_budget(max(model.config.top_k, every // 2) * slot)
+            ids = list(range(3, 3 + 16))
+            list(model.stream_ids(ids, max_new_tokens=2))
+            model.cache.reset_stats()
+            list(model.stream_ids(ids, max_new_tokens=tokens))
+            stats = model.cache.stats()
+        return stats["wait_seconds"] / max(1, stats["misses"])
+    return cached(f"{machine_key()}|miss wait {identity}", measure, remeasure)

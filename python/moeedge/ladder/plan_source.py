@@ -40,7 +40,8 @@ class SourcePlan:
                 "chosen": c.chosen.as_dict(), "lossless": None if c.lossless is None else c.lossless.as_dict(),
                 "binds": c.binds, "frontier": [p.as_dict() for p in c.frontier],
                 "machine": {"read_bps": self.machine.read_bps, "ffn": self.machine.ffn,
-                            "dense_s": self.machine.dense_s, "cpu_key": machine.machine_key()}}
+                            "dense_s": self.machine.dense_s, "miss_latency_s": self.machine.miss_latency_s,
+                            "cpu_key": machine.machine_key()}}
 
 
 def measured_machine(ckpt, ladder: Path, identity: str, remeasure: bool) -> Machine:
@@ -49,7 +50,9 @@ def measured_machine(ckpt, ladder: Path, identity: str, remeasure: bool) -> Mach
     read = machine.read_bandwidth(ladder, ckpt.layer_expert_nbytes(0), remeasure)
     step = machine.decode_step_seconds(ckpt.source, identity, remeasure)
     experts = len(cfg.moe_layers) * cfg.top_k * ffn["stored"]["decode_s"]
-    return Machine(read, ffn, max(0.0, step - experts))
+    wait = machine.miss_wait_seconds(ckpt.source, identity, remeasure)
+    latency = max(0.0, wait - ckpt.layer_expert_nbytes(0) / read)
+    return Machine(read, ffn, max(0.0, step - experts), latency)
 
 
 def plan_source(source, memory_budget, max_kl: float = 0.0, ladder=None, max_context: int = 2048,
