@@ -49,6 +49,7 @@ def test_variant_keys_are_their_own_key_space():
             _ = VariantKey(*bad).packed
 
 
+@pytest.mark.slow
 def test_build_resumes_after_an_interruption_without_redoing_a_layer(tiny, ladder, tmp_path):
     source_before = digest(tiny)
     done = []
