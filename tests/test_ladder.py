@@ -17,17 +17,14 @@ from moeedge.ladder import pack
 from moeedge.ladder.build import build_ladder
 from moeedge.ladder.compose import compose
 from moeedge.quantize.writer import ExpertReader, open_source, write
-from tiny_checkpoints import make_decoder, write_tokenizer
+from tiny_checkpoints import make_decoder, make_tiny_mixtral, write_tokenizer
 
 SMALL = {"calibration_tokens": 128, "eval_tokens": 64, "window": 64, "ranks": [8], "merge_counts": [3]}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny")
-    make_decoder(directory, "mixtral", seed=5)
-    write_tokenizer(directory)
-    return directory
+    return make_tiny_mixtral(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,16 @@
 """MoeModel.set_budget: the budget changes at run time (moeedge.ladder.live)."""
 from __future__ import annotations
 
+import moeedge
 import pytest
 import torch
-
-import moeedge
 from moeedge import BudgetError
-
-from tiny_checkpoints import make_decoder, write_tokenizer
+from tiny_checkpoints import make_tiny_mixtral
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny")
-    make_decoder(directory, "mixtral", seed=5)
-    write_tokenizer(directory)
-    return directory
+    return make_tiny_mixtral(tmp_path_factory.mktemp("tiny"))
 
 
 def small_budget(model, experts: int) -> int:

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from moeedge._core import BudgetError
 from moeedge.runtime.measure import resolve_budget
-from moeedge.runtime.plan import BORROW_WAIT_SECONDS, MemoryPlan, expert_budget
+from moeedge.runtime.plan import MemoryPlan, expert_budget, shrink_cache
 from moeedge.units import format_bytes
 
 
@@ -42,16 +42,9 @@ def apply(model, plan: MemoryPlan) -> dict:
     store = cache.store
     target = expert_budget(plan, sum(store.slot_bytes(k) for k in store.keys()))
     if target < before:
-        cache.cancel_prefetches()
-    deadline = time.monotonic() + BORROW_WAIT_SECONDS
-    while True:
-        try:
-            cache.set_budget(target)
-            break
-        except BudgetError:  # guesses being read hold room until their next chunk
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.001)
+        shrink_cache(cache, target)
+    else:
+        cache.set_budget(target)
     model.plan = plan
     return {"at": time.time(), "budget_bytes": plan.budget_bytes, "expert_cache_bytes_before": before,
             "expert_cache_bytes": target, "resident_bytes": cache.stats()["resident_bytes"]}
