@@ -182,3 +182,19 @@ def test_plan_cli_bad_input_is_one_line_and_exit_2(tiny, ladder, tmp_path, capsy
     assert main(["plan", str(tiny), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-o", "{tmp}/file"], "exists and is not a directory"),
+    (["-o", "{tmp}/full"], "not empty and not a ladder"),
+    (["--calibration-tokens", "1"], "--calibration-tokens and --window must be at least 2"),
+    (["--eval-tokens", "-1"], "--eval-tokens at least 0"),
+])
+def test_ladder_cli_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, args, message):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "other").write_text("x")
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert main(["ladder", str(tiny), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
