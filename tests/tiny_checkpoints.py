@@ -89,3 +89,10 @@ def load_shards(directory: Path) -> dict[str, torch.Tensor]:
     index = Path(directory) / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     return {name: t for f in files for name, t in load_file(Path(directory) / f).items()}
+
+
+def make_tiny_mixtral(directory: Path) -> Path:
+    """The tiny Mixtral several tests share (seed 5, 3 layers of 6 experts) with its tokenizer."""
+    make_decoder(directory, "mixtral", seed=5)
+    write_tokenizer(directory)
+    return directory

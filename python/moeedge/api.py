@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 
@@ -45,6 +46,8 @@ class MoeModel(TextGeneration):
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._closed = False
+        self._pending_plan: MemoryPlan | None = None  # a set_budget not applied yet
+        self.budget_changes: list[dict] = []
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     @contextlib.contextmanager
@@ -61,6 +64,27 @@ class MoeModel(TextGeneration):
                 yield self.sequence
             finally:
                 self._owner = None
+
+    def set_budget(self, budget: int | str) -> MemoryPlan:
+        """A new memory budget for the whole process (bytes, "1GiB", "auto"), checked now
+        and applied between two tokens: at once when idle, else before the running
+        generation's next token (moeedge.ladder.live). Returns the new memory plan."""
+        from moeedge.ladder.live import replanned
+
+        self._pending_plan = replanned(self, budget)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._apply_budget()
+            finally:
+                self._lock.release()
+        return self._pending_plan or self.plan
+
+    def _apply_budget(self) -> None:
+        plan, self._pending_plan = self._pending_plan, None
+        if plan is not None:
+            from moeedge.ladder.live import apply
+
+            self.budget_changes.append(apply(self, plan))
 
     def _check_context(self, n: int) -> None:
         if n > self.runner.max_context:
@@ -105,6 +129,7 @@ class MoeModel(TextGeneration):
                 history.append(token)
                 if step + 1 == max_new_tokens:
                     return
+                self._apply_budget()
                 start = time.perf_counter()
                 with torch.inference_mode():
                     logits = self.runner.step([(seq, torch.tensor([token]))])[0][-1]
@@ -153,6 +178,7 @@ class MoeModel(TextGeneration):
             "resident": {"dense_bytes": self.plan.dense_bytes, "kv_cache_bytes": self.plan.kv_cache_bytes,
                          "expert_cache_bytes": cache["resident_bytes"], "process_bytes": rss_bytes()},
             "plan": self.plan.as_dict(),
+            "budget_changes": list(self.budget_changes),
         }
 
     def close(self) -> None:
@@ -191,7 +217,7 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
          prefetch: bool | None = None, predictor: str | None = "auto", lookahead: int = 1,
          predictor_file: str | os.PathLike | None = None, policy: str = "auto", io_threads: int | None = None,
          max_context: int = 2048, direct_io: bool = True, dtype: torch.dtype | None = None,
-         threads: int | None = None, n_sequences: int = 1) -> MoeModel:
+         threads: int | None = None, n_sequences: int = 1, plan: str | os.PathLike | dict | None = None) -> MoeModel:
     """Open a checkpoint and plan it into memory_budget (the whole process's memory).
 
     source: a Hugging Face directory, a .gguf file, a hub repo id ("org/name",
@@ -208,27 +234,36 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     the compute threads, moeedge's kernels and torch's (process-wide, as
     torch.set_num_threads; default: every CPU this process may run on). n_sequences: KV
     slots planned into the budget, for sequences decoded together (model.runner.new_sequence();
-    model.sequence holds the first)."""
+    model.sequence holds the first). plan: the variant each MoE layer is read in, from a
+    ladder (a plan file `moeedge plan -o` wrote, or {"ladder": DIR, "variants": [...]};
+    moeedge.ladder), each variant under its own cache keys."""
     fixed = rss_bytes()  # measured before anything of the model is read
     _check_settings(device, max_context, lookahead, io_threads, threads, n_sequences)
     if threads is not None:
         set_kernel_threads(threads)
         torch.set_num_threads(threads)
     ckpt = open_checkpoint(source)
+    variants = None
+    if plan is not None:
+        from moeedge.ladder.compose import apply_plan
+
+        ckpt, variants = apply_plan(ckpt, plan)
     runner_cls = runner_class(ckpt.config)
     dtype = dtype or runner_cls.compute_dtype(ckpt)
     max_context = min(max_context, ckpt.config.max_position)
     store = ExpertStore(ckpt.files, ckpt.expert_ranges, direct_io=direct_io)
     on_disk = embedding_on_disk(ckpt)  # Switch's tables are named otherwise and tied: None
-    plan = plan_for(ckpt, store, memory_budget, fixed, max_context, dtype, on_disk, n_sequences)
+    memory = plan_for(ckpt, store, memory_budget, fixed, max_context, dtype, on_disk, n_sequences)
+    if variants is not None:
+        memory = replace(memory, expert_variants=tuple(variants))
     policy = resolve_policy(policy, runner_cls)
     # "predicted" is the native "score" policy, its scores set before each layer
-    cache = ExpertCache(store, expert_budget(plan, sum(store.slot_bytes(k) for k in store.keys())),
+    cache = ExpertCache(store, expert_budget(memory, sum(store.slot_bytes(k) for k in store.keys())),
                         "score" if policy == "predicted" else policy, io_threads or 2)
     try:
         dense = dense_weights(ckpt, runner_cls, dtype, on_disk)
         experts = ExpertAccess(cache, ckpt.expert_parts, None if runner_cls.mixed_precision else dtype,
-                               ckpt.expert_layouts)
+                               ckpt.expert_layouts, ckpt.layer_variants)
         # Guesses feed eviction (policy="predicted"); reading them early is off unless asked
         # (prefetch=True): read only where it pays (runtime/prefetcher.py), it was 1.02-1.14x
         # this default on default-64m under limits but 0.73-1.31x on random routing (README, Results).
@@ -238,4 +273,4 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     except BaseException:
         cache.close()
         raise
-    return MoeModel(ckpt, plan, cache, runner, tokenizer, policy)
+    return MoeModel(ckpt, memory, cache, runner, tokenizer, policy)

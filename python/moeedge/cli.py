@@ -83,6 +83,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to prefetch (1-3, default 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="compute threads (default: every CPU this process may run on)")
+    p.add_argument("--plan", default=None, help="a plan file from `moeedge plan -o`: each MoE layer's variant")
 
 
 def _budget(text: str) -> str | int:
@@ -98,7 +99,7 @@ def _load(args: argparse.Namespace):
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     return load(args.source, memory_budget=args.memory_budget, max_context=args.max_context,
                 policy=args.policy, prefetch=args.prefetch, predictor=args.predictor, lookahead=args.lookahead,
-                threads=args.threads)
+                threads=args.threads, plan=args.plan)
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
@@ -222,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_parser(sub)
     from moeedge.serve.cli import add_serve_parser
     add_serve_parser(sub)
+    from moeedge.ladder.cli import add_parsers as add_ladder_and_plan_parsers
+    add_ladder_and_plan_parsers(sub)
 
     bench = sub.add_parser("bench", help="measure this machine")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

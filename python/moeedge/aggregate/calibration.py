@@ -62,10 +62,16 @@ def held_out_tokens(lengths: list[int]) -> torch.Tensor:
 
 def gather(model, windows: list[list[int]], progress: bool = False) -> list[LayerCalibration]:
     """Run the loaded source model over the windows; one LayerCalibration per MoE layer."""
-    n_experts = model.config.n_experts
-    held_out = held_out_tokens([len(w) for w in windows])
+    return from_routing(record_routing(model, windows, progress), model.config.n_experts, [len(w) for w in windows])
+
+
+def from_routing(routing: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_experts: int,
+                 lengths: list[int]) -> list[LayerCalibration]:
+    """One LayerCalibration per MoE layer from moeedge.derived.record_routing's (hidden,
+    experts, gates) over windows of these lengths."""
+    held_out = held_out_tokens(lengths)
     out = []
-    for hidden, experts, gates in record_routing(model, windows, progress):
+    for hidden, experts, gates in routing:
         counts = torch.bincount(experts.flatten(), minlength=n_experts)
         mass = torch.zeros(n_experts, dtype=torch.float64).index_add_(0, experts.flatten(), gates.flatten().double())
         out.append(LayerCalibration(hidden, counts, mass, held_out))

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from moeedge.formats.safetensors_file import TensorInfo
-from moeedge.keys import ExpertKey
+from moeedge.keys import expert_key
 
 
 @dataclass(frozen=True)
@@ -54,16 +54,19 @@ class Checkpoint:
     expert_layouts: dict[int, list[ExpertPart]] = field(default_factory=dict)
     # Where a dense tensor lies as stored (None: not known, the tensor is only read whole).
     locate: Callable[[str], StoredTensor] | None = None
+    # MoE layer -> the representation its experts are read in (moeedge.ladder; absent: as
+    # stored): their keys are VariantKeys, so a cache never mixes two representations.
+    layer_variants: dict[int, int] = field(default_factory=dict)
 
     @property
     def expert_nbytes(self) -> int:
         return sum(length for segs in self.expert_ranges.values() for _, _, length in segs)
 
     def expert_key(self, layer: int, expert: int) -> int:
-        return ExpertKey(layer, expert).packed
+        return expert_key(layer, expert, self.layer_variants.get(layer, 0))
 
     def parts_of(self, layer: int, expert: int) -> list[ExpertPart]:
-        return self.expert_layouts.get(ExpertKey(layer, expert).packed, self.expert_parts[layer])
+        return self.expert_layouts.get(self.expert_key(layer, expert), self.expert_parts[layer])
 
     def layer_expert_nbytes(self, layer: int) -> int:
         return sum(p.nbytes for p in self.expert_parts[layer])

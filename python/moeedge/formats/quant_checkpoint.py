@@ -80,8 +80,8 @@ def _check(info: TensorInfo | None, name: str, dtype: torch.dtype, shape: tuple[
                               f"{list(info.shape)}; {why} imply {str(dtype).removeprefix('torch.')}{list(shape)}")
 
 
-def _expert(cfg: DecoderConfig, tensors: dict[str, TensorInfo], file_index: dict[str, int], moe_layer: int, e: int,
-            bits: int, group: int):
+def quant_expert(cfg: DecoderConfig, tensors: dict[str, TensorInfo], file_index: dict[str, int], moe_layer: int,
+                 e: int, bits: int, group: int):
     """One expert's segments (qweight then scales of each matrix), layout, and tensor names."""
     why = f"{QUANT_FILE}'s {bits} bits in groups of {group}"
     segments, layout, names, offset = [], [], [], 0
@@ -103,7 +103,7 @@ def quant_expert_table(cfg: DecoderConfig, info: dict, tensors: dict[str, Tensor
     for moe_layer, layer_bits in enumerate(info["bits"]):
         for e, bits in enumerate(layer_bits):
             key = ExpertKey(moe_layer, e).packed
-            table.ranges[key], every[key], names = _expert(cfg, tensors, file_index, moe_layer, e, bits,
+            table.ranges[key], every[key], names = quant_expert(cfg, tensors, file_index, moe_layer, e, bits,
                                                            info["group_size"])
             table.names.update(names)
     for moe_layer in range(len(cfg.moe_layers)):

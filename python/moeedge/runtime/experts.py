@@ -6,7 +6,7 @@ import torch
 from moeedge._core import ExpertBuffer, ExpertCache, ExpertFfn
 from moeedge.expert_tensor import expert_view
 from moeedge.formats.checkpoint import ExpertPart
-from moeedge.keys import ExpertKey
+from moeedge.keys import expert_key
 from moeedge.formats.quant_tensor import QuantTensor
 from moeedge.kernels import native_format
 
@@ -14,9 +14,8 @@ from moeedge.kernels import native_format
 class ExpertWeights:
     """The matrices of one expert, by role; they pin the cached bytes while referenced."""
 
-    def __init__(self, cache: ExpertCache, layer: int, expert: int, parts: list[ExpertPart],
-                 dtype: torch.dtype | None):
-        buf = cache.get(ExpertKey(layer, expert).packed)
+    def __init__(self, cache: ExpertCache, key: int, parts: list[ExpertPart], dtype: torch.dtype | None):
+        buf = cache.get(key)
         self.weights: dict[str, torch.Tensor] = {}
         for part in parts:
             if part.quant is not None:
@@ -54,13 +53,19 @@ class ExpertAccess:
     """Get, prefetch and ask residency of experts by (MoE layer, expert)."""
 
     def __init__(self, cache: ExpertCache, parts: dict[int, list[ExpertPart]], dtype: torch.dtype | None,
-                 expert_layouts: dict[int, list[ExpertPart]] | None = None):
+                 expert_layouts: dict[int, list[ExpertPart]] | None = None,
+                 layer_variants: dict[int, int] | None = None):
         self.cache = cache
+        self.layer_variants = layer_variants or {}  # MoE layer -> its representation (moeedge.ladder)
         self.parts = parts  # layer -> the layout of its experts
-        self.expert_layouts = expert_layouts or {}  # ExpertKey.packed -> parts, where an expert differs
+        self.expert_layouts = expert_layouts or {}  # cache key -> parts, where an expert differs
         self.dtype = dtype
         self.slot = max(cache.store.slot_bytes(k) for k in cache.store.keys())
         self._ffns: dict[int, ExpertFfn | None] = {}  # id(parts) -> its native FFN
+
+    def key(self, layer: int, expert: int) -> int:
+        """The expert's cache key in the representation its layer is read in."""
+        return expert_key(layer, expert, self.layer_variants.get(layer, 0))
 
     def ffn(self, layer: int, expert: int) -> ExpertFfn | None:
         """The native FFN for this expert's layout (None: the torch path), when weights are
@@ -69,14 +74,14 @@ class ExpertAccess:
             return None
         parts = self.parts[layer]
         if self.expert_layouts:
-            parts = self.expert_layouts.get(ExpertKey(layer, expert).packed, parts)
+            parts = self.expert_layouts.get(self.key(layer, expert), parts)
         if id(parts) not in self._ffns:
             self._ffns[id(parts)] = native_ffn(parts)
         return self._ffns[id(parts)]
 
     def buffer(self, layer: int, expert: int) -> ExpertBuffer:
         """The expert's bytes, pinned while referenced."""
-        return self.cache.get(ExpertKey(layer, expert).packed)
+        return self.cache.get(self.key(layer, expert))
 
     @property
     def capacity(self) -> int:
@@ -86,20 +91,20 @@ class ExpertAccess:
     def get(self, layer: int, expert: int) -> ExpertWeights:
         parts = self.parts[layer]
         if self.expert_layouts:
-            parts = self.expert_layouts.get(ExpertKey(layer, expert).packed, parts)
-        return ExpertWeights(self.cache, layer, expert, parts, self.dtype)
+            parts = self.expert_layouts.get(self.key(layer, expert), parts)
+        return ExpertWeights(self.cache, self.key(layer, expert), parts, self.dtype)
 
     def resident(self, layer: int, expert: int) -> bool:
-        return self.cache.contains(ExpertKey(layer, expert).packed)
+        return self.cache.contains(self.key(layer, expert))
 
     def prefetch(self, layer: int, experts: list[int], priority: int = 0) -> None:
         # Never ask for more than fits beside the expert being computed: the extra
         # reads would evict each other before use.
-        keys = [ExpertKey(layer, e).packed for e in experts[: max(0, self.capacity - 1)]]
+        keys = [self.key(layer, e) for e in experts[: max(0, self.capacity - 1)]]
         if keys:
             self.cache.prefetch(keys, priority)
 
     def cancel(self, layer: int, experts: list[int]) -> None:
         """Drop these experts' prefetches if queued, and stop them if being read
         (unless the model already waits for them)."""
-        self.cache.cancel_prefetches([ExpertKey(layer, e).packed for e in experts])
+        self.cache.cancel_prefetches([self.key(layer, e) for e in experts])

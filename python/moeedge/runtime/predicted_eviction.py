@@ -18,14 +18,16 @@ from moeedge.policies import later_visits
 
 class PredictedEviction:
     def __init__(self, cache: ExpertCache, n_layers: int, n_experts: int, pick_rate: torch.Tensor,
-                 room: Callable[[], int]):
+                 room: Callable[[], int], key: Callable[[int, int], int] | None = None):
         self.cache = cache
+        # (layer, expert) -> cache key, in the representation the layer is read in
+        self.key = key or (lambda layer, e: ExpertKey(layer, e).packed)
         self.room = room  # experts the cache holds now
         self.n_layers, self.n_experts = n_layers, n_experts
         self.p = pick_rate.double().clone()           # [L, E] chance a token picks each expert
         self.q = torch.full((n_layers, n_experts), -1.0, dtype=torch.float64)  # this token's guesses
         self.later = later_visits(n_layers)  # every visit after the next
-        self.key_of = {ExpertKey(layer, e).packed: (layer, e) for layer in range(n_layers) for e in range(n_experts)}
+        self.key_of = {self.key(layer, e): (layer, e) for layer in range(n_layers) for e in range(n_experts)}
 
     def on_step(self, layer: int, picked: list[int], guesses: dict[int, torch.Tensor]) -> None:
         """Layer `layer` is about to get `picked`; guesses: target layer -> [E] chances."""
@@ -37,7 +39,7 @@ class PredictedEviction:
         delta = torch.where(layers > layer, layers - layer, layers - layer + n)
         chance = torch.where(self.q >= 0, self.q, self.p)
         self.worth = ((chance + self.p * self.later) * DISCOUNT ** delta).tolist()  # [L][E]: discounted uses
-        self.now = {ExpertKey(layer, e).packed for e in picked}
+        self.now = {self.key(layer, e) for e in picked}
         resident = self.cache.resident_keys()
         # The runtime pins this step's experts one at a time: the rest must stay meanwhile,
         # those being read too, which land unpinned (scored now: a score left from an
@@ -65,7 +67,7 @@ class PredictedEviction:
         victims = sorted(self._worth(key) for key in resident - self.now)
         chosen = []
         for layer, e in wanted:
-            key = ExpertKey(layer, e).packed
+            key = self.key(layer, e)
             if key in resident or key in self.now:
                 continue
             if free > 0:
@@ -76,5 +78,5 @@ class PredictedEviction:
                 break
             chosen.append((layer, e))
         if chosen:  # scored by its worth when it lands, not by whatever score it had when last resident
-            self.cache.set_scores({ExpertKey(layer, e).packed: self.worth[layer][e] for layer, e in chosen})
+            self.cache.set_scores({self.key(layer, e): self.worth[layer][e] for layer, e in chosen})
         return chosen

@@ -230,5 +230,5 @@ def build_prefetcher(cfg, source: str | None, dense: dict, experts: ExpertAccess
         n = len(cfg.moe_layers)
         rate = (bundle.prior / bundle.meta["train_tokens"] if bundle is not None
                 else torch.full((n, cfg.n_experts), cfg.top_k / cfg.n_experts))
-        eviction = PredictedEviction(experts.cache, n, cfg.n_experts, rate, lambda: experts.capacity)
+        eviction = PredictedEviction(experts.cache, n, cfg.n_experts, rate, lambda: experts.capacity, experts.key)
     return Prefetcher(predictor, experts, len(cfg.moe_layers), cfg.top_k, lookahead, eviction, cfg.expert_map)
