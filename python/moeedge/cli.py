@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from dataclasses import asdict
 
 from moeedge import __version__
@@ -102,10 +103,36 @@ def _load(args: argparse.Namespace):
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    sampling = p.add_argument_group("sampling (default: the model's generation_config.json or GGUF general.sampling.*, "
+                                    "else llama.cpp's: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05)")
+    sampling.add_argument("--temperature", type=float, default=None, help="0 is greedy")
+    sampling.add_argument("--top-k", type=int, default=None, help="0 is off")
+    sampling.add_argument("--top-p", type=float, default=None, help="1 is off")
+    sampling.add_argument("--min-p", type=float, default=None, help="0 is off")
+    sampling.add_argument("--repeat-penalty", type=float, default=None, help="1 is off (the default)")
+    sampling.add_argument("--repeat-last-n", type=int, default=None,
+                          help="tokens the repeat penalty looks back over (default 64)")
+    sampling.add_argument("--seed", type=int, default=None, help="makes a sampled answer reproducible")
+    sampling.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                          help="stop the answer at this text (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    """The sampling flags given (None: the model's default), checked before the model loads."""
+    from moeedge.runtime.sampling import SamplingParams
+
+    given = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+                                                    "repeat_last_n", "seed")}
+    try:
+        SamplingParams(**{name: value for name, value in given.items() if value is not None})
+    except ValueError as e:
+        name = next(n for n in given if str(e).startswith(n))  # the message starts with the field's name
+        raise UsageError(f"--{name.replace('_', '-')}{str(e)[len(name):]}") from None
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.stop is not None and not all(args.stop):
+        raise UsageError("--stop needs some text")
+    return {**given, "stop": args.stop}
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -116,29 +143,29 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
     with _load(args) as model:
         if model.tokenizer is not None and not model.tokenizer.encode(args.prompt):
             # a tokenizer without a BOS token makes nothing of an empty prompt, and nothing cannot be prefilled
             raise UsageError(f"--prompt {args.prompt!r} is no tokens: give some text")
-        kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      top_k=args.top_k, seed=args.seed)
         if args.json:
-            text = model.generate(args.prompt, **kwargs)
+            text = model.generate(args.prompt, args.max_new_tokens, **sampling)
             print(json.dumps({"text": text, "stats": model.stats()}, default=str))
         else:
-            for piece in model.stream(args.prompt, **kwargs):
+            for piece in model.stream(args.prompt, args.max_new_tokens, **sampling):
                 print(piece, end="", flush=True)
             print()
     return 0
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from moeedge.chat_cli import run_chat
+    from moeedge.chat_cli import ChatSettings, run_chat
 
+    settings = ChatSettings(args.max_new_tokens, _sampling(args), args.system)
     if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 typed in becomes lone surrogates, refused per line
         sys.stdin.reconfigure(errors="surrogateescape")
     with _load(args) as model:
-        return run_chat(model, args.max_new_tokens, args.temperature, args.seed)
+        return run_chat(model, settings)
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
@@ -196,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive conversation")
     _model_options(chat)
     _sampling_options(chat)
+    chat.add_argument("--system", default=None, help="a system message that starts the conversation")
     chat.set_defaults(run=_cmd_chat)
 
     trace = sub.add_parser("trace", help="record which experts each token picks, over a text (.npz)")
@@ -233,7 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning is one line on stderr, like an error (not Python's file:line: Category: form)."""
+    print(f"moeedge: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

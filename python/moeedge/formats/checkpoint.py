@@ -54,6 +54,10 @@ class Checkpoint:
     expert_layouts: dict[int, list[ExpertPart]] = field(default_factory=dict)
     # Where a dense tensor lies as stored (None: not known, the tensor is only read whole).
     locate: Callable[[str], StoredTensor] | None = None
+    # The sampling the checkpoint recommends (SamplingParams keyword arguments, checked) and
+    # the file that said so (moeedge.formats.generation_config); empty: it says nothing.
+    sampling: dict = field(default_factory=dict)
+    sampling_from: str | None = None
 
     @property
     def expert_nbytes(self) -> int:
