@@ -52,7 +52,7 @@ def banner(model: MoeModel) -> str:
             f"dense {format_bytes(plan.dense_bytes)}, KV cache {format_bytes(plan.kv_cache_bytes)}, "
             f"expert cache {format_bytes(plan.expert_cache_bytes)} (holds {share:.0%} of the experts)")
     if Path(str(ckpt.source)).resolve() == BUNDLED.resolve():
-        line += f" | {ABOUT_DEFAULT}"
+        line = f"moeedge default model{line[line.index(':'):]} | {ABOUT_DEFAULT}"
     return line
 
 
