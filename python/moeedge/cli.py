@@ -8,7 +8,7 @@ import sys
 import warnings
 from dataclasses import asdict
 
-from moeedge import __version__
+from moeedge import __version__, extras
 from moeedge.units import format_bytes, parse_bytes
 
 
@@ -202,6 +202,7 @@ def _cmd_version(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moeedge", description=__doc__.splitlines()[0])
+    parser.add_argument("-V", "--version", action="version", version=f"moeedge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     version = sub.add_parser("version", help="version and the CPU features moeedge detected")
@@ -271,7 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        extras.check(args)
         return args.run(args)
+    except ImportError as e:  # a module of an extra that is not installed: say which extra
+        if (hint := extras.explain(e)) is None:
+            raise
+        print(f"moeedge: error: {hint}", file=sys.stderr)
+        return 2
     except (UsageError, OSError, ValueError, MemoryError) as e:
         # Bad input of every kind (CheckpointError and ContextOverflowError are
         # ValueErrors, BudgetError a MemoryError): one line, no traceback.
