@@ -9,6 +9,7 @@ import warnings
 from dataclasses import asdict
 
 from moeedge import __version__, extras
+from moeedge.progress import add_quiet
 from moeedge.units import format_bytes, parse_bytes
 
 
@@ -185,7 +186,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         except UnicodeDecodeError as e:
             raise UsageError(f"--text {args.text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     with _load(args) as model:
-        trace = record(model, text, hidden=args.hidden, window=args.window, max_tokens=args.max_tokens)
+        trace = record(model, text, hidden=args.hidden, window=args.window, max_tokens=args.max_tokens,
+                       progress=not args.quiet)
     path = save(trace, args.output)
     print(f"{path}: {len(trace['tokens'])} tokens, experts {list(trace['experts'].shape)}"
           + (f", encoder {list(trace['experts_encoder'].shape)}" if "experts_encoder" in trace else ""))
@@ -238,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--hidden", action="store_true", help="also record the hidden state entering each MoE layer")
     trace.add_argument("--window", type=int, default=512, help="tokens per sequence (default 512)")
     trace.add_argument("--max-tokens", type=int, default=None)
+    add_quiet(trace)
     trace.set_defaults(run=_cmd_trace)
 
     from moeedge.sim.cli import add_sim_parser

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from moeedge.cgroup import CgroupUnavailable, drop_page_cache, evict_files, run_limited
 from moeedge.harness.engines import ENGINES, GGUF_ONLY, HF_ONLY, Run, command
+from moeedge.progress import progress_bar
 from moeedge.runtime.plan import FIXED_JITTER_BYTES
 from moeedge.units import parse_bytes
 
@@ -247,10 +248,8 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
     if any(run.limit_bytes is not None for run in todo) and not cgroup_writable():
         raise CgroupUnavailable("no writable memory cgroup here: refusing to label results as limited "
                                 "(run as root on a machine with the memory controller)")
-    from tqdm import tqdm
-
     records = []
-    bar = tqdm(runs, disable=not progress, unit="run")
+    bar = progress_bar(runs, unit="run", show=progress)
     for run in bar:
         path = record_path(results, run, settings, head)
         bar.set_description(f"{run.model} {run.engine} {run.precision} {run.limit_label}")
