@@ -155,3 +155,14 @@ def test_model_commands_bad_input_exit_2(chat_model, tmp_path, args, message):
     assert run.returncode == 2, run.stdout + run.stderr
     assert message in run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly():
+    """`moeedge run ... | head`: no error line when the pipe closes, as with any shell tool."""
+    p = subprocess.Popen([sys.executable, "-m", "moeedge.cli", "run", "--prompt", "def f(x):", "--max-new-tokens",
+                          "400", "--temperature", "0", "--memory-budget", "1GiB"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()
+    assert p.wait(timeout=120) in (0, 141)  # 0 if it had finished writing before the pipe closed
+    assert b"Broken pipe" not in p.stderr.read()

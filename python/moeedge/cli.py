@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         extras.check(args)
         return args.run(args)
+    except BrokenPipeError:  # `moeedge run ... | head`: the reader left; end quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except ImportError as e:  # a module of an extra that is not installed: say which extra
         if (hint := extras.explain(e)) is None:
             raise
