@@ -24,5 +24,5 @@ for extras in "${sets[@]}"; do
     "$venv/bin/moeedge" --version >/dev/null  # it runs
     total=$(du -sm "$site" | cut -f1)
     echo "moeedge${extras:+[$extras]}: site-packages ${total} MiB; largest:"
-    du -sm "$site"/* | sort -rn | head -8 | awk -v s="$site/" '{sub(s, "", $2); printf "    %5d MiB  %s\n", $1, $2}'
+    du -sm "$site"/* | sort -rn | awk -v s="$site/" 'NR <= 8 {sub(s, "", $2); printf "    %5d MiB  %s\n", $1, $2}'
 done
