@@ -135,8 +135,8 @@ def _read(fd, deadline, allow_eof=False) -> bytes:
 def test_line_editing_and_history_on_a_terminal(chat_model, tmp_path):
     saved = tmp_path / "conv.json"
     left, up = b"\x1b[D", b"\x1b[A"
-    keys = [(b"commands:", b"hello" + left * 2 + b"Z\r"), (b"tok/s", up + b"\r"), (b"tok/s", f"/save {saved}\r".encode()),
-            (b"(saved", b"/quit\r")]
+    keys = [(b"commands:", b"hello" + left * 2 + b"Z\r"), (b"tok/s", up + b"\r"),
+            (b"tok/s", f"/save {saved}\r".encode()), (b"(saved", b"/quit\r")]
     screen = _pty_session(["-m", "moeedge.cli", "chat", str(chat_model), "--max-new-tokens", "2",
                            "--temperature", "0"], keys)
     users = [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"]
