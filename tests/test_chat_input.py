@@ -38,6 +38,8 @@ def scripted(lines):
     (['"""first', 'last"""'], "first\nlast"),
     (['"""all on one line"""'], "all on one line"),
     (['"""', "cut short by the end of input"], "cut short by the end of input"),
+    (['"""', "def f(path):", '    """Read it."""', "    return 1", '"""', "not read"],
+     'def f(path):\n    """Read it."""\n    return 1'),  # a one-line docstring does not close the block
 ])
 def test_multi_line_messages(lines, message):
     read = scripted(lines)

@@ -50,9 +50,16 @@ def read_message(read: Read) -> str:
     return "\n".join(lines)
 
 
+def _closes(line: str) -> bool:
+    """Whether a line ends a triple-quoted block: it ends in triple quotes that none earlier
+    on the line opened (a one-line Python docstring does not end the block)."""
+    line = line.rstrip()
+    return line.endswith(FENCE) and line.count(FENCE) % 2 == 1
+
+
 def _fenced(read: Read, first: str) -> str:
-    """The rest of a \"\"\" block, whose opening line's remainder is first."""
-    if first.rstrip().endswith(FENCE):  # opened and closed on one line
+    """The rest of a triple-quoted block, whose opening line's remainder is first."""
+    if _closes(first):  # opened and closed on one line
         return first.rstrip()[:-len(FENCE)]
     lines = [first] if first else []
     while True:
@@ -60,7 +67,7 @@ def _fenced(read: Read, first: str) -> str:
             line = read(MORE)
         except EOFError:  # input ended inside the block: send what there is
             break
-        if line.rstrip().endswith(FENCE):
+        if _closes(line):
             lines.append(line.rstrip()[:-len(FENCE)])
             break
         lines.append(line)
