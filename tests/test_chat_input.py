@@ -52,16 +52,6 @@ def test_end_of_input_before_a_message_is_eof():
         read_message(scripted([]))
 
 
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    from tiny_checkpoints import make_decoder, write_tokenizer
-
-    directory = tmp_path_factory.mktemp("chat")
-    make_decoder(directory, "mixtral", seed=4)
-    write_tokenizer(directory)
-    return directory
-
-
 def test_system_message_opens_the_conversation_and_survives_reset(chat_model, tmp_path):
     saved, after_reset = tmp_path / "a.json", tmp_path / "b.json"
     script = f"hi\n/save {saved}\n/reset\n/save {after_reset}\n/quit\n"

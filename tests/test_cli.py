@@ -48,16 +48,6 @@ def test_bad_input_exits_2_without_traceback(args, message):
     assert "Traceback" not in run.stderr
 
 
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    from tiny_checkpoints import make_decoder, write_tokenizer
-
-    directory = tmp_path_factory.mktemp("chat")
-    make_decoder(directory, "mixtral", seed=4)
-    write_tokenizer(directory)
-    return directory
-
-
 def test_info_reports_sizes_and_minimum_budget(chat_model):
     run = moeedge("info", str(chat_model), "--json")
     assert run.returncode == 0, run.stderr
