@@ -25,9 +25,9 @@ def measure(source, capacity: int, policy: str, predictor: str | None, prefetch:
         slot = model.cache.store.slot_bytes(model.cache.store.keys()[0])
         model.cache.set_budget(capacity * slot)
         ids = model.tokenizer.encode(prompt)[:200]
-        list(model.stream_ids(ids, max_new_tokens=1))  # the prompt's reads are not counted
+        list(model.stream_ids(ids, max_new_tokens=1, temperature=0))  # the prompt's reads are not counted
         model.cache.reset_stats()
-        list(model.stream_ids(ids, max_new_tokens=tokens))
+        list(model.stream_ids(ids, max_new_tokens=tokens, temperature=0))
         return model.stats()
 
 

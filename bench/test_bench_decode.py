@@ -14,7 +14,7 @@ from moeedge.decode_bench import prompt_ids
 def model():
     with moeedge.load(predictor=None) as m:  # the default model; the whole of it fits
         ids = prompt_ids(m.config.vocab, 16)
-        list(m.stream_ids(ids, max_new_tokens=4))  # every expert this prompt routes to is resident
+        list(m.stream_ids(ids, max_new_tokens=4, temperature=0))  # every expert this prompt routes to is resident
         yield m, ids
 
 

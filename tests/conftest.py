@@ -263,3 +263,14 @@ def pytest_generate_tests(metafunc):
         from moeedge import _core
 
         metafunc.parametrize("path", _core.linear_paths(), indirect=True)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny Mixtral with a tokenizer and a chat template (what `moeedge chat` needs)."""
+    from tiny_checkpoints import make_decoder, write_tokenizer
+
+    directory = tmp_path_factory.mktemp("chat")
+    make_decoder(directory, "mixtral", seed=4)
+    write_tokenizer(directory)
+    return directory

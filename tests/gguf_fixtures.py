@@ -256,11 +256,12 @@ KQUANT_MIXTRAL = {"hidden": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "
                   "intermediate": 256, "vocab": 64}
 
 
-def quantized_mixtral(directory: Path, quant: str, seed: int = 0) -> tuple[Path, Path]:
+def quantized_mixtral(directory: Path, quant: str, seed: int = 0, metadata: dict | None = None) -> tuple[Path, Path]:
     """A tiny Mixtral GGUF whose matrices (experts, attention, embedding, output) are `quant`
     blocks, except that for q4_k the output matrix is Q6_K, as llama.cpp's Q4_K_M keeps it;
     norms and router stay F32. Returns it and its twin with every tensor F32, dequantized by
-    gguf's reference: the same model, so their logits differ only by the kernels' rounding."""
+    gguf's reference: the same model, so their logits differ only by the kernels' rounding.
+    metadata: further keys -> values (a float is written as float32, an int as uint32)."""
     from gguf.quants import dequantize
 
     c = KQUANT_MIXTRAL
@@ -288,7 +289,7 @@ def quantized_mixtral(directory: Path, quant: str, seed: int = 0) -> tuple[Path,
             dense[name] = (dequantize(blocks, _qtype(q)).reshape(shape), None)
     paths = directory / f"mixtral-{quant}.gguf", directory / f"mixtral-{quant}-dequantized.gguf"
     for path, tensors in zip(paths, (quantized, dense)):
-        _write_mixtral(path, tensors)
+        _write_mixtral(path, tensors, metadata or {})
     return paths
 
 
@@ -298,7 +299,7 @@ def _qtype(quant: str):
     return GGMLQuantizationType(QUANT_TYPES[quant])
 
 
-def _write_mixtral(path: Path, tensors: dict) -> None:
+def _write_mixtral(path: Path, tensors: dict, metadata: dict) -> None:
     """tensors: name -> (array, quant): float32 values (quant None) or raw blocks [..., bytes per row]."""
     import gguf
 
@@ -315,6 +316,8 @@ def _write_mixtral(path: Path, tensors: dict) -> None:
     w.add_expert_count(c["n_experts"])
     w.add_expert_used_count(c["top_k"])
     w.add_vocab_size(c["vocab"])
+    for key, value in metadata.items():
+        {float: w.add_float32, int: w.add_uint32, str: w.add_string}[type(value)](key, value)
     for name, (array, quant) in tensors.items():
         w.add_tensor(name, array, raw_dtype=None if quant is None else _qtype(quant))
     w.write_header_to_file()

@@ -141,7 +141,7 @@ def test_smaller_variants_load_run_and_report_sizes(source, tmp_path, method):
     with moeedge.load(out, memory_budget="4GiB", max_context=64, prefetch=False) as model:
         assert model.checkpoint.expert_nbytes == meta["expert_bytes"]
         assert torch.isfinite(model.logits(IDS)).all()
-        assert len(list(model.stream_ids(IDS[:5], max_new_tokens=4))) <= 4
+        assert len(list(model.stream_ids(IDS[:5], max_new_tokens=4, temperature=0))) <= 4
     q = meta["quality"]
     assert q["tokens"] > 100 and q["ppl_ratio"] > 0 and 0 <= q["top1_agreement"] <= 1 and q["kl_mean"] >= 0
     assert json.loads((out / "moeedge_variant.json").read_text())["quality"] == q
@@ -152,10 +152,10 @@ def test_variant_decodes_with_the_default_prefetcher(source, tmp_path, method):
     # the predictors guess router outputs; the prefetcher maps them to the stored experts
     aggregate(source, method, tmp_path / "out", experts_per_layer=1, **QUICK)
     with moeedge.load(tmp_path / "out", memory_budget="4GiB", max_context=64, prefetch=False) as model:
-        expected = list(model.stream_ids(IDS[:5], max_new_tokens=8))
+        expected = list(model.stream_ids(IDS[:5], max_new_tokens=8, temperature=0))
     with moeedge.load(tmp_path / "out", memory_budget="4GiB", max_context=64, prefetch=True) as model:
         model.cache.set_budget(3 * model.cache.store.slot_bytes(model.cache.store.keys()[0]))
-        assert list(model.stream_ids(IDS[:5], max_new_tokens=8)) == expected
+        assert list(model.stream_ids(IDS[:5], max_new_tokens=8, temperature=0)) == expected
         assert model.stats()["prefetch_issued"] > 0
 
 

@@ -7,7 +7,7 @@ import io
 import pytest
 
 import moeedge
-from moeedge.chat_cli import run_chat
+from moeedge.chat_cli import ChatSettings, run_chat
 from tiny_checkpoints import make_decoder, write_tokenizer
 
 
@@ -45,7 +45,8 @@ def test_ctrl_c_stops_the_answer_not_the_session(model, monkeypatch):
 
     monkeypatch.setattr(model, "chat", interrupted_chat)
     out = io.StringIO()
-    assert run_chat(model, 5, 0.0, None, read=scripted(["hello", "again", "/quit"]), write=out) == 0
+    settings = ChatSettings(5, {"temperature": 0})
+    assert run_chat(model, settings, read=scripted(["hello", "again", "/quit"]), write=out) == 0
     assert "(stopped)" in out.getvalue()
     assert calls == [1, 3]  # the second turn sees the first question and the partial answer
     assert out.getvalue().count("tok/s") == 2
@@ -54,13 +55,13 @@ def test_ctrl_c_stops_the_answer_not_the_session(model, monkeypatch):
 def test_long_conversation_is_trimmed_oldest_first(model, capsys):
     out = io.StringIO()
     long_line = "the quick brown fox jumps over the lazy dog " * 2
-    run_chat(model, 8, 0.0, None, read=scripted([long_line] * 4), write=out)
+    run_chat(model, ChatSettings(8, {"temperature": 0}), read=scripted([long_line] * 4), write=out)
     assert "conversation trimmed" in capsys.readouterr().err
     assert out.getvalue().count("tok/s") == 4
 
 
 def test_message_longer_than_context_is_refused_and_session_goes_on(model):
     out = io.StringIO()
-    run_chat(model, 8, 0.0, None, read=scripted(["word " * 200, "hi"]), write=out)
+    run_chat(model, ChatSettings(8, {"temperature": 0}), read=scripted(["word " * 200, "hi"]), write=out)
     assert "max_context is 64" in out.getvalue()
     assert out.getvalue().count("tok/s") == 1

@@ -48,16 +48,6 @@ def test_bad_input_exits_2_without_traceback(args, message):
     assert "Traceback" not in run.stderr
 
 
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    from tiny_checkpoints import make_decoder, write_tokenizer
-
-    directory = tmp_path_factory.mktemp("chat")
-    make_decoder(directory, "mixtral", seed=4)
-    write_tokenizer(directory)
-    return directory
-
-
 def test_info_reports_sizes_and_minimum_budget(chat_model):
     run = moeedge("info", str(chat_model), "--json")
     assert run.returncode == 0, run.stderr
@@ -125,8 +115,15 @@ def test_chat_load_of_a_bad_file_says_why_and_goes_on(chat_model, tmp_path):
     (["run", "/no/such/model", "--prompt", "x"], "no such file or directory"),
     (["run", "{model}", "--prompt", "x", "--memory-budget", "10MB"], "below the smallest workable budget"),
     (["run", "{model}", "--prompt", "x", "--memory-budget", "lots"], "not a byte count"),
-    (["run", "{model}", "--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
-    (["run", "{model}", "--prompt", "x", "--top-p", "0"], "top_p must be in"),
+    (["run", "{model}", "--prompt", "x", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["run", "{model}", "--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["chat", "{model}", "--top-p", "5"], "--top-p must be in (0, 1], got 5.0"),
+    (["chat", "{model}", "--top-k", "-1"], "--top-k must be an integer >= 0"),
+    (["run", "{model}", "--prompt", "x", "--min-p", "1.5"], "--min-p must be in [0, 1]"),
+    (["chat", "{model}", "--repeat-penalty", "0"], "--repeat-penalty must be a finite number > 0"),
+    (["run", "{model}", "--prompt", "x", "--repeat-last-n", "-2"], "--repeat-last-n must be an integer >= 0"),
+    (["run", "{model}", "--prompt", "x", "--temperature", "nan"], "--temperature must be a finite number"),
+    (["chat", "{model}", "--stop", ""], "--stop needs some text"),
     (["run", "{model}", "--prompt", "x", "--max-context", "0"], "--max-context must be positive"),
     (["run", "{model}", "--prompt", "x", "--max-new-tokens", "100000"], "exceed max_context"),
     (["info", "{bad}"], "not valid JSON"),
@@ -148,3 +145,14 @@ def test_model_commands_bad_input_exit_2(chat_model, tmp_path, args, message):
     assert run.returncode == 2, run.stdout + run.stderr
     assert message in run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly():
+    """`moeedge run ... | head`: no error line when the pipe closes, as with any shell tool."""
+    p = subprocess.Popen([sys.executable, "-m", "moeedge.cli", "run", "--prompt", "def f(x):", "--max-new-tokens",
+                          "400", "--temperature", "0", "--memory-budget", "1GiB"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()
+    assert p.wait(timeout=120) in (0, 141)  # 0 if it had finished writing before the pipe closed
+    assert b"Broken pipe" not in p.stderr.read()

@@ -123,7 +123,7 @@ def test_decode_steps_match_the_torch_path(tmp_path, monkeypatch, family):
 
     def decode(model) -> tuple[list[int], torch.Tensor]:
         model.config.eos_token_ids = []
-        tokens = list(model.stream_ids(prompt, max_new_tokens=8))
+        tokens = list(model.stream_ids(prompt, max_new_tokens=8, temperature=0))
         return tokens, model.runner.step([(model.sequence, torch.tensor(tokens[-1:]))])[0]
 
     with moeedge.load(tmp_path, memory_budget="8GiB") as model:

@@ -85,7 +85,7 @@ def test_a_tight_budget_takes_a_smaller_prefill_chunk(tiny):
 
 def test_a_prompt_borrows_its_activations_from_the_expert_cache(tiny):
     with moeedge.load(tiny, predictor=None) as roomy:  # the budget holds every expert: nothing lent
-        expected = list(roomy.stream_ids(PROMPT, max_new_tokens=4))
+        expected = list(roomy.stream_ids(PROMPT, max_new_tokens=4, temperature=0))
     with moeedge.load(tiny, predictor=None) as model:
         cache = model.cache
         slot = cache.store.slot_bytes(cache.store.keys()[0])
@@ -100,7 +100,7 @@ def test_a_prompt_borrows_its_activations_from_the_expert_cache(tiny):
             return step(batch, *args, **kwargs)
 
         model.runner.step = watched
-        assert list(model.stream_ids(PROMPT, max_new_tokens=4)) == expected
+        assert list(model.stream_ids(PROMPT, max_new_tokens=4, temperature=0)) == expected
         assert cache.budget_bytes == 8 * slot
     chunks = -(-len(PROMPT) // 16)
     assert [n for n, _, _ in budgets] == [16] * (chunks - 1) + [len(PROMPT) % 16] + [1] * 3
@@ -111,11 +111,11 @@ def test_a_prompt_borrows_its_activations_from_the_expert_cache(tiny):
 def test_every_prefill_chunk_gives_the_same_outputs(tiny):
     with moeedge.load(tiny, predictor=None, max_context=256) as model:
         reference = model.logits(PROMPT)
-        tokens = list(model.stream_ids(PROMPT, max_new_tokens=6))
+        tokens = list(model.stream_ids(PROMPT, max_new_tokens=6, temperature=0))
         for chunk in (16, 7):
             model.plan.prefill_chunk = chunk
             torch.testing.assert_close(model.logits(PROMPT), reference, atol=1e-4, rtol=1e-4)
-            assert list(model.stream_ids(PROMPT, max_new_tokens=6)) == tokens
+            assert list(model.stream_ids(PROMPT, max_new_tokens=6, temperature=0)) == tokens
 
 
 def test_a_gguf_embedding_table_stays_in_its_file(tmp_path):
@@ -136,7 +136,7 @@ def test_a_gguf_embedding_table_stays_in_its_file(tmp_path):
 def test_the_runtime_does_not_load_numba(tiny):
     code = ("import sys, moeedge\n"
             f"m = moeedge.load({str(tiny)!r}, memory_budget='min')\n"
-            "list(m.stream_ids([1, 5, 9], max_new_tokens=3))\n"
+            "list(m.stream_ids([1, 5, 9], max_new_tokens=3, temperature=0))\n"
             "print(json.dumps(sorted(x for x in ('numba', 'llvmlite', 'scipy') if x in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.splitlines()[-1]) == []  # each costs tens of MiB of the fixed cost

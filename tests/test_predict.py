@@ -179,12 +179,12 @@ def test_a_learned_predictor_from_before_the_previous_token_still_loads(tmp_path
 def test_every_predictor_leaves_outputs_unchanged(model_dir, name):
     with moeedge.load(model_dir, predictor=None) as model:
         expected = model.logits(IDS)
-        expected_tokens = list(model.stream_ids(IDS.tolist(), max_new_tokens=8))
+        expected_tokens = list(model.stream_ids(IDS.tolist(), max_new_tokens=8, temperature=0))
     with moeedge.load(model_dir, predictor=name, lookahead=2, prefetch=True) as model:
         slot = model.cache.store.slot_bytes(model.cache.store.keys()[0])
         model.cache.set_budget(4 * slot)  # a step's two experts and two guesses: prefetches evict
         assert torch.equal(model.logits(IDS), expected)
-        assert list(model.stream_ids(IDS.tolist(), max_new_tokens=8)) == expected_tokens
+        assert list(model.stream_ids(IDS.tolist(), max_new_tokens=8, temperature=0)) == expected_tokens
         stats = model.stats()
     assert stats["prefetch"] is True
     prediction = stats["prediction"]
@@ -196,13 +196,13 @@ def test_every_predictor_leaves_outputs_unchanged(model_dir, name):
 
 def test_a_cache_that_holds_every_expert_reads_them_all_and_stops_guessing(model_dir):
     with moeedge.load(model_dir, predictor=None) as model:
-        expected_tokens = list(model.stream_ids(IDS.tolist(), max_new_tokens=8))
+        expected_tokens = list(model.stream_ids(IDS.tolist(), max_new_tokens=8, temperature=0))
     with moeedge.load(model_dir, predictor="learned", policy="predicted") as model:
         asked = []
         predictor = model.runner.prefetcher.predictor
         real = predictor.probabilities
         predictor.probabilities = lambda *a: asked.append(a) or real(*a)
-        assert list(model.stream_ids(IDS.tolist(), max_new_tokens=8)) == expected_tokens
+        assert list(model.stream_ids(IDS.tolist(), max_new_tokens=8, temperature=0)) == expected_tokens
         stats = model.stats()
     assert asked == [] and stats["evictions"] == 0
     assert stats["prefetch_issued"] > 0  # the warm-up: every expert not yet resident
@@ -277,12 +277,12 @@ def test_cli_refuses_bad_traces(model_dir, tmp_path, capsys):
 
 def test_predicted_policy_leaves_outputs_unchanged_and_feeds_scores(model_dir):
     with moeedge.load(model_dir, predictor=None) as model:
-        expected_tokens = list(model.stream_ids(IDS.tolist(), max_new_tokens=8))
+        expected_tokens = list(model.stream_ids(IDS.tolist(), max_new_tokens=8, temperature=0))
     for predictor, prefetch in (("learned", None), ("stale-gate", False), (None, None)):
         with moeedge.load(model_dir, policy="predicted", predictor=predictor, prefetch=prefetch) as model:
             slot = model.cache.store.slot_bytes(model.cache.store.keys()[0])
             model.cache.set_budget(4 * slot)
-            assert list(model.stream_ids(IDS.tolist(), max_new_tokens=8)) == expected_tokens
+            assert list(model.stream_ids(IDS.tolist(), max_new_tokens=8, temperature=0)) == expected_tokens
             stats = model.stats()
         assert stats["policy"] == "predicted" and model.cache.policy == "score"  # which it drives
         assert stats["evictions"] > 0

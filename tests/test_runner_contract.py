@@ -127,7 +127,7 @@ def test_a_prompt_that_fails_part_way_leaves_the_model_as_it_was(tiny, monkeypat
     first = PROMPTS[2]
     diverging = first[:5] + [1, 2, 3, 4, 5, 6]
     with moeedge.load(tiny, predictor=None) as model:
-        expected = list(model.stream_ids(first, max_new_tokens=8))
+        expected = list(model.stream_ids(first, max_new_tokens=8, temperature=0))
         real_get = ExpertAccess.get
 
         def failing(self, layer, expert):
@@ -135,25 +135,25 @@ def test_a_prompt_that_fails_part_way_leaves_the_model_as_it_was(tiny, monkeypat
 
         monkeypatch.setattr(ExpertAccess, "get", failing)
         with pytest.raises(ExpertReadError, match="injected"):
-            list(model.stream_ids(diverging, max_new_tokens=8))
+            list(model.stream_ids(diverging, max_new_tokens=8, temperature=0))
         assert model.sequence.ids == first[:5]  # what is still true of the KV cache
         monkeypatch.setattr(ExpertAccess, "get", real_get)
-        assert list(model.stream_ids(first, max_new_tokens=8)) == expected
+        assert list(model.stream_ids(first, max_new_tokens=8, temperature=0)) == expected
     with moeedge.load(tiny, predictor=None) as fresh:
-        assert list(fresh.stream_ids(first, max_new_tokens=8)) == expected
+        assert list(fresh.stream_ids(first, max_new_tokens=8, temperature=0)) == expected
 
 
 def test_threads_sharing_a_model_get_the_serial_outputs(tiny):
     prompts = [PROMPTS[i % 3][: 3 + i] for i in range(8)]
     with moeedge.load(tiny, predictor=None) as model:
         model.config.eos_token_ids = []
-        serial = [list(model.stream_ids(p, max_new_tokens=10)) for p in prompts]
+        serial = [list(model.stream_ids(p, max_new_tokens=10, temperature=0)) for p in prompts]
         got: dict[int, list[int]] = {}
         errors: list[BaseException] = []
 
         def work(i: int) -> None:
             try:
-                got[i] = list(model.stream_ids(prompts[i], max_new_tokens=10))
+                got[i] = list(model.stream_ids(prompts[i], max_new_tokens=10, temperature=0))
             except BaseException as e:  # noqa: BLE001 (reported below)
                 errors.append(e)
 
@@ -168,7 +168,7 @@ def test_threads_sharing_a_model_get_the_serial_outputs(tiny):
 
 def test_a_second_stream_in_the_same_thread_is_refused(tiny):
     with moeedge.load(tiny, predictor=None) as model:
-        stream = model.stream_ids(PROMPTS[0], max_new_tokens=4)
+        stream = model.stream_ids(PROMPTS[0], max_new_tokens=4, temperature=0)
         next(stream)
         with pytest.raises(RuntimeError, match="already generating in this thread"):
             model.logits(PROMPTS[1])
@@ -216,14 +216,14 @@ def test_nan_in_a_layer_stops_with_the_layer_named(tmp_path):
     with moeedge.load(tmp_path, predictor=None) as model:
         for ids in ([5], PROMPTS[0]):  # the native one-token step and the torch path
             with pytest.raises(NonFiniteError, match="layer 1's attention block produced NaN or Inf"):
-                list(model.stream_ids(ids, max_new_tokens=2))
+                list(model.stream_ids(ids, max_new_tokens=2, temperature=0))
             assert model.sequence.ids == []  # nothing recorded of the failed step
 
 
 def test_an_empty_prompt_is_one_clear_error(tiny):
     with moeedge.load(tiny, predictor=None) as model:
         with pytest.raises(ValueError, match="empty prompt"):
-            list(model.stream_ids([], max_new_tokens=3))
+            list(model.stream_ids([], max_new_tokens=3, temperature=0))
         assert model.logits([1, 2]).shape[0] == 2  # the model goes on
 
 

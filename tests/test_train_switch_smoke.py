@@ -81,9 +81,9 @@ def test_moeedge_logits_and_greedy_tokens_match_transformers(straight):
     with moeedge.load(out, max_context=256) as model:
         torch.testing.assert_close(model.logits(inputs, shift_right(targets[None])[0]), expected,
                                    atol=1e-5, rtol=1e-5)
-        assert list(model.stream_ids(inputs.tolist(), max_new_tokens=12)) == greedy
-        text = model.generate(CODE, max_new_tokens=8)
-        assert "".join(model.stream(CODE, max_new_tokens=8)) == text and isinstance(text, str)
+        assert list(model.stream_ids(inputs.tolist(), max_new_tokens=12, temperature=0)) == greedy
+        text = model.generate(CODE, max_new_tokens=8, temperature=0)
+        assert "".join(model.stream(CODE, max_new_tokens=8, temperature=0)) == text and isinstance(text, str)
 
 
 def test_tokenizer_has_t5_ids_and_sentinels_last(straight):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -19,7 +20,7 @@ from moeedge.runtime.embedding import embedding_on_disk
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.measure import rss_bytes
 from moeedge.runtime.plan import MemoryPlan, expert_budget, prefill_borrow
-from moeedge.runtime.sampling import Sampler, SamplingParams
+from moeedge.runtime.sampling import Sampler, SamplingParams, resolve_sampling
 from moeedge.text import TextGeneration
 from moeedge.tokenizer import Tokenizer
 
@@ -105,11 +106,15 @@ class MoeModel(TextGeneration):
         with self._turn() as seq, prefill_borrow(self.cache, self.plan):
             return self.runner.score(seq, ids, self.plan.prefill_chunk, decoder_input_ids).float()
 
-    def stream_ids(self, ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                   top_k: int = 0, seed: int | None = None, *, min_p: float = 0.0, repeat_penalty: float = 1.0,
-                   repeat_last_n: int = 64) -> Iterator[int]:
-        """Yield generated token ids; stops at an end-of-sequence token or max_new_tokens."""
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed))
+    def stream_ids(self, ids: list[int], max_new_tokens: int = 128, temperature: float | None = None,
+                   top_p: float | None = None, top_k: int | None = None, seed: int | None = None, *,
+                   min_p: float | None = None, repeat_penalty: float | None = None,
+                   repeat_last_n: int | None = None) -> Iterator[int]:
+        """Yield generated token ids; stops at an end-of-sequence token or max_new_tokens.
+        A sampling value of None is the model's (sampling_defaults); temperature=0 is greedy."""
+        sampler = Sampler(self.sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                               min_p=min_p, repeat_penalty=repeat_penalty,
+                                               repeat_last_n=repeat_last_n))
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if len(ids) == 0:
@@ -135,6 +140,22 @@ class MoeModel(TextGeneration):
                     logits = self.runner.step([(seq, torch.tensor([token]))])[0][-1]
                 self._counters["generated_tokens"] += 1
                 self._counters["decode_seconds"] += time.perf_counter() - start
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """What a request samples with unless it says otherwise: the checkpoint's
+        recommendation (generation_config.json, GGUF general.sampling.*) over llama.cpp's
+        defaults; sampling_from names the file, or None."""
+        params = dataclasses.asdict(resolve_sampling(self.checkpoint.sampling))
+        return {name: value for name, value in params.items() if name != "seed"}
+
+    @property
+    def sampling_from(self) -> str | None:
+        return self.checkpoint.sampling_from
+
+    def sampling_params(self, **given) -> SamplingParams:
+        """SamplingParams from given values, None ones the model's defaults."""
+        return resolve_sampling(self.checkpoint.sampling, **given)
 
     @property
     def eos_ids(self) -> set[int]:

@@ -5,9 +5,11 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from dataclasses import asdict
 
-from moeedge import __version__
+from moeedge import __version__, extras
+from moeedge.progress import add_quiet
 from moeedge.units import format_bytes, parse_bytes
 
 
@@ -104,10 +106,36 @@ def _load(args: argparse.Namespace):
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    sampling = p.add_argument_group("sampling (default: the model's generation_config.json or GGUF general.sampling.*, "
+                                    "else llama.cpp's: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05)")
+    sampling.add_argument("--temperature", type=float, default=None, help="0 is greedy")
+    sampling.add_argument("--top-k", type=int, default=None, help="0 is off")
+    sampling.add_argument("--top-p", type=float, default=None, help="1 is off")
+    sampling.add_argument("--min-p", type=float, default=None, help="0 is off")
+    sampling.add_argument("--repeat-penalty", type=float, default=None, help="1 is off (the default)")
+    sampling.add_argument("--repeat-last-n", type=int, default=None,
+                          help="tokens the repeat penalty looks back over (default 64)")
+    sampling.add_argument("--seed", type=int, default=None, help="makes a sampled answer reproducible")
+    sampling.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                          help="stop the answer at this text (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    """The sampling flags given (None: the model's default), checked before the model loads."""
+    from moeedge.runtime.sampling import SamplingParams
+
+    given = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+                                                    "repeat_last_n", "seed")}
+    try:
+        SamplingParams(**{name: value for name, value in given.items() if value is not None})
+    except ValueError as e:
+        name = next(n for n in given if str(e).startswith(n))  # the message starts with the field's name
+        raise UsageError(f"--{name.replace('_', '-')}{str(e)[len(name):]}") from None
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.stop is not None and not all(args.stop):
+        raise UsageError("--stop needs some text")
+    return {**given, "stop": args.stop}
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -118,29 +146,29 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
     with _load(args) as model:
         if model.tokenizer is not None and not model.tokenizer.encode(args.prompt):
             # a tokenizer without a BOS token makes nothing of an empty prompt, and nothing cannot be prefilled
             raise UsageError(f"--prompt {args.prompt!r} is no tokens: give some text")
-        kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      top_k=args.top_k, seed=args.seed)
         if args.json:
-            text = model.generate(args.prompt, **kwargs)
+            text = model.generate(args.prompt, args.max_new_tokens, **sampling)
             print(json.dumps({"text": text, "stats": model.stats()}, default=str))
         else:
-            for piece in model.stream(args.prompt, **kwargs):
+            for piece in model.stream(args.prompt, args.max_new_tokens, **sampling):
                 print(piece, end="", flush=True)
             print()
     return 0
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from moeedge.chat_cli import run_chat
+    from moeedge.chat_cli import ChatSettings, run_chat
 
+    settings = ChatSettings(args.max_new_tokens, _sampling(args), args.system)
     if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 typed in becomes lone surrogates, refused per line
         sys.stdin.reconfigure(errors="surrogateescape")
     with _load(args) as model:
-        return run_chat(model, args.max_new_tokens, args.temperature, args.seed)
+        return run_chat(model, settings)
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
@@ -160,7 +188,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         except UnicodeDecodeError as e:
             raise UsageError(f"--text {args.text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     with _load(args) as model:
-        trace = record(model, text, hidden=args.hidden, window=args.window, max_tokens=args.max_tokens)
+        trace = record(model, text, hidden=args.hidden, window=args.window, max_tokens=args.max_tokens,
+                       progress=not args.quiet)
     path = save(trace, args.output)
     print(f"{path}: {len(trace['tokens'])} tokens, experts {list(trace['experts'].shape)}"
           + (f", encoder {list(trace['experts_encoder'].shape)}" if "experts_encoder" in trace else ""))
@@ -177,6 +206,7 @@ def _cmd_version(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moeedge", description=__doc__.splitlines()[0])
+    parser.add_argument("-V", "--version", action="version", version=f"moeedge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     version = sub.add_parser("version", help="version and the CPU features moeedge detected")
@@ -198,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive conversation")
     _model_options(chat)
     _sampling_options(chat)
+    chat.add_argument("--system", default=None, help="a system message that starts the conversation")
     chat.set_defaults(run=_cmd_chat)
 
     trace = sub.add_parser("trace", help="record which experts each token picks, over a text (.npz)")
@@ -211,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--hidden", action="store_true", help="also record the hidden state entering each MoE layer")
     trace.add_argument("--window", type=int, default=512, help="tokens per sequence (default 512)")
     trace.add_argument("--max-tokens", type=int, default=None)
+    add_quiet(trace)
     trace.set_defaults(run=_cmd_trace)
 
     from moeedge.sim.cli import add_sim_parser
@@ -239,11 +271,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning is one line on stderr, like an error (not Python's file:line: Category: form)."""
+    print(f"moeedge: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        extras.check(args)
         return args.run(args)
+    except BrokenPipeError:  # `moeedge run ... | head`: the reader left; end quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
+    except ImportError as e:  # a module of an extra that is not installed: say which extra
+        if (hint := extras.explain(e)) is None:
+            raise
+        print(f"moeedge: error: {hint}", file=sys.stderr)
+        return 2
     except (UsageError, OSError, ValueError, MemoryError) as e:
         # Bad input of every kind (CheckpointError and ContextOverflowError are
         # ValueErrors, BudgetError a MemoryError): one line, no traceback.

@@ -57,7 +57,7 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
                 del del_  # unpinned: a cache too small for all of them keeps the last it read
             other = prompt_ids(model.config.vocab, prompt_tokens, seed=1)  # no shared prefix: the timed
             other[0] = 3 if prompt[0] != 3 else 4                         # prompt is prefilled whole
-            for _ in model.stream_ids(other, max_new_tokens=tokens):
+            for _ in model.stream_ids(other, max_new_tokens=tokens, temperature=0):
                 pass
             routing.layers.clear()
             model.cache.reset_stats()
@@ -66,7 +66,7 @@ def measure(source: str, memory_budget, prefetch: bool, tokens: int, prompt_toke
         waited = model.cache.stats()["wait_seconds"]
         out = []
         window: dict = {}  # the decode steps after the first token: what the bound covers
-        for token in model.stream_ids(prompt, max_new_tokens=tokens):
+        for token in model.stream_ids(prompt, max_new_tokens=tokens, temperature=0):
             now = time.perf_counter()
             cache = model.cache.stats()
             w = cache["wait_seconds"]

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from moeedge.progress import progress_bar
 
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.hf_config import DecoderConfig
@@ -49,7 +49,7 @@ def record_routing(model, windows: list[list[int]], progress: bool = False
         seen[layer].append((x.float().clone(), experts.clone(), gates.float().clone()))
 
     with model.recording(record):
-        for w in tqdm(windows, desc="calibration", unit="window", disable=not progress):
+        for w in progress_bar(windows, desc="calibration", unit="window", show=progress):
             model.logits(w)
     return [tuple(torch.cat(parts) for parts in zip(*layer)) for layer in seen]
 

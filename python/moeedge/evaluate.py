@@ -28,6 +28,7 @@ import torch
 import moeedge
 from moeedge.data import corpus as corpus_lib
 from moeedge.data.span_corruption import SpanCorruption, encode_stream, shift_right
+from moeedge.progress import progress_bar
 
 DEFAULT_TOKENS = 16384
 DEFAULT_WINDOW = 256  # the default model's training length, and the Switch model's
@@ -147,11 +148,11 @@ def _span_log_probs(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch
     return torch.log_softmax(logits.double(), dim=-1)
 
 
-def _measure(model, reference, cases: list, span: bool = False) -> Quality:
+def _measure(model, reference, cases: list, span: bool = False, progress: bool = False) -> Quality:
     """cases: (log_probs(m) -> [T, V] next-token log p under model m, targets [T])."""
     nll = nll_ref = 0.0
     kls, agree, right, right_ref, count = [], 0, 0, 0, 0
-    for log_probs, target in cases:
+    for log_probs, target in progress_bar(cases, desc="evaluate", unit="window", show=progress):
         lp = log_probs(model)
         nll -= float(lp.gather(1, target[:, None]).sum())
         right += int((lp.argmax(-1) == target).sum())
@@ -181,17 +182,18 @@ def _measure(model, reference, cases: list, span: bool = False) -> Quality:
     return q
 
 
-def measure(model, windows: list[list[int]], reference=None) -> Quality:
+def measure(model, windows: list[list[int]], reference=None, progress: bool = False) -> Quality:
     """Perplexity of `model` over the windows; with a reference, the comparison figures."""
     cases = [(functools.partial(_log_probs, window=w), torch.tensor(w[1:])) for w in windows]
-    return _measure(model, reference, cases)
+    return _measure(model, reference, cases, progress=progress)
 
 
-def measure_switch(model, inputs: torch.Tensor, targets: torch.Tensor, reference=None) -> Quality:
+def measure_switch(model, inputs: torch.Tensor, targets: torch.Tensor, reference=None,
+                   progress: bool = False) -> Quality:
     """Span-corruption loss and accuracy of a Switch model over the examples; with a
     reference, the comparison figures of the decoder's next-token distributions."""
     cases = [(functools.partial(_span_log_probs, inputs=i, targets=t), t) for i, t in zip(inputs, targets)]
-    return _measure(model, reference, cases, span=True)
+    return _measure(model, reference, cases, span=True, progress=progress)
 
 
 def _tokenizer(model):
@@ -238,7 +240,7 @@ def read_text(path: str | Path) -> str:
 
 
 def evaluate(source, reference=None, text: str | None = None, n_tokens: int = DEFAULT_TOKENS,
-             window: int = DEFAULT_WINDOW, memory_budget: int | str = "auto") -> Quality:
+             window: int = DEFAULT_WINDOW, memory_budget: int | str = "auto", progress: bool = False) -> Quality:
     """Load source (and reference) and measure on text (default: the held-out corpus)."""
     if n_tokens < 2 or window < 2:
         raise ValueError(f"tokens ({n_tokens}) and window ({window}) must both be at least 2")
@@ -248,12 +250,12 @@ def evaluate(source, reference=None, text: str | None = None, n_tokens: int = DE
         if model.encoder_decoder:
             inputs, targets = switch_examples(model, "heldout", text, n_tokens, window, SPAN_EVAL_SEED)
             sample = text[:4096] if text is not None else SAMPLE
-            run = functools.partial(measure_switch, model, inputs, targets)
+            run = functools.partial(measure_switch, model, inputs, targets, progress=progress)
         else:
             windows = (text_windows(tok, text, n_tokens, window) if text is not None
                        else corpus_windows(tok, "heldout", n_tokens, window))
             sample = text[:4096] if text is not None else tok.decode(windows[0])
-            run = functools.partial(measure, model, windows)
+            run = functools.partial(measure, model, windows, progress=progress)
         if reference is None:
             return run()
         with moeedge.load(reference, memory_budget=memory_budget, max_context=window) as ref:

@@ -17,11 +17,11 @@ class TextGeneration:
             raise ValueError(f"{self.checkpoint.source} has no tokenizer files: pass token ids to stream_ids()")
         return self.tokenizer
 
-    def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-               _ids: list[int] | None = None, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float | None = None,
+               top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+               stop: list[str] | None = None, _ids: list[int] | None = None, **sampling) -> Iterator[str]:
         """Yield pieces of text as they are generated; sampling: stream_ids' min_p,
-        repeat_penalty, repeat_last_n."""
+        repeat_penalty, repeat_last_n. None: the model's default (temperature=0: greedy)."""
         tok = self._need_tokenizer()
         ids = _ids if _ids is not None else tok.encode(prompt)
         generated: list[int] = []
@@ -40,12 +40,14 @@ class TextGeneration:
                 yield text[len(emitted):]
                 emitted = text
 
-    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, stop: list[str] | None = None, **sampling) -> str:
+    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                 stop: list[str] | None = None, **sampling) -> str:
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, **sampling))
 
     def chat(self, messages: list[dict], stream: bool = False, **kwargs):
-        """The assistant's reply to a conversation, with the checkpoint's chat template."""
+        """The assistant's reply to a conversation, with the checkpoint's chat template;
+        kwargs: stream's (sampling values, stop)."""
         ids = self._need_tokenizer().encode_chat(messages)
         pieces = self.stream("", _ids=ids, **kwargs)
         return pieces if stream else "".join(pieces)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from moeedge.api import MoeModel
+from moeedge.progress import progress_bar
 
 FORMAT_VERSION = 1
 
@@ -52,7 +53,7 @@ def _config_json(cfg) -> str:
 
 
 def record(model: MoeModel, text: str, hidden: bool = False, window: int = 512,
-           max_tokens: int | None = None) -> dict[str, np.ndarray]:
+           max_tokens: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
     """Run the model over text and return the trace arrays."""
     if model.tokenizer is None:
         raise ValueError(f"{model.checkpoint.source} has no tokenizer: a trace needs one")
@@ -63,13 +64,14 @@ def record(model: MoeModel, text: str, hidden: bool = False, window: int = 512,
     cfg = model.config
     n_layers = cfg.moe_layers if isinstance(cfg.moe_layers, int) else len(cfg.moe_layers)
     recorder = _Recorder(n_layers, hidden)
-    with model.recording(recorder):
+    with model.recording(recorder), progress_bar(total=len(ids), desc="trace", unit="tok", show=progress) as bar:
         for start in range(0, len(ids), window):
             chunk = ids[start:start + window]
             if model.encoder_decoder:
                 model.logits(chunk, [cfg.decoder_start_token_id] + chunk[:-1])
             else:
                 model.logits(chunk)
+            bar.update(len(chunk))
     out = {"tokens": np.asarray(ids, dtype=np.int32)}
     if model.encoder_decoder:
         n_enc = len(cfg.encoder_moe_blocks)

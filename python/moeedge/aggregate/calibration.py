@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from moeedge.progress import progress_bar
 
 from moeedge.derived import record_routing
 from moeedge.evaluate import DEFAULT_WINDOW, MEAN_SPAN, NOISE_DENSITY, corpus_windows
@@ -89,7 +89,7 @@ def gather_switch(model, examples: list[tuple[torch.Tensor, torch.Tensor]], prog
         seen[layer].append((x.float().clone(), experts[:, 0].clone(), gates[:, 0].float().clone()))
 
     with model.recording(record):
-        for inputs, targets in tqdm(examples, desc="calibration", unit="window", disable=not progress):
+        for inputs, targets in progress_bar(examples, desc="calibration", unit="window", show=progress):
             model.logits(inputs.tolist(), shift_right(targets[None])[0].tolist())
     out = []
     for calls in seen:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from moeedge.progress import add_quiet
 from moeedge.units import format_bytes, parse_bytes
 
 
@@ -18,6 +19,7 @@ def add_parsers(subparsers) -> None:
     ev.add_argument("--window", type=int, default=256,
                     help="tokens per sequence (default 256; Switch: per span-corrupted window)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    add_quiet(ev)
     ev.set_defaults(run=_cmd_eval)
 
     ag = subparsers.add_parser("aggregate", help="a smaller variant: merge, average, prune, low-rank or distill experts")
@@ -44,6 +46,7 @@ def add_parsers(subparsers) -> None:
                          "5-6x, its SVD in float64) leaves")
     ag.add_argument("-o", "--output", required=True, help="new directory for the variant")
     ag.add_argument("--json", action="store_true", help="print the variant's description as one JSON object")
+    add_quiet(ag)
     ag.set_defaults(run=_cmd_aggregate)
 
 
@@ -51,7 +54,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from moeedge.evaluate import describe, evaluate, read_text  # lazy: the CLI builds every parser at start
 
     text = read_text(args.text) if args.text is not None else None
-    q = evaluate(args.source, args.reference, text, n_tokens=args.tokens, window=args.window)
+    q = evaluate(args.source, args.reference, text, n_tokens=args.tokens, window=args.window,
+                 progress=not args.quiet)
     print(json.dumps(q.as_dict()) if args.json else describe(q, args.source or "default model", args.reference,
                                                               args.text))
     return 0
@@ -67,7 +71,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     meta = aggregate(args.source, args.method, args.output, experts_per_layer=args.experts_per_layer,
                      rank=args.rank, expert_memory=args.expert_memory, distill_from=args.distill_from,
                      calibration_tokens=args.calibration_tokens, eval_tokens=args.eval_tokens,
-                     memory_budget=_budget(args.memory_budget), progress=not args.json)
+                     memory_budget=_budget(args.memory_budget), progress=not args.quiet)
     if args.json:
         print(json.dumps(meta))
         return 0

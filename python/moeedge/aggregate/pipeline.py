@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
+from moeedge.progress import progress_bar
 
 import moeedge
 from moeedge.aggregate import average, distill, lowrank, merge, prune, targets, variant
@@ -251,7 +251,7 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
             return read_layer(model, i, calibration[i])
 
         def each_layer(desc: str):
-            return tqdm(range(n_layers), desc=desc, unit="layer", disable=not progress)
+            return progress_bar(range(n_layers), desc=desc, unit="layer", show=progress)
 
         sensitivity, grids = None, None
         if expert_memory is None:
@@ -276,5 +276,5 @@ def aggregate(source, method: str, out, *, experts_per_layer: int | None = None,
     quality = None
     if eval_tokens:
         quality = evaluate(out, reference=ckpt.source, n_tokens=eval_tokens, window=window,
-                           memory_budget=memory_budget).as_dict()
+                           memory_budget=memory_budget, progress=progress).as_dict()
     return variant.update(out, quality=quality)

@@ -57,6 +57,10 @@ class Checkpoint:
     # MoE layer -> the representation its experts are read in (moeedge.ladder; absent: as
     # stored): their keys are VariantKeys, so a cache never mixes two representations.
     layer_variants: dict[int, int] = field(default_factory=dict)
+    # The sampling the checkpoint recommends (SamplingParams keyword arguments, checked) and
+    # the file that said so (moeedge.formats.generation_config); empty: it says nothing.
+    sampling: dict = field(default_factory=dict)
+    sampling_from: str | None = None
 
     @property
     def expert_nbytes(self) -> int:

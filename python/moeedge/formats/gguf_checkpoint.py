@@ -26,6 +26,7 @@ from moeedge.formats.checkpoint import Checkpoint, ExpertPart, StoredTensor
 from moeedge.formats.config_fields import (MAX_CONTEXT, MAX_EXPERTS, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS,
                                            MAX_VOCAB, MAX_WIDTH, REQUIRED, Fields)
 from moeedge.formats.errors import CheckpointError, shown, shown_name
+from moeedge.formats.generation_config import gguf_sampling
 from moeedge.formats.gguf_file import TYPES, GGUFFile, GGUFTensor, tensor_nbytes
 from moeedge.formats.gguf_quants import dequantize
 from moeedge.formats.gguf_split import read_gguf_model
@@ -228,9 +229,11 @@ def open_gguf(path: str | os.PathLike) -> Checkpoint:
     cfg = gguf_config(f)
     dense = _check_tensors(f, cfg)
     ranges, parts = _expert_layout(f, cfg)
+    sampling = gguf_sampling(f.metadata, f.path)
     return Checkpoint(source=f.path, config=cfg, files=list(f.paths), expert_ranges=ranges, expert_parts=parts,
                       dense_names=sorted(dense), read_dense=functools.partial(_read_dense, f, cfg, dense),
                       dense_numel=sum(math.prod(t.shape) for t in dense.values()),
                       dense_nbytes=sum(t.nbytes for t in dense.values()),
-                      tokenizer_factory=tokenizer_factory(f), locate=functools.partial(_locate, f, dense))
+                      tokenizer_factory=tokenizer_factory(f), locate=functools.partial(_locate, f, dense),
+                      sampling=sampling, sampling_from=f"{f.path} (general.sampling.*)" if sampling else None)
 

@@ -13,6 +13,7 @@ from moeedge.formats import hub
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.decoder_checkpoint import open_decoder
 from moeedge.formats.errors import CheckpointError, shown
+from moeedge.formats.generation_config import GENERATION_CONFIG, hf_sampling
 from moeedge.formats.gguf_checkpoint import open_gguf
 from moeedge.formats.hf_config import DECODER_FAMILIES
 from moeedge.formats.hf_directory import HFDirectory
@@ -63,7 +64,12 @@ def open_hf_directory(path: str | os.PathLike) -> Checkpoint:
     directory, raw, model_type = _check_model_type(path)
     directory.check_side_files()
     if model_type == SWITCH:
-        return open_switch(directory, raw)
-    if directory.find(QUANT_FILE) is not None:  # written by `moeedge quantize`
-        return open_quant_directory(directory, raw)
-    return open_decoder(directory, raw)
+        ckpt = open_switch(directory, raw)
+    elif directory.find(QUANT_FILE) is not None:  # written by `moeedge quantize`
+        ckpt = open_quant_directory(directory, raw)
+    else:
+        ckpt = open_decoder(directory, raw)
+    if (path := directory.find(GENERATION_CONFIG)) is not None:
+        ckpt.sampling = hf_sampling(directory.read_json(path, "valid JSON"), path)
+        ckpt.sampling_from = str(path) if ckpt.sampling else None
+    return ckpt

@@ -129,8 +129,8 @@ def chat_target(path: str, settings: Settings):
                 if model.tokenizer is None:
                     return {"outcome": SUCCESS, "detail": "no tokenizer files: nothing to render"}
                 texts.append(model.tokenizer.render_chat(MESSAGES))
-                texts.append(model.chat(MESSAGES, max_new_tokens=2))
-                texts.append(model.generate("hello world", max_new_tokens=2))
+                texts.append(model.chat(MESSAGES, max_new_tokens=2, temperature=0))
+                texts.append(model.generate("hello world", max_new_tokens=2, temperature=0))
         except BaseException as e:  # noqa: BLE001
             why = escaped(texts[1:] + [str(e)[:10000]], texts[0] if texts else "")
             return {"outcome": ESCAPE, "detail": why} if why else exception_result(e)

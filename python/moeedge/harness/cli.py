@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+
+from moeedge.progress import add_quiet
 import sys
 import argparse
 from pathlib import Path
@@ -14,6 +16,7 @@ def add_bench_parsers(bench_sub) -> None:
     m.add_argument("--models", default=None, help="comma-separated model names of the config to run")
     m.add_argument("--engines", default=None, help="comma-separated engines to run")
     m.add_argument("--dry-run", action="store_true", help="list the runs and which are recorded already")
+    add_quiet(m)
     m.set_defaults(run=_cmd_matrix)
     mm = bench_sub.add_parser("machine", help="measure this machine's facts for the bound (disk, matrix-vector)")
     mm.add_argument("--results", default="bench/results", help="write RESULTS/machine.json (default bench/results)")
@@ -41,7 +44,7 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
 
     try:
         records = main_loop(Path(args.config), Path(args.results), _names(args.models), _names(args.engines),
-                            dry_run=args.dry_run)
+                            dry_run=args.dry_run, progress=not args.quiet)
     except CgroupUnavailable as e:
         print(f"moeedge bench matrix: {e}", file=sys.stderr)
         return 2

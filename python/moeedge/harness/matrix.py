@@ -25,6 +25,7 @@ from moeedge.cgroup import CgroupUnavailable, drop_page_cache, evict_files, run_
 from moeedge.read_throttle import ReadThrottle, disk_of
 from moeedge.harness.engines import ENGINES, GGUF_ONLY, HF_ONLY, Run, command
 from moeedge.harness.llama_build import check_native, describe
+from moeedge.progress import progress_bar
 from moeedge.runtime.plan import FIXED_JITTER_BYTES
 from moeedge.units import parse_bytes
 
@@ -287,7 +288,7 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
     from tqdm import tqdm
 
     records = []
-    bar = tqdm(runs, disable=not progress, unit="run")
+    bar = progress_bar(runs, unit="run", show=progress)
     for run in bar:
         path = record_path(results, run, settings, head)
         bar.set_description(f"{run.model} {run.engine} {run.precision} {run.limit_label}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moeedge.harness.report_plot import plot  # noqa: F401 (the report's plots)
 from moeedge.units import format_bytes
 
 
@@ -96,51 +97,3 @@ def _failure(r: dict) -> str:
     if r["oom_kills"]:
         return "OOM-killed"
     return error.split(":")[0] or "failed"
-
-
-def plot(records: list[dict], out: Path) -> list[Path]:
-    """Per model: tokens/s against the limit, a line per engine and precision, the bound
-    dashed; and moeedge's mean per-token time split into waiting for experts and the rest."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for model in sorted({r["model"] for r in records if not r.get("prefill_cell")}):
-        rs = [r for r in records if r["model"] == model and not r.get("prefill_cell")]
-        unlimited_x = 1.25 * max([r["limit_bytes"] for r in rs if r["limit_bytes"]] or [1 << 30]) / 2 ** 20
-        x_of = lambda r: r["limit_bytes"] / 2 ** 20 if r["limit_bytes"] else unlimited_x  # noqa: E731
-        fig, (speed, split) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for engine, precision in sorted({(r["engine"], r["precision"]) for r in rs}):
-            line = sorted((x_of(r), r.get("decode_tok_s") or 0.0) for r in rs
-                          if r["engine"] == engine and r["precision"] == precision)
-            speed.plot(*zip(*line), marker="o", label=f"{engine} {precision}")
-        for precision in sorted({r["precision"] for r in rs}):
-            bound = sorted((x_of(r), r["bound_tok_s"]) for r in rs
-                           if r["precision"] == precision and r["engine"] == "moeedge" and r.get("bound_tok_s"))
-            if bound:
-                speed.plot(*zip(*bound), linestyle="--", color="black", alpha=0.5, label=f"bound {precision}")
-        speed.set_xlabel("memory limit, MiB (rightmost: unlimited)")
-        speed.set_ylabel("decode tokens/s (median)")
-        speed.set_yscale("log")
-        speed.set_title(f"{model}: tokens/s under a cgroup memory limit")
-        speed.legend(fontsize=7)
-        ours = [r for r in rs if r["engine"].startswith("moeedge") and r["result"].get("token_wait_s")]
-        labels = [f"{r['engine'].removeprefix('moeedge')[1:] or 'lru'}\n{r['precision']} {r['limit_label']}"
-                  for r in ours]
-        wait = [1000 * sum(r["result"]["token_wait_s"]) / len(r["result"]["token_wait_s"]) for r in ours]
-        rest = [1000 * sum(r["result"]["token_other_s"]) / len(r["result"]["token_other_s"]) for r in ours]
-        split.bar(range(len(ours)), rest, label="compute and the rest")
-        split.bar(range(len(ours)), wait, bottom=rest, label="waiting for experts")
-        split.set_xticks(range(len(ours)), labels, fontsize=6, rotation=60)
-        split.set_ylabel("mean ms per token")
-        split.set_title("moeedge: where a token's time goes")
-        split.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"{model}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written

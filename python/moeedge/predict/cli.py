@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from moeedge.predict import PREDICTORS
+from moeedge.progress import add_quiet, progress_bar
 
 
 def add_predict_parser(subparsers) -> None:
@@ -23,6 +24,7 @@ def add_predict_parser(subparsers) -> None:
     train.add_argument("--jobs", type=int, default=1,
                        help="train nets in this many processes, one torch thread each (the same nets as one; "
                             "each holds one net's features: about 3 GB at 2M tokens)")
+    add_quiet(train)
     train.set_defaults(run=_cmd_train)
     ev = sub.add_parser("eval", help="recall and precision of each predictor, 1 to 3 layers ahead")
     ev.add_argument("trace", help="a held-out trace written by `moeedge trace --hidden`")
@@ -36,8 +38,6 @@ def add_predict_parser(subparsers) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from moeedge.predict.bundle import train_bundle
     from moeedge.predict.learned import DEPTH, LOOKAHEAD, WIDTH, pairs
     from moeedge.predict.metrics import load_routing
@@ -48,7 +48,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for name, value in (("--epochs", args.epochs), ("--width", width), ("--depth", depth), ("--jobs", args.jobs)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-    with tqdm(total=len(pairs(trace.n_layers, LOOKAHEAD)), desc="learned predictor", unit="net") as bar:
+    with progress_bar(total=len(pairs(trace.n_layers, LOOKAHEAD)), desc="learned predictor", unit="net",
+                      show=not args.quiet) as bar:
         bundle = train_bundle(trace, epochs=args.epochs, seed=args.seed, progress=lambda *_: bar.update(),
                               width=width, depth=depth, jobs=args.jobs)
     path = bundle.save(args.output)

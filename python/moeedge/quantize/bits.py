@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from moeedge.progress import progress_bar
 
 from moeedge.derived import record_routing
 from moeedge.formats.group_quant import dequantize, quantize
@@ -86,7 +86,7 @@ def measure(calibration: list[LayerCalibration], read_expert, n_experts: int, gr
             progress: bool = False) -> list[list[float]]:
     """sensitivity[layer][expert]; read_expert(layer, e) gives an expert's fp32 matrices by role."""
     out = []
-    for layer in tqdm(range(len(calibration)), desc="sensitivity", unit="layer", disable=not progress):
+    for layer in progress_bar(range(len(calibration)), desc="sensitivity", unit="layer", show=progress):
         experts = [read_expert(layer, e) for e in range(n_experts)]
         out.append(layer_sensitivity(calibration[layer], experts, group))
     return out

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from moeedge.progress import add_quiet
+
 
 def add_quantize_parser(subparsers) -> None:
     q = subparsers.add_parser("quantize", help="experts in moeedge's group-wise int8/int4, per-expert bits optional")
@@ -22,6 +24,7 @@ def add_quantize_parser(subparsers) -> None:
                    help="held-out tokens to measure the result on (default 8192; 0: skip)")
     q.add_argument("-o", "--output", required=True, help="new directory for the quantized checkpoint")
     q.add_argument("--json", action="store_true", help="print the description (moeedge_quant.json) as JSON")
+    add_quiet(q)
     q.set_defaults(run=_cmd_quantize)
 
 
@@ -31,6 +34,6 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     meta = quantize_checkpoint(args.source, args.output, bits=args.bits, group=args.group,
                                per_expert_bits=args.per_expert_bits, target_bits=args.target_bits,
                                calibration_tokens=args.calibration_tokens, eval_tokens=args.eval_tokens,
-                               progress=not args.json)
+                               progress=not args.quiet)
     print(json.dumps(meta) if args.json else describe(meta, args.output))
     return 0

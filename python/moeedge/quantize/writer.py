@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from moeedge.progress import progress_bar
 
 from moeedge.derived import check_output, open_decoder_source, publish
 from moeedge.formats.checkpoint import Checkpoint
@@ -111,7 +111,7 @@ def _entries(dense: dict[str, torch.Tensor], cfg: DecoderConfig, bits: list[list
 def _tensors(entries, dense, cfg, reader, bits, group, progress):
     for name, _, _ in entries[:len(dense)]:
         yield dense[name]
-    bar = tqdm(total=sum(map(len, bits)), desc="quantize", unit="expert", disable=not progress)
+    bar = progress_bar(total=sum(map(len, bits)), desc="quantize", unit="expert", show=progress)
     for layer, row in enumerate(bits):
         for e, b in enumerate(row):
             w = reader(layer, e)
@@ -198,7 +198,7 @@ def quantize_checkpoint(source, out, *, bits: int | None = None, group: int = DE
         from moeedge.evaluate import evaluate
 
         meta["quality"] = evaluate(out, reference=ckpt.source, n_tokens=eval_tokens, window=window,
-                                   memory_budget=memory_budget).as_dict()
+                                   memory_budget=memory_budget, progress=progress).as_dict()
         write_meta(out, meta)
     return meta
 

@@ -32,6 +32,18 @@ class SamplingParams:
         return self.temperature == 0
 
 
+# What llama.cpp samples with when neither the user nor the model says otherwise.
+LLAMA_CPP_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,
+                      "repeat_last_n": 64}
+
+
+def resolve_sampling(defaults: dict, **given) -> SamplingParams:
+    """SamplingParams from given (a value of None: the default's), defaults over llama.cpp's."""
+    merged = {**LLAMA_CPP_DEFAULTS, **defaults}
+    merged.update({name: value for name, value in given.items() if value is not None})
+    return SamplingParams(**merged)
+
+
 def validate_sampling(temperature: float, top_p: float, top_k: int, min_p: float = 0.0,
                       repeat_penalty: float = 1.0, repeat_last_n: int = 64) -> None:
     """A ValueError naming the first bad value (NaN fails every check)."""

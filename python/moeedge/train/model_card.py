@@ -103,7 +103,7 @@ def moeedge_check(directory: Path, window: torch.Tensor, reference: torch.Tensor
 
     with moeedge.load(directory, max_context=max(len(window), 256)) as m:
         logits = m.logits(window.tolist())
-        sample = m.generate(PROMPT, max_new_tokens=64)
+        sample = m.generate(PROMPT, max_new_tokens=64, temperature=0)
         tok = m.tokenizer
         roundtrip = tok.decode(tok.encode(PROMPT, add_bos=False)) == PROMPT
     return {"max_abs_logit_diff": float((logits - reference).abs().max()), "prompt": PROMPT, "sample": sample,

@@ -152,7 +152,7 @@ def moeedge_check(directory: Path, inputs: torch.Tensor, targets: torch.Tensor, 
 
     with moeedge.load(directory, max_context=max(len(inputs), 256)) as m:
         logits = m.logits(inputs.tolist(), shift_right(targets[None])[0].tolist())
-        sample = m.generate(PROMPT, max_new_tokens=48)
+        sample = m.generate(PROMPT, max_new_tokens=48, temperature=0)
         tok = m.tokenizer
         roundtrip = tok.decode(tok.encode(PROMPT, add_bos=False)) == PROMPT
         sentinels_whole = tok.encode(sentinel(0), add_bos=False) == [m.config.vocab - 1]
