@@ -34,6 +34,7 @@ def test_auto_fills_with_smaller_experts_past_one_that_does_not_fit():
     counts = np.array([[3, 2, 1]], dtype=float)
     held = choose_auto(counts, set(), slot_bytes=lambda layer, e: 20 if e == 1 else 10, budget_bytes=25)
     assert held == {0: [0, 2]}
+    assert choose_auto(counts, set(), lambda layer, e: 10, 100, skip_most_used=1) == {0: [1, 2]}
 
 
 def test_usage_counts_a_trace_and_refuses_one_of_another_model(tmp_path):

@@ -16,6 +16,12 @@ class PeersUnavailable(ValueError):
 
 def require_hivemind():
     """The hivemind module, or PeersUnavailable saying how to install it."""
+    import os
+
+    # hivemind shares its task pools' batches through files (torch's "file_system"), which
+    # starts torch_shm_manager, a program that holds about 50 MB of its own: passing file
+    # descriptors (torch's default on Linux) needs no helper.
+    os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
     try:
         import hivemind
     except ImportError as e:

@@ -29,12 +29,14 @@ def _cmd_serve_experts(args: argparse.Namespace) -> int:
     if not is_loopback(args.listen) and not args.allow and not args.allow_any:
         raise ValueError(f"--listen {args.listen} is not loopback: name the callers with --allow PEER_ID "
                          "(or pass --allow-any to let any peer on the network call this one)")
+    if args.skip_most_used < 0:
+        raise ValueError(f"--skip-most-used must be >= 0, got {args.skip_most_used}")
     if args.max_rows < 1:
         raise ValueError(f"--max-rows must be at least 1, got {args.max_rows}")
     options = PeerOptions(memory_budget=args.memory_budget, experts=args.experts, listen=args.listen,
                           initial_peers=tuple(args.initial_peers), identity=args.identity,
                           allow=frozenset(args.allow) if args.allow else None, trace=args.trace,
-                          max_rows=args.max_rows)
+                          max_rows=args.max_rows, skip_most_used=args.skip_most_used)
     server = ExpertServer(args.source, options)
     # SIGTERM and Ctrl-C end the wait below, and the finally clause ends hivemind's processes
     # (an exception raised inside a signal handler can land in the middle of their shutdown).
@@ -106,6 +108,8 @@ def add_serve_experts_parser(sub) -> None:
                    help="experts to hold: auto (most used first that fit, skipping those other peers hold) "
                         "or MoE layer:experts, e.g. 0:1,2 3:5")
     p.add_argument("--trace", default=None, help="routing trace (moeedge trace) whose use orders --experts auto")
+    p.add_argument("--skip-most-used", type=int, default=0, metavar="N",
+                   help="--experts auto leaves the N most used experts to the client, which caches them itself")
     p.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0",
                    help="multiaddr to listen on (default loopback, any port)")
     p.add_argument("--initial-peers", nargs="*", default=[], metavar="MULTIADDR",

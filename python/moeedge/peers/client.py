@@ -94,6 +94,7 @@ class PeerClient:
         """Ask what it holds and time the link: round trips, and a padded one for bandwidth."""
         try:
             info = await self._info(link)
+            await self._info(link)  # the first calls on a new connection are slower: not timed
             if not isinstance(info, dict) or info.get("model") != self.model:
                 link.alive, link.next_probe = False, float("inf")
                 raise ValueError(f"peer {link.address} serves {info.get('model') if isinstance(info, dict) else '?'}, "

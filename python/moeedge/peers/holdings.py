@@ -43,11 +43,14 @@ def usage(trace_path: str | None, n_layers: int, n_experts: int) -> np.ndarray:
     return counts
 
 
-def choose_auto(counts: np.ndarray, taken: set[tuple[int, int]], slot_bytes, budget_bytes: int) -> dict[int, list[int]]:
+def choose_auto(counts: np.ndarray, taken: set[tuple[int, int]], slot_bytes, budget_bytes: int,
+                skip_most_used: int = 0) -> dict[int, list[int]]:
     """The most used experts not in taken whose slots fit budget_bytes together (ties: the
-    lower layer, then the lower expert, so that peers started alike agree)."""
-    order = sorted(((layer, e) for layer in range(counts.shape[0]) for e in range(counts.shape[1])
-                    if (layer, e) not in taken), key=lambda k: (-counts[k], k))
+    lower layer, then the lower expert, so that peers started alike agree), after the
+    skip_most_used most used of all (those a client caches itself)."""
+    ranked = sorted(((layer, e) for layer in range(counts.shape[0]) for e in range(counts.shape[1])),
+                    key=lambda k: (-counts[k], k))
+    order = [k for k in ranked[skip_most_used:] if k not in taken]
     held: dict[int, list[int]] = {}
     for layer, e in order:
         size = slot_bytes(layer, e)

@@ -90,6 +90,8 @@ class RemoteExperts:
 def connect(ckpt, addresses: list[str], deadline_s: float, identity=None) -> tuple[PeerClient, int]:
     """A client for these peers of this checkpoint, and the bytes its helper (p2pd) holds,
     which the caller's memory plan counts."""
+    if isinstance(addresses, (str, bytes)):
+        raise ValueError("peers is a list of multiaddrs, not one string")
     if getattr(ckpt.config, "family", None) not in ("mixtral", "qwen2_moe", "olmoe"):
         raise ValueError("peers serve decoder MoE models (Mixtral, Qwen2-MoE, OLMoE) only")
     client = PeerClient(list(addresses), model_id(ckpt), ckpt.config.hidden, deadline_s, identity=identity)

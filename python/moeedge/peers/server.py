@@ -36,6 +36,7 @@ class PeerOptions:
     identity: str | None = None
     allow: frozenset[str] | None = None     # None: any caller (refused off loopback by the CLI)
     trace: str | None = None
+    skip_most_used: int = 0                 # auto: leave the most used to the client's own cache
     max_rows: int = 64
     max_inflight: int = 64
     announce_period_s: float = 15.0
@@ -99,7 +100,7 @@ class ExpertServer:
         """What is left for experts: the budget less this process, its helpers, buffers for
         max_rows rows of the widest expert, and the planner's slack."""
         cfg = self.cfg
-        buffers = 2 * self.max_rows * (cfg.hidden + 4 * cfg.expert_intermediate) * 4
+        buffers = self.max_rows * (cfg.hidden + 3 * cfg.expert_intermediate) * 4  # x, gate, up, their product
         used = rss_bytes() + self.helpers["forked"] + self.helpers["daemons"] + buffers + SLACK_BYTES
         return self.budget - used
 
@@ -126,7 +127,7 @@ class ExpertServer:
 
         if self.named is None:
             counts = usage(self.options.trace, self.n_layers, self.n_experts)
-            held = choose_auto(counts, self._taken_elsewhere(), slot, available)
+            held = choose_auto(counts, self._taken_elsewhere(), slot, available, self.options.skip_most_used)
         else:
             held = self.named
         need = sum(slot(layer, e) for layer, experts in held.items() for e in experts)
