@@ -19,7 +19,10 @@ from moeedge.peers import require_hivemind
 from moeedge.peers.cost import LinkCost
 from moeedge.peers.names import INFO_UID, layer_uid
 
-PROBE_PAD_BYTES = 256 << 10  # the padded probe whose extra time gives the link's bandwidth
+PROBE_PAD_BYTES = 32 << 10  # the padded probe whose extra time gives the link's bandwidth
+# The padded probe may take this long (a slow link is slow, not dead: 32 KiB at 0.1 Mbit/s
+# take 2.6 s); past it the link's bandwidth is taken as at most what that bound implies.
+PROBE_PAD_TIMEOUT_S = 10.0
 # Until calls are measured: a peer's service time is guessed as this much.
 PRIOR_SERVICE_S = 0.002
 EWMA = 0.2  # weight of each new measurement
@@ -82,12 +85,12 @@ class PeerClient:
     def _run(self, coro, timeout: float | None):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    async def _info(self, link: PeerLink, pad: int = 0) -> dict:
+    async def _info(self, link: PeerLink, pad: int = 0, timeout: float | None = None) -> dict:
         from hivemind.proto import runtime_pb2
         from hivemind.utils import MSGPackSerializer
 
         request = runtime_pb2.ExpertUID(uid=INFO_UID + "." * pad)
-        reply = await asyncio.wait_for(self.stubs[link.name].rpc_info(request), self.deadline_s)
+        reply = await asyncio.wait_for(self.stubs[link.name].rpc_info(request), timeout or self.deadline_s)
         return MSGPackSerializer.loads(reply.serialized_info)
 
     async def _probe(self, link: PeerLink) -> bool:
@@ -107,7 +110,10 @@ class PeerClient:
                 await self._info(link)
                 times.append(time.perf_counter() - start)
             start = time.perf_counter()
-            await self._info(link, PROBE_PAD_BYTES)
+            try:
+                await self._info(link, PROBE_PAD_BYTES, max(self.deadline_s, PROBE_PAD_TIMEOUT_S))
+            except asyncio.TimeoutError:
+                pass
             padded = time.perf_counter() - start
         except ValueError:
             raise
