@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -82,11 +83,16 @@ class Device:
         return 0
 
     def close(self) -> None:
+        """Remove both cgroups, waiting up to 30 s for the last processes in them to exit."""
         for group in (self.mem, self.cpu):
-            try:
-                group.rmdir()
-            except OSError:
-                pass
+            for _ in range(300):
+                try:
+                    group.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # EBUSY: a process (p2pd) is still exiting
+                    time.sleep(0.1)
 
 
 def is_root() -> bool:
