@@ -206,7 +206,7 @@ def worker(args) -> int:
 
     with load(args.source, memory_budget=args.memory_budget, max_context=args.max_context,
               policy=args.policy) as model:
-        model.generate("def main():", max_new_tokens=args.tokens)   # warm
+        model.generate("def main():", max_new_tokens=args.tokens, temperature=0)   # warm
         for line in sys.stdin:
             before = model.stats()
             model.generate(json.loads(line), max_new_tokens=args.tokens, temperature=0)

@@ -91,3 +91,15 @@ def test_a_chat_template_that_fails_in_the_sandbox_is_refused(ckpt, tmp_path, ca
 def test_bad_flags_exit_2_in_one_line(flags, words, capsys):
     rc, err = _serve(capsys, *flags)
     assert rc == 2 and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_request_samples_with_the_model_defaults_it_does_not_override():
+    from moeedge.serve.schemas import CompletionRequest, RequestError, sampling_params
+
+    defaults = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+    plain = sampling_params(CompletionRequest(prompt="x"), defaults)
+    assert (plain.temperature, plain.top_k, plain.top_p, plain.min_p) == (0.8, 40, 0.95, 0.05)
+    greedy = sampling_params(CompletionRequest(prompt="x", temperature=0, top_k=1), defaults)
+    assert (greedy.temperature, greedy.top_k, greedy.min_p) == (0.0, 1, 0.05)
+    with pytest.raises(RequestError, match="top_p"):
+        sampling_params(CompletionRequest(prompt="x", top_p=2.0), defaults)

@@ -196,6 +196,7 @@ class MoeModel(TextGeneration):
             "policy": self.policy,
             "prefetch": self.runner.prefetching,
             **({"prediction": prediction} if prediction is not None else {}),
+            **({"peers": self.runner.remote.stats()} if getattr(self.runner, "remote", None) is not None else {}),
             "resident": {"dense_bytes": self.plan.dense_bytes, "kv_cache_bytes": self.plan.kv_cache_bytes,
                          "expert_cache_bytes": cache["resident_bytes"], "process_bytes": rss_bytes()},
             "plan": self.plan.as_dict(),
@@ -210,6 +211,8 @@ class MoeModel(TextGeneration):
             self._closed = True
         self.cache.close()
         self.runner.close()
+        if getattr(self.runner, "remote", None) is not None:
+            self.runner.remote.close()
 
     def __enter__(self) -> "MoeModel":
         return self
@@ -238,7 +241,9 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
          prefetch: bool | None = None, predictor: str | None = "auto", lookahead: int = 1,
          predictor_file: str | os.PathLike | None = None, policy: str = "auto", io_threads: int | None = None,
          max_context: int = 2048, direct_io: bool = True, dtype: torch.dtype | None = None,
-         threads: int | None = None, n_sequences: int = 1, plan: str | os.PathLike | dict | None = None) -> MoeModel:
+         threads: int | None = None, n_sequences: int = 1, plan: str | os.PathLike | dict | None = None,
+         peers: list[str] | None = None, peer_deadline: float = 1.0,
+         peer_identity: str | os.PathLike | None = None) -> MoeModel:
     """Open a checkpoint and plan it into memory_budget (the whole process's memory).
 
     source: a Hugging Face directory, a .gguf file, a hub repo id ("org/name",
@@ -257,7 +262,12 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     slots planned into the budget, for sequences decoded together (model.runner.new_sequence();
     model.sequence holds the first). plan: the variant each MoE layer is read in, from a
     ladder (a plan file `moeedge plan -o` wrote, or {"ladder": DIR, "variants": [...]};
-    moeedge.ladder), each variant under its own cache keys."""
+    moeedge.ladder), each variant under its own cache keys. peers: multiaddrs of `moeedge
+    serve-experts` peers (docs/peers.md): a missing expert is computed by a peer that holds it
+    where that is measured to be faster than reading it; a call that misses peer_deadline
+    seconds is computed here instead. Outputs are the same either way. peer_identity: this
+    client's key file (made if missing), so that peers can allow its peer id (`moeedge peer-id
+    PATH` prints it)."""
     fixed = rss_bytes()  # measured before anything of the model is read
     _check_settings(device, max_context, lookahead, io_threads, threads, n_sequences)
     if threads is not None:
@@ -269,19 +279,26 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
         from moeedge.ladder.compose import apply_plan
 
         ckpt, variants = apply_plan(ckpt, plan)
+    peer_client = None
+    if peers:
+        from moeedge.peers.remote import connect  # hivemind is an optional extra
+
+        peer_client, helper_bytes = connect(ckpt, peers, peer_deadline, peer_identity)
+        fixed += helper_bytes  # its p2pd lives beside this process, in the same budget
     runner_cls = runner_class(ckpt.config)
     dtype = dtype or runner_cls.compute_dtype(ckpt)
     max_context = min(max_context, ckpt.config.max_position)
     store = ExpertStore(ckpt.files, ckpt.expert_ranges, direct_io=direct_io)
     on_disk = embedding_on_disk(ckpt)  # Switch's tables are named otherwise and tied: None
-    memory = plan_for(ckpt, store, memory_budget, fixed, max_context, dtype, on_disk, n_sequences)
-    if variants is not None:
-        memory = replace(memory, expert_variants=tuple(variants))
-    policy = resolve_policy(policy, runner_cls)
-    # "predicted" is the native "score" policy, its scores set before each layer
-    cache = ExpertCache(store, expert_budget(memory, sum(store.slot_bytes(k) for k in store.keys())),
-                        "score" if policy == "predicted" else policy, io_threads or 2)
+    cache = None
     try:
+        memory = plan_for(ckpt, store, memory_budget, fixed, max_context, dtype, on_disk, n_sequences)
+        if variants is not None:
+            memory = replace(memory, expert_variants=tuple(variants))
+        policy = resolve_policy(policy, runner_cls)
+        # "predicted" is the native "score" policy, its scores set before each layer
+        cache = ExpertCache(store, expert_budget(memory, sum(store.slot_bytes(k) for k in store.keys())),
+                            "score" if policy == "predicted" else policy, io_threads or 2)
         dense = dense_weights(ckpt, runner_cls, dtype, on_disk)
         experts = ExpertAccess(cache, ckpt.expert_parts, None if runner_cls.mixed_precision else dtype,
                                ckpt.expert_layouts, ckpt.layer_variants)
@@ -290,8 +307,15 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
         # this default on default-64m under limits but 0.73-1.31x on random routing (README, Results).
         prediction = Prediction(predictor, prefetch, lookahead, predictor_file, policy, str(ckpt.source))
         runner = runner_cls(ckpt.config, dense, experts, max_context, dtype, prediction, n_sequences)
+        if peer_client is not None:
+            from moeedge.peers.remote import RemoteExperts
+
+            runner.remote = RemoteExperts(peer_client, experts, ckpt.config.hidden)
         tokenizer = open_tokenizer(ckpt)
     except BaseException:
-        cache.close()
+        if cache is not None:
+            cache.close()
+        if peer_client is not None:
+            peer_client.close()
         raise
     return MoeModel(ckpt, memory, cache, runner, tokenizer, policy)

@@ -86,6 +86,13 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="compute threads (default: every CPU this process may run on)")
     p.add_argument("--plan", default=None, help="a plan file from `moeedge plan -o`: each MoE layer's variant")
+    p.add_argument("--peer", action="append", default=None, metavar="MULTIADDR",
+                   help="a `moeedge serve-experts` peer's address, repeatable: it computes experts it holds "
+                        "where that is faster than reading them (needs moeedge[peers]; docs/peers.md)")
+    p.add_argument("--peer-deadline", type=float, default=1.0,
+                   help="seconds a peer's call may take before its experts are computed here (default 1)")
+    p.add_argument("--peer-identity", default=None, metavar="PATH",
+                   help="this client's key file (made if missing), so peers can --allow it (moeedge peer-id PATH)")
 
 
 def _budget(text: str) -> str | int:
@@ -101,7 +108,8 @@ def _load(args: argparse.Namespace):
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     return load(args.source, memory_budget=args.memory_budget, max_context=args.max_context,
                 policy=args.policy, prefetch=args.prefetch, predictor=args.predictor, lookahead=args.lookahead,
-                threads=args.threads, plan=args.plan)
+                threads=args.threads, plan=args.plan,
+                peers=args.peer, peer_deadline=args.peer_deadline, peer_identity=args.peer_identity)
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
@@ -257,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     from moeedge.ladder.cli import add_parsers as add_ladder_and_plan_parsers
     add_ladder_and_plan_parsers(sub)
+    from moeedge.peers.cli import add_peer_parsers
+    add_peer_parsers(sub)
 
     bench = sub.add_parser("bench", help="measure this machine")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

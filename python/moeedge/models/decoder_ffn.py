@@ -40,6 +40,19 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def expert_rows(experts: ExpertAccess, moe_layer: int, e: int, xs: torch.Tensor) -> torch.Tensor:
+    """Expert e's output for fp32 rows xs [N, H], unscaled, each row's bits independent of the
+    others (the batch-invariant kernels): what _moe_rows computes, and what a peer computes
+    for a remote call (moeedge.peers)."""
+    ffn = experts.ffn(moe_layer, e)
+    if ffn is not None:  # one native call (moeedge._core.ExpertFfn)
+        y = torch.empty_like(xs)
+        ffn(xs.numpy(), experts.buffer(moe_layer, e), y.numpy(), 1.0)
+        return y
+    ew = experts.get(moe_layer, e)
+    return linear(swiglu(linear(xs, ew["gate"]), linear(xs, ew["up"])), ew["down"])
+
+
 def widest_ffn(cfg: DecoderConfig) -> int:
     return max(cfg.expert_intermediate, cfg.dense_intermediate, cfg.shared_expert_intermediate)
 
@@ -59,6 +72,10 @@ class DecoderFFN:
     base: dict[int, tuple[torch.Tensor, ...]]
     rows: int
     moe_index: dict[int, int]
+    # Experts computed elsewhere (moeedge.peers.RemoteExperts): dispatch(moe_layer, {expert:
+    # rows}) -> {expert: call} for those it sends, call.result() -> the unscaled rows, or None
+    # where the call failed (then they are computed here, from the cache or the disk).
+    remote = None
 
     def _router_name(self, layer: int) -> str:
         return f"model.layers.{layer}.{'block_sparse_moe' if self.cfg.family == 'mixtral' else 'mlp'}.gate.weight"
@@ -123,11 +140,15 @@ class DecoderFFN:
         missing = [e for e in chosen if not self.experts.resident(moe_layer, e)]
         if self.prefetcher is not None:  # first: it scores what the reads below may evict
             self.prefetcher.on_route(moe_layer, x, top_i, decoding=x.shape[0] == 1)
-        self.experts.prefetch(moe_layer, missing, priority=1)
+        calls = {}  # sent first, so that they run while the resident experts are computed here
+        if (self.remote is not None and missing and x.dtype == torch.float32 and layer not in self.base
+                and (x.shape[0] == 1 or apart)):
+            calls = self.remote.dispatch(moe_layer, {e: x[(top_i == e).any(dim=-1)] for e in missing})
+        self.experts.prefetch(moe_layer, [e for e in missing if e not in calls], priority=1)
         if x.shape[0] == 1 and layer not in self.base:
-            out = self._moe_token(x, moe_layer, chosen, missing, top_w, top_i)
+            out = self._moe_token(x, moe_layer, chosen, missing, top_w, top_i, calls)
         elif apart and layer not in self.base:
-            out = self._moe_rows(x, moe_layer, chosen, missing, top_w, top_i)
+            out = self._moe_rows(x, moe_layer, chosen, missing, top_w, top_i, calls)
         else:
             out = self._moe_tokens(x, layer, moe_layer, chosen, missing, top_w, top_i)
         p = f"model.layers.{layer}.mlp."
@@ -138,30 +159,36 @@ class DecoderFFN:
         return out
 
     def _moe_token(self, x: torch.Tensor, moe_layer: int, chosen: list[int], missing: list[int],
-                   top_w: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+                   top_w: torch.Tensor, top_i: torch.Tensor, calls: dict | None = None) -> torch.Tensor:
         """_moe_tokens for one token (a decode step), in a third of the torch calls: the same
-        products and the same fp32 sum in expert order."""
+        products and the same fp32 sum in expert order. calls: experts computed remotely."""
+        calls = calls or {}
         gates = dict.fromkeys(chosen, 0.0)
         for e, g in zip(top_i[0].tolist(), top_w[0].tolist()):  # fp32 values; a pair's sum rounds as in fp32
             gates[e] += g
-        outputs = {}
-        for e in sorted(chosen, key=lambda e: e in missing):
-            ffn = self.experts.ffn(moe_layer, e) if x.dtype == torch.float32 == top_w.dtype else None
-            if ffn is not None:  # one native call (moeedge._core.ExpertFfn)
-                outputs[e] = torch.empty_like(x)
-                ffn(x.numpy(), self.experts.buffer(moe_layer, e), outputs[e].numpy(), gates[e])
-                continue
-            ew = self.experts.get(moe_layer, e)
-            y = linear(swiglu(linear(x, ew["gate"]), linear(x, ew["up"])), ew["down"])
-            outputs[e] = y.mul_(gates[e]) if y.dtype == top_w.dtype else (y * top_w.new_tensor(gates[e])).to(x.dtype)
-            del ew  # unpin before the next expert is read
+        outputs = {e: self._expert_token(x, moe_layer, e, gates[e], top_w)
+                   for e in sorted(chosen, key=lambda e: e in missing) if e not in calls}
+        for e, call in calls.items():
+            y = call.result()  # the kernel's scale is one fp32 multiply: y * gate has its bits
+            outputs[e] = self._expert_token(x, moe_layer, e, gates[e], top_w) if y is None else y.mul_(gates[e])
         out = outputs[chosen[0]]
         for e in chosen[1:]:
             out = out + outputs[e]
         return out
 
+    def _expert_token(self, x: torch.Tensor, moe_layer: int, e: int, gate: float,
+                      top_w: torch.Tensor) -> torch.Tensor:
+        ffn = self.experts.ffn(moe_layer, e) if x.dtype == torch.float32 == top_w.dtype else None
+        if ffn is not None:  # one native call (moeedge._core.ExpertFfn)
+            out = torch.empty_like(x)
+            ffn(x.numpy(), self.experts.buffer(moe_layer, e), out.numpy(), gate)
+            return out
+        ew = self.experts.get(moe_layer, e)
+        y = linear(swiglu(linear(x, ew["gate"]), linear(x, ew["up"])), ew["down"])
+        return y.mul_(gate) if y.dtype == top_w.dtype else (y * top_w.new_tensor(gate)).to(x.dtype)
+
     def _moe_rows(self, x: torch.Tensor, moe_layer: int, chosen: list[int], missing: list[int],
-                  top_w: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+                  top_w: torch.Tensor, top_i: torch.Tensor, calls: dict | None = None) -> torch.Tensor:
         """_moe_token for several rows at once, each row's bits those of _moe_token on it alone:
         an expert's rows in one call of the (batch-invariant) kernels, unscaled, then each row
         times its gate (the one fp32 multiply the kernel makes), summed over its experts in
@@ -172,15 +199,18 @@ class DecoderFFN:
             for e, g in zip(picks, weights):
                 row[e] = row.get(e, 0.0) + g  # as _moe_token sums them: in Python floats
             gates.append(row)
+        calls = calls or {}
         outputs = {}
-        for e in sorted(chosen, key=lambda e: e in missing):
+        # the resident experts first, then the missing ones read here, then the remote ones
+        for e in sorted((e for e in chosen if e not in calls), key=lambda e: e in missing) + list(calls):
             rows = [r for r, row in enumerate(gates) if e in row]
             xs = x[rows].contiguous()
             scale = torch.tensor([gates[r][e] for r in rows], dtype=torch.float64).to(top_w.dtype)[:, None]
-            ffn = self.experts.ffn(moe_layer, e) if x.dtype == torch.float32 == top_w.dtype else None
-            if ffn is not None:
-                y = torch.empty_like(xs)
-                ffn(xs.numpy(), self.experts.buffer(moe_layer, e), y.numpy(), 1.0)
+            y = calls[e].result() if e in calls else None  # None: not sent, or the call failed
+            if y is not None:
+                pass
+            elif x.dtype == torch.float32 == top_w.dtype:
+                y = expert_rows(self.experts, moe_layer, e, xs)
             else:
                 ew = self.experts.get(moe_layer, e)
                 y = linear(swiglu(linear(xs, ew["gate"]), linear(xs, ew["up"])), ew["down"])

@@ -109,7 +109,8 @@ def run_serve(args: argparse.Namespace) -> int:
         check_servable(model)
         engine = Engine(model, args.max_batch, args.max_queue)
         model_id = args.model_id or os.path.basename(os.path.normpath(str(model.checkpoint.source)))
-        served = Served(engine, model.tokenizer, model_id, model.runner.max_context, args.shutdown_timeout)
+        served = Served(engine, model.tokenizer, model_id, model.runner.max_context, args.shutdown_timeout,
+                        model.sampling_defaults)
         app = create_app(served, model, api_key=args.api_key, max_body_bytes=options["max_body"])
         if not _loopback(args.host) and args.api_key is None:
             print(f"moeedge serve: warning: listening on {args.host} without --api-key: anyone who can reach "

@@ -7,7 +7,7 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 from fastapi import Request
@@ -30,6 +30,7 @@ class Served:
     model_id: str
     max_context: int
     shutdown_grace: float = 10.0
+    sampling: dict = field(default_factory=dict)  # the model's defaults (MoeModel.sampling_defaults)
 
 
 class Channel:
@@ -73,7 +74,7 @@ async def generate(served: Served, req: Sampling, request: Request, kind: str):
     ids = await _encode(served, req, kind)
     default = DEFAULT_COMPLETION_TOKENS if kind == "text" else None
     limit = max_tokens(req, len(ids), served.max_context, default)
-    params = sampling_params(req)
+    params = sampling_params(req, served.sampling)
     channel = Channel()
     job = Job(ids, params, limit, req.stop or [], channel.emit, req.ignore_eos)
     served.engine.submit(job)   # QueueFull, ShuttingDown: the app's handlers answer them

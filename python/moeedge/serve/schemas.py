@@ -131,11 +131,12 @@ def completion_prompt(req: CompletionRequest) -> str | list[int]:
     return p[0]
 
 
-def sampling_params(req: Sampling) -> SamplingParams:
-    """The request's sampling, its absent fields SamplingParams' defaults; bad values 400."""
+def sampling_params(req: Sampling, defaults: dict | None = None) -> SamplingParams:
+    """The request's sampling, its absent fields the model's defaults (else SamplingParams');
+    bad values 400."""
     given = {f.name: getattr(req, f.name) for f in fields(SamplingParams) if getattr(req, f.name) is not None}
     try:
-        return SamplingParams(**given)
+        return SamplingParams(**{**(defaults or {}), **given})
     except ValueError as e:
         raise RequestError(str(e), str(e).split()[0]) from None
 

@@ -1,0 +1,195 @@
+"""Calls to peers, each with moeedge's own deadline (hivemind's remote-expert forward has none).
+
+One p2pd of our own (started as a program, not forked, so it is safe beside moeedge's
+threads) and one event-loop thread. A peer is judged by its calls: one that misses a
+deadline or fails is not called again until a probe (rpc_info, itself under the deadline)
+answers, tried every retry_s in the background; then it is used again. Everything a peer
+sends back is checked (shape, dtype) before use."""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+from concurrent.futures import Future
+
+import torch
+
+from moeedge.peers import require_hivemind
+from moeedge.peers.cost import LinkCost
+from moeedge.peers.names import INFO_UID, layer_uid
+
+PROBE_PAD_BYTES = 32 << 10  # the padded probe whose extra time gives the link's bandwidth
+# The padded probe may take this long (a slow link is slow, not dead: 32 KiB at 0.1 Mbit/s
+# take 2.6 s); past it the link's bandwidth is taken as at most what that bound implies.
+PROBE_PAD_TIMEOUT_S = 10.0
+# Until calls are measured: a peer's service time is guessed as this much.
+PRIOR_SERVICE_S = 0.002
+EWMA = 0.2  # weight of each new measurement
+
+
+class PeerLink:
+    """One peer: where it is, what it holds, what its calls cost, whether it answers."""
+
+    def __init__(self, address: str, peer_id):
+        self.address, self.peer_id = address, peer_id
+        self.name = peer_id.to_base58()
+        self.held: dict[int, frozenset[int]] = {}
+        self.max_rows = 1
+        self.cost = LinkCost(rtt_s=1.0, bandwidth_bps=1e6, service_s=PRIOR_SERVICE_S)
+        self.alive = False
+        self.next_probe = 0.0
+        self.last_error = ""
+        self.stats = {"calls": 0, "rows": 0, "failures": 0, "deadline_misses": 0, "revivals": 0}
+
+    def holds(self, layer: int, expert: int) -> bool:
+        return expert in self.held.get(layer, ())
+
+
+class PeerClient:
+    def __init__(self, addresses: list[str], model: str, hidden: int, deadline_s: float = 1.0,
+                 retry_s: float = 2.0, identity=None):
+        require_hivemind()
+        from hivemind.p2p import P2P, PeerID
+        from hivemind.utils.multiaddr import Multiaddr
+
+        if deadline_s <= 0 or retry_s <= 0:
+            raise ValueError(f"peer deadline and retry must be positive, got {deadline_s} and {retry_s}")
+        self.model, self.hidden, self.deadline_s, self.retry_s = model, hidden, deadline_s, retry_s
+        self.links: list[PeerLink] = []
+        for address in addresses:
+            try:
+                peer_id = PeerID.from_base58(Multiaddr(address).value_for_protocol("p2p"))
+            except Exception:  # noqa: BLE001 (any malformed address)
+                raise ValueError(f"peer address {address!r} is not a multiaddr ending in /p2p/PEER_ID "
+                                 "(serve-experts prints it)") from None
+            self.links.append(PeerLink(address, peer_id))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="moeedge-peers", daemon=True)
+        self.thread.start()
+        identity = None if identity is None else str(identity)
+        self.p2p = self._run(P2P.create(initial_peers=addresses, identity_path=identity), timeout=30)
+        from moeedge.peers.handler import GuardedHandler
+
+        self.stubs = {link.name: GuardedHandler.get_stub(self.p2p, link.peer_id) for link in self.links}
+        self._closed = False
+        try:
+            for link in self.links:
+                self._run(self._probe(link), timeout=None)
+        except BaseException:
+            self.close()
+            raise
+        self.prober = threading.Thread(target=self._probe_loop, name="moeedge-peers-probe", daemon=True)
+        self.prober.start()
+
+    def _run(self, coro, timeout: float | None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _info(self, link: PeerLink, pad: int = 0, timeout: float | None = None) -> dict:
+        from hivemind.proto import runtime_pb2
+        from hivemind.utils import MSGPackSerializer
+
+        request = runtime_pb2.ExpertUID(uid=INFO_UID + "." * pad)
+        reply = await asyncio.wait_for(self.stubs[link.name].rpc_info(request), timeout or self.deadline_s)
+        return MSGPackSerializer.loads(reply.serialized_info)
+
+    async def _probe(self, link: PeerLink) -> bool:
+        """Ask what it holds and time the link: round trips, and a padded one for bandwidth."""
+        try:
+            info = await self._info(link)
+            await self._info(link)  # the first calls on a new connection are slower: not timed
+            if not isinstance(info, dict) or info.get("model") != self.model:
+                link.alive, link.next_probe = False, float("inf")
+                raise ValueError(f"peer {link.address} serves {info.get('model') if isinstance(info, dict) else '?'}, "
+                                 f"not this model ({self.model})")
+            if info.get("hidden") != self.hidden:
+                raise ValueError(f"peer {link.address} reports hidden size {info.get('hidden')}, not {self.hidden}")
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                await self._info(link)
+                times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            try:
+                await self._info(link, PROBE_PAD_BYTES, max(self.deadline_s, PROBE_PAD_TIMEOUT_S))
+            except asyncio.TimeoutError:
+                pass
+            padded = time.perf_counter() - start
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 (unreachable, refused, too slow: tried again later)
+            link.last_error = f"{type(e).__name__}: {e}"[:300]
+            link.alive, link.next_probe = False, time.monotonic() + self.retry_s
+            return False
+        rtt = statistics.median(times)
+        link.held = {int(k): frozenset(int(e) for e in v) for k, v in info.get("held", {}).items()}
+        link.max_rows = max(1, int(info.get("max_rows", 1)))
+        link.cost.rtt_s = rtt
+        link.cost.bandwidth_bps = PROBE_PAD_BYTES / max(padded - rtt, 1e-6)
+        link.cost.queued = 0
+        if not link.alive and link.stats["calls"]:
+            link.stats["revivals"] += 1
+        link.alive = True
+        return True
+
+    def _probe_loop(self) -> None:
+        while not self._closed:
+            now = time.monotonic()
+            for link in self.links:
+                if not link.alive and link.next_probe <= now:
+                    try:
+                        self._run(self._probe(link), timeout=None)
+                    except ValueError:
+                        link.next_probe = float("inf")
+            time.sleep(min(0.2, self.retry_s))
+
+    def call(self, link: PeerLink, layer: int, rows: torch.Tensor, experts: list[int]) -> Future:
+        """A Future of expert[i] applied to rows[i] (unscaled [n, H]) by link's peer; its
+        result is None where the call failed or missed the deadline (then the peer is down)."""
+        link.cost.queued += 1
+        return asyncio.run_coroutine_threadsafe(self._call(link, layer, rows, experts), self.loop)
+
+    async def _call(self, link: PeerLink, layer: int, rows: torch.Tensor, experts: list[int]) -> torch.Tensor | None:
+        from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+        from hivemind.proto import runtime_pb2
+
+        start = time.perf_counter()
+        try:
+            request = runtime_pb2.ExpertRequest(uid=layer_uid(self.model, layer), tensors=[
+                serialize_torch_tensor(rows), serialize_torch_tensor(torch.tensor(experts, dtype=torch.int64))])
+            reply = await asyncio.wait_for(self.stubs[link.name].rpc_forward(request), self.deadline_s)
+            if len(reply.tensors) != 1:
+                raise ValueError("a reply has one tensor")
+            out = deserialize_torch_tensor(reply.tensors[0])
+            if out.dtype != torch.float32 or tuple(out.shape) != tuple(rows.shape):
+                raise ValueError(f"a reply of {out.dtype} {list(out.shape)} for rows {list(rows.shape)}")
+        except asyncio.TimeoutError:
+            link.stats["deadline_misses"] += 1
+            return self._failed(link)
+        except Exception as e:  # noqa: BLE001 (the peer failed, refused, or sent something wrong)
+            link.stats["failures"] += 1
+            link.last_error = f"{type(e).__name__}: {e}"[:300]
+            return self._failed(link)
+        finally:
+            link.cost.queued = max(0, link.cost.queued - 1)
+        took = time.perf_counter() - start
+        sent = rows.numel() * 4 * 2 + len(experts) * 8
+        service = max(0.0, took - link.cost.rtt_s - sent / link.cost.bandwidth_bps)
+        link.cost.service_s += EWMA * (service - link.cost.service_s)
+        link.stats["calls"] += 1
+        link.stats["rows"] += len(experts)
+        return out
+
+    def _failed(self, link: PeerLink) -> None:
+        link.alive, link.next_probe = False, time.monotonic() + self.retry_s
+        return None
+
+    def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        try:
+            self._run(self.p2p.shutdown(), timeout=10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)

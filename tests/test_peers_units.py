@@ -1,0 +1,73 @@
+"""The peer tier's parts that need no network: which experts a peer holds, the cost model,
+and what the base install (without hivemind) says."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moeedge.peers.cost import LinkCost, choose, disk_bandwidth, peer_seconds
+from moeedge.peers.holdings import choose_auto, parse_experts, usage
+
+
+def test_named_experts_are_parsed_and_merged():
+    assert parse_experts(["0:3,1", "2:0", "0:2"], 3, 4) == {0: [1, 2, 3], 2: [0]}
+
+
+@pytest.mark.parametrize("spec, match", [
+    (["0"], "LAYER:E"), (["x:1"], "integers"), (["0:"], "LAYER:E"), (["3:0"], "MoE layer 3 out of range"),
+    (["0:4"], "expert 4 out of range"), (["0:-1"], "expert -1 out of range"), (["0:1,a"], "integers")])
+def test_bad_expert_specs_are_refused(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_experts(spec, 3, 4)
+
+
+def test_auto_takes_the_most_used_that_fit_and_skips_those_held_elsewhere():
+    counts = np.array([[5, 1, 9, 0], [7, 7, 2, 3]], dtype=float)
+    held = choose_auto(counts, taken={(0, 2)}, slot_bytes=lambda layer, e: 10, budget_bytes=35)
+    assert held == {0: [0], 1: [0, 1]}  # (0,2) is taken; then 7, 7 (layer 1), 5 (layer 0)
+
+
+def test_auto_fills_with_smaller_experts_past_one_that_does_not_fit():
+    counts = np.array([[3, 2, 1]], dtype=float)
+    held = choose_auto(counts, set(), slot_bytes=lambda layer, e: 20 if e == 1 else 10, budget_bytes=25)
+    assert held == {0: [0, 2]}
+    assert choose_auto(counts, set(), lambda layer, e: 10, 100, skip_most_used=1) == {0: [1, 2]}
+
+
+def test_usage_counts_a_trace_and_refuses_one_of_another_model(tmp_path):
+    picks = np.array([[[0, 1], [2, 2]], [[0, 3], [1, 2]]], dtype=np.int32)  # [tokens, layers, k]
+    np.savez(tmp_path / "t.npz", experts=picks)
+    assert usage(str(tmp_path / "t.npz"), 2, 4).tolist() == [[2, 1, 0, 1], [0, 1, 3, 0]]
+    with pytest.raises(ValueError, match="does not fit this model"):
+        usage(str(tmp_path / "t.npz"), 3, 4)
+    np.savez(tmp_path / "x.npz", other=picks)
+    with pytest.raises(ValueError, match="not a routing trace"):
+        usage(str(tmp_path / "x.npz"), 2, 4)
+
+
+def test_cost_model_picks_cache_then_the_cheaper_of_disk_and_peers():
+    fast = LinkCost(rtt_s=0.001, bandwidth_bps=12.5e6, service_s=0.002)
+    slow = LinkCost(rtt_s=0.05, bandwidth_bps=1e6, service_s=0.002)
+    mib64 = 64 << 20
+    assert choose(True, mib64, 1e9, {"a": fast}, 1, 1024) == "cache"
+    assert choose(False, mib64, 1e9, {"a": fast, "b": slow}, 1, 1024) == "a"  # 4 ms against 67 ms
+    assert choose(False, 1 << 20, 1e9, {"a": fast}, 1, 1024) == "disk"  # 1 ms of disk beats a call
+    busy = LinkCost(rtt_s=0.001, bandwidth_bps=12.5e6, service_s=0.002, queued=50)
+    assert peer_seconds(busy, 1, 1024) > peer_seconds(fast, 1, 1024)
+    assert disk_bandwidth({"bytes_read": 100, "read_seconds": 0.5}) == 200
+    assert disk_bandwidth({}) > 0  # the prior, before any read
+
+
+@pytest.mark.parametrize("argv", [["serve-experts"], ["run", "--prompt", "hi", "--peer", "/ip4/127.0.0.1/tcp/1"],
+                                  ["peer-id", "/tmp/never-made-moeedge.key"]])
+def test_without_hivemind_peer_commands_say_how_to_install_and_exit_2(argv):
+    # hivemind made unimportable, as in the base install
+    code = ("import sys; sys.modules['hivemind'] = None; from moeedge.cli import main; "
+            f"sys.exit(main({argv!r}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert 'pip install "moeedge[peers]"' in run.stderr
+    assert "Traceback" not in run.stderr
