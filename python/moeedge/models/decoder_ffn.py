@@ -59,6 +59,7 @@ class DecoderFFN:
     base: dict[int, tuple[torch.Tensor, ...]]
     rows: int
     moe_index: dict[int, int]
+    held: list | None
 
     def _router_name(self, layer: int) -> str:
         return f"model.layers.{layer}.{'block_sparse_moe' if self.cfg.family == 'mixtral' else 'mlp'}.gate.weight"
@@ -113,7 +114,9 @@ class DecoderFFN:
         each gets the arithmetic it would get alone."""
         moe_layer = self.moe_index[layer]
         top_w, top_i = self.route(x, layer, logits)
-        if self.recorder is not None:
+        if self.held is not None:  # an exact step: shown once its kept tokens are known
+            self.held.append((moe_layer, x, top_i, top_w))
+        elif self.recorder is not None:
             self.recorder(moe_layer, top_i, top_w, x)
         # (torch.unique sorts: about 70 µs a call here, for two numbers)
         chosen = sorted(set(top_i[0].tolist())) if x.shape[0] == 1 else torch.unique(top_i).tolist()
@@ -121,7 +124,7 @@ class DecoderFFN:
         # output is summed in expert order afterwards, so the result does not
         # depend on what happened to be cached.
         missing = [e for e in chosen if not self.experts.resident(moe_layer, e)]
-        if self.prefetcher is not None:  # first: it scores what the reads below may evict
+        if self.prefetcher is not None and self.held is None:  # first: it scores what the reads below may evict
             self.prefetcher.on_route(moe_layer, x, top_i, decoding=x.shape[0] == 1)
         self.experts.prefetch(moe_layer, missing, priority=1)
         if x.shape[0] == 1 and layer not in self.base:
@@ -136,6 +139,20 @@ class DecoderFFN:
                                self.w[p + "shared_expert.up_proj.weight"], self.w[p + "shared_expert.down_proj.weight"])
             out = out + torch.sigmoid(linear(x, self.w[p + "shared_expert_gate.weight"])) * shared
         return out
+
+    def commit_routes(self, n: int) -> None:
+        """The first n tokens of the last exact step are kept: their routing goes to the
+        recorder and the predictor as n one-token steps would have sent it (token by token,
+        layer by layer), without reading guesses that are stale by now; the rest is dropped."""
+        held, self.held = self.held or [], None
+        p = self.prefetcher
+        for r in range(n):
+            for moe_layer, x, top_i, top_w in held:
+                if self.recorder is not None:
+                    self.recorder(moe_layer, top_i[r:r + 1], top_w[r:r + 1], x[r:r + 1])
+                if p is not None:
+                    with p.replaying():
+                        p.on_route(moe_layer, x[r:r + 1], top_i[r:r + 1], decoding=True)
 
     def _moe_token(self, x: torch.Tensor, moe_layer: int, chosen: list[int], missing: list[int],
                    top_w: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
