@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from moeedge._core import ExpertCache, ExpertStore, set_kernel_threads
+from moeedge.draft import draft_bytes, load_draft, open_draft
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.open import open_checkpoint
 from moeedge.models.family import dense_weights, open_tokenizer, plan_for, resolve_policy, runner_class
@@ -19,6 +20,7 @@ from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.measure import rss_bytes
 from moeedge.runtime.plan import MemoryPlan, expert_budget, prefill_borrow
 from moeedge.runtime.sampling import Sampler, SamplingParams
+from moeedge.speculative import Speculator
 from moeedge.text import TextGeneration
 from moeedge.tokenizer import Tokenizer
 
@@ -45,6 +47,8 @@ class MoeModel(TextGeneration):
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._closed = False
+        self.speculator = None  # moeedge.speculative.Speculator, where load() has a draft
+        self.draft_note: str | None = None  # the draft's path, or why there is none
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     @contextlib.contextmanager
@@ -97,6 +101,9 @@ class MoeModel(TextGeneration):
         with self._turn() as seq:
             history = list(ids)
             logits = self._prompt(seq, history)
+            if self.speculator is not None:
+                yield from self.speculator.stream(self, seq, history, logits, sampler, max_new_tokens, eos)
+                return
             for step in range(max_new_tokens):
                 token = sampler.choose(logits, history)
                 if token in eos:
@@ -150,6 +157,8 @@ class MoeModel(TextGeneration):
             "policy": self.policy,
             "prefetch": self.runner.prefetching,
             **({"prediction": prediction} if prediction is not None else {}),
+            **({"speculative": self.speculator.stats() if self.speculator else {"draft": self.draft_note}}
+               if self.draft_note is not None else {}),
             "resident": {"dense_bytes": self.plan.dense_bytes, "kv_cache_bytes": self.plan.kv_cache_bytes,
                          "expert_cache_bytes": cache["resident_bytes"], "process_bytes": rss_bytes()},
             "plan": self.plan.as_dict(),
@@ -162,6 +171,8 @@ class MoeModel(TextGeneration):
                 return
             self._closed = True
         self.cache.close()
+        if self.speculator is not None:
+            self.speculator.close()
         self.runner.close()
 
     def __enter__(self) -> "MoeModel":
@@ -191,7 +202,7 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
          prefetch: bool | None = None, predictor: str | None = "auto", lookahead: int = 1,
          predictor_file: str | os.PathLike | None = None, policy: str = "auto", io_threads: int | None = None,
          max_context: int = 2048, direct_io: bool = True, dtype: torch.dtype | None = None,
-         threads: int | None = None, n_sequences: int = 1) -> MoeModel:
+         threads: int | None = None, n_sequences: int = 1, draft: str | os.PathLike | None = None) -> MoeModel:
     """Open a checkpoint and plan it into memory_budget (the whole process's memory).
 
     predictor: what guesses the experts of the next layers (moeedge.predict): "stale-gate",
@@ -205,7 +216,9 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     the compute threads, moeedge's kernels and torch's (process-wide, as
     torch.set_num_threads; default: every CPU this process may run on). n_sequences: KV
     slots planned into the budget, for sequences decoded together (model.runner.new_sequence();
-    model.sequence holds the first)."""
+    model.sequence holds the first). draft: speculative decoding's draft model (moeedge.draft):
+    "auto" (a one-expert-per-layer variant beside the checkpoint or in moeedge's cache, if any),
+    a variant's directory, or None (off); planned into the budget."""
     fixed = rss_bytes()  # measured before anything of the model is read
     _check_settings(device, max_context, lookahead, io_threads, threads, n_sequences)
     if threads is not None:
@@ -217,7 +230,9 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     max_context = min(max_context, ckpt.config.max_position)
     store = ExpertStore(ckpt.files, ckpt.expert_ranges, direct_io=direct_io)
     on_disk = embedding_on_disk(ckpt)  # Switch's tables are named otherwise and tied: None
-    plan = plan_for(ckpt, store, memory_budget, fixed, max_context, dtype, on_disk, n_sequences)
+    draft_ckpt, draft_note = open_draft(ckpt, draft)
+    extra = draft_bytes(ckpt, draft_ckpt, max_context, dtype) if draft_ckpt is not None else 0
+    plan = plan_for(ckpt, store, memory_budget, fixed, max_context, dtype, on_disk, n_sequences, extra)
     policy = resolve_policy(policy, runner_cls)
     # "predicted" is the native "score" policy, its scores set before each layer
     cache = ExpertCache(store, expert_budget(plan, sum(store.slot_bytes(k) for k in store.keys())),
@@ -232,7 +247,11 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
         prediction = Prediction(predictor, prefetch, lookahead, predictor_file, policy, str(ckpt.source))
         runner = runner_cls(ckpt.config, dense, experts, max_context, dtype, prediction, n_sequences)
         tokenizer = open_tokenizer(ckpt)
+        model = MoeModel(ckpt, plan, cache, runner, tokenizer, policy)
+        model.draft_note = None if draft is None else draft_note
+        if draft_ckpt is not None:
+            model.speculator = Speculator(load_draft(ckpt, draft_ckpt, dense, max_context, dtype))
     except BaseException:
         cache.close()
         raise
-    return MoeModel(ckpt, plan, cache, runner, tokenizer, policy)
+    return model
