@@ -13,6 +13,7 @@ import torch
 import moeedge
 from moeedge.aggregate.pipeline import aggregate
 from moeedge.cli import main
+from moeedge.kernels import NATIVE_MAX_TOKENS
 from tiny_checkpoints import DECODERS, make_decoder, write_tokenizer
 
 PROMPT = torch.randint(3, 160, (12,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -56,8 +57,10 @@ def test_an_exact_step_has_the_bits_of_one_token_steps(tmp_path, family, dtype):
         assert seq.ids == PROMPT + tokens
 
 
-def generate(src: Path, draft, budget, n: int = 24, **kw) -> tuple[list[int], dict]:
-    with moeedge.load(src, memory_budget="1GiB", max_context=96, draft=draft, **kw) as model:
+def generate(src: Path, draft, budget, n: int = 24, k: int | None = None) -> tuple[list[int], dict]:
+    with moeedge.load(src, memory_budget="1GiB", max_context=96, draft=draft) as model:
+        if k is not None:
+            model.speculator.chooser.fixed = k
         if budget is not None:
             model.cache.set_budget(budget * one_expert_bytes(model))
         out = list(model.stream_ids(PROMPT, n, temperature=0.0))
@@ -65,11 +68,12 @@ def generate(src: Path, draft, budget, n: int = 24, **kw) -> tuple[list[int], di
         return out, model.stats()
 
 
+@pytest.mark.parametrize("k", [None, 3])  # adaptive, and a round every step
 @pytest.mark.parametrize("budget", [None, 8, 2])  # experts cached: all, some, one layer's top-k
-def test_greedy_output_is_plain_greedy_decoding(family_pair, budget):
+def test_greedy_output_is_plain_greedy_decoding(family_pair, budget, k):
     src, draft = family_pair
     plain, plain_stats = generate(src, None, budget)
-    spec, stats = generate(src, draft, budget)
+    spec, stats = generate(src, draft, budget, k=k)
     assert spec == plain
     s = stats["speculative"]
     assert s["draft"] == str(draft) and s["rounds"] > 0 and 0 <= s["acceptance_rate"] <= 1
@@ -82,10 +86,10 @@ def test_a_draft_equal_to_the_model_is_always_accepted(tmp_path):
     src = source(tmp_path / "model", "mixtral")
     aggregate(src, "prune", tmp_path / "same", experts_per_layer=6, **QUICK)  # every expert kept
     plain, _ = generate(src, None, None, n=30)
-    spec, stats = generate(src, tmp_path / "same", None, n=30)
+    spec, stats = generate(src, tmp_path / "same", None, n=30, k=4)
     assert spec == plain
     s = stats["speculative"]
-    assert s["acceptance_rate"] == 1.0 and s["tokens_per_verify_pass"] > 1.5
+    assert s["acceptance_rate"] == 1.0 and s["tokens_per_verify_pass"] > 4
 
 
 def test_the_recorder_sees_only_kept_tokens(family_pair):
@@ -110,7 +114,9 @@ def test_the_plan_counts_the_draft(family_pair):
         d = model.speculator.draft
         experts = sum(d.cache.store.slot_bytes(k) for k in d.cache.store.keys())
         kv = d.runner.k_cache.nbytes + d.runner.v_cache.nbytes
-        assert p.draft_bytes == experts + kv
+        steps = (type(d.runner).activation_bytes(d.runner.cfg, 96, NATIVE_MAX_TOKENS)
+                 - type(d.runner).activation_bytes(d.runner.cfg, 96, 1))
+        assert p.draft_bytes == experts + kv + steps
         assert p.expert_cache_bytes == base.expert_cache_bytes - p.draft_bytes
         # the same dense tensors, not copies
         assert all(d.runner.w[n] is model.runner.w[n] for n in d.runner.w)
@@ -152,3 +158,19 @@ def test_cli_draft(family_pair, capsys):
     assert json.loads(capsys.readouterr().out)["stats"]["speculative"]["draft"] == str(draft)
     assert main(["run", str(src), "--draft", str(src.parent / "nothing"), "--prompt", "hi"]) == 2
     assert "not an aggregated variant" in capsys.readouterr().err
+
+
+def test_while_off_the_draft_lends_its_expert_bytes(family_pair):
+    src, draft = family_pair
+    with moeedge.load(src, memory_budget="1GiB", max_context=64, draft=draft) as model:
+        model.cache.set_budget(2 * one_expert_bytes(model))
+        d, before = model.speculator.draft, model.cache.budget_bytes
+        all_bytes = sum(model.cache.store.slot_bytes(k) for k in model.cache.store.keys())
+        for key in d.cache.store.keys():
+            d.cache.get(key)  # read, no longer pending
+        lent = d.lend(model.cache, all_bytes)
+        assert lent == d.expert_bytes and model.cache.budget_bytes == before + lent
+        assert d.cache.stats()["resident_bytes"] == 0
+        d.take_back(model.cache, lent)
+        assert model.cache.budget_bytes == before and d.cache.budget_bytes == d.expert_bytes
+        assert d.lend(model.cache, before) == 0  # the full model's cache holds every expert already

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from moeedge._core import ExpertCache, ExpertStore
+from moeedge._core import BudgetError, ExpertCache, ExpertStore
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.hf_config import DecoderConfig
 from moeedge.formats.open import open_checkpoint
 from moeedge.formats.variant_map import VARIANT_FILE
+from moeedge.kernels import NATIVE_MAX_TOKENS, linear
 from moeedge.models.decoder import DecoderMoE
 from moeedge.models.runner import Prediction
 from moeedge.runtime.experts import ExpertAccess
+from moeedge.runtime.plan import BORROW_WAIT_SECONDS
 
 # The checkpoint's own config fields a draft must share (the dense weights' shapes follow).
 SHARED_FIELDS = ("family", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab", "moe_layers",
@@ -119,12 +122,16 @@ def own_dense_names(target: Checkpoint, draft: Checkpoint) -> list[str]:
 
 
 def draft_bytes(target: Checkpoint, draft: Checkpoint, max_context: int, dtype: torch.dtype) -> int:
-    """What the draft adds to the memory plan: its experts (all resident), its own dense
-    tensors, and one sequence's KV cache."""
+    """What speculative decoding adds to the memory plan: the draft's experts (all resident),
+    its own dense tensors and one sequence's KV cache, and the activations of steps of up to
+    NATIVE_MAX_TOKENS tokens (verify passes, the draft's catch-up) beyond a decode step's."""
     store = ExpertStore(draft.files, draft.expert_ranges, direct_io=False)
     experts = sum(store.slot_bytes(k) for k in store.keys())
     own = sum(draft.read_dense(n).nbytes for n in own_dense_names(target, draft))
-    return experts + own + DecoderMoE.kv_bytes(draft.config, max_context, dtype)
+    cfg = target.config
+    steps = (DecoderMoE.activation_bytes(cfg, max_context, NATIVE_MAX_TOKENS)
+             - DecoderMoE.activation_bytes(cfg, max_context, 1))
+    return experts + own + DecoderMoE.kv_bytes(draft.config, max_context, dtype) + steps
 
 
 @dataclass
@@ -134,6 +141,35 @@ class Draft:
     path: str
     runner: DecoderMoE
     cache: ExpertCache
+    expert_bytes: int
+
+    def lend(self, cache: ExpertCache, all_bytes: int) -> int:
+        """While drafting is off, the full model's cache (holding less than its all_bytes of
+        experts) gets the bytes of the draft's experts, which are let go: the bytes lent, 0
+        where it would not help or the draft's experts are busy."""
+        if cache.budget_bytes >= all_bytes:
+            return 0
+        try:
+            self.cache.set_budget(1)
+        except BudgetError:  # still being read
+            return 0
+        cache.set_budget(cache.budget_bytes + self.expert_bytes)
+        return self.expert_bytes
+
+    def take_back(self, cache: ExpertCache, lent: int) -> None:
+        """The bytes lent come back and the draft's experts are read again."""
+        cache.cancel_prefetches()
+        deadline = time.monotonic() + BORROW_WAIT_SECONDS
+        while True:
+            try:
+                cache.set_budget(cache.budget_bytes - lent)
+                break
+            except BudgetError:  # guesses being read hold the room: wait for their chunk
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.001)
+        self.cache.set_budget(self.expert_bytes)
+        self.cache.prefetch(list(self.cache.store.keys()), -1)
 
     def close(self) -> None:
         self.cache.close()
@@ -143,7 +179,8 @@ def load_draft(target: Checkpoint, draft: Checkpoint, target_dense: dict, max_co
                io_threads: int = 1) -> Draft:
     store = ExpertStore(draft.files, draft.expert_ranges, direct_io=False)
     keys = store.keys()
-    cache = ExpertCache(store, sum(store.slot_bytes(k) for k in keys), "lru", io_threads)
+    total = sum(store.slot_bytes(k) for k in keys)
+    cache = ExpertCache(store, total, "lru", io_threads)
     try:
         dense = {n: target_dense[n] for n in draft.dense_names if n in target_dense}
         if "lm_head.weight" in target_dense:
@@ -155,4 +192,23 @@ def load_draft(target: Checkpoint, draft: Checkpoint, target_dense: dict, max_co
     except BaseException:
         cache.close()
         raise
-    return Draft(str(draft.source), runner, cache)
+    return Draft(str(draft.source), runner, cache, total)
+
+
+class DraftPicks:
+    """The draft's router picks, as guesses of the full model's for the same tokens: a recorder
+    for the draft's runner that keeps, per MoE layer, the top-k router outputs of the last
+    token it ran (the router's own E outputs: a merged draft stores one expert for all)."""
+
+    def __init__(self, runner: DecoderMoE):
+        self.runner = runner
+        self.last: dict[int, set[int]] = {}
+
+    def __call__(self, moe_layer: int, experts: torch.Tensor, gates: torch.Tensor, hidden: torch.Tensor) -> None:
+        logits = linear(hidden[-1:], self.runner.router_weight(moe_layer))  # [1, E]
+        self.last[moe_layer] = set(torch.topk(logits[0], self.runner.cfg.top_k).indices.tolist())
+
+    def take(self) -> dict[int, set[int]]:
+        """The picks of the token run last, per MoE layer."""
+        last, self.last = self.last, {}
+        return last

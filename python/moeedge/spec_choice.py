@@ -40,6 +40,7 @@ class KChooser:
         self.plain_cost: float | None = None
         self.plain_since = 0              # plain steps since the last drafted round
         self.probe = PROBE
+        self.fixed: int | None = None     # a k to use whatever is measured (benchmarks, tests)
 
     @property
     def acceptance(self) -> float | None:
@@ -107,6 +108,8 @@ class KChooser:
             self.k = 0
 
     def choose(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
         if self.k == 0 and self.plain_cost is not None and self.plain_since >= self.probe:
             return self.best()  # a probe: its round re-measures acceptance and costs
         return self.k

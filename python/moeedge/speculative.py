@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
-from moeedge.draft import Draft
+from moeedge.draft import Draft, DraftPicks
 from moeedge.kernels import NATIVE_MAX_TOKENS
 from moeedge.models.runner import common_prefix
 from moeedge.runtime.plan import prefill_borrow
@@ -63,6 +63,8 @@ class Speculator:
                        "draft_seconds": 0.0, "verify_seconds": 0.0, "plain_seconds": 0.0, "catch_up_seconds": 0.0,
                        "bytes_read": 0}
         self.recall = {"hit": 0, "needed": 0}  # the draft's router picks vs the full model's
+        self.picks = DraftPicks(draft.runner)
+        self.lent = 0  # the draft's expert bytes lent to the full model's cache while drafting is off
 
     # -- the draft's side --------------------------------------------------------------
     def _catch_up(self, history: list[int], chunk: int) -> torch.Tensor:
@@ -83,19 +85,24 @@ class Speculator:
         if behind > 2:  # more than a round leaves (the last token, and the last draft if all were kept)
             self._catch_up(history[:-1], min(chunk, NATIVE_MAX_TOKENS))
             self.counts["catch_up_seconds"] += time.perf_counter() - start
-        logits = self._catch_up(history, chunk)  # the first draft step
-        drafted, dists = [], []
-        for i in range(k):
-            q = distribution(logits, sampler.params, history + drafted)
-            drafted.append(sampler.draw(q))
-            dists.append(q)
-            if i + 1 < k:
-                logits = runner.step([(self.seq, torch.tensor(drafted[-1:]))])[0][-1]
-        return drafted, dists
+        runner.recorder = self.picks
+        try:
+            logits = self._catch_up(history, chunk)  # the first draft step
+            drafted, dists, picks = [], [], [self.picks.take()]
+            for i in range(k):
+                q = distribution(logits, sampler.params, history + drafted)
+                drafted.append(sampler.draw(q))
+                dists.append(q)
+                if i + 1 < k:
+                    logits = runner.step([(self.seq, torch.tensor(drafted[-1:]))])[0][-1]
+                    picks.append(self.picks.take())
+        finally:
+            runner.recorder = None
+        return drafted, dists, picks
 
     # -- one round ---------------------------------------------------------------------
     def _verify(self, model, seq, history: list[int], drafted: list[int], dists: list[torch.Tensor],
-                sampler: Sampler) -> list[int]:
+                picks: list[dict[int, set[int]]], sampler: Sampler) -> list[int]:
         """The full model's pass over [last, drafted...]: the tokens it keeps, then its own one."""
         runner = model.runner
         before = len(seq.ids)
@@ -104,16 +111,26 @@ class Speculator:
         out = accept(lambda i: distribution(logits[i], sampler.params, history + drafted[:i]), dists, drafted,
                      sampler)
         kept = len(out) - 1  # drafted tokens kept; out[-1] is the full model's own
+        self._score_picks(runner.held or [], picks[:1 + kept])
         runner.truncate(seq, before + 1 + kept)
         runner.commit_routes(1 + kept)
         return out
+
+    def _score_picks(self, held: list, picks: list[dict[int, set[int]]]) -> None:
+        """Recall of the draft's picks for the kept tokens (held: the verify pass's routing)."""
+        for moe_layer, _, top_i, _ in held:
+            for row, guessed in enumerate(picks):
+                picked = set(top_i[row].tolist())
+                self.recall["hit"] += len(picked & guessed.get(moe_layer, set()))
+                self.recall["needed"] += len(picked)
 
     def stream(self, model, seq, history: list[int], logits: torch.Tensor, sampler: Sampler, max_new_tokens: int,
                eos: set[int]) -> Iterator[int]:
         """MoeModel.stream_ids' decode loop, speculative (history: the prompt, logits: after it)."""
         chunk = model.plan.prefill_chunk
-        with prefill_borrow(model.cache, model.plan), torch.inference_mode():
-            self._catch_up(history, chunk)  # the draft reads the prompt too, with a prompt's buffers
+        if not self.lent:  # (while drafting is off, the next probe catches up)
+            with prefill_borrow(model.cache, model.plan), torch.inference_mode():
+                self._catch_up(history, chunk)  # the draft reads the prompt too, with a prompt's buffers
         token = sampler.choose(logits, history)
         emitted = 0
         while True:
@@ -138,10 +155,14 @@ class Speculator:
                 self.counts["plain_seconds"] += seconds
             else:
                 caught_before = self.counts["catch_up_seconds"]
+                if self.lent:  # a probe: the draft's experts come back first (the probe's price)
+                    self.draft.take_back(model.cache, self.lent)
+                    self.lent = 0
+                    self.counts["catch_up_seconds"] += time.perf_counter() - start
                 with torch.inference_mode():
-                    drafted, dists = self._propose(history, k, sampler, chunk)
+                    drafted, dists, picks = self._propose(history, k, sampler, chunk)
                 mid = time.perf_counter()
-                out = self._verify(model, seq, history, drafted, dists, sampler)
+                out = self._verify(model, seq, history, drafted, dists, picks, sampler)
                 end = time.perf_counter()
                 # a catch-up after plain steps is the probe's price, not a draft step's
                 caught = self.counts["catch_up_seconds"] - caught_before
@@ -151,6 +172,9 @@ class Speculator:
                 # the draft ran drafted[:k-1]: what the target kept of them stays, the rest goes
                 keep = len(history) + len(out) - 1
                 self.draft.runner.truncate(self.seq, min(len(self.seq.ids), keep))
+            if self.chooser.k == 0 and self.chooser.acceptance is not None and not self.lent:
+                store = model.cache.store
+                self.lent = self.draft.lend(model.cache, sum(store.slot_bytes(k) for k in store.keys()))
             self.counts["bytes_read"] += self._bytes_read(model) - reads
             self.counts["kept_tokens"] += len(out)
             model._counters["generated_tokens"] += len(out)
@@ -179,7 +203,8 @@ class Speculator:
     def stats(self) -> dict:
         c = self.counts
         passes = c["rounds"] + c["plain_steps"]
-        return {"draft": self.draft.path, "k": self.chooser.k, **self.chooser.stats(),
+        return {"draft": self.draft.path, "k": self.chooser.k, "draft_experts_lent": self.lent > 0,
+                **self.chooser.stats(),
                 "acceptance_rate": c["accepted"] / c["drafted"] if c["drafted"] else None,
                 "tokens_per_verify_pass": c["kept_tokens"] / passes if passes else None,
                 "bytes_read_per_token": c["bytes_read"] / c["kept_tokens"] if c["kept_tokens"] else None,

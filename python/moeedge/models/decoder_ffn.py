@@ -61,6 +61,10 @@ class DecoderFFN:
     moe_index: dict[int, int]
     held: list | None
 
+    def router_weight(self, moe_layer: int) -> torch.Tensor:
+        """The router's weight [E, H] of a MoE layer (its outputs are the checkpoint's E experts)."""
+        return self.w[self._router_name(self.cfg.moe_layers[moe_layer])]
+
     def _router_name(self, layer: int) -> str:
         return f"model.layers.{layer}.{'block_sparse_moe' if self.cfg.family == 'mixtral' else 'mlp'}.gate.weight"
 
