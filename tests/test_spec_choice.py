@@ -1,6 +1,8 @@
 """How speculative decoding picks k (moeedge.spec_choice.KChooser) from measured acceptance and costs."""
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from moeedge.spec_choice import PROBE, KChooser, expected_tokens
@@ -13,22 +15,25 @@ def test_expected_tokens():
 
 
 def run(chooser: KChooser, plain: float, draft: float, verify, accept: float, steps: int = 400) -> list[int]:
-    """Feed a chooser the costs of a simulated run (each drafted token kept with chance accept,
-    deterministically: the first int(accept * k) of every round); the k it picked each step."""
-    ks = []
+    """Feed a chooser the costs of a simulated run (each drafted token kept with chance accept
+    until the first rejection, from a seeded generator); the k it picked each step."""
+    rng, ks = random.Random(0), []
     for _ in range(steps):
         k = chooser.choose()
         ks.append(k)
         if k == 0:
             chooser.observe_plain(plain)
         else:
-            chooser.observe_round(k, int(accept * k), draft * k, verify(k + 1))
+            kept = 0
+            while kept < k and rng.random() < accept:
+                kept += 1
+            chooser.observe_round(k, kept, draft * k, verify(k + 1))
     return ks
 
 
 def test_it_drafts_when_verifying_is_cheap_and_drafts_are_kept():
     ks = run(KChooser(6), plain=1.0, draft=0.05, verify=lambda n: 1.0 + 0.1 * n, accept=0.9)
-    assert ks[0] == 0 and min(ks[10:]) >= 3  # one plain step to measure, then drafting
+    assert ks[0] == 0 and min(ks[10:]) >= 3  # one plain step to measure, then drafting, and more
 
 
 def test_it_turns_itself_off_and_probes_ever_more_rarely():

@@ -57,8 +57,8 @@ def test_an_exact_step_has_the_bits_of_one_token_steps(tmp_path, family, dtype):
         assert seq.ids == PROMPT + tokens
 
 
-def generate(src: Path, draft, budget, n: int = 24, k: int | None = None) -> tuple[list[int], dict]:
-    with moeedge.load(src, memory_budget="1GiB", max_context=96, draft=draft) as model:
+def generate(src: Path, draft, budget, n: int = 24, k: int | None = None, **kw) -> tuple[list[int], dict]:
+    with moeedge.load(src, memory_budget="1GiB", max_context=96, draft=draft, **kw) as model:
         if k is not None:
             model.speculator.chooser.fixed = k
         if budget is not None:
@@ -174,3 +174,12 @@ def test_while_off_the_draft_lends_its_expert_bytes(family_pair):
         d.take_back(model.cache, lent)
         assert model.cache.budget_bytes == before and d.cache.budget_bytes == d.expert_bytes
         assert d.lend(model.cache, before) == 0  # the full model's cache holds every expert already
+
+
+def test_the_drafts_picks_guide_a_verify_pass_reads(family_pair):
+    """With prefetch on, a verify pass reads the next layer's experts the draft picked early."""
+    src, draft = family_pair
+    plain, _ = generate(src, None, 4, prefetch=True)
+    spec, stats = generate(src, draft, 4, k=3, prefetch=True)
+    assert spec == plain
+    assert stats["prefetch_issued"] > 0 and stats["speculative"]["draft_pick_recall"] is not None

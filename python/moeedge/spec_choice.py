@@ -6,7 +6,7 @@ expected tokens per second is highest, from what this run measures:
   a round of k yields E(k) = (1 - a^(k+1)) / (1 - a) tokens in k c_d + c_v(k + 1) seconds.
 
 k = 0 (plain decoding) when no k beats 1 / c_1 by MARGIN; then every PROBE tokens one
-round is drafted again (at the best k by the model) to re-measure, PROBE doubling while
+round of at most PROBE_K drafts is tried to re-measure, PROBE doubling while
 it keeps not paying, so that being off costs at most a few percent.
 """
 from __future__ import annotations
@@ -14,8 +14,9 @@ from __future__ import annotations
 DECAY = 0.95     # weight of the past in the acceptance counts (about the last 20 rounds)
 EMA = 0.2        # weight of the newest timing
 MARGIN = 1.03    # a k must beat plain decoding's tokens/s by this much to be used
-PROBE = 16       # plain tokens before a round is drafted again, doubling up to PROBE_MAX
-PROBE_MAX = 512
+PROBE = 32       # plain tokens before a round is drafted again, doubling up to PROBE_MAX
+PROBE_MAX = 1024
+PROBE_K = 2      # a probe drafts at most this many: it only re-measures
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -28,7 +29,7 @@ def expected_tokens(a: float, k: int) -> float:
 
 
 class KChooser:
-    def __init__(self, k_max: int = 6, k_start: int = 3):
+    def __init__(self, k_max: int = 6, k_start: int = 2):
         if not 1 <= k_max <= 16:
             raise ValueError(f"k_max must be from 1 to 16, got {k_max}")
         self.k_max = k_max
@@ -111,7 +112,7 @@ class KChooser:
         if self.fixed is not None:
             return self.fixed
         if self.k == 0 and self.plain_cost is not None and self.plain_since >= self.probe:
-            return self.best()  # a probe: its round re-measures acceptance and costs
+            return min(PROBE_K, self.best())  # a probe: its round re-measures acceptance and costs
         return self.k
 
     def stats(self) -> dict:

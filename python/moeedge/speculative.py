@@ -106,8 +106,16 @@ class Speculator:
         """The full model's pass over [last, drafted...]: the tokens it keeps, then its own one."""
         runner = model.runner
         before = len(seq.ids)
-        with torch.inference_mode():
-            logits = runner.step([(seq, torch.tensor(history[-1:] + drafted))], all_logits=True, exact=True)[0]
+        guesses: dict[int, set[int]] = {}
+        for row in picks:
+            for layer, experts in row.items():
+                guesses.setdefault(layer, set()).update(experts)
+        runner.pass_guesses = guesses
+        try:
+            with torch.inference_mode():
+                logits = runner.step([(seq, torch.tensor(history[-1:] + drafted))], all_logits=True, exact=True)[0]
+        finally:
+            runner.pass_guesses = None
         out = accept(lambda i: distribution(logits[i], sampler.params, history + drafted[:i]), dists, drafted,
                      sampler)
         kept = len(out) - 1  # drafted tokens kept; out[-1] is the full model's own
@@ -128,7 +136,7 @@ class Speculator:
                eos: set[int]) -> Iterator[int]:
         """MoeModel.stream_ids' decode loop, speculative (history: the prompt, logits: after it)."""
         chunk = model.plan.prefill_chunk
-        if not self.lent:  # (while drafting is off, the next probe catches up)
+        if not self.lent and self.chooser.k > 0:  # (while drafting is off, the next probe catches up)
             with prefill_borrow(model.cache, model.plan), torch.inference_mode():
                 self._catch_up(history, chunk)  # the draft reads the prompt too, with a prompt's buffers
         token = sampler.choose(logits, history)

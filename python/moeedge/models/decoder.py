@@ -58,6 +58,7 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         self.max_context = max_context
         self.recorder = None
         self.held = None  # an exact step's routing, until commit_routes (moeedge.models.decoder_ffn)
+        self.pass_guesses = None  # the next exact step's expert guesses per MoE layer (speculative drafts)
         shape = (n_sequences, cfg.n_layers, max_context, cfg.n_kv_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)

@@ -60,6 +60,7 @@ class DecoderFFN:
     rows: int
     moe_index: dict[int, int]
     held: list | None
+    pass_guesses: dict[int, set[int]] | None  # a verify pass's draft picks per MoE layer (moeedge.speculative)
 
     def router_weight(self, moe_layer: int) -> torch.Tensor:
         """The router's weight [E, H] of a MoE layer (its outputs are the checkpoint's E experts)."""
@@ -130,6 +131,8 @@ class DecoderFFN:
         missing = [e for e in chosen if not self.experts.resident(moe_layer, e)]
         if self.prefetcher is not None and self.held is None:  # first: it scores what the reads below may evict
             self.prefetcher.on_route(moe_layer, x, top_i, decoding=x.shape[0] == 1)
+        elif self.prefetcher is not None and self.pass_guesses:  # a verify pass, guided by the draft
+            self.prefetcher.guide_pass(moe_layer, chosen, self.pass_guesses)
         self.experts.prefetch(moe_layer, missing, priority=1)
         if x.shape[0] == 1 and layer not in self.base:
             out = self._moe_token(x, moe_layer, chosen, missing, top_w, top_i)

@@ -180,6 +180,32 @@ class Prefetcher:
                 self.experts.prefetch(target, read, priority=self.lookahead - d)
             self.pending[target] = read
 
+    def guide_pass(self, layer: int, picked: list[int], guesses: dict[int, set[int]]) -> None:
+        """A speculative verify pass routed layer `layer` to `picked` (its tokens' union); guesses:
+        the draft's router picks for the pass's tokens, per MoE layer. They score eviction
+        (without learning: the pass's tokens may be rejected) and, when reading early, the next
+        layer's are read now. The predictor is not shown the pass (runner.commit_routes does
+        that for the kept tokens)."""
+        if self._holds_all():
+            return
+        n_experts = self.eviction.n_experts if self.eviction is not None else None
+        later = {t: g for t, g in guesses.items() if t > layer}
+        if self.eviction is not None:
+            chances = {}
+            for t, g in later.items():
+                c = torch.zeros(n_experts)
+                c[sorted(g)] = 1.0
+                chances[t] = self._stored(t, c)
+            self.eviction.on_step(layer, picked, chances, learn=False)
+        if self.lookahead and self.reads and layer + 1 in later:
+            read = [e for e in sorted(later[layer + 1]) if not self.experts.resident(layer + 1, e)]
+            if self.expert_map is not None:
+                read = sorted({int(self.expert_map[layer + 1][e]) for e in read} - {-1})
+            if self.eviction is not None:
+                read = [e for _, e in self.eviction.worth_reading([(layer + 1, e) for e in read])]
+            if read:
+                self.experts.prefetch(layer + 1, read, priority=0)
+
     def _holds_all(self) -> bool:
         if self.experts.capacity < self.total:  # the budget can shrink at run time
             self.settled = False
