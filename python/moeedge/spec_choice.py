@@ -16,6 +16,7 @@ EMA = 0.2        # weight of the newest timing
 MARGIN = 1.03    # a k must beat plain decoding's tokens/s by this much to be used
 PROBE = 32       # plain tokens before a round is drafted again, doubling up to PROBE_MAX
 PROBE_MAX = 1024
+WARM = 8         # plain steps measured before the first drafted round
 PROBE_K = 2      # a probe drafts at most this many: it only re-measures
 
 
@@ -99,8 +100,8 @@ class KChooser:
         if plain is None:  # nothing to compare with yet: the next step is a plain one
             self.k = 0
             return
-        if self.acceptance is None:  # never drafted yet: try
-            self.k = self.k_start
+        if self.acceptance is None:  # never drafted yet: try, once plain decoding is measured
+            self.k = self.k_start if self.plain_since >= WARM else 0
             return
         k = self.best()
         if (self.rate(k) or 0.0) > MARGIN * plain:

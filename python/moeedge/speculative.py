@@ -154,6 +154,9 @@ class Speculator:
             start = time.perf_counter()
             reads = self._bytes_read(model)
             if k == 0:  # plain decoding: one step, one token
+                if not self.lent:  # with the draft's expert bytes: plain decoding as it would be without a draft
+                    store = model.cache.store
+                    self.lent = self.draft.lend(model.cache, sum(store.slot_bytes(k_) for k_ in store.keys()))
                 with torch.inference_mode():
                     logits = model.runner.step([(seq, torch.tensor([token]))])[0][-1]
                 out = [sampler.choose(logits, history)]
@@ -180,9 +183,6 @@ class Speculator:
                 # the draft ran drafted[:k-1]: what the target kept of them stays, the rest goes
                 keep = len(history) + len(out) - 1
                 self.draft.runner.truncate(self.seq, min(len(self.seq.ids), keep))
-            if self.chooser.k == 0 and self.chooser.acceptance is not None and not self.lent:
-                store = model.cache.store
-                self.lent = self.draft.lend(model.cache, sum(store.slot_bytes(k) for k in store.keys()))
             self.counts["bytes_read"] += self._bytes_read(model) - reads
             self.counts["kept_tokens"] += len(out)
             model._counters["generated_tokens"] += len(out)
