@@ -18,6 +18,8 @@ first a prediction from a routing trace, then the measurement:
         --draft /var/tmp/moeedge-models/default-merge1-64m --fractions 1,0.5,0.25 \\
         --trace bench/traces/default-heldout.npz -o bench/results/speculative/default-64m.json
 
+    python bench/speculative.py --show bench/results/speculative/default-64m.json   # the table
+
 On random-weight models the acceptance rate means nothing (a draft of noise agrees with
 noise by chance): run it on trained routing (the default model and its widened copies).
 """
@@ -164,7 +166,31 @@ def cpu() -> str:
                 platform.processor())
 
 
+def table(report: dict) -> str:
+    """The results as a markdown table (--show)."""
+    rows = ["| experts cached | draft | mode | tok/s (median) | runs | x plain | reads/token | acceptance "
+            "| tokens/pass | draft-pick recall | predicted tok/s | predicted reads/token |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        pred = r.get("predicted") or {}
+        for mode in [m for m in r if m == "plain" or m.startswith("spec")]:
+            m = r[mode]
+            guess = pred.get("plain" if mode == "plain" else "spec", {}) if mode != "spec" else {}
+            tok = pred.get("plain_tok_s" if mode == "plain" else "spec_tok_s") if mode != "spec" else None
+
+            def f(v, fmt="{:.2f}"):
+                return "" if v is None else fmt.format(v)
+            rows.append(f"| {r['fraction']:g} ({r['cache_experts'][mode]}) | {Path(r['draft']).name} | {mode} "
+                        f"| {f(m['tok_s'])} | {', '.join(f(v) for v in m['tok_s_runs'])} "
+                        f"| {f(m['tok_s'] / r['plain']['tok_s'])} | {f(m['reads_per_token'])} | {f(m['acceptance'])} "
+                        f"| {f(m['tokens_per_pass'])} | {f(m['recall'])} | {f(tok)} | {f(guess.get('reads_per_token'))} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--show":
+        print(table(json.loads(Path(sys.argv[2]).read_text())))
+        return 0
     p = argparse.ArgumentParser(prog="bench/speculative.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--draft", required=True, help="the draft for every fraction")
