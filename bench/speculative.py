@@ -112,6 +112,13 @@ def measure(args, fraction: float, draft: str, prompt_ids) -> dict:
               "spec": moeedge.load(args.model, memory_budget=budget, max_context=512, draft=draft),
               f"spec_k{args.k}": moeedge.load(args.model, memory_budget=budget, max_context=512, draft=draft)}
     models[f"spec_k{args.k}"].speculator.chooser.fixed = args.k
+    if fraction < 1:
+        # Each load plans from the process's resident memory, which the models loaded before
+        # inflate: set the caches as separate processes with this budget would get them, the
+        # plain one `fraction` of the expert bytes, the speculative ones that less the draft's bytes.
+        total = sum(slot for _ in models["plain"].cache.store.keys())
+        for name, m in models.items():
+            m.cache.set_budget(int(fraction * total) - m.plan.draft_bytes)
     try:
         for m in models.values():  # warm: the caches filled as a run leaves them
             run(m, prompt_ids[:1], 8)
@@ -201,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--k", type=int, default=2, help="the fixed k measured beside the adaptive one")
     p.add_argument("--trace", default=None, help="a routing trace (moeedge trace) for the predictions")
+    p.add_argument("--resident-from", default=None,
+                   help="a previous output whose fully resident run (with --draft) gives the costs for predictions")
     p.add_argument("-o", "--output", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
@@ -212,11 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         configs.insert(0, (1.0, args.resident_draft))
     experts = np.load(args.trace)["experts"] if args.trace else None
     results, resident = [], None
+    if args.resident_from:
+        earlier = json.loads(Path(args.resident_from).read_text())["results"]
+        resident = next(r for r in earlier if r["fraction"] == 1.0 and r["draft"] == args.draft)
+        results.extend(earlier)
     for fraction, draft in configs:
         started = time.time()
         out = measure(args, fraction, draft, prompt_ids)
         if fraction == 1.0 and draft == args.draft:
             resident = out
+        results = [r for r in results if (r["fraction"], r["draft"]) != (fraction, draft)]
         if experts is not None and resident is not None:
             out["predicted"] = predict(out, resident, experts, args.k)
         out["seconds"] = round(time.time() - started)
