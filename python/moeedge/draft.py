@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from moeedge.kernels import NATIVE_MAX_TOKENS, linear
 from moeedge.models.decoder import DecoderMoE
 from moeedge.models.runner import Prediction
 from moeedge.runtime.experts import ExpertAccess
-from moeedge.runtime.plan import BORROW_WAIT_SECONDS
+from moeedge.runtime.plan import shrink
 
 # The checkpoint's own config fields a draft must share (the dense weights' shapes follow).
 SHARED_FIELDS = ("family", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab", "moe_layers",
@@ -158,16 +157,7 @@ class Draft:
 
     def take_back(self, cache: ExpertCache, lent: int) -> None:
         """The bytes lent come back and the draft's experts are read again."""
-        cache.cancel_prefetches()
-        deadline = time.monotonic() + BORROW_WAIT_SECONDS
-        while True:
-            try:
-                cache.set_budget(cache.budget_bytes - lent)
-                break
-            except BudgetError:  # guesses being read hold the room: wait for their chunk
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.001)
+        shrink(cache, cache.budget_bytes - lent)
         self.cache.set_budget(self.expert_bytes)
         self.cache.prefetch(list(self.cache.store.keys()), -1)
 

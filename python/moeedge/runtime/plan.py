@@ -130,23 +130,28 @@ def expert_budget(plan: MemoryPlan, all_experts_bytes: int) -> int:
     return min(plan.expert_cache_bytes, all_experts_bytes)
 
 
+def shrink(cache: ExpertCache, budget_bytes: int) -> None:
+    """Lower the cache's budget: guesses being read hold room, so cancel them and wait for
+    the chunk each is on (BudgetError, which says what holds the bytes, after BORROW_WAIT_SECONDS)."""
+    cache.cancel_prefetches()
+    deadline = time.monotonic() + BORROW_WAIT_SECONDS
+    while True:
+        try:
+            cache.set_budget(budget_bytes)
+            return
+        except BudgetError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.001)
+
+
 @contextlib.contextmanager
 def prefill_borrow(cache: ExpertCache, plan: MemoryPlan):
     """The expert cache lends the prefill's activations their bytes (plan.prefill_borrow_bytes)."""
     full = cache.budget_bytes
     lent = min(full, plan.expert_cache_bytes - plan.prefill_borrow_bytes)
     if lent < full:
-        # Guesses being read hold room: cancel them, and wait for the chunk each is on.
-        cache.cancel_prefetches()
-        deadline = time.monotonic() + BORROW_WAIT_SECONDS
-        while True:
-            try:
-                cache.set_budget(lent)
-                break
-            except BudgetError:  # says what holds the bytes, if they are never let go
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.001)
+        shrink(cache, lent)
     try:
         yield
     finally:
