@@ -52,3 +52,20 @@ def test_refuses_what_it_cannot_do(tmp_path, capsys):
     assert not (tmp_path / "huge").exists()
     assert main([str(source), "--expert-bytes", "lots", "-o", str(tmp_path / "bad")]) == 2
     assert "not a byte count: 'lots'" in capsys.readouterr().err
+
+
+def test_a_merged_draft_is_widened_like_its_model(tmp_path):
+    from moeedge.aggregate.pipeline import aggregate
+
+    source = tmp_path / "src"
+    make_decoder(source, "mixtral", seed=1, dtype=torch.float32)
+    write_tokenizer(source)
+    aggregate(source, "merge", tmp_path / "draft", experts_per_layer=1, calibration_tokens=128, eval_tokens=0)
+    assert main([str(tmp_path / "draft"), "--expert-bytes", "256KiB", "-o", str(tmp_path / "wide")]) == 0
+    assert (tmp_path / "wide" / "moeedge_variant.json").is_file()
+    with moeedge.load(tmp_path / "draft") as model:
+        expected = model.logits(IDS)
+    with moeedge.load(tmp_path / "wide") as model:
+        assert len(model.cache.store.keys()) == 3  # one expert per MoE layer
+        got = model.logits(IDS)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 
 from moeedge._core import ExpertCache, ExpertStore, set_kernel_threads
+from moeedge.draft import draft_bytes, load_draft, open_draft
 from moeedge.formats.checkpoint import Checkpoint
 from moeedge.formats.open import open_checkpoint
 from moeedge.models.family import dense_weights, open_tokenizer, plan_for, resolve_policy, runner_class
@@ -21,6 +22,7 @@ from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.measure import rss_bytes
 from moeedge.runtime.plan import MemoryPlan, expert_budget, prefill_borrow
 from moeedge.runtime.sampling import Sampler, SamplingParams, resolve_sampling
+from moeedge.speculative import Speculator
 from moeedge.text import TextGeneration
 from moeedge.tokenizer import Tokenizer
 
@@ -49,6 +51,8 @@ class MoeModel(TextGeneration):
         self._closed = False
         self._pending_plan: MemoryPlan | None = None  # a set_budget not applied yet
         self.budget_changes: list[dict] = []
+        self.speculator = None  # moeedge.speculative.Speculator, where load() has a draft
+        self.draft_note: str | None = None  # the draft's path, or why there is none
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     @contextlib.contextmanager
@@ -126,6 +130,9 @@ class MoeModel(TextGeneration):
         with self._turn() as seq:
             history = list(ids)
             logits = self._prompt(seq, history)
+            if self.speculator is not None:
+                yield from self.speculator.stream(self, seq, history, logits, sampler, max_new_tokens, eos)
+                return
             for step in range(max_new_tokens):
                 token = sampler.choose(logits, history)
                 if token in eos:
@@ -197,6 +204,8 @@ class MoeModel(TextGeneration):
             "prefetch": self.runner.prefetching,
             **({"prediction": prediction} if prediction is not None else {}),
             **({"peers": self.runner.remote.stats()} if getattr(self.runner, "remote", None) is not None else {}),
+            **({"speculative": self.speculator.stats() if self.speculator else {"draft": self.draft_note}}
+               if self.draft_note is not None else {}),
             "resident": {"dense_bytes": self.plan.dense_bytes, "kv_cache_bytes": self.plan.kv_cache_bytes,
                          "expert_cache_bytes": cache["resident_bytes"], "process_bytes": rss_bytes()},
             "plan": self.plan.as_dict(),
@@ -210,6 +219,8 @@ class MoeModel(TextGeneration):
                 return
             self._closed = True
         self.cache.close()
+        if self.speculator is not None:
+            self.speculator.close()
         self.runner.close()
         if getattr(self.runner, "remote", None) is not None:
             self.runner.remote.close()
@@ -243,7 +254,8 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
          max_context: int = 2048, direct_io: bool = True, dtype: torch.dtype | None = None,
          threads: int | None = None, n_sequences: int = 1, plan: str | os.PathLike | dict | None = None,
          peers: list[str] | None = None, peer_deadline: float = 1.0,
-         peer_identity: str | os.PathLike | None = None) -> MoeModel:
+         peer_identity: str | os.PathLike | None = None,
+         draft: str | os.PathLike | None = None) -> MoeModel:
     """Open a checkpoint and plan it into memory_budget (the whole process's memory).
 
     source: a Hugging Face directory, a .gguf file, a hub repo id ("org/name",
@@ -267,7 +279,9 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     where that is measured to be faster than reading it; a call that misses peer_deadline
     seconds is computed here instead. Outputs are the same either way. peer_identity: this
     client's key file (made if missing), so that peers can allow its peer id (`moeedge peer-id
-    PATH` prints it)."""
+    PATH` prints it). draft: speculative decoding's draft model (moeedge.draft): "auto" (a
+    one-expert-per-layer variant beside the checkpoint or in moeedge's cache, if any), a
+    variant's directory, or None (off); planned into the budget."""
     fixed = rss_bytes()  # measured before anything of the model is read
     _check_settings(device, max_context, lookahead, io_threads, threads, n_sequences)
     if threads is not None:
@@ -291,8 +305,10 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     store = ExpertStore(ckpt.files, ckpt.expert_ranges, direct_io=direct_io)
     on_disk = embedding_on_disk(ckpt)  # Switch's tables are named otherwise and tied: None
     cache = None
+    draft_ckpt, draft_note = open_draft(ckpt, draft)
+    extra = draft_bytes(ckpt, draft_ckpt, max_context, dtype) if draft_ckpt is not None else 0
     try:
-        memory = plan_for(ckpt, store, memory_budget, fixed, max_context, dtype, on_disk, n_sequences)
+        memory = plan_for(ckpt, store, memory_budget, fixed, max_context, dtype, on_disk, n_sequences, extra)
         if variants is not None:
             memory = replace(memory, expert_variants=tuple(variants))
         policy = resolve_policy(policy, runner_cls)
@@ -312,10 +328,14 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
 
             runner.remote = RemoteExperts(peer_client, experts, ckpt.config.hidden)
         tokenizer = open_tokenizer(ckpt)
+        model = MoeModel(ckpt, memory, cache, runner, tokenizer, policy)
+        model.draft_note = None if draft is None else draft_note
+        if draft_ckpt is not None:
+            model.speculator = Speculator(load_draft(ckpt, draft_ckpt, dense, max_context, dtype))
     except BaseException:
         if cache is not None:
             cache.close()
         if peer_client is not None:
             peer_client.close()
         raise
-    return MoeModel(ckpt, memory, cache, runner, tokenizer, policy)
+    return model

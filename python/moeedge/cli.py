@@ -109,7 +109,15 @@ def _load(args: argparse.Namespace):
     return load(args.source, memory_budget=args.memory_budget, max_context=args.max_context,
                 policy=args.policy, prefetch=args.prefetch, predictor=args.predictor, lookahead=args.lookahead,
                 threads=args.threads, plan=args.plan,
-                peers=args.peer, peer_deadline=args.peer_deadline, peer_identity=args.peer_identity)
+                peers=args.peer, peer_deadline=args.peer_deadline, peer_identity=args.peer_identity,
+                draft=getattr(args, "draft", None))
+
+
+def _draft_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", default=None,
+                   help="speculative decoding's draft: auto (a one-expert-per-layer variant beside the checkpoint "
+                        "or in moeedge's cache) or a variant's directory (moeedge aggregate --method merge "
+                        "--experts-per-layer 1); default: off")
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
@@ -228,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate text from a prompt")
     _model_options(run)
+    _draft_option(run)
     run.add_argument("--prompt", required=True)
     _sampling_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object with the text and stats()")
@@ -235,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="interactive conversation")
     _model_options(chat)
+    _draft_option(chat)
     _sampling_options(chat)
     chat.add_argument("--system", default=None, help="a system message that starts the conversation")
     chat.set_defaults(run=_cmd_chat)

@@ -18,9 +18,10 @@ from moeedge.formats.hf_config import DecoderConfig
 COPIED = ("config.json", "generation_config.json", "moeedge_predictor.safetensors")
 
 
-def open_decoder_source(source, command: str) -> Checkpoint:
+def open_decoder_source(source, command: str, variants: bool = False) -> Checkpoint:
     """The source checkpoint if `command` can derive from it: a Hugging Face directory of a
-    decoder-only MoE that is not already a derived variant (ValueError saying why not)."""
+    decoder-only MoE that is not already a derived variant (variants: an aggregated one may
+    be) (ValueError saying why not)."""
     from moeedge.formats.open import open_checkpoint, resolve_source
     from moeedge.formats.quant_checkpoint import QUANT_FILE
 
@@ -32,7 +33,7 @@ def open_decoder_source(source, command: str) -> Checkpoint:
     if not isinstance(ckpt.config, DecoderConfig):
         raise ValueError(f"{ckpt.source}: Switch Transformers checkpoints are not supported by {command} "
                          f"(decoder-only Mixtral, Qwen2-MoE, OLMoE are)")
-    if ckpt.config.expert_map is not None:
+    if ckpt.config.expert_map is not None and not variants:
         raise ValueError(f"{ckpt.source}: an aggregated variant; {command} its source instead")
     if (Path(ckpt.source) / QUANT_FILE).is_file() or any(p.quant for ps in ckpt.expert_parts.values() for p in ps):
         raise ValueError(f"{ckpt.source}: its experts are quantized; {command} the unquantized source instead")

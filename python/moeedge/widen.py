@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moeedge.derived import check_output, open_decoder_source, publish
+from moeedge.formats.variant_map import VARIANT_FILE
 from moeedge.formats.decoder_tensors import EXPERT_NAMES
 from moeedge.units import format_bytes, parse_bytes
 from moeedge._core import ExpertStore
@@ -51,9 +52,9 @@ def widen_expert(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, wide: int
 
 
 def widen(source, out: Path, expert_bytes: int, seed: int = 0) -> Path:
-    ckpt = open_decoder_source(source, "widen")
+    ckpt = open_decoder_source(source, "widen", variants=True)  # a merged draft is widened like its model
     cfg = ckpt.config
-    if cfg.expert_map is not None or cfg.shared_expert_intermediate:
+    if cfg.shared_expert_intermediate or (cfg.expert_map is not None and ckpt.expert_layouts):
         raise ValueError(f"{ckpt.source}: widen takes plain Mixtral/OLMoE-style experts")
     itemsize = ckpt.expert_parts[0][0].dtype.itemsize
     wide = widened_intermediate(cfg.hidden, cfg.expert_intermediate, expert_bytes, itemsize)
@@ -66,6 +67,8 @@ def widen(source, out: Path, expert_bytes: int, seed: int = 0) -> Path:
                          f"{format_bytes(free)} free there")
     with publish(out, ckpt) as staging:
         _write(ckpt, staging, wide, need, torch.Generator().manual_seed(seed))
+        if cfg.expert_map is not None:  # an aggregated variant (a speculative draft) stays one
+            shutil.copyfile(Path(ckpt.source) / VARIANT_FILE, staging / VARIANT_FILE)
     return out
 
 
@@ -77,7 +80,8 @@ def _write(ckpt, staging: Path, wide: int, need: int, gen: torch.Generator) -> N
     weight_map = {}
     for moe_layer, layer in enumerate(tqdm(cfg.moe_layers, desc=f"widening to {format_bytes(need)}", unit="layer")):
         tensors = {}
-        for e in range(cfg.n_experts):
+        stored = sorted({e for e in cfg.expert_map[moe_layer] if e >= 0}) if cfg.expert_map else range(cfg.n_experts)
+        for e in stored:
             names = [f"model.layers.{layer}.{block}." + pattern.format(e=e, w=w) for w in roles]  # gate, up, down
             w1, w3, w2 = (_read_expert_part(ckpt, moe_layer, e, role) for role in ("gate", "up", "down"))
             tensors.update(zip(names, (t.contiguous() for t in widen_expert(w1, w3, w2, wide, gen))))

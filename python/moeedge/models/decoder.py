@@ -57,6 +57,8 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         self.dtype = dtype
         self.max_context = max_context
         self.recorder = None
+        self.held = None  # an exact step's routing, until commit_routes (moeedge.models.decoder_ffn)
+        self.pass_guesses = None  # the next exact step's expert guesses per MoE layer (speculative drafts)
         shape = (n_sequences, cfg.n_layers, max_context, cfg.n_kv_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
@@ -217,28 +219,38 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
 
     # -- the whole model ---------------------------------------------------------------
-    def step(self, batch: list[tuple[Sequence, torch.Tensor]], all_logits: bool = False) -> list[torch.Tensor]:
+    def step(self, batch: list[tuple[Sequence, torch.Tensor]], all_logits: bool = False,
+             exact: bool = False) -> list[torch.Tensor]:
+        """exact: one sequence's several tokens (a speculative verify pass) get the bits that
+        one-token steps would give each: attention runs token by token through the decode
+        path, the feed-forward blocks on all rows through the batch-invariant kernels. Its
+        routing is held back (not recorded, not shown to the predictor) until
+        commit_routes(n) says how many of its tokens were kept."""
         check_batch(batch, self.max_context)
+        if exact and len(batch) != 1:
+            raise ValueError("an exact multi-token step takes one sequence")
         batch = [(seq, torch.as_tensor(tokens, dtype=torch.long).flatten()) for seq, tokens in batch]
         if self.prefetcher is not None and any(len(seq) == 0 for seq, _ in batch):
             self.prefetcher.reset()
-        out = self._forward_threads(batch, all_logits)
+        self.held = [] if exact else None
+        out = self._forward_threads(batch, all_logits, exact=exact)
         if not all_finite(out):
-            self._forward_threads(batch, all_logits, check=True)  # again, layer by layer: which one
+            self.held = [] if exact else None
+            self._forward_threads(batch, all_logits, check=True, exact=exact)  # again, layer by layer: which one
             raise NonFiniteError("the logits hold NaN or Inf values: the checkpoint's weights or config are bad")
         for seq, tokens in batch:  # only now: a step that failed part-way changed no record
             seq.ids.extend(tokens.tolist())
         return out
 
-    def _forward_threads(self, batch, all_logits: bool, check: bool = False) -> list[torch.Tensor]:
+    def _forward_threads(self, batch, all_logits: bool, check: bool = False, exact: bool = False) -> list[torch.Tensor]:
         if sum(len(tokens) for _, tokens in batch) > NATIVE_MAX_TOKENS:
-            return self._forward(batch, all_logits, check)
+            return self._forward(batch, all_logits, check, exact)
         # A decode step's heavy products run on moeedge's own kernel threads; torch's
         # OpenMP threads would only spin against them on the small remaining ops.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._forward(batch, all_logits, check)
+            return self._forward(batch, all_logits, check, exact)
         finally:
             torch.set_num_threads(threads)
 
@@ -249,24 +261,29 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         return F.embedding(tokens, embed).to(self.dtype)
 
     def _forward(self, batch: list[tuple[Sequence, torch.Tensor]], all_logits: bool,
-                 check: bool = False) -> list[torch.Tensor]:
-        """check: raise NonFiniteError naming the first layer whose output is not finite."""
+                 check: bool = False, exact: bool = False) -> list[torch.Tensor]:
+        """check: raise NonFiniteError naming the first layer whose output is not finite.
+        exact: every token is a segment of its own, as if each were another sequence's."""
         cfg, w = self.cfg, self.w
         sizes = [len(tokens) for _, tokens in batch]
-        h = self._embed(torch.cat([tokens for _, tokens in batch]) if len(batch) > 1 else batch[0][1])
+        tokens = torch.cat([t for _, t in batch]) if len(batch) > 1 else batch[0][1]
+        h = self._embed(tokens)
         if check:
             check_finite(h, "the token embedding")
-        ropes = [self._rope(torch.arange(len(seq), len(seq) + len(tokens))) for seq, tokens in batch]
+        # segments: (sequence, first position, tokens), attended to apart
+        segments = ([(batch[0][0], len(batch[0][0]) + i, 1) for i in range(sizes[0])] if exact
+                    else [(seq, len(seq), n) for (seq, _), n in zip(batch, sizes)])
+        ropes = [self._rope(torch.arange(start, start + n)) for _, start, n in segments]
         # a one-token segment's native step takes cos and sin [D] as numpy: made once, not per layer
         ropes = [(rope, tuple(t.reshape(-1).contiguous().numpy() for t in rope) if n == 1 else None)
-                 for rope, n in zip(ropes, sizes)]
-        apart = len(batch) > 1 and all(n == 1 for n in sizes)  # a decode step of several sequences
+                 for rope, (_, _, n) in zip(ropes, segments)]
+        apart = len(segments) > 1 and all(n == 1 for _, _, n in segments)  # each row as if alone
         for layer in range(cfg.n_layers):
-            if len(batch) == 1:
-                h, x, logits = self._attention_block(h, layer, batch[0][0], ropes[0])
+            if len(segments) == 1:
+                h, x, logits = self._attention_block(h, layer, segments[0][:2], ropes[0])
             else:
-                parts = [self._attention_block(part, layer, seq, rope)
-                         for part, (seq, _), rope in zip(h.split(sizes), batch, ropes)]
+                parts = [self._attention_block(part, layer, segment[:2], rope)
+                         for part, segment, rope in zip(h.split([n for _, _, n in segments]), segments, ropes)]
                 h, x = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
                 logits = None if any(p[2] is None for p in parts) else torch.cat([p[2] for p in parts])
             if check:
@@ -282,11 +299,12 @@ class DecoderMoE(DecoderFFN, SlotSequences):
             check_finite(out, "the final norm and output projection")
         return [out] if len(batch) == 1 else list(out.split(sizes))
 
-    def _attention_block(self, h: torch.Tensor, layer: int, seq: Sequence, ropes):
-        """One sequence's rows through a layer's attention block: (h after it, the feed-forward's
-        normed input, the router's logits where the native step computed them). ropes: the
-        rotary (cos, sin) as tensors, and as numpy [D] for a one-token step."""
-        cfg, w, start = self.cfg, self.w, len(seq)
+    def _attention_block(self, h: torch.Tensor, layer: int, segment: tuple[Sequence, int], ropes):
+        """One sequence's rows, from position `start`, through a layer's attention block: (h after
+        it, the feed-forward's normed input, the router's logits where the native step computed
+        them). ropes: the rotary (cos, sin) as tensors, and as numpy [D] for a one-token step."""
+        cfg, w = self.cfg, self.w
+        seq, start = segment
         rope, native_rope = ropes
         step = self.steps[seq.slot][layer] if h.shape[0] == 1 else None
         if step is not None:  # one native call, h updated in place

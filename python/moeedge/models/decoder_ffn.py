@@ -76,6 +76,12 @@ class DecoderFFN:
     # rows}) -> {expert: call} for those it sends, call.result() -> the unscaled rows, or None
     # where the call failed (then they are computed here, from the cache or the disk).
     remote = None
+    held: list | None
+    pass_guesses: dict[int, set[int]] | None  # a verify pass's draft picks per MoE layer (moeedge.speculative)
+
+    def router_weight(self, moe_layer: int) -> torch.Tensor:
+        """The router's weight [E, H] of a MoE layer (its outputs are the checkpoint's E experts)."""
+        return self.w[self._router_name(self.cfg.moe_layers[moe_layer])]
 
     def _router_name(self, layer: int) -> str:
         return f"model.layers.{layer}.{'block_sparse_moe' if self.cfg.family == 'mixtral' else 'mlp'}.gate.weight"
@@ -130,7 +136,9 @@ class DecoderFFN:
         each gets the arithmetic it would get alone."""
         moe_layer = self.moe_index[layer]
         top_w, top_i = self.route(x, layer, logits)
-        if self.recorder is not None:
+        if self.held is not None:  # an exact step: shown once its kept tokens are known
+            self.held.append((moe_layer, x, top_i, top_w))
+        elif self.recorder is not None:
             self.recorder(moe_layer, top_i, top_w, x)
         # (torch.unique sorts: about 70 µs a call here, for two numbers)
         chosen = sorted(set(top_i[0].tolist())) if x.shape[0] == 1 else torch.unique(top_i).tolist()
@@ -138,8 +146,10 @@ class DecoderFFN:
         # output is summed in expert order afterwards, so the result does not
         # depend on what happened to be cached.
         missing = [e for e in chosen if not self.experts.resident(moe_layer, e)]
-        if self.prefetcher is not None:  # first: it scores what the reads below may evict
+        if self.prefetcher is not None and self.held is None:  # first: it scores what the reads below may evict
             self.prefetcher.on_route(moe_layer, x, top_i, decoding=x.shape[0] == 1)
+        elif self.prefetcher is not None and self.pass_guesses:  # a verify pass, guided by the draft
+            self.prefetcher.guide_pass(moe_layer, chosen, self.pass_guesses)
         calls = {}  # sent first, so that they run while the resident experts are computed here
         if (self.remote is not None and missing and x.dtype == torch.float32 and layer not in self.base
                 and (x.shape[0] == 1 or apart)):
@@ -157,6 +167,20 @@ class DecoderFFN:
                                self.w[p + "shared_expert.up_proj.weight"], self.w[p + "shared_expert.down_proj.weight"])
             out = out + torch.sigmoid(linear(x, self.w[p + "shared_expert_gate.weight"])) * shared
         return out
+
+    def commit_routes(self, n: int) -> None:
+        """The first n tokens of the last exact step are kept: their routing goes to the
+        recorder and the predictor as n one-token steps would have sent it (token by token,
+        layer by layer), without reading guesses that are stale by now; the rest is dropped."""
+        held, self.held = self.held or [], None
+        p = self.prefetcher
+        for r in range(n):
+            for moe_layer, x, top_i, top_w in held:
+                if self.recorder is not None:
+                    self.recorder(moe_layer, top_i[r:r + 1], top_w[r:r + 1], x[r:r + 1])
+                if p is not None:
+                    with p.replaying():
+                        p.on_route(moe_layer, x[r:r + 1], top_i[r:r + 1], decoding=True)
 
     def _moe_token(self, x: torch.Tensor, moe_layer: int, chosen: list[int], missing: list[int],
                    top_w: torch.Tensor, top_i: torch.Tensor, calls: dict | None = None) -> torch.Tensor:

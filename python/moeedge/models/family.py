@@ -24,7 +24,8 @@ def runner_class(cfg) -> type[Runner]:
 
 
 def plan_for(ckpt: Checkpoint, store: ExpertStore, budget: int | str, fixed: int, max_context: int,
-             dtype: torch.dtype, on_disk: StoredTensor | None, n_sequences: int = 1) -> MemoryPlan:
+             dtype: torch.dtype, on_disk: StoredTensor | None, n_sequences: int = 1,
+             draft_bytes: int = 0) -> MemoryPlan:
     """This checkpoint's memory plan in budget (bytes, "4GiB", "auto", or "min": the smallest
     workable); on_disk: the embedding table left in its file (embedding_on_disk), if any."""
     runner = runner_class(ckpt.config)
@@ -32,7 +33,7 @@ def plan_for(ckpt: Checkpoint, store: ExpertStore, budget: int | str, fixed: int
     left = on_disk.info.nbytes if on_disk is not None else 0
 
     def plan(b: int) -> MemoryPlan:
-        return plan_checkpoint(ckpt, runner, slot, b, fixed, max_context, dtype, left, n_sequences)
+        return plan_checkpoint(ckpt, runner, slot, b, fixed, max_context, dtype, left, n_sequences, draft_bytes)
 
     if is_smallest(budget):  # planned from this process's own fixed cost
         return plan(plan(1 << 62).min_budget_bytes)

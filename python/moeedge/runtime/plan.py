@@ -95,12 +95,14 @@ def buffer_bytes(runner: type[Needs], cfg, max_context: int, chunk: int) -> int:
 
 
 def plan_checkpoint(ckpt, runner: type[Needs], slot_bytes: int, budget: int, fixed: int, max_context: int,
-                    dtype: torch.dtype, on_disk_bytes: int = 0, n_sequences: int = 1) -> MemoryPlan:
+                    dtype: torch.dtype, on_disk_bytes: int = 0, n_sequences: int = 1,
+                    draft_bytes: int = 0) -> MemoryPlan:
     """The memory plan of this checkpoint in this budget, with the largest prefill chunk
     that fits; BudgetError below the smallest workable budget (that of the smallest chunk),
     which min_budget_bytes reports. slot_bytes: the largest expert's bytes in the cache;
     on_disk_bytes: the dense bytes left in their file (the embedding table, if it stays
-    there: moeedge.runtime.embedding)."""
+    there: moeedge.runtime.embedding); draft_bytes: a speculative draft's experts and KV
+    (moeedge.draft.draft_bytes)."""
     cfg = ckpt.config
     dense = runner.dense_bytes(ckpt, dtype) - on_disk_bytes
     kv = n_sequences * runner.kv_bytes(cfg, max_context, dtype)
@@ -109,7 +111,7 @@ def plan_checkpoint(ckpt, runner: type[Needs], slot_bytes: int, budget: int, fix
 
     def plan(chunk: int, budget: int) -> MemoryPlan:
         p = split_budget(budget, fixed, dense, kv, buffer_bytes(runner, cfg, max_context, chunk),
-                         cfg.top_k * slot_bytes, chunk)
+                         cfg.top_k * slot_bytes, chunk, draft_bytes)
         borrow = p.buffer_bytes - decode
         return replace(p, buffer_bytes=decode, expert_cache_bytes=p.expert_cache_bytes + borrow,
                        prefill_borrow_bytes=borrow, n_sequences=n_sequences)

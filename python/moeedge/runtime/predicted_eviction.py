@@ -29,15 +29,17 @@ class PredictedEviction:
         self.later = later_visits(n_layers)  # every visit after the next
         self.key_of = {self.key(layer, e): (layer, e) for layer in range(n_layers) for e in range(n_experts)}
 
-    def on_step(self, layer: int, picked: list[int], guesses: dict[int, torch.Tensor]) -> None:
-        """Layer `layer` is about to get `picked`; guesses: target layer -> [E] chances."""
-        self.q[layer] = -1.0  # this token's visit is now: its guesses are spent
+    def on_step(self, layer: int, picked: list[int], guesses: dict[int, torch.Tensor], learn: bool = True) -> None:
+        """Layer `layer` is about to get `picked`; guesses: target layer -> [E] chances.
+        learn=False: only score (a speculative verify pass, whose tokens may be rejected)."""
+        q = self.q if learn else self.q.clone()
+        q[layer] = -1.0  # this token's visit is now: its guesses are spent
         for target, chances in guesses.items():  # target == layer: the next token's visit
-            self.q[target] = chances.double()
+            q[target] = chances.double()
         n = self.n_layers
         layers = torch.arange(n, dtype=torch.float64)[:, None]
         delta = torch.where(layers > layer, layers - layer, layers - layer + n)
-        chance = torch.where(self.q >= 0, self.q, self.p)
+        chance = torch.where(q >= 0, q, self.p)
         self.worth = ((chance + self.p * self.later) * DISCOUNT ** delta).tolist()  # [L][E]: discounted uses
         self.now = {self.key(layer, e) for e in picked}
         resident = self.cache.resident_keys()
@@ -48,6 +50,8 @@ class PredictedEviction:
         if len(resident) + len(picked) > self.room():  # else nothing would be evicted: spare the work
             scores.update({key: self._worth(key) for key in resident if key not in self.now})
         self.cache.set_scores(scores)
+        if not learn:
+            return
         used = torch.zeros(self.n_experts, dtype=torch.float64)
         used[picked] = 1.0
         self.p[layer] = (1.0 - ALPHA) * self.p[layer] + ALPHA * used

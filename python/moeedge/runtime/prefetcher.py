@@ -12,6 +12,7 @@ Prediction never touches outputs: it only decides what is read early.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -97,6 +98,7 @@ class Prefetcher:
         self.came_true = [2 * (b + 0.5) / BINS for b in range(BINS)]
         self.made = [2.0] * BINS
         self.settled = False  # the cache holds every expert: warmed up once, no guessing needed
+        self.reads = True     # False while routing that already ran is replayed (replaying())
 
     @property
     def name(self) -> str | None:
@@ -109,6 +111,18 @@ class Prefetcher:
         self.pending.clear()
         self.guesses.clear()
         self.cost.pause()
+
+    @contextlib.contextmanager
+    def replaying(self):
+        """Routing shown after the step that made it (a speculative verify pass's kept tokens):
+        guesses are made and scored, eviction learns, but nothing is read early (too late to
+        help) and no step time is measured."""
+        self.reads = False
+        try:
+            yield
+        finally:
+            self.reads = True
+            self.cost.pause()
 
     def on_route(self, layer: int, hidden: torch.Tensor, experts: torch.Tensor, decoding: bool) -> None:
         """Layer `layer` has routed its tokens: hidden [T, H], experts [T, K]."""
@@ -123,7 +137,7 @@ class Prefetcher:
         if not decoding:
             self.cost.pause()
             return
-        if self.lookahead:
+        if self.lookahead and self.reads:
             self.cost.step()
         # Steps ahead: this token's next layers, then (for predictors that guess it) the
         # next token's first ones; eviction looks as far as predictors are trained, at
@@ -151,6 +165,8 @@ class Prefetcher:
             self.guesses[target] = (d, [e for e, _ in picks], [p for _, p in picks])  # scored when it routes
             wanted += [(target, e) for e, p in picks if self._calibrated(p) > threshold]
             room -= len(top.indices)
+        if not self.reads:
+            return
         if self.eviction is not None:
             wanted = self.eviction.worth_reading(wanted)
         for d, target in ahead.items():
@@ -163,6 +179,32 @@ class Prefetcher:
             if read:
                 self.experts.prefetch(target, read, priority=self.lookahead - d)
             self.pending[target] = read
+
+    def guide_pass(self, layer: int, picked: list[int], guesses: dict[int, set[int]]) -> None:
+        """A speculative verify pass routed layer `layer` to `picked` (its tokens' union); guesses:
+        the draft's router picks for the pass's tokens, per MoE layer. They score eviction
+        (without learning: the pass's tokens may be rejected) and, when reading early, the next
+        layer's are read now. The predictor is not shown the pass (runner.commit_routes does
+        that for the kept tokens)."""
+        if self._holds_all():
+            return
+        n_experts = self.eviction.n_experts if self.eviction is not None else None
+        later = {t: g for t, g in guesses.items() if t > layer}
+        if self.eviction is not None:
+            chances = {}
+            for t, g in later.items():
+                c = torch.zeros(n_experts)
+                c[sorted(g)] = 1.0
+                chances[t] = self._stored(t, c)
+            self.eviction.on_step(layer, picked, chances, learn=False)
+        if self.lookahead and self.reads and layer + 1 in later:
+            read = [e for e in sorted(later[layer + 1]) if not self.experts.resident(layer + 1, e)]
+            if self.expert_map is not None:
+                read = sorted({int(self.expert_map[layer + 1][e]) for e in read} - {-1})
+            if self.eviction is not None:
+                read = [e for _, e in self.eviction.worth_reading([(layer + 1, e) for e in read])]
+            if read:
+                self.experts.prefetch(layer + 1, read, priority=0)
 
     def _holds_all(self) -> bool:
         if self.experts.capacity < self.total:  # the budget can shrink at run time
