@@ -105,7 +105,7 @@ def run_limited(cmd: list[str], limit_bytes: int | None, timeout: float, env: di
             oom = oom_kills(child / "memory.events")
         return LimitedResult(code, out, err, limit_bytes, peak, failcnt, oom, seconds, faults, 512 * blocks)
     finally:
-        _remove(child)
+        remove_cgroup(child)
 
 
 def _text(output: bytes | str | None) -> str:
@@ -124,10 +124,13 @@ def oom_kills(path: Path) -> int:
     return 0
 
 
-def _remove(child: Path) -> None:
-    for _ in range(50):  # the last process may still be leaving
+def remove_cgroup(child: Path) -> None:
+    """rmdir a child cgroup, waiting up to 5 s for its last process to leave; gone already is fine."""
+    for _ in range(50):
         try:
             child.rmdir()
+            return
+        except FileNotFoundError:
             return
         except OSError:
             time.sleep(0.1)

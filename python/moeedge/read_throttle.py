@@ -5,9 +5,11 @@ every engine sees the same, stable bandwidth, and a bound can use that number.""
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from pathlib import Path
+
+from moeedge.cgroup import remove_cgroup
+from moeedge.runtime.measure import controller_cgroup
 
 
 class ThrottleUnavailable(RuntimeError):
@@ -27,15 +29,10 @@ def disk_of(path: str | os.PathLike) -> str:
 
 
 def _io_cgroup() -> tuple[Path, int]:
-    lines = Path("/proc/self/cgroup").read_text().splitlines()
-    entries = [line.split(":", 2) for line in lines if line.count(":") >= 2]
-    for _, controllers, path in entries:
-        if "blkio" in controllers.split(","):
-            return Path("/sys/fs/cgroup/blkio") / path.lstrip("/"), 1
-    for _, controllers, path in entries:
-        if controllers == "":
-            return Path("/sys/fs/cgroup") / path.lstrip("/"), 2
-    raise ThrottleUnavailable("no blkio or io cgroup controller in /proc/self/cgroup")
+    found = controller_cgroup("blkio")
+    if found is None:
+        raise ThrottleUnavailable("no blkio or io cgroup controller in /proc/self/cgroup")
+    return found
 
 
 class ReadThrottle:
@@ -75,14 +72,7 @@ class ReadThrottle:
         self.bytes_per_s = bytes_per_s
 
     def close(self) -> None:
-        for _ in range(50):  # the last process may still be leaving
-            try:
-                self.dir.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.1)
+        remove_cgroup(self.dir)
 
     def __enter__(self) -> "ReadThrottle":
         return self

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 import resource
-import time
 import uuid
 
-from moeedge.cgroup import oom_kills
+from moeedge.cgroup import oom_kills, remove_cgroup
 from moeedge.runtime.measure import memory_cgroup
 
 
@@ -67,14 +66,7 @@ class CgroupLimit(MemoryLimit):
         return oom_kills(self.path / ("memory.oom_control" if self.version == 1 else "memory.events"))
 
     def close(self) -> None:
-        for _ in range(50):  # the last child may still be leaving
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.05)
+        remove_cgroup(self.path)
 
 
 class RlimitLimit(MemoryLimit):

@@ -17,21 +17,27 @@ def rss_bytes() -> int:
 
 
 @functools.cache
-def memory_cgroup() -> tuple[Path, int] | None:
-    """(directory, version) of this process's memory cgroup: v1's memory controller if it is
-    mounted, else v2's unified hierarchy; None where /proc/self/cgroup names neither."""
+def controller_cgroup(controller: str) -> tuple[Path, int] | None:
+    """(directory, version) of this process's cgroup for a controller ("memory", "blkio"):
+    v1's hierarchy of that controller if it is mounted, else v2's unified one; None where
+    /proc/self/cgroup names neither."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
         return None
     entries = [line.split(":", 2) for line in lines if line.count(":") >= 2]
     for _, controllers, path in entries:
-        if "memory" in controllers.split(","):
-            return Path("/sys/fs/cgroup/memory") / path.lstrip("/"), 1
+        if controller in controllers.split(","):
+            return Path("/sys/fs/cgroup") / controller / path.lstrip("/"), 1
     for _, controllers, path in entries:
         if controllers == "":
             return Path("/sys/fs/cgroup") / path.lstrip("/"), 2
     return None
+
+
+def memory_cgroup() -> tuple[Path, int] | None:
+    """(directory, version) of this process's memory cgroup (controller_cgroup)."""
+    return controller_cgroup("memory")
 
 
 def cgroup_limit_bytes() -> int | None:
