@@ -20,7 +20,7 @@ from moeedge.models.runner import Prediction, Recorder, Runner
 from moeedge.runtime.embedding import embedding_on_disk
 from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.measure import rss_bytes
-from moeedge.runtime.plan import MemoryPlan, expert_budget, prefill_borrow
+from moeedge.runtime.plan import MemoryPlan, expert_budget, measured, prefill_borrow
 from moeedge.runtime.sampling import Sampler, SamplingParams, resolve_sampling
 from moeedge.speculative import Speculator
 from moeedge.text import TextGeneration
@@ -179,6 +179,7 @@ class MoeModel(TextGeneration):
             logits, ran = self.runner.prompt(seq, ids, self.plan.prefill_chunk)
         self._counters["prompt_tokens"] += ran
         self._counters["prefill_seconds"] += time.perf_counter() - start
+        self.settle_memory()
         return logits
 
     @contextlib.contextmanager
@@ -190,6 +191,22 @@ class MoeModel(TextGeneration):
             yield self
         finally:
             self.runner.recorder = None
+
+    def settle_memory(self) -> None:
+        """Measure what the process holds outside the expert cache and take any excess over
+        the plan from the cache (moeedge.runtime.plan.measured): after loading, and after each
+        prompt (the allocator keeps some of what a prefill used). Not with a draft: its
+        memory comes and goes with the speculative loop."""
+        if self.speculator is not None:
+            return
+        held = rss_bytes() - self.cache.stats()["resident_bytes"]
+        least = self.plan.prefill_borrow_bytes + self.config.top_k * self.runner.experts.slot
+        plan = measured(self.plan, held, least)
+        if plan is not self.plan:
+            from moeedge.ladder.live import apply
+
+            self.budget_changes.append({**apply(self, plan), "reason": "measured: the process holds more "
+                                        "than its plan outside the expert cache"})
 
     def stats(self) -> dict:
         c = self._counters
@@ -332,6 +349,7 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
         tokenizer = open_tokenizer(ckpt)
         model = MoeModel(ckpt, memory, cache, runner, tokenizer, policy)
         model.draft_note = None if draft is None else draft_note
+        model.settle_memory()
         if draft_ckpt is not None:
             model.speculator = Speculator(load_draft(ckpt, draft_ckpt, dense, max_context, dtype))
     except BaseException:

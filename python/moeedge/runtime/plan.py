@@ -125,6 +125,21 @@ def plan_checkpoint(ckpt, runner: type[Needs], slot_bytes: int, budget: int, fix
     return plan(chunks[-1], budget)
 
 
+def measured(plan: MemoryPlan, held_bytes: int, least_cache_bytes: int) -> MemoryPlan:
+    """The plan corrected by a measurement: held_bytes, what the process holds outside its
+    expert cache between two steps, against what the plan counted there (fixed cost, dense
+    weights, KV cache). What loading added beyond that (modules imported on the way, the
+    tokenizer, tensor tables, native threads, the allocator's arenas: 40-60 MB on a
+    full-size Mixtral-8x7B GGUF, where an 8 GiB plan without it was OOM-killed) is taken
+    from the expert cache, never below least_cache_bytes, so that the process keeps to its
+    budget. Only ever a shrink: a measurement below the plan changes nothing."""
+    excess = held_bytes - (plan.fixed_bytes + plan.dense_bytes + plan.kv_cache_bytes)
+    cut = min(excess, plan.expert_cache_bytes - least_cache_bytes)
+    if cut <= 0:
+        return plan
+    return replace(plan, fixed_bytes=plan.fixed_bytes + cut, expert_cache_bytes=plan.expert_cache_bytes - cut)
+
+
 def expert_budget(plan: MemoryPlan, all_experts_bytes: int) -> int:
     """The expert cache's budget: its share of the plan, but never more than every expert."""
     return min(plan.expert_cache_bytes, all_experts_bytes)
