@@ -10,7 +10,7 @@ llama-cpp-python's `llama_cpp.server`.
 Each round starts every server in turn (the order alternating from round to round), each in
 a memory cgroup of its own limited to --limit (a fraction of the GGUF's size, bytes, or none),
 after dropping the GGUF's pages from the page cache (pages charged to an earlier cgroup would
-make a limited server look unlimited). A server is warmed (one request per slot), then gets
+make a limited server look unlimited). A server is warmed (two requests at once), then gets
 each N of --streams (alternating order) as N greedy streaming completions sent at once,
 --tokens tokens each, not stopping at end of sequence. The prompts are openings of held-out
 source files of the default model's corpus, different for every round and N (no server finds
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     slots = max(streams)
     # one set for the warm-up, then a fresh set for every round and N, shared by the servers
     pool = held_out_prompts(slots + args.rounds * sum(streams), args.prompt_chars)
-    warm, sets = pool[:slots], {}
+    warm, sets = pool[:2], {}
     at = slots
     for r in range(args.rounds):
         for n in streams:
