@@ -126,8 +126,8 @@ def stream_once(port: int, prompt: str, tokens: int, out: dict, ignore_eos: bool
                 chunks.append(now)
             finish = choice.get("finish_reason") or finish
     conn.close()
-    if not chunks:
-        out["error"] = "no text came back"
+    if not chunks or finish is None:
+        out["error"] = "no text came back" if not chunks else "the stream ended without a finish_reason"
         return
     out["chunks"] = chunks
     out["tokens"] = usage["completion_tokens"] if usage else tokens if finish == "length" else len(chunks)

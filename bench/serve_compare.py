@@ -18,7 +18,8 @@ one in a cache) and the same for every server. Per server and N: the median aggr
 over rounds, p50/p99 time to first token and p99 time between tokens (client side, all
 rounds). Every server gets --threads threads, slots of --max-context tokens, and
 max(streams) slots where it has slots (llama_cpp.server has one: it runs requests one at a
-time).
+time, and is started with --interrupt_requests False, since by default a new request ends the
+stream in flight early).
 """
 from __future__ import annotations
 
@@ -59,7 +60,9 @@ def command(name: str, args, port: int, slots: int) -> tuple[list[str], str, dic
                  "-c", str(slots * ctx), "-t", threads, "-tb", threads], "/health", None)
     env = {**os.environ, "LLAMA_CPP_LIB_PATH": args.llama_lib} if args.llama_lib else None
     return ([args.llama_cpp_python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
-             "--port", str(port), "--n_ctx", str(ctx), "--n_threads", threads, "--n_threads_batch", threads],
+             "--port", str(port), "--n_ctx", str(ctx), "--n_threads", threads, "--n_threads_batch", threads,
+             # its default ends a stream in flight with [DONE] when another request comes: queue them instead
+             "--interrupt_requests", "False"],
             "/v1/models", env)
 
 
