@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=32, help="tokens each request generates (default 32)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--limit", default="none", help="memory cgroup limit: a fraction of the GGUF (0.5), bytes, "
-                                                   "or none (a cgroup without a limit; default)")
+                                                   "or none (no cgroup; default)")
     p.add_argument("--servers", default=",".join(SERVERS), help=f"which of {','.join(SERVERS)} (default all)")
     p.add_argument("--prompt-chars", type=int, default=400)
     p.add_argument("--max-context", type=int, default=512, help="tokens of each slot (default 512)")
