@@ -21,162 +21,56 @@ reports the server's decode time per token over run's (both stop at end of seque
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
-import uuid
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def held_out_prompts(n: int, chars: int) -> list[str]:
-    from moeedge.data.corpus import collect
-
-    texts = [t for t in collect().texts("heldout") if len(t) > chars]
-    random.Random(0).shuffle(texts)
-    return [t[:chars] for t in texts[:n]]
+from serve_clients import (ServerProcess, commit, cpu_name, free_port, held_out_prompts, report, run_clients,
+                           stream_once, summarize)
 
 
 # -- the server ------------------------------------------------------------------------
-class Server:
+class Server(ServerProcess):
+    """`moeedge serve` with --max-batch the largest N, in a cgroup limited to the budget with --cgroup."""
+
     def __init__(self, args, max_batch: int):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "moeedge.cli", "serve", args.source, "--port", str(self.port),
+        from moeedge.units import parse_bytes
+
+        port = free_port()
+        cmd = [sys.executable, "-m", "moeedge.cli", "serve", args.source, "--port", str(port),
                "--max-batch", str(max_batch), "--max-context", str(args.max_context),
                "--memory-budget", args.memory_budget, "--policy", args.policy]
-        self.cgroup = None
-        if args.cgroup:
-            from moeedge.cgroup import own_memory_cgroup
-            from moeedge.units import parse_bytes
-
-            parent, version = own_memory_cgroup()
-            self.cgroup = parent / f"moeedge-serve-{uuid.uuid4().hex[:8]}"
-            self.cgroup.mkdir()
-            limit = str(parse_bytes(args.memory_budget))
-            (self.cgroup / ("memory.limit_in_bytes" if version == 1 else "memory.max")).write_text(limit)
-            self.peak_file = self.cgroup / ("memory.max_usage_in_bytes" if version == 1 else "memory.peak")
-            cmd = ["sh", "-c", f'echo $$ > "{self.cgroup / "cgroup.procs"}" && exec "$@"', "sh", *cmd]
-        self.log = open(args.log, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while not self._healthy():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start (exit {self.proc.poll()}): see {args.log}")
-            time.sleep(0.5)
-
-    def _healthy(self) -> bool:
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5).status == 200
-        except OSError:
-            return False
+        super().__init__(cmd, port, args.log, parse_bytes(args.memory_budget) if args.cgroup else None, start_s=600)
 
     def metrics(self) -> dict[str, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=30).read().decode()
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                 if line and not line.startswith("#")}
 
-    def peak_bytes(self) -> int | None:
-        return int(self.peak_file.read_text()) if self.cgroup else None
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.cgroup is not None:
-            for _ in range(50):
-                try:
-                    self.cgroup.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.1)
-
-
-# -- one client ------------------------------------------------------------------------
-def stream_once(port: int, prompt: str, tokens: int, out: dict, ignore_eos: bool = True) -> None:
-    """One streaming completion; out gets its send time, chunk times and token count."""
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": ignore_eos,
-            "stream_options": {"include_usage": True}}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    out["sent"] = time.perf_counter()
-    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
-    r = conn.getresponse()
-    if r.status != 200:
-        out["error"] = f"{r.status} {r.read()[:200]!r}"
-        return
-    chunks = []
-    for line in r:
-        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-            continue
-        now = time.perf_counter()
-        event = json.loads(line[6:])
-        if "error" in event:
-            out["error"] = event["error"]["message"]
-            return
-        if event.get("usage"):
-            out["tokens"] = event["usage"]["completion_tokens"]
-        elif event["choices"] and event["choices"][0]["text"]:
-            chunks.append(now)
-    conn.close()
-    out["chunks"] = chunks
-
 
 def one_round(server: Server, prompts: list[str], tokens: int) -> dict:
+    """The clients' figures, and from /metrics the server's decode rate and what it read."""
     before = server.metrics()
-    outs = [{} for _ in prompts]
-    threads = [threading.Thread(target=stream_once, args=(server.port, p, tokens, o)) for p, o in zip(prompts, outs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    row = run_clients(server.port, prompts, tokens)
     after = server.metrics()
-    errors = [o["error"] for o in outs if "error" in o]
-    if errors:
-        raise RuntimeError(f"requests failed: {errors[:3]}")
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    generated = sum(o["tokens"] for o in outs)
-    wall = max(o["chunks"][-1] for o in outs) - min(o["sent"] for o in outs)
-    gaps = [b - a for o in outs for a, b in zip(o["chunks"], o["chunks"][1:])]
-    return {"streams": len(prompts), "generated": generated,
-            "aggregate_tok_s": generated / wall,
+    generated = row["generated"]
+    return {**row,
             "server_decode_tok_s": delta["moeedge_generated_tokens_total"] / delta["moeedge_decode_seconds_total"],
-            "ttft": [o["chunks"][0] - o["sent"] for o in outs], "gaps": gaps,
             "bytes_read_per_token": delta["moeedge_bytes_read_total"] / generated,
             # experts the steps used (cache gets), resident or read: the weights a token costs
             "experts_per_token": (delta["moeedge_cache_hits_total"] + delta["moeedge_cache_misses_total"]) / generated,
             "decode_steps": delta["moeedge_decode_steps_total"]}
 
 
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
-
-
-def summarize(rounds: list[dict]) -> dict:
+def summarize_moeedge(rounds: list[dict]) -> dict:
     med = statistics.median
-    return {"streams": rounds[0]["streams"], "rounds": len(rounds),
-            "aggregate_tok_s": med(r["aggregate_tok_s"] for r in rounds),
-            "server_decode_tok_s": med(r["server_decode_tok_s"] for r in rounds),
-            "ttft_p50_s": percentile([t for r in rounds for t in r["ttft"]], 0.5),
-            "ttft_p99_s": percentile([t for r in rounds for t in r["ttft"]], 0.99),
-            "between_tokens_p99_s": percentile([g for r in rounds for g in r["gaps"]], 0.99),
+    return {**summarize(rounds), "server_decode_tok_s": med(r["server_decode_tok_s"] for r in rounds),
             "bytes_read_per_token": med(r["bytes_read_per_token"] for r in rounds),
-            "experts_per_token": med(r["experts_per_token"] for r in rounds),
-            "all_aggregate_tok_s": [round(r["aggregate_tok_s"], 2) for r in rounds]}
+            "experts_per_token": med(r["experts_per_token"] for r in rounds)}
 
 
 # -- against `moeedge run` -------------------------------------------------------------
@@ -256,7 +150,7 @@ def main(argv=None) -> int:
             for n in (streams if r % 2 == 0 else streams[::-1]):
                 per_n[n].append(one_round(server, prompts[:n], args.tokens))
                 print(f"round {r} streams {n}: {per_n[n][-1]['aggregate_tok_s']:.2f} tok/s", file=sys.stderr)
-        results["load"] = [summarize(per_n[n]) for n in streams]
+        results["load"] = [summarize_moeedge(per_n[n]) for n in streams]
         base = results["load"][0]["aggregate_tok_s"]
         for row in results["load"]:
             row["x_first"] = row["aggregate_tok_s"] / base
@@ -279,26 +173,7 @@ def main(argv=None) -> int:
                                                       "moeedge_resident_bytes", "moeedge_cache_hit_rate"))}
     finally:
         server.stop()
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    return 0
-
-
-def cpu_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True).stdout.strip()
-    except OSError:
-        return "unknown"
+    return report(results, args.json)
 
 
 if __name__ == "__main__":

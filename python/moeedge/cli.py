@@ -86,13 +86,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="compute threads (default: every CPU this process may run on)")
     p.add_argument("--plan", default=None, help="a plan file from `moeedge plan -o`: each MoE layer's variant")
-    p.add_argument("--peer", action="append", default=None, metavar="MULTIADDR",
-                   help="a `moeedge serve-experts` peer's address, repeatable: it computes experts it holds "
-                        "where that is faster than reading them (needs moeedge[peers]; docs/peers.md)")
-    p.add_argument("--peer-deadline", type=float, default=1.0,
-                   help="seconds a peer's call may take before its experts are computed here (default 1)")
-    p.add_argument("--peer-identity", default=None, metavar="PATH",
-                   help="this client's key file (made if missing), so peers can --allow it (moeedge peer-id PATH)")
+    from moeedge.peers.cli import add_peer_client_options
+    add_peer_client_options(p)
 
 
 def _budget(text: str) -> str | int:

@@ -91,6 +91,17 @@ def _cmd_peer_id(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_peer_client_options(p: argparse.ArgumentParser) -> None:
+    """--peer, --peer-deadline, --peer-identity: for the commands that load a model (run, chat, serve)."""
+    p.add_argument("--peer", action="append", default=None, metavar="MULTIADDR",
+                   help="a `moeedge serve-experts` peer's address, repeatable: it computes experts it holds "
+                        "where that is faster than reading them (needs moeedge[peers]; docs/peers.md)")
+    p.add_argument("--peer-deadline", type=float, default=1.0,
+                   help="seconds a peer's call may take before its experts are computed here (default 1)")
+    p.add_argument("--peer-identity", default=None, metavar="PATH",
+                   help="this client's key file (made if missing), so peers can --allow it (moeedge peer-id PATH)")
+
+
 def add_peer_parsers(sub) -> None:
     p = sub.add_parser("peer-id", help="the peer id of a key file (made if missing), for --allow")
     p.add_argument("path")

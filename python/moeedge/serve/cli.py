@@ -44,6 +44,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="expert cache eviction policy (default auto, as for run)")
     p.add_argument("--threads", type=int, default=None,
                    help="compute threads (default: every CPU this process may run on)")
+    from moeedge.peers.cli import add_peer_client_options
+    add_peer_client_options(p)   # decode steps of several sequences call peers too (docs/peers.md)
     p.set_defaults(run=run_serve)
     return p
 
@@ -61,6 +63,8 @@ def _check(args: argparse.Namespace) -> dict:
         raise _Usage(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.threads is not None and args.threads < 1:
         raise _Usage(f"--threads must be at least 1, got {args.threads}")
+    if not args.peer_deadline > 0:
+        raise _Usage(f"--peer-deadline must be positive, got {args.peer_deadline}")
     if args.api_key is not None and not args.api_key.strip():
         raise _Usage("--api-key is empty")
     budget = args.memory_budget.strip().lower()
@@ -103,7 +107,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from moeedge.serve.generation import Served
 
     model = load(args.source, memory_budget=options["memory_budget"], max_context=args.max_context,
-                 n_sequences=args.max_batch, threads=args.threads, policy=args.policy)
+                 n_sequences=args.max_batch, threads=args.threads, policy=args.policy,
+                 peers=args.peer, peer_deadline=args.peer_deadline, peer_identity=args.peer_identity)
     engine = None
     try:
         check_servable(model)

@@ -70,3 +70,10 @@ class ServerMetrics:
         yield resident
         yield gauge("memory_budget_bytes", "The memory budget of the whole process", plan.budget_bytes)
         yield gauge("expert_cache_budget_bytes", "The expert cache's share of the budget", cache["budget_bytes"])
+        remote = getattr(self._model.runner, "remote", None)
+        if remote is not None:   # --peer
+            peers = CounterMetricFamily("moeedge_peer_experts", "Missing experts of decode steps, by where they ran",
+                                        labels=["where"])
+            for where, n in sorted(remote.counters.items()):
+                peers.add_metric([where], n)
+            yield peers
