@@ -71,3 +71,26 @@ def test_without_hivemind_peer_commands_say_how_to_install_and_exit_2(argv):
     assert run.returncode == 2, run.stderr
     assert 'pip install "moeedge[peers]"' in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_the_bandwidth_probe_grows_until_a_transfer_is_long_and_bounds_a_link_that_times_out():
+    import asyncio
+
+    from moeedge.peers import probe
+
+    sizes = []
+
+    async def slow(pad, timeout):  # a link of 1 MB/s past the first call, as tbf after its burst
+        sizes.append(pad)
+        await asyncio.sleep(0.001 if len(sizes) == 1 else pad / 1e6)
+
+    bps, spent, sent = asyncio.run(probe.sustained_bandwidth(slow, 0.0, 10.0))
+    assert sizes == [32 << 10, 64 << 10, 128 << 10, 256 << 10]  # 256 KiB: the first to take 0.2 s
+    assert 0.8e6 < bps <= 1e6 and sent == sum(sizes) and spent > 0.2
+
+    async def stuck(pad, timeout):
+        raise asyncio.TimeoutError
+
+    assert asyncio.run(probe.sustained_bandwidth(stuck, 0.0, 4.0))[0] == (32 << 10) / 4.0  # at most that fast
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        asyncio.run(probe.sustained_bandwidth(stuck, 0.0, 0))

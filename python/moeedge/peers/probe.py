@@ -1,0 +1,43 @@
+"""How fast a link to a peer is: the bandwidth it sustains, not the burst it lets through.
+
+A shaped link (tc's tbf, a cell's scheduler) sends a burst at line rate before it holds the
+sender to its rate: one short padded call times the burst, not the link (a 32 KiB probe fits
+tbf's 32 KiB bucket whole, so a 0.1 Mbit/s link measured as fast as loopback). So the padded
+calls grow (START_BYTES, then twice the last) back to back until one's transfer
+takes at least MIN_TRANSFER_S beyond the round trip, or the largest is sent: the first ones
+empty the bucket, and the last one is timed at the rate the link holds it to. The first is
+never the one timed: a bucket half emptied by the calls before it makes it slow enough to
+stop at, and still too fast (at 0.1 Mbit/s it measured 0.37). A call that
+misses its timeout says the link is at most that fast (size / timeout)."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+START_BYTES = 32 << 10
+# a peer answers info requests of up to 1 MiB (moeedge.peers.handler.MAX_PROBE_BYTES)
+MAX_BYTES = (1 << 20) - 256
+GROWTH = 2
+MIN_TRANSFER_S = 0.2
+
+
+async def sustained_bandwidth(send: Callable[[int, float], Awaitable[object]], rtt_s: float,
+                              timeout_s: float) -> tuple[float, float, int]:
+    """(bytes/s the link sustains, seconds the probe took, bytes it sent). send(pad, timeout)
+    makes one call padded by pad bytes and raises asyncio.TimeoutError past timeout."""
+    if timeout_s <= 0:
+        raise ValueError(f"the probe's timeout must be positive, got {timeout_s}")
+    size, spent, sent = START_BYTES, 0.0, 0
+    while True:
+        start = time.perf_counter()
+        try:
+            await send(size, timeout_s)
+        except asyncio.TimeoutError:
+            return size / timeout_s, spent + timeout_s, sent + size
+        took = time.perf_counter() - start
+        spent, sent = spent + took, sent + size
+        transfer = took - rtt_s
+        if (transfer >= MIN_TRANSFER_S and size > START_BYTES) or size >= MAX_BYTES:
+            return size / max(transfer, 1e-6), spent, sent
+        size = min(size * GROWTH, MAX_BYTES)
