@@ -43,25 +43,28 @@ def client(args: argparse.Namespace) -> None:
     model.close()
 
 
+def expert_bytes(model: str) -> int:
+    """One expert's bytes (the mean over the model's experts)."""
+    from moeedge.formats.open import open_checkpoint
+
+    ckpt = open_checkpoint(model)
+    return ckpt.expert_nbytes // (len(ckpt.config.moe_layers) * ckpt.config.n_experts)
+
+
 def budget_l(model: str) -> int:
     from moeedge.formats.open import open_checkpoint
     from moeedge.info import describe
 
     info = json.loads(describe(model, 1024, json_out=True))
     ckpt = open_checkpoint(model)
-    cfg = ckpt.config
-    one_expert = ckpt.expert_nbytes // (len(cfg.moe_layers) * cfg.n_experts)
-    return info["min_budget_bytes"] - cfg.top_k * one_expert + ckpt.expert_nbytes // 4
+    return info["min_budget_bytes"] - ckpt.config.top_k * expert_bytes(model) + ckpt.expert_nbytes // 4
 
 
 def client_experts(model: str, budget: int) -> int:
     """Experts the client caches under budget: the peer holds the next most used."""
     from moeedge.formats.open import open_checkpoint
 
-    ckpt = open_checkpoint(model)
-    cfg = ckpt.config
-    return (budget - budget_l(model) + ckpt.expert_nbytes // 4) // (ckpt.expert_nbytes // (len(cfg.moe_layers)
-                                                                                          * cfg.n_experts))
+    return (budget - budget_l(model) + open_checkpoint(model).expert_nbytes // 4) // expert_bytes(model)
 
 
 def drop_caches() -> None:
@@ -81,10 +84,13 @@ def run_client(dev, ns: str, args, peer: str | None) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def start_peer(dev, ns: str, args, address: str) -> tuple[subprocess.Popen, list[str]]:
+def start_peer(dev, ns: str, args, listen: str) -> tuple[subprocess.Popen, list[str]]:
+    """serve-experts in device dev, namespace ns, on multiaddr listen (any caller allowed off
+    loopback: the namespaces' link reaches nothing else)."""
     cmd = [sys.executable, "-m", "moeedge.cli", "serve-experts", args.model, "--memory-budget", str(args.budget),
-           "--listen", f"/ip4/{address}/tcp/4411", "--allow-any", "--trace", args.trace,
-           "--skip-most-used", str(args.skip)]
+           "--listen", listen, "--trace", args.trace, "--skip-most-used", str(args.skip)]
+    if not listen.startswith("/ip4/127."):
+        cmd.append("--allow-any")
     proc = subprocess.Popen(dev.command(ns, cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     ready = threading.Event()
@@ -103,6 +109,14 @@ def start_peer(dev, ns: str, args, address: str) -> tuple[subprocess.Popen, list
     return proc, lines
 
 
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def bench(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(HERE))
     from peers_net import Device, Link, is_root
@@ -114,7 +128,7 @@ def bench(args: argparse.Namespace) -> None:
     link, a, b, peer = Link(args.rates[0]), Device(0, args.budget), Device(1, args.budget), None
     results = {"model": args.model, "budget_bytes": args.budget, "tokens": args.tokens, "rates": []}
     try:
-        peer, lines = start_peer(b, link.ns[1], args, link.addr[1])
+        peer, lines = start_peer(b, link.ns[1], args, f"/ip4/{link.addr[1]}/tcp/4411")
         address = next(x for x in lines if x.startswith(f"/ip4/{link.addr[1]}/"))
         results["peer"] = lines[:-1]
         print("\n".join(lines), flush=True)
@@ -138,11 +152,7 @@ def bench(args: argparse.Namespace) -> None:
         results["oom_kills"] = {"client": a.oom_kills(), "peer": b.oom_kills()}
     finally:
         if peer is not None:
-            peer.terminate()
-            try:
-                peer.wait(30)
-            except subprocess.TimeoutExpired:
-                peer.kill()
+            stop(peer)
         link.close()
         time.sleep(1)
         a.close()
@@ -152,17 +162,22 @@ def bench(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_args(p: argparse.ArgumentParser) -> None:
+    """The arguments the two-device benchmarks share (this one and peers_trace.py)."""
     p.add_argument("--model", default="/var/tmp/moeedge-models/default-64m")
-    p.add_argument("--trace", default=str(HERE / "traces" / "default-heldout.npz"))
-    p.add_argument("--budget", type=int, default=None, help="L in bytes (default: as the docstring says)")
-    p.add_argument("--rates", type=float, nargs="+", default=[100, 30, 10, 3, 1], help="link Mbit/s, in order")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--trace", default=str(HERE / "traces" / "default-heldout.npz"), help="the routing trace")
+    p.add_argument("--budget", type=int, default=None, help="L in bytes (default: as peers_decode.py says)")
     p.add_argument("--deadline", type=float, default=1.0)
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--peer", default=None, help=argparse.SUPPRESS)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_args(p)
+    p.add_argument("--rates", type=float, nargs="+", default=[100, 30, 10, 3, 1], help="link Mbit/s, in order")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=32)
     args = p.parse_args()
     client(args) if args.client else bench(args)
 
