@@ -19,7 +19,7 @@ from moeedge import BudgetError, ExpertStore, kernels
 from moeedge.formats.open import open_checkpoint
 from moeedge.models.family import plan_for
 from moeedge.cgroup import CgroupUnavailable, run_limited
-from moeedge.models.decoder import DecoderMoE
+from moeedge.models.decoder import DecoderMoE, prefill_span
 from moeedge.runtime.plan import FIXED_JITTER_BYTES
 from moeedge.runtime.embedding import EMBEDDING, DiskEmbedding, embedding_on_disk
 from gguf_fixtures import quantized_mixtral
@@ -102,8 +102,9 @@ def test_a_prompt_borrows_its_activations_from_the_expert_cache(tiny):
         model.runner.step = watched
         assert list(model.stream_ids(PROMPT, max_new_tokens=4, temperature=0)) == expected
         assert cache.budget_bytes == 8 * slot
-    chunks = -(-len(PROMPT) // 16)
-    assert [n for n, _, _ in budgets] == [16] * (chunks - 1) + [len(PROMPT) % 16] + [1] * 3
+    span = prefill_span(model.config, model.runner.max_context, 16)  # the prompt's tokens a step
+    chunks = -(-len(PROMPT) // span)
+    assert [n for n, _, _ in budgets] == [span] * (chunks - 1) + [len(PROMPT) - span * (chunks - 1)] + [1] * 3
     assert all(b == 5 * slot and r <= b for _, b, r in budgets[:chunks])
     assert all(b == 8 * slot and r <= b for _, b, r in budgets[chunks:])
 

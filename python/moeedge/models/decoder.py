@@ -29,6 +29,27 @@ from moeedge.runtime.experts import ExpertAccess
 from moeedge.runtime.prefetcher import build_prefetcher
 
 
+# A prompt longer than a chunk runs a span of several chunks layer by layer: attention chunk
+# by chunk (the chunk bounds its scores), then each MoE layer over the whole span at once,
+# so that an expert the span routes to is read once per span, not once per chunk (under a
+# tight budget few experts stay cached from one chunk to the next). The rows are the same
+# bits either way (the kernels are batch-invariant). A span's rows hold (5 + top_k) x hidden
+# floats a token (h, x, their per-chunk parts, each expert's output rows, their sum): at
+# most PREFILL_SPAN_BYTES of them, and at most PREFILL_SPAN_CHUNKS chunks.
+PREFILL_SPAN_BYTES = 64 << 20
+PREFILL_SPAN_CHUNKS = 8
+
+
+def span_row_bytes(cfg: DecoderConfig) -> int:
+    return (5 + cfg.top_k) * cfg.hidden * 4
+
+
+def prefill_span(cfg: DecoderConfig, max_context: int, chunk: int) -> int:
+    """Prompt tokens per layer-by-layer pass, a whole number of chunks."""
+    chunks = max(1, min(PREFILL_SPAN_CHUNKS, PREFILL_SPAN_BYTES // (span_row_bytes(cfg) * chunk)))
+    return max(1, min(max_context, chunk * chunks))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # As transformers does it: normalise in fp32, scale in the input dtype.
     h = x.float()
@@ -108,15 +129,16 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         ffn = min(chunk, ffn_rows(cfg)) * 4 * widest * 4
         largest = max(widest, cfg.vocab, cfg.n_heads * cfg.head_dim) * cfg.hidden * 4
         converted = min(CONVERT_BLOCK_BYTES, largest) if chunk > NATIVE_MAX_TOKENS else 0
-        return chunk * per_token * 4 + ffn + converted
+        span = prefill_span(cfg, max_context, chunk) * span_row_bytes(cfg) if chunk > 1 else 0
+        return chunk * per_token * 4 + ffn + converted + span
 
     # -- sequences ---------------------------------------------------------------------
     def prompt(self, seq: Sequence, ids: list[int], chunk: int) -> tuple[torch.Tensor, int]:
         common = common_prefix(seq.ids, ids)
         self.truncate(seq, common)
-        logits = None
-        for i in range(common, len(ids), chunk):
-            logits = self.step([(seq, torch.tensor(ids[i:i + chunk]))])[0]
+        logits, span = None, prefill_span(self.cfg, self.max_context, chunk)
+        for i in range(common, len(ids), span):
+            logits = self.step([(seq, torch.tensor(ids[i:i + span]))], chunk=chunk)[0]
         return logits[-1], len(ids) - common
 
     def score(self, seq: Sequence, ids: torch.Tensor, chunk: int, decoder_ids=None) -> torch.Tensor:
@@ -220,8 +242,10 @@ class DecoderMoE(DecoderFFN, SlotSequences):
 
     # -- the whole model ---------------------------------------------------------------
     def step(self, batch: list[tuple[Sequence, torch.Tensor]], all_logits: bool = False,
-             exact: bool = False) -> list[torch.Tensor]:
-        """exact: one sequence's several tokens (a speculative verify pass) get the bits that
+             exact: bool = False, chunk: int = 0) -> list[torch.Tensor]:
+        """chunk: each sequence's attention runs this many of its tokens at a time (0: all),
+        the feed-forward blocks still on every row of the step at once (prompt spans).
+        exact: one sequence's several tokens (a speculative verify pass) get the bits that
         one-token steps would give each: attention runs token by token through the decode
         path, the feed-forward blocks on all rows through the batch-invariant kernels. Its
         routing is held back (not recorded, not shown to the predictor) until
@@ -233,24 +257,25 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         if self.prefetcher is not None and any(len(seq) == 0 for seq, _ in batch):
             self.prefetcher.reset()
         self.held = [] if exact else None
-        out = self._forward_threads(batch, all_logits, exact=exact)
+        out = self._forward_threads(batch, all_logits, exact=exact, chunk=chunk)
         if not all_finite(out):
             self.held = [] if exact else None
-            self._forward_threads(batch, all_logits, check=True, exact=exact)  # again, layer by layer: which one
+            self._forward_threads(batch, all_logits, check=True, exact=exact, chunk=chunk)  # again, layer by layer: which one
             raise NonFiniteError("the logits hold NaN or Inf values: the checkpoint's weights or config are bad")
         for seq, tokens in batch:  # only now: a step that failed part-way changed no record
             seq.ids.extend(tokens.tolist())
         return out
 
-    def _forward_threads(self, batch, all_logits: bool, check: bool = False, exact: bool = False) -> list[torch.Tensor]:
+    def _forward_threads(self, batch, all_logits: bool, check: bool = False, exact: bool = False,
+                         chunk: int = 0) -> list[torch.Tensor]:
         if sum(len(tokens) for _, tokens in batch) > NATIVE_MAX_TOKENS:
-            return self._forward(batch, all_logits, check, exact)
+            return self._forward(batch, all_logits, check, exact, chunk)
         # A decode step's heavy products run on moeedge's own kernel threads; torch's
         # OpenMP threads would only spin against them on the small remaining ops.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._forward(batch, all_logits, check, exact)
+            return self._forward(batch, all_logits, check, exact, chunk)
         finally:
             torch.set_num_threads(threads)
 
@@ -261,9 +286,10 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         return F.embedding(tokens, embed).to(self.dtype)
 
     def _forward(self, batch: list[tuple[Sequence, torch.Tensor]], all_logits: bool,
-                 check: bool = False, exact: bool = False) -> list[torch.Tensor]:
+                 check: bool = False, exact: bool = False, chunk: int = 0) -> list[torch.Tensor]:
         """check: raise NonFiniteError naming the first layer whose output is not finite.
-        exact: every token is a segment of its own, as if each were another sequence's."""
+        exact: every token is a segment of its own, as if each were another sequence's;
+        chunk: a sequence's tokens are segments of at most this many, in order."""
         cfg, w = self.cfg, self.w
         sizes = [len(tokens) for _, tokens in batch]
         tokens = torch.cat([t for _, t in batch]) if len(batch) > 1 else batch[0][1]
@@ -271,8 +297,9 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         if check:
             check_finite(h, "the token embedding")
         # segments: (sequence, first position, tokens), attended to apart
-        segments = ([(batch[0][0], len(batch[0][0]) + i, 1) for i in range(sizes[0])] if exact
-                    else [(seq, len(seq), n) for (seq, _), n in zip(batch, sizes)])
+        step = 1 if exact else chunk
+        segments = [(seq, len(seq) + i, min(step, n - i) if step else n)
+                    for (seq, _), n in zip(batch, sizes) for i in range(0, n, step or n)]
         ropes = [self._rope(torch.arange(start, start + n)) for _, start, n in segments]
         # a one-token segment's native step takes cos and sin [D] as numpy: made once, not per layer
         ropes = [(rope, tuple(t.reshape(-1).contiguous().numpy() for t in rope) if n == 1 else None)
