@@ -73,24 +73,29 @@ def test_without_hivemind_peer_commands_say_how_to_install_and_exit_2(argv):
     assert "Traceback" not in run.stderr
 
 
-def test_the_bandwidth_probe_grows_until_a_transfer_is_long_and_bounds_a_link_that_times_out():
+def test_the_bandwidth_probe_grows_until_a_transfer_is_long_and_bounds_a_link_that_times_out(monkeypatch):
     import asyncio
+    import types
 
     from moeedge.peers import probe
 
+    clock = types.SimpleNamespace(now=0.0)  # the link's time, not the machine's: no timing here
+    monkeypatch.setattr(probe, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
     sizes = []
 
-    async def slow(pad, timeout):  # a link of 1 MB/s past the first call, as tbf after its burst
+    async def link(pad, timeout):  # 1 MB/s past a 40 KiB burst, as tbf: a full bucket, then the rate
         sizes.append(pad)
-        await asyncio.sleep(0.001 if len(sizes) == 1 else pad / 1e6)
+        burst = max(0, (40 << 10) - sum(sizes[:-1]))
+        clock.now += max(0, pad - burst) / 1e6
 
-    bps, spent, sent = asyncio.run(probe.sustained_bandwidth(slow, 0.0, 10.0))
-    assert sizes == [32 << 10, 64 << 10, 128 << 10, 256 << 10]  # 256 KiB: the first to take 0.2 s
-    assert 0.8e6 < bps <= 1e6 and sent == sum(sizes) and spent > 0.2
+    bps, spent, sent = asyncio.run(probe.sustained_bandwidth(link, 0.0, 10.0))
+    # 256 KiB: the first to take 0.2 s; then timed again, from an empty bucket
+    assert sizes == [4 << 10, 8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 256 << 10]
+    assert bps == pytest.approx(1e6) and sent == sum(sizes) and spent == pytest.approx(clock.now)
 
     async def stuck(pad, timeout):
         raise asyncio.TimeoutError
 
-    assert asyncio.run(probe.sustained_bandwidth(stuck, 0.0, 4.0))[0] == (32 << 10) / 4.0  # at most that fast
+    assert asyncio.run(probe.sustained_bandwidth(stuck, 0.0, 4.0))[0] == (4 << 10) / 4.0  # at most that fast
     with pytest.raises(ValueError, match="timeout must be positive"):
         asyncio.run(probe.sustained_bandwidth(stuck, 0.0, 0))
