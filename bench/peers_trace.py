@@ -2,7 +2,8 @@
 with the other's experts (root only):
 
     sudo .venv/bin/python bench/peers_trace.py [--model DIR] [--network walking-trace.csv:throughput_mbps]
-        [--scale 0.002] [--start 150] [--seconds 300] [--rtt VERIZON:US-East] [--alone-seconds 60]
+        [--scale 0.002] [--start 150] [--seconds 300] [--rtt VERIZON:US-East] [--rtt-scale 1]
+        [--alone-seconds 60] [--out peers_trace]
 
 Devices as in peers_decode.py: A (core 0, a memory cgroup of L) decodes greedily; B (core 1,
 its own cgroup of L) runs `moeedge serve-experts` with the experts A cannot cache. The link
@@ -12,8 +13,8 @@ and the round trip that a relay beside the peer adds in user space (bench/peers_
 no netem here), from round-trip-times.csv's samples of one carrier and server in file order.
 A prints one JSON line per token (its time, what its missing experts did: sent to the peer or
 read here, and its own measurements of the link); A alone runs --alone-seconds before and
-after, for its tokens/s and tokens. Writes bench/results/peers_trace.json, then
-peers_trace_report.py's table and plot."""
+after, for its tokens/s and tokens. Writes bench/results/OUT.json, then peers_trace_report.py's
+table and plot."""
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,10 @@ RATE_FLOOR_MBIT = 0.01  # a second of no throughput (an outage) is this slow a l
 BURST_BYTES = 4 << 10
 
 
-def load_trace(spec: str, scale: float, start: int, seconds: float, rtt: str) -> list[tuple[float, float]]:
+def load_trace(spec: str, scale: float, start: int, seconds: float, rtt: str,
+               rtt_scale: float = 1.0) -> list[tuple[float, float]]:
     """[(link Mbit/s, round trip ms)] one a second: FILE:COLUMN's throughput times scale, and
-    CARRIER:LOCATION's round trips in file order (repeated if shorter)."""
+    CARRIER:LOCATION's round trips in file order (repeated if shorter) times rtt_scale."""
     name, _, column = spec.partition(":")
     with open(DATA / name, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -49,7 +51,7 @@ def load_trace(spec: str, scale: float, start: int, seconds: float, rtt: str) ->
     if not rates or not rtts:
         raise ValueError(f"nothing to replay: {len(rates)} seconds of {spec} from {start}, {len(rtts)} round trips "
                          f"of {rtt}")
-    return [(rate, rtts[i % len(rtts)]) for i, rate in enumerate(rates)]
+    return [(rate, rtts[i % len(rtts)] * rtt_scale) for i, rate in enumerate(rates)]
 
 
 def link_record(remote) -> dict:
@@ -151,7 +153,7 @@ def bench(args: argparse.Namespace) -> None:
 
     if not is_root():
         sys.exit("bench/peers_trace.py needs root (network namespaces, cgroups)")
-    schedule = load_trace(args.network, args.scale, args.start, args.seconds, args.rtt)
+    schedule = load_trace(args.network, args.scale, args.start, args.seconds, args.rtt, args.rtt_scale)
     args.budget = args.budget or budget_l(args.model)
     args.skip = client_experts(args.model, args.budget)
     from moeedge.formats.open import open_checkpoint
@@ -160,7 +162,7 @@ def bench(args: argparse.Namespace) -> None:
     link, a, b = Link(schedule[0][0], min_burst=BURST_BYTES), Device(0, args.budget), Device(1, args.budget)
     peer = relay = None
     results = {"model": args.model, "budget_bytes": args.budget, "network": args.network, "scale": args.scale,
-               "start": args.start, "rtt": args.rtt, "speed": args.speed, "schedule": schedule,
+               "start": args.start, "rtt": args.rtt, "rtt_scale": args.rtt_scale, "speed": args.speed, "schedule": schedule,
                "hidden": cfg.hidden, "expert_bytes": expert_bytes(args.model)}
     try:
         # the peer on loopback in its namespace: the relay (and so the shaped link) is the one way in
@@ -189,10 +191,10 @@ def bench(args: argparse.Namespace) -> None:
         time.sleep(1)
         a.close()
         b.close()
-    out = HERE / "results" / "peers_trace.json"
+    out = HERE / "results" / f"{args.out}.json"
     out.write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {out}")
-    report(results, HERE / "results" / "plots" / "peers_trace.png")
+    report(results, HERE / "results" / "plots" / f"{args.out}.png")
 
 
 def main() -> None:
@@ -207,7 +209,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=300, help="trace seconds replayed (the client: seconds to decode)")
     p.add_argument("--speed", type=float, default=1.0, help="trace seconds per second")
     p.add_argument("--rtt", default="VERIZON:US-East", help="CARRIER:LOCATION of round-trip-times.csv")
+    p.add_argument("--rtt-scale", type=float, default=1.0, help="times each round trip (a nearer peer: < 1)")
     p.add_argument("--alone-seconds", type=float, default=60.0)
+    p.add_argument("--out", default="peers_trace", help="results/OUT.json and results/plots/OUT.png")
     p.add_argument("--bandwidth-refresh", type=float, default=5.0, help="the client's least seconds between probes")
     args = p.parse_args()
     client(args) if args.client else bench(args)
