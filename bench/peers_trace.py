@@ -147,7 +147,7 @@ class Replay:
 
 
 def bench(args: argparse.Namespace) -> None:
-    from peers_decode import budget_l, client_experts, expert_bytes, start_peer, stop
+    from peers_decode import budget_l, client_experts, expert_bytes, start_peer, tear_down, write_results
     from peers_net import Device, Link, is_root
     from peers_trace_report import report
 
@@ -184,16 +184,8 @@ def bench(args: argparse.Namespace) -> None:
         results["peak_bytes"] = {"client": a.peak_bytes(), "peer": b.peak_bytes()}
         results["oom_kills"] = {"client": a.oom_kills(), "peer": b.oom_kills()}
     finally:
-        for proc in (relay, peer):
-            if proc is not None:
-                stop(proc)
-        link.close()
-        time.sleep(1)
-        a.close()
-        b.close()
-    out = HERE / "results" / f"{args.out}.json"
-    out.write_text(json.dumps(results, indent=1, default=str))
-    print(f"wrote {out}")
+        tear_down([relay, peer], link, [a, b])
+    write_results(args.out, results)
     report(results, HERE / "results" / "plots" / f"{args.out}.png")
 
 
