@@ -85,15 +85,30 @@ def test_a_remote_expert_row_has_the_local_bits(tiny, peer):
         client.close()
 
 
-def test_a_run_with_a_peer_equals_a_run_without(tiny, peer, remote_preferred):
+def with_peer(tiny, peer) -> tuple[list[int], dict]:
+    """10 greedy tokens with the peer, checked against a run without it; the peer stats."""
     want = reference(tiny)
     with moeedge.load(tiny, memory_budget="min", peers=[peer.address]) as m:
         offloaded(m)
         got = list(m.stream_ids(PROMPT, max_new_tokens=10, temperature=0))
         stats = m.stats()["peers"]
     assert got == want
+    return got, stats
+
+
+def test_a_run_with_a_peer_equals_a_run_without(tiny, peer, remote_preferred):
+    _, stats = with_peer(tiny, peer)
     assert stats["sent"] > 0 and stats["peers"][0]["calls"] > 0
     assert stats["computed_here_after_failure"] == 0
+
+
+def test_a_link_unused_for_a_while_gets_one_call_to_measure_it_again(tiny, peer, monkeypatch):
+    from moeedge.peers import client as client_module
+
+    monkeypatch.setattr(remote_module, "disk_bandwidth", lambda stats: 1e15)  # the disk always cheaper
+    monkeypatch.setattr(client_module, "EXPLORE_S", 0.0)  # every link always unused for long enough
+    _, stats = with_peer(tiny, peer)
+    assert stats["explored"] > 0 and stats["sent"] == stats["explored"]  # one a dispatch, no more
 
 
 def test_several_sequences_decoded_together_with_a_peer_equal_each_alone(tiny, peer, remote_preferred):

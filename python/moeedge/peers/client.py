@@ -27,9 +27,13 @@ PROBE_PAD_TIMEOUT_S = 10.0
 # at most a tenth of the time (a slow link's probe is long: it is not to crowd out the calls).
 REFRESH_S = 2.0
 BANDWIDTH_REFRESH_S = 10.0
-# Until calls are measured: a peer's service time is guessed as this much.
+# Until calls are measured: a peer's service time per row is guessed as this much.
 PRIOR_SERVICE_S = 0.002
 EWMA = 0.2  # weight of each new measurement
+# A live link without a call for this long gets one (moeedge.peers.remote), whose time
+# replaces its service time: the only way a service time measured while the link was bad
+# (an outage's slow calls count as service) is measured again once the link is unused.
+EXPLORE_S = 5.0
 
 
 class PeerLink:
@@ -44,6 +48,7 @@ class PeerLink:
         self.alive = False
         self.next_probe = 0.0
         self.next_refresh = self.next_bandwidth = 0.0
+        self.last_call = time.monotonic()
         self.last_error = ""
         self.stats = {"calls": 0, "rows": 0, "failures": 0, "deadline_misses": 0, "revivals": 0,
                       "probe_bytes": 0, "probe_s": 0.0}
@@ -176,13 +181,25 @@ class PeerClient:
                     self._run(self._refresh(link), timeout=None)
             time.sleep(min(0.2, self.retry_s))
 
+    def call_deadline(self, link: PeerLink, rows: int) -> float:
+        """A call's deadline: the deadline, plus twice the peer's measured time for these rows
+        (a prompt's request of 64 rows of a wide expert takes longer than a decode step's),
+        at most ten deadlines (a service time measured during an outage may be long)."""
+        return min(self.deadline_s + 2 * link.cost.service_s * rows, 10 * self.deadline_s)
+
+    def stale(self, link: PeerLink) -> bool:
+        """Whether a live link has gone EXPLORE_S without a call."""
+        return link.alive and time.monotonic() - link.last_call > EXPLORE_S
+
     def call(self, link: PeerLink, layer: int, rows: torch.Tensor, experts: list[int]) -> Future:
         """A Future of expert[i] applied to rows[i] (unscaled [n, H]) by link's peer; its
         result is None where the call failed or missed the deadline (then the peer is down)."""
-        link.cost.queued += 1
-        return asyncio.run_coroutine_threadsafe(self._call(link, layer, rows, experts), self.loop)
+        link.cost.queued += len(experts)
+        explore, link.last_call = self.stale(link), time.monotonic()
+        return asyncio.run_coroutine_threadsafe(self._call(link, layer, rows, experts, explore), self.loop)
 
-    async def _call(self, link: PeerLink, layer: int, rows: torch.Tensor, experts: list[int]) -> torch.Tensor | None:
+    async def _call(self, link: PeerLink, layer: int, rows: torch.Tensor, experts: list[int],
+                    explore: bool = False) -> torch.Tensor | None:
         from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
         from hivemind.proto import runtime_pb2
 
@@ -190,7 +207,7 @@ class PeerClient:
         try:
             request = runtime_pb2.ExpertRequest(uid=layer_uid(self.model, layer), tensors=[
                 serialize_torch_tensor(rows), serialize_torch_tensor(torch.tensor(experts, dtype=torch.int64))])
-            reply = await asyncio.wait_for(self.stubs[link.name].rpc_forward(request), self.deadline_s)
+            reply = await asyncio.wait_for(self.stubs[link.name].rpc_forward(request), self.call_deadline(link, len(experts)))
             if len(reply.tensors) != 1:
                 raise ValueError("a reply has one tensor")
             out = deserialize_torch_tensor(reply.tensors[0])
@@ -204,11 +221,11 @@ class PeerClient:
             link.last_error = f"{type(e).__name__}: {e}"[:300]
             return self._failed(link)
         finally:
-            link.cost.queued = max(0, link.cost.queued - 1)
+            link.cost.queued = max(0, link.cost.queued - len(experts))
         took = time.perf_counter() - start
         sent = rows.numel() * 4 * 2 + len(experts) * 8
-        service = max(0.0, took - link.cost.rtt_s - sent / link.cost.bandwidth_bps)
-        link.cost.service_s += EWMA * (service - link.cost.service_s)
+        service = max(0.0, took - link.cost.rtt_s - sent / link.cost.bandwidth_bps) / len(experts)
+        link.cost.service_s += (1.0 if explore else EWMA) * (service - link.cost.service_s)
         link.stats["calls"] += 1
         link.stats["rows"] += len(experts)
         return out

@@ -23,6 +23,7 @@ from moeedge.peers.names import model_id
 from moeedge.runtime.experts import ExpertAccess
 
 DISK_REFRESH_CALLS = 64  # dispatches between readings of the cache's measured disk bandwidth
+GUARD_S = 60.0  # past a call's own deadline (which grows with its rows): the loop thread is stuck
 
 
 class RemoteCall:
@@ -39,8 +40,8 @@ class RemoteCall:
         have = sum(len(g) for g in self.got)
         while not self.failed and len(self.got) < len(self.parts) and (upto is None or have < upto):
             future, start, stop = self.parts[len(self.got)]
-            try:  # the call itself ends at the deadline; this bound only guards the loop thread
-                out = future.result(timeout=2 * self.owner.client.deadline_s + 1)
+            try:  # the call itself ends at its deadline; this bound only guards the loop thread
+                out = future.result(timeout=2 * self.owner.client.deadline_s + GUARD_S)
             except FutureTimeout:
                 out = None
             if out is None:
@@ -59,7 +60,8 @@ class RemoteExperts:
         self.client, self.experts, self.hidden = client, experts, hidden
         self.disk_bps = disk_bandwidth({})
         self.dispatches = 0
-        self.counters = {"sent": 0, "read_here": 0, "computed_here_after_failure": 0, "prompt_rows_sent": 0}
+        self.counters = {"sent": 0, "read_here": 0, "computed_here_after_failure": 0, "prompt_rows_sent": 0,
+                         "explored": 0}
 
     def dispatch(self, moe_layer: int, offered: dict[int, torch.Tensor],
                  pieces: dict[int, list[int]] | None = None) -> dict[int, RemoteCall]:
@@ -73,6 +75,10 @@ class RemoteExperts:
             links = {link.name: link.cost for link in self.client.links if link.alive and link.holds(moe_layer, e)}
             size = self.experts.cache.store.slot_bytes(ExpertKey(moe_layer, e).packed)
             where = choose(False, size, self.disk_bps, links, rows.shape[0], self.hidden)
+            stale = [link.name for link in self.client.links if link.name in links and self.client.stale(link)]
+            if where == "disk" and stale and stale[0] not in plan:
+                where = stale[0]  # one call to a link unused for a while: its service time measured again
+                self.counters["explored"] += 1
             if where == "disk":
                 self.counters["read_here"] += 1
             else:
