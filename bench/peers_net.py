@@ -21,8 +21,9 @@ def sh(*cmd: str) -> None:
 class Link:
     """Namespaces a and b, addresses 10.77.0.1 and 10.77.0.2, each end's egress shaped."""
 
-    def __init__(self, rate_mbit: float, tag: str | None = None):
+    def __init__(self, rate_mbit: float, tag: str | None = None, min_burst: int = 32 << 10):
         self.tag = tag or uuid.uuid4().hex[:6]
+        self.min_burst = min_burst
         self.ns = [f"mea{self.tag}", f"meb{self.tag}"]
         self.addr = ["10.77.0.1", "10.77.0.2"]
         for ns in self.ns:
@@ -38,9 +39,9 @@ class Link:
         self.shape(rate_mbit)
 
     def shape(self, rate_mbit: float) -> None:
-        """Each direction at rate_mbit (tbf; burst one 10 ms worth, at least 32 KiB)."""
+        """Each direction at rate_mbit (tbf; burst one 10 ms worth, at least min_burst)."""
         verb = "add" if self.rate_mbit is None else "change"
-        burst = max(32 << 10, int(rate_mbit * 1e6 / 8 / 100))
+        burst = max(self.min_burst, int(rate_mbit * 1e6 / 8 / 100))
         for ns, dev in zip(self.ns, self.devs):
             sh("ip", "netns", "exec", ns, "tc", "qdisc", verb, "dev", dev, "root", "tbf", "rate",
                f"{rate_mbit}mbit", "burst", str(burst), "latency", "50ms")

@@ -12,9 +12,10 @@ START_S = 90.0  # bound on a peer's start (DHT, pools, handler, experts): never 
 
 
 class PeerProcess:
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, prefix: tuple[str, ...] = ()):
+        """prefix: a command that runs the peer elsewhere (ip netns exec NS)."""
         self.args = args
-        self.proc = subprocess.Popen([sys.executable, "-m", "moeedge.cli", "serve-experts", *args],
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "moeedge.cli", "serve-experts", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)  # its helpers share its process group
         self.lines: list[str] = []

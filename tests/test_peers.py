@@ -5,6 +5,7 @@ peer refuses callers it does not allow and requests it does not take."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -84,15 +85,30 @@ def test_a_remote_expert_row_has_the_local_bits(tiny, peer):
         client.close()
 
 
-def test_a_run_with_a_peer_equals_a_run_without(tiny, peer, remote_preferred):
+def with_peer(tiny, peer) -> tuple[list[int], dict]:
+    """10 greedy tokens with the peer, checked against a run without it; the peer stats."""
     want = reference(tiny)
     with moeedge.load(tiny, memory_budget="min", peers=[peer.address]) as m:
         offloaded(m)
         got = list(m.stream_ids(PROMPT, max_new_tokens=10, temperature=0))
         stats = m.stats()["peers"]
     assert got == want
+    return got, stats
+
+
+def test_a_run_with_a_peer_equals_a_run_without(tiny, peer, remote_preferred):
+    _, stats = with_peer(tiny, peer)
     assert stats["sent"] > 0 and stats["peers"][0]["calls"] > 0
     assert stats["computed_here_after_failure"] == 0
+
+
+def test_a_link_unused_for_a_while_gets_one_call_to_measure_it_again(tiny, peer, monkeypatch):
+    from moeedge.peers import client as client_module
+
+    monkeypatch.setattr(remote_module, "disk_bandwidth", lambda stats: 1e15)  # the disk always cheaper
+    monkeypatch.setattr(client_module, "EXPLORE_S", 0.0)  # every link always unused for long enough
+    _, stats = with_peer(tiny, peer)
+    assert stats["explored"] > 0 and stats["sent"] == stats["explored"]  # one a dispatch, no more
 
 
 def test_several_sequences_decoded_together_with_a_peer_equal_each_alone(tiny, peer, remote_preferred):
@@ -114,6 +130,50 @@ def test_several_sequences_decoded_together_with_a_peer_equal_each_alone(tiny, p
         assert m.stats()["peers"]["sent"] > 0
     for a, t in zip(alone, together):
         assert torch.equal(a, t[-1])
+
+
+def prompt_state(m, ids: list[int]) -> tuple:
+    """A long prompt in chunks of 16 (one span, layer by layer): its last logits, its keys,
+    and then 6 greedy tokens."""
+    m.plan = replace(m.plan, prefill_chunk=16)
+    offloaded(m)
+    seq = m.runner.new_sequence()
+    logits, _ = m.runner.prompt(seq, ids, 16)
+    keys = m.runner.k_cache[seq.slot, :, :len(ids)].clone()
+    m.runner.free(seq)
+    return logits, keys, list(m.stream_ids(ids, max_new_tokens=6, temperature=0))
+
+
+LONG = PROMPT * 3  # 81 tokens: 6 chunks of 16 and one of 1
+
+
+def test_a_prompt_pipelined_across_a_peer_has_the_bits_of_one_without(tiny, peer, remote_preferred):
+    with moeedge.load(tiny, memory_budget="min", max_context=128, n_sequences=2) as m:
+        want = prompt_state(m, LONG)
+    with moeedge.load(tiny, memory_budget="min", max_context=128, n_sequences=2, peers=[peer.address]) as m:
+        got = prompt_state(m, LONG)
+        stats = m.stats()["peers"]
+    # the peer took rows of every chunk (in requests of at most --max-rows 8)
+    assert stats["prompt_rows_sent"] > 8 and stats["computed_here_after_failure"] == 0
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[2] == want[2]
+
+
+def test_a_prompt_whose_peer_dies_is_computed_here_with_the_same_bits(tiny, remote_preferred):
+    with moeedge.load(tiny, memory_budget="min", max_context=128, n_sequences=2) as m:
+        want = prompt_state(m, LONG)
+    p = PeerProcess(str(tiny), "--memory-budget", "2GiB", "--experts", *ALL)
+    try:
+        with moeedge.load(tiny, memory_budget="min", max_context=128, n_sequences=2, peer_deadline=5.0,
+                          peers=[p.address]) as m:
+            m.runner.remote.client.retry_s = 3600  # not back within this test
+            p.kill()  # after the client measured it: its calls fail mid-prompt
+            got = prompt_state(m, LONG)
+            stats = m.stats()["peers"]
+    finally:
+        p.stop()
+    assert stats["computed_here_after_failure"] >= 1
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
 
 
 @pytest.mark.slow

@@ -57,6 +57,8 @@ def test_cost_model_picks_cache_then_the_cheaper_of_disk_and_peers():
     assert choose(False, 1 << 20, 1e9, {"a": fast}, 1, 1024) == "disk"  # 1 ms of disk beats a call
     busy = LinkCost(rtt_s=0.001, bandwidth_bps=12.5e6, service_s=0.002, queued=50)
     assert peer_seconds(busy, 1, 1024) > peer_seconds(fast, 1, 1024)
+    # a prompt's 64 rows cost the peer 64 rows of service: then the disk can be cheaper
+    assert choose(False, 64 << 20, 1e9, {"a": fast}, 64, 1024) == "disk"  # 133 ms against 67 ms
     assert disk_bandwidth({"bytes_read": 100, "read_seconds": 0.5}) == 200
     assert disk_bandwidth({}) > 0  # the prior, before any read
 
@@ -71,3 +73,31 @@ def test_without_hivemind_peer_commands_say_how_to_install_and_exit_2(argv):
     assert run.returncode == 2, run.stderr
     assert 'pip install "moeedge[peers]"' in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_the_bandwidth_probe_grows_until_a_transfer_is_long_and_bounds_a_link_that_times_out(monkeypatch):
+    import asyncio
+    import types
+
+    from moeedge.peers import probe
+
+    clock = types.SimpleNamespace(now=0.0)  # the link's time, not the machine's: no timing here
+    monkeypatch.setattr(probe, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    sizes = []
+
+    async def link(pad, timeout):  # 1 MB/s past a 40 KiB burst, as tbf: a full bucket, then the rate
+        sizes.append(pad)
+        burst = max(0, (40 << 10) - sum(sizes[:-1]))
+        clock.now += max(0, pad - burst) / 1e6
+
+    bps, spent, sent = asyncio.run(probe.sustained_bandwidth(link, 0.0, 10.0))
+    # 256 KiB: the first to take 0.2 s; then timed again, from an empty bucket
+    assert sizes == [4 << 10, 8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 256 << 10]
+    assert bps == pytest.approx(1e6) and sent == sum(sizes) and spent == pytest.approx(clock.now)
+
+    async def stuck(pad, timeout):
+        raise asyncio.TimeoutError
+
+    assert asyncio.run(probe.sustained_bandwidth(stuck, 0.0, 4.0))[0] == (4 << 10) / 4.0  # at most that fast
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        asyncio.run(probe.sustained_bandwidth(stuck, 0.0, 0))

@@ -26,6 +26,7 @@ from moeedge.policies import RUNTIME_POLICIES
 from moeedge.models.runner import (NonFiniteError, Prediction, Sequence, SlotPool, SlotSequences, all_finite,
                                    check_batch, check_finite, common_prefix)
 from moeedge.runtime.experts import ExpertAccess
+from moeedge.models.span_ffn import add_rows
 from moeedge.runtime.prefetcher import build_prefetcher
 
 
@@ -305,19 +306,27 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         ropes = [(rope, tuple(t.reshape(-1).contiguous().numpy() for t in rope) if n == 1 else None)
                  for rope, (_, _, n) in zip(ropes, segments)]
         apart = len(segments) > 1 and all(n == 1 for _, _, n in segments)  # each row as if alone
+        self.segment_rows = [n for _, _, n in segments]
+        ends = torch.tensor(self.segment_rows).cumsum(0).tolist()
+        bounds = list(zip([0, *ends[:-1]], ends))
+        # the last feed-forward output, added to h a segment at a time: a SpanFFN still waiting
+        # on a peer hands a segment its rows as they come back (pipelined prefill)
+        ffn = None
         for layer in range(cfg.n_layers):
             if len(segments) == 1:
-                h, x, logits = self._attention_block(h, layer, segments[0][:2], ropes[0])
+                h, x, logits = self._attention_block(add_rows(h, ffn, 0, len(h)), layer, segments[0][:2], ropes[0])
             else:
-                parts = [self._attention_block(part, layer, segment[:2], rope)
-                         for part, segment, rope in zip(h.split([n for _, _, n in segments]), segments, ropes)]
+                parts = [self._attention_block(add_rows(h, ffn, a, b), layer, segment[:2], rope)
+                         for (a, b), segment, rope in zip(bounds, segments, ropes)]
                 h, x = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
                 logits = None if any(p[2] is None for p in parts) else torch.cat([p[2] for p in parts])
             if check:
                 check_finite(x, f"layer {layer}'s attention block")
-            h = h + self._ffn(x, layer, logits, apart)
+            ffn = self._ffn(x, layer, logits, apart)
             if check:
+                h, ffn = add_rows(h, ffn, 0, len(h)), None
                 check_finite(h, f"layer {layer}'s feed-forward block")
+        h = add_rows(h, ffn, 0, len(h))
         if not all_logits:
             h = h[-1:] if len(batch) == 1 else h[torch.tensor(sizes).cumsum(0) - 1]
             sizes = [1] * len(batch)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from moeedge import _core
 from moeedge.formats.hf_config import DecoderConfig
 from moeedge.kernels import linear
+from moeedge.models.span_ffn import SpanFFN
 from moeedge.runtime.experts import ExpertAccess
 
 # A feed-forward's activations (gate, up, their product: about four [rows, intermediate]
@@ -77,6 +78,7 @@ class DecoderFFN:
     # where the call failed (then they are computed here, from the cache or the disk).
     remote = None
     held: list | None
+    segment_rows: list[int] | None = None  # the current step's chunks' rows (a prompt span's)
     pass_guesses: dict[int, set[int]] | None  # a verify pass's draft picks per MoE layer (moeedge.speculative)
 
     def router_weight(self, moe_layer: int) -> torch.Tensor:
@@ -151,22 +153,36 @@ class DecoderFFN:
         elif self.prefetcher is not None and self.pass_guesses:  # a verify pass, guided by the draft
             self.prefetcher.guide_pass(moe_layer, chosen, self.pass_guesses)
         calls = {}  # sent first, so that they run while the resident experts are computed here
-        if (self.remote is not None and missing and x.dtype == torch.float32 and layer not in self.base
-                and (x.shape[0] == 1 or apart)):
-            calls = self.remote.dispatch(moe_layer, {e: x[(top_i == e).any(dim=-1)] for e in missing})
+        if self.remote is not None and missing and x.dtype == torch.float32 and layer not in self.base:
+            if x.shape[0] == 1 or apart:
+                calls = self.remote.dispatch(moe_layer, {e: x[(top_i == e).any(dim=-1)] for e in missing})
+            elif self.held is None:  # a prompt's rows, chunk by chunk (moeedge.models.span_ffn)
+                calls = self._dispatch_prompt(x, moe_layer, missing, top_i)
         self.experts.prefetch(moe_layer, [e for e in missing if e not in calls], priority=1)
         if x.shape[0] == 1 and layer not in self.base:
             out = self._moe_token(x, moe_layer, chosen, missing, top_w, top_i, calls)
         elif apart and layer not in self.base:
             out = self._moe_rows(x, moe_layer, chosen, missing, top_w, top_i, calls)
         else:
-            out = self._moe_tokens(x, layer, moe_layer, chosen, missing, top_w, top_i)
+            out = self._moe_tokens(x, layer, moe_layer, chosen, missing, top_w, top_i, calls)
         p = f"model.layers.{layer}.mlp."
         if p + "shared_expert.gate_proj.weight" in self.w:  # Qwen2-MoE
             shared = self._mlp(x, self.w[p + "shared_expert.gate_proj.weight"],
                                self.w[p + "shared_expert.up_proj.weight"], self.w[p + "shared_expert.down_proj.weight"])
             out = out + torch.sigmoid(linear(x, self.w[p + "shared_expert_gate.weight"])) * shared
         return out
+
+    def _dispatch_prompt(self, x: torch.Tensor, moe_layer: int, missing: list[int], top_i: torch.Tensor) -> dict:
+        """The missing experts' rows of a prompt span, each cut at the span's chunk ends
+        (segment_rows) so that the peer's replies come back chunk by chunk."""
+        ends = torch.tensor(self.segment_rows or [x.shape[0]]).cumsum(0)
+        offered, pieces = {}, {}
+        for e in missing:
+            tokens = torch.where((top_i == e).any(dim=-1))[0]
+            offered[e] = x[tokens]
+            cut = [0, *torch.searchsorted(tokens, ends).tolist()]  # e's rows before each chunk's end
+            pieces[e] = [b - a for a, b in zip(cut, cut[1:])]
+        return self.remote.dispatch(moe_layer, offered, pieces)
 
     def commit_routes(self, n: int) -> None:
         """The first n tokens of the last exact step are kept: their routing goes to the
@@ -248,25 +264,36 @@ class DecoderFFN:
         return out
 
     def _moe_tokens(self, x: torch.Tensor, layer: int, moe_layer: int, chosen: list[int], missing: list[int],
-                    top_w: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+                    top_w: torch.Tensor, top_i: torch.Tensor, calls: dict | None = None):
+        """calls: experts a peer computes (a prompt's rows): then a SpanFFN, whose rows wait
+        only for the chunks they need."""
         base = self.base.get(layer)
         # low-rank: the base's products once for every token, where they fit in one block
         shared_base = base is not None and x.shape[0] <= self.rows
-        if shared_base:
-            gate_base, up_base = linear(x, base[0]), linear(x, base[1])
-        outputs: dict[int, torch.Tensor] = {}
-        for e in sorted(chosen, key=lambda e: e in missing):
+        products = (linear(x, base[0]), linear(x, base[1])) if shared_base else None
+
+        def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
             picked = top_i == e  # [T, K]; a merged variant's token may pick e twice: gates summed
             tokens = torch.where(picked.any(dim=-1))[0]
             ew = self.experts.get(moe_layer, e)
             if base is None:
                 y = self._mlp(x[tokens], ew["gate"], ew["up"], ew["down"])
             elif shared_base:
-                y = self._lowrank_mlp(x[tokens], gate_base[tokens], up_base[tokens], base[2], ew)
+                y = self._lowrank_mlp(x[tokens], products[0][tokens], products[1][tokens], base[2], ew)
             else:
                 y = by_rows(partial(self._lowrank_mlp_block, base=base, ew=ew), x[tokens], self.rows)
             del ew  # unpin before the next expert is read
-            outputs[e] = (tokens, y * (top_w * picked)[tokens].sum(dim=-1, keepdim=True))
+            return tokens, y * (top_w * picked)[tokens].sum(dim=-1, keepdim=True)
+
+        calls = calls or {}
+        outputs = {e: expert(e) for e in sorted(chosen, key=lambda e: e in missing) if e not in calls}
+        if calls:
+            routed = {}
+            for e in calls:
+                picked = top_i == e
+                tokens = torch.where(picked.any(dim=-1))[0]
+                routed[e] = (tokens, (top_w * picked)[tokens].sum(dim=-1, keepdim=True))
+            return SpanFFN(x, chosen, outputs, calls, routed, expert)
         out = torch.zeros_like(x)
         for e in chosen:
             tokens, y = outputs[e]

@@ -18,14 +18,22 @@ import torch
 from moeedge.peers import require_hivemind
 from moeedge.peers.cost import LinkCost
 from moeedge.peers.names import INFO_UID, layer_uid
+from moeedge.peers.probe import sustained_bandwidth
 
-PROBE_PAD_BYTES = 32 << 10  # the padded probe whose extra time gives the link's bandwidth
-# The padded probe may take this long (a slow link is slow, not dead: 32 KiB at 0.1 Mbit/s
-# take 2.6 s); past it the link's bandwidth is taken as at most what that bound implies.
+# One padded probe call may take this long (a slow link is slow, not dead: 64 KiB at
+# 0.1 Mbit/s take 5.2 s); past it the link's bandwidth is taken as at most what that implies.
 PROBE_PAD_TIMEOUT_S = 10.0
-# Until calls are measured: a peer's service time is guessed as this much.
+# A live link's round trip is measured again this often, its bandwidth at most this often and
+# at most a tenth of the time (a slow link's probe is long: it is not to crowd out the calls).
+REFRESH_S = 2.0
+BANDWIDTH_REFRESH_S = 10.0
+# Until calls are measured: a peer's service time per row is guessed as this much.
 PRIOR_SERVICE_S = 0.002
 EWMA = 0.2  # weight of each new measurement
+# A live link without a call for this long gets one (moeedge.peers.remote), whose time
+# replaces its service time: the only way a service time measured while the link was bad
+# (an outage's slow calls count as service) is measured again once the link is unused.
+EXPLORE_S = 5.0
 
 
 class PeerLink:
@@ -39,8 +47,11 @@ class PeerLink:
         self.cost = LinkCost(rtt_s=1.0, bandwidth_bps=1e6, service_s=PRIOR_SERVICE_S)
         self.alive = False
         self.next_probe = 0.0
+        self.next_refresh = self.next_bandwidth = 0.0
+        self.last_call = time.monotonic()
         self.last_error = ""
-        self.stats = {"calls": 0, "rows": 0, "failures": 0, "deadline_misses": 0, "revivals": 0}
+        self.stats = {"calls": 0, "rows": 0, "failures": 0, "deadline_misses": 0, "revivals": 0,
+                      "probe_bytes": 0, "probe_s": 0.0}
 
     def holds(self, layer: int, expert: int) -> bool:
         return expert in self.held.get(layer, ())
@@ -48,7 +59,8 @@ class PeerLink:
 
 class PeerClient:
     def __init__(self, addresses: list[str], model: str, hidden: int, deadline_s: float = 1.0,
-                 retry_s: float = 2.0, identity=None):
+                 retry_s: float = 2.0, identity=None, refresh_s: float = REFRESH_S,
+                 bandwidth_refresh_s: float = BANDWIDTH_REFRESH_S):
         require_hivemind()
         from hivemind.p2p import P2P, PeerID
         from hivemind.utils.multiaddr import Multiaddr
@@ -56,6 +68,7 @@ class PeerClient:
         if deadline_s <= 0 or retry_s <= 0:
             raise ValueError(f"peer deadline and retry must be positive, got {deadline_s} and {retry_s}")
         self.model, self.hidden, self.deadline_s, self.retry_s = model, hidden, deadline_s, retry_s
+        self.refresh_s, self.bandwidth_refresh_s = refresh_s, bandwidth_refresh_s
         self.links: list[PeerLink] = []
         for address in addresses:
             try:
@@ -104,33 +117,56 @@ class PeerClient:
                                  f"not this model ({self.model})")
             if info.get("hidden") != self.hidden:
                 raise ValueError(f"peer {link.address} reports hidden size {info.get('hidden')}, not {self.hidden}")
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                await self._info(link)
-                times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            try:
-                await self._info(link, PROBE_PAD_BYTES, max(self.deadline_s, PROBE_PAD_TIMEOUT_S))
-            except asyncio.TimeoutError:
-                pass
-            padded = time.perf_counter() - start
+            rtt = await self._ping(link)
+            if time.monotonic() >= link.next_bandwidth:  # a revival within the refresh period keeps it
+                await self._measure_bandwidth(link, rtt, smooth=link.stats["probe_bytes"] > 0)
         except ValueError:
             raise
         except Exception as e:  # noqa: BLE001 (unreachable, refused, too slow: tried again later)
             link.last_error = f"{type(e).__name__}: {e}"[:300]
             link.alive, link.next_probe = False, time.monotonic() + self.retry_s
             return False
-        rtt = statistics.median(times)
         link.held = {int(k): frozenset(int(e) for e in v) for k, v in info.get("held", {}).items()}
         link.max_rows = max(1, int(info.get("max_rows", 1)))
         link.cost.rtt_s = rtt
-        link.cost.bandwidth_bps = PROBE_PAD_BYTES / max(padded - rtt, 1e-6)
         link.cost.queued = 0
         if not link.alive and link.stats["calls"]:
             link.stats["revivals"] += 1
         link.alive = True
+        link.next_refresh = time.monotonic() + self.refresh_s
         return True
+
+    async def _ping(self, link: PeerLink) -> float:
+        """The median of three empty calls' round trips."""
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            await self._info(link)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    async def _measure_bandwidth(self, link: PeerLink, rtt: float, smooth: bool) -> None:
+        async def send(pad: int, timeout: float):
+            return await self._info(link, pad, timeout)
+
+        bps, spent, sent = await sustained_bandwidth(send, rtt, max(self.deadline_s, PROBE_PAD_TIMEOUT_S))
+        link.cost.bandwidth_bps = bps if not smooth else link.cost.bandwidth_bps + 0.5 * (bps - link.cost.bandwidth_bps)
+        link.stats["probe_bytes"] += sent
+        link.stats["probe_s"] += spent
+        link.next_bandwidth = time.monotonic() + max(self.bandwidth_refresh_s, 10 * spent)
+
+    async def _refresh(self, link: PeerLink) -> None:
+        """A live link measured again (its calls alone do not say when an unused link got
+        faster): the round trip, and now and then the bandwidth, smoothed."""
+        try:
+            rtt = await self._ping(link)
+            link.cost.rtt_s = rtt
+            if time.monotonic() >= link.next_bandwidth:
+                await self._measure_bandwidth(link, rtt, smooth=True)
+        except Exception as e:  # noqa: BLE001 (a failed refresh is a failed call: probed until it answers)
+            link.last_error = f"{type(e).__name__}: {e}"[:300]
+            self._failed(link)
+        link.next_refresh = time.monotonic() + self.refresh_s
 
     def _probe_loop(self) -> None:
         while not self._closed:
@@ -141,15 +177,29 @@ class PeerClient:
                         self._run(self._probe(link), timeout=None)
                     except ValueError:
                         link.next_probe = float("inf")
+                elif link.alive and link.next_refresh <= now:
+                    self._run(self._refresh(link), timeout=None)
             time.sleep(min(0.2, self.retry_s))
+
+    def call_deadline(self, link: PeerLink, rows: int) -> float:
+        """A call's deadline: the deadline, plus twice the peer's measured time for these rows
+        (a prompt's request of 64 rows of a wide expert takes longer than a decode step's),
+        at most ten deadlines (a service time measured during an outage may be long)."""
+        return min(self.deadline_s + 2 * link.cost.service_s * rows, 10 * self.deadline_s)
+
+    def stale(self, link: PeerLink) -> bool:
+        """Whether a live link has gone EXPLORE_S without a call."""
+        return link.alive and time.monotonic() - link.last_call > EXPLORE_S
 
     def call(self, link: PeerLink, layer: int, rows: torch.Tensor, experts: list[int]) -> Future:
         """A Future of expert[i] applied to rows[i] (unscaled [n, H]) by link's peer; its
         result is None where the call failed or missed the deadline (then the peer is down)."""
-        link.cost.queued += 1
-        return asyncio.run_coroutine_threadsafe(self._call(link, layer, rows, experts), self.loop)
+        link.cost.queued += len(experts)
+        explore, link.last_call = self.stale(link), time.monotonic()
+        return asyncio.run_coroutine_threadsafe(self._call(link, layer, rows, experts, explore), self.loop)
 
-    async def _call(self, link: PeerLink, layer: int, rows: torch.Tensor, experts: list[int]) -> torch.Tensor | None:
+    async def _call(self, link: PeerLink, layer: int, rows: torch.Tensor, experts: list[int],
+                    explore: bool = False) -> torch.Tensor | None:
         from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
         from hivemind.proto import runtime_pb2
 
@@ -157,7 +207,7 @@ class PeerClient:
         try:
             request = runtime_pb2.ExpertRequest(uid=layer_uid(self.model, layer), tensors=[
                 serialize_torch_tensor(rows), serialize_torch_tensor(torch.tensor(experts, dtype=torch.int64))])
-            reply = await asyncio.wait_for(self.stubs[link.name].rpc_forward(request), self.deadline_s)
+            reply = await asyncio.wait_for(self.stubs[link.name].rpc_forward(request), self.call_deadline(link, len(experts)))
             if len(reply.tensors) != 1:
                 raise ValueError("a reply has one tensor")
             out = deserialize_torch_tensor(reply.tensors[0])
@@ -171,11 +221,11 @@ class PeerClient:
             link.last_error = f"{type(e).__name__}: {e}"[:300]
             return self._failed(link)
         finally:
-            link.cost.queued = max(0, link.cost.queued - 1)
+            link.cost.queued = max(0, link.cost.queued - len(experts))
         took = time.perf_counter() - start
         sent = rows.numel() * 4 * 2 + len(experts) * 8
-        service = max(0.0, took - link.cost.rtt_s - sent / link.cost.bandwidth_bps)
-        link.cost.service_s += EWMA * (service - link.cost.service_s)
+        service = max(0.0, took - link.cost.rtt_s - sent / link.cost.bandwidth_bps) / len(experts)
+        link.cost.service_s += (1.0 if explore else EWMA) * (service - link.cost.service_s)
         link.stats["calls"] += 1
         link.stats["rows"] += len(experts)
         return out

@@ -4,8 +4,9 @@ that the peer client uses now and a run-time controller can share.
     cache: the expert is resident: computed here, nothing to wait for
     disk:  read expert_bytes at the measured disk bandwidth, then computed here
     peer:  the hidden rows there and the outputs back (round trip and transfer at the link's
-           measured bandwidth), plus the peer's measured service time for each call it has
-           queued ahead of this one and this one
+           measured bandwidth), plus the peer's measured service time per row for the rows
+           this client has queued there ahead of these and these (a prompt's requests carry
+           up to max_rows rows, a decode step's one or two)
 
 Computing an expert here and there costs about the same (the same kernels on similar
 cores), so it is left out of both sides; a remote call also overlaps the resident experts'
@@ -23,8 +24,8 @@ PRIOR_DISK_BPS = 1.0e9
 class LinkCost:
     rtt_s: float            # measured round trip of an empty call
     bandwidth_bps: float    # measured bytes/s on the link
-    service_s: float        # measured time the peer took per call beyond the round trip and transfer
-    queued: int = 0         # this client's calls to it not answered yet
+    service_s: float        # measured time the peer took per row beyond the round trip and transfer
+    queued: int = 0         # this client's rows at it not answered yet
 
 
 def transfer_bytes(rows: int, hidden: int) -> int:
@@ -33,7 +34,7 @@ def transfer_bytes(rows: int, hidden: int) -> int:
 
 
 def peer_seconds(link: LinkCost, rows: int, hidden: int) -> float:
-    return link.rtt_s + transfer_bytes(rows, hidden) / link.bandwidth_bps + link.service_s * (1 + link.queued)
+    return link.rtt_s + transfer_bytes(rows, hidden) / link.bandwidth_bps + link.service_s * (rows + link.queued)
 
 
 def disk_seconds(expert_bytes: int, disk_bps: float) -> float:

@@ -2,10 +2,12 @@
 
 DecoderFFN calls dispatch(moe_layer, {expert: rows}) for the experts not resident here,
 before it computes the resident ones; each expert whose call is cheaper than reading it from
-disk (moeedge.peers.cost) goes to the cheapest live peer that holds it, one request per
-peer for the layer. A call that fails or misses the deadline gives None, and DecoderFFN
-computes that expert here; outputs are summed in expert order wherever they were computed,
-so they do not depend on where an expert ran."""
+disk (moeedge.peers.cost) goes to the cheapest live peer that holds it. A peer's rows go in
+requests of at most its max_rows; a prompt's rows (pieces: each chunk's share of an expert's
+rows) go chunk by chunk, so that the first chunk's come back first and the next layer can
+start on that chunk while the peer computes the others. A call that fails or misses the
+deadline gives None, and DecoderFFN computes that expert here; outputs are summed in expert
+order wherever they were computed, so they do not depend on where an expert ran."""
 from __future__ import annotations
 
 import os
@@ -21,24 +23,36 @@ from moeedge.peers.names import model_id
 from moeedge.runtime.experts import ExpertAccess
 
 DISK_REFRESH_CALLS = 64  # dispatches between readings of the cache's measured disk bandwidth
+GUARD_S = 60.0  # past a call's own deadline (which grows with its rows): the loop thread is stuck
 
 
 class RemoteCall:
-    """One expert's rows in a peer's reply: result() waits at most the deadline."""
+    """One expert's rows, in pieces that may be in several requests: result(upto) waits (at
+    most the deadline) for the pieces that hold its first `upto` rows (all: None)."""
 
-    def __init__(self, owner: "RemoteExperts", future, start: int, stop: int):
-        self.owner, self.future, self.start, self.stop = owner, future, start, stop
+    def __init__(self, owner: "RemoteExperts"):
+        self.owner = owner
+        self.parts: list[tuple[object, int, int]] = []  # (future, start, stop) in the reply, in row order
+        self.got: list[torch.Tensor] = []
+        self.failed = False
 
-    def result(self) -> torch.Tensor | None:
-        try:
-            # the call itself ends at the deadline; this bound only guards the loop thread
-            out = self.future.result(timeout=2 * self.owner.client.deadline_s + 1)
-        except FutureTimeout:
-            out = None
-        if out is None:
-            self.owner.counters["computed_here_after_failure"] += 1
+    def result(self, upto: int | None = None) -> torch.Tensor | None:
+        have = sum(len(g) for g in self.got)
+        while not self.failed and len(self.got) < len(self.parts) and (upto is None or have < upto):
+            future, start, stop = self.parts[len(self.got)]
+            try:  # the call itself ends at its deadline; this bound only guards the loop thread
+                out = future.result(timeout=2 * self.owner.client.deadline_s + GUARD_S)
+            except FutureTimeout:
+                out = None
+            if out is None:
+                self.failed = True
+                self.owner.counters["computed_here_after_failure"] += 1
+                break
+            self.got.append(out[start:stop])
+            have += stop - start
+        if self.failed:
             return None
-        return out[self.start:self.stop]
+        return self.got[0] if len(self.got) == 1 else torch.cat(self.got)
 
 
 class RemoteExperts:
@@ -46,19 +60,25 @@ class RemoteExperts:
         self.client, self.experts, self.hidden = client, experts, hidden
         self.disk_bps = disk_bandwidth({})
         self.dispatches = 0
-        self.counters = {"sent": 0, "read_here": 0, "computed_here_after_failure": 0}
+        self.counters = {"sent": 0, "read_here": 0, "computed_here_after_failure": 0, "prompt_rows_sent": 0,
+                         "explored": 0}
 
-    def dispatch(self, moe_layer: int, offered: dict[int, torch.Tensor]) -> dict[int, RemoteCall]:
+    def dispatch(self, moe_layer: int, offered: dict[int, torch.Tensor],
+                 pieces: dict[int, list[int]] | None = None) -> dict[int, RemoteCall]:
+        """pieces: each expert's rows cut into runs of these sizes (a prompt's chunks), sent
+        in that order; without it, each expert's rows are one piece."""
         if self.dispatches % DISK_REFRESH_CALLS == 0:
             self.disk_bps = disk_bandwidth(self.experts.cache.stats())
         self.dispatches += 1
         plan: dict[str, list[int]] = {}
         for e, rows in offered.items():
-            links = {link.name: link.cost for link in self.client.links
-                     if link.alive and link.holds(moe_layer, e)
-                     and sum(offered[x].shape[0] for x in plan.get(link.name, [])) + rows.shape[0] <= link.max_rows}
+            links = {link.name: link.cost for link in self.client.links if link.alive and link.holds(moe_layer, e)}
             size = self.experts.cache.store.slot_bytes(ExpertKey(moe_layer, e).packed)
             where = choose(False, size, self.disk_bps, links, rows.shape[0], self.hidden)
+            stale = [link.name for link in self.client.links if link.name in links and self.client.stale(link)]
+            if where == "disk" and stale and stale[0] not in plan:
+                where = stale[0]  # one call to a link unused for a while: its service time measured again
+                self.counters["explored"] += 1
             if where == "disk":
                 self.counters["read_here"] += 1
             else:
@@ -66,14 +86,30 @@ class RemoteExperts:
         calls = {}
         by_name = {link.name: link for link in self.client.links}
         for name, experts in plan.items():
-            rows = torch.cat([offered[e] for e in experts]).contiguous()
-            picks = [e for e in experts for _ in range(offered[e].shape[0])]
-            future = self.client.call(by_name[name], moe_layer, rows, picks)
-            start = 0
+            link = by_name[name]
+            runs = []  # (piece index, expert, first row, rows): the first chunk's pieces first
             for e in experts:
-                calls[e] = RemoteCall(self, future, start, start + offered[e].shape[0])
-                start += offered[e].shape[0]
+                sizes, first = (pieces or {}).get(e, [offered[e].shape[0]]), 0
+                for i, n in enumerate(sizes):
+                    for lo in range(first, first + n, link.max_rows):  # a piece past max_rows: split
+                        runs.append((i, e, lo, min(lo + link.max_rows, first + n) - lo))
+                    first += n
+                calls[e] = RemoteCall(self)
+            runs.sort(key=lambda r: r[0])
+            while runs:
+                request, rows = [], 0
+                while runs and rows + runs[0][3] <= link.max_rows:
+                    request.append(runs.pop(0))
+                    rows += request[-1][3]
+                x = torch.cat([offered[e][lo:lo + n] for _, e, lo, n in request]).contiguous()
+                future = self.client.call(link, moe_layer, x, [e for _, e, _, n in request for _ in range(n)])
+                start = 0
+                for _, e, lo, n in request:
+                    calls[e].parts.append((future, start, start + n))
+                    start += n
             self.counters["sent"] += len(experts)
+            if pieces is not None:
+                self.counters["prompt_rows_sent"] += sum(offered[e].shape[0] for e in experts)
         return calls
 
     def stats(self) -> dict:
