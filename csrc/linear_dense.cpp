@@ -222,8 +222,8 @@ struct Avx512 {
 // take 48 x 64 x 128 B = 384 KiB.
 // Fewer tokens than a panel take chunks as wide as the same 256 KiB of x allows (whole
 // multiples of kChunkCols): each row's chunk is then read from memory as one long run
-// rather than 48 rows' 2 KiB pieces in turn, which the prefetchers follow poorly (192 x
-// 58240 bf16, 3-8 tokens, on our AMD EPYC).
+// rather than 48 rows' 2 KiB pieces in turn, which the prefetchers follow poorly (default-64m's
+// down projection, 192 x 58240; bench/README.md, "Few-row expert calls").
 constexpr size_t kWholeBytes = 512 << 10;
 constexpr size_t kChunkCols = 1024;
 constexpr size_t kPanelTokens = 64;
@@ -293,11 +293,11 @@ void run(RowsFn fn, const Dense& d, int threads) {
 #ifdef MOEEDGE_X86
 // AVX-512's tiles for a call of `tokens` tokens whose rows are `row_bytes` long. Rows under
 // detail::kSharedRowBytes are read one at a time, so that the weights stream from memory in
-// order: on our AMD EPYC (Zen 4) 3584 x 1024 bf16 took 0.5-0.6x the time of 4-row tiles at
-// one token, and 1 x T tiles (T <= 8, every token on one pass) 0.7-0.9x at 2-4 tokens. Longer
-// rows share each x load among 4 rows (1024 x 3584: 4 x 2 and 4 x 3 as fast as 1 x 1 at one
-// token, 1.5-2x faster at 2-8); a call of 2 used to pass over them once per token (1.7x the
-// time of 4 x 2, now tile_n's). Prefill (over 8 tokens) keeps 4 x 3, the fastest from cache.
+// order, every token of a call of up to 8 on the same pass (1 x T); four interleaved rows
+// streamed slower on our AMD EPYC (Zen 4): mixtral-medium's bf16 expert (rows of 2 and 7 KiB)
+// took 0.68x the time at one row, 0.52x at two (bench/README.md, "Few-row expert calls").
+// Longer rows share each x load among 4 rows. A call of 2 used to pass over the weights once
+// per token (4 x 3 tiles); tile_n now takes both at once. Prefill (over 8 tokens) keeps 4 x 3.
 template <class K>
 RowsFn avx512_tiles(size_t tokens, size_t row_bytes) {
   const bool shared = row_bytes >= detail::kSharedRowBytes;

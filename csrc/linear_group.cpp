@@ -357,9 +357,9 @@ constexpr size_t kTile512 = 8;
 
 // Row r times tokens t0 .. t0 + NT - 1 (x in pair_layout; ds: the row's block scales, zero
 // past x.blocks, as x's scales are). Each pair of weight blocks is loaded and split once
-// for the NT tokens, whose sums stay in registers, NT known at compile time: with a runtime
-// count they lived in memory, and one token took twice the time from cache (512 x 1024
-// Q8_0 on our AMD EPYC), 8 tokens 1.4-2x. A token's sums do not depend on NT.
+// for the NT tokens, whose sums stay in registers, NT known at compile time (with a runtime
+// count they lived in memory: mixtral-medium's Q8_0 expert at 4 rows took 0.71x the time
+// now; bench/README.md, "Few-row expert calls"). A token's sums do not depend on NT.
 template <int Bits, int NT>
 MOEEDGE_AVX512VNNI void row_avx512(const QuantX& x, const Matrix& m, size_t r, const float* ds, size_t t0,
                                    float* out, size_t rows) {

@@ -283,8 +283,8 @@ MOEEDGE_AVX2 inline __m256i pair_dot(const __m256i* w, const int16_t* xq) {
 }
 
 // Row r times tokens t0 .. t0 + nt - 1. kNt: nt known at compile time (up to kFewTokens:
-// the per-token sums then stay in registers; 2-4 tokens took 0.7-0.85x the time of the
-// runtime count on our AMD EPYC), or 0 for nt (more would spill AVX2's 16 registers).
+// the per-token sums then stay in registers, where a runtime count keeps them in memory), or
+// 0 for nt (more would spill AVX2's 16 registers).
 constexpr size_t kFewTokens = 4;
 template <class Format, size_t kNt>
 MOEEDGE_AVX2 void row_tile(const QuantX& x, const uint8_t* row, size_t t0, size_t nt, float* out, size_t rows,
