@@ -1,6 +1,6 @@
 """The native kernels on each SIMD path this CPU has, side by side on the same bytes.
 
-    python bench/kernel_paths.py [--formats bf16,q8_0,int8_g32,int4_g32] [--tokens 1,16]
+    python bench/kernel_paths.py [--formats bf16,q8_0,q4_k,int8_g32,int4_g32] [--tokens 1,16]
         [--threads 1,0] [--rows 14336 --cols 4096] [--reps 20] [--copies 1] [--json OUT]
 
 One expert matrix (Mixtral-8x7B's w1 shape by default) per format, timed on every path
@@ -37,6 +37,12 @@ def weights(fmt: str, rows: int, cols: int) -> tuple[tuple, int]:
         blocks = rng.integers(0, 256, size=(rows * cols // 32, 34), dtype=np.uint8)
         blocks[:, :2] = (np.abs(rng.normal(0, 1e-3, size=(len(blocks), 1))) + 1e-4).astype(np.float16).view(np.uint8)
         return (blocks.reshape(-1),), blocks.nbytes
+    if fmt == "q4_k":  # random codes and 6-bit scales, finite fp16 d and dmin (gguf cannot quantize to Q4_K)
+        rng = np.random.default_rng(0)
+        blocks = rng.integers(0, 256, size=(rows * cols // 256, 144), dtype=np.uint8)
+        d = rng.uniform(1e-4, 3e-4, size=(len(blocks), 1)).astype(np.float16)
+        blocks[:, 0:2], blocks[:, 2:4] = d.view(np.uint8), (7.5 * d).astype(np.float16).view(np.uint8)
+        return (blocks.reshape(-1),), blocks.nbytes
     from moeedge.formats.group_quant import QUANTS, quantize
 
     q, s = quantize(torch.randn(rows, cols, generator=gen) * 0.02, *QUANTS[fmt])
@@ -46,8 +52,8 @@ def weights(fmt: str, rows: int, cols: int) -> tuple[tuple, int]:
 def call(fmt: str, x: np.ndarray, args: tuple, out: np.ndarray, threads: int) -> None:
     if fmt == "bf16":
         _core.linear_bf16(x, args[0], out, threads)
-    elif fmt == "q8_0":
-        _core.linear_q8_0(x, args[0], out, threads)
+    elif fmt in ("q8_0", "q4_k"):
+        getattr(_core, f"linear_{fmt}")(x, args[0], out, threads)
     else:
         kernel = _core.linear_int8 if fmt.startswith("int8") else _core.linear_int4
         kernel(x, args[0], args[1], out, args[2], threads)

@@ -94,7 +94,7 @@ def simd(request):
     _core.linear_force_path("")
 
 
-@pytest.mark.parametrize("tokens", [1, 16], ids=["tg1", "tg16"])
+@pytest.mark.parametrize("tokens", [1, 4, 16], ids=["tg1", "tg4", "tg16"])  # 4: a batched step, a verify pass
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_matvec_expert_formats(benchmark, measured, simd, fmt, tokens):
     """One 14336x4096 expert matrix times T tokens' activations through moeedge.kernels.linear,

@@ -220,10 +220,19 @@ struct Avx512 {
 // every row block of the panel passes over it, each row block's chunk (4 x 1024 bf16,
 // 8 KiB) stays in L1 while every token tile passes over it, and the panel's accumulators
 // take 48 x 64 x 128 B = 384 KiB.
+// Fewer tokens than a panel take chunks as wide as the same 256 KiB of x allows (whole
+// multiples of kChunkCols): each row's chunk is then read from memory as one long run
+// rather than 48 rows' 2 KiB pieces in turn, which the prefetchers follow poorly (default-64m's
+// down projection, 192 x 58240; bench/README.md, "Few-row expert calls").
 constexpr size_t kWholeBytes = 512 << 10;
 constexpr size_t kChunkCols = 1024;
 constexpr size_t kPanelTokens = 64;
 constexpr size_t kPanelRows = 48;  // a multiple of every R
+constexpr size_t kPanelXBytes = kPanelTokens * kChunkCols * sizeof(float);
+
+size_t chunk_cols(size_t tokens) {
+  return kChunkCols * std::max<size_t>(1, kPanelXBytes / (std::min(tokens, kPanelTokens) * kChunkCols * sizeof(float)));
+}
 
 // `blocks` blocks of R rows from row r on, times tokens t .. t + TT - 1, over columns c0 .. c0 + n - 1.
 template <class K, int R, int TT>
@@ -234,11 +243,21 @@ void tile(const Dense& d, size_t r, size_t t, size_t c0, size_t n, float* acc, s
   K::template tile<R, TT>(k, blocks);
 }
 
-// Rows [begin, end) times every token, in tiles of R rows x TT tokens (1 x 1 at the edges).
+// tile<K, R, n> for the n (0 < n <= TT) tokens left after whole tiles of TT: a call of a
+// few tokens then passes over the weights once, whatever their number.
+template <class K, int R, int TT>
+void tile_n(size_t n, const Dense& d, size_t r, size_t t, size_t c0, size_t cols, float* acc, size_t acc_stride,
+            size_t blocks) {
+  if constexpr (TT > 1)
+    if (n < TT) return tile_n<K, R, TT - 1>(n, d, r, t, c0, cols, acc, acc_stride, blocks);
+  tile<K, R, TT>(d, r, t, c0, cols, acc, acc_stride, blocks);
+}
+
+// Rows [begin, end) times every token, in tiles of R rows x TT tokens (narrower at the edges).
 template <class K, int R, int TT>
 void tiled(const Dense& d, size_t begin, size_t end) {
   const bool whole = d.tokens * d.cols * sizeof(float) <= kWholeBytes;
-  const size_t chunk = whole ? d.cols : kChunkCols;
+  const size_t chunk = whole ? d.cols : chunk_cols(d.tokens);
   const size_t panel_t = whole ? d.tokens : kPanelTokens, panel_r = whole ? end - begin : kPanelRows;
   std::vector<float> acc(whole ? 0 : std::min(panel_r, end - begin) * std::min(panel_t, d.tokens) * K::kPerOutput);
   for (size_t t0 = 0; t0 < d.tokens; t0 += panel_t) {
@@ -254,10 +273,12 @@ void tiled(const Dense& d, size_t begin, size_t end) {
           const size_t count = nt <= TT ? blocks : 1;
           size_t j = 0;
           for (; j + TT <= nt; j += TT) tile<K, R, TT>(d, r0 + i, t0 + j, c0, n, at(i, j), stride, count);
-          for (; j < nt; ++j) tile<K, R, 1>(d, r0 + i, t0 + j, c0, n, at(i, j), stride, count);
+          if (j < nt) tile_n<K, R, TT>(nt - j, d, r0 + i, t0 + j, c0, n, at(i, j), stride, count);
         }
         if (rest)
-          for (size_t j = 0; j < nt; ++j) tile<K, 1, 1>(d, r0 + blocks * R, t0 + j, c0, n, at(blocks * R, j), stride, rest);
+          for (size_t j = 0; j < nt; j += TT)
+            tile_n<K, 1, TT>(std::min<size_t>(TT, nt - j), d, r0 + blocks * R, t0 + j, c0, n, at(blocks * R, j), stride,
+                             rest);
       }
     }
   }
@@ -270,6 +291,20 @@ void run(RowsFn fn, const Dense& d, int threads) {
 }
 
 #ifdef MOEEDGE_X86
+// AVX-512's tiles for a call of `tokens` tokens whose rows are `row_bytes` long. Rows under
+// detail::kSharedRowBytes are read one at a time, so that the weights stream from memory in
+// order, every token of a call of up to 8 on the same pass (1 x T); four interleaved rows
+// streamed slower on our AMD EPYC (Zen 4): mixtral-medium's bf16 expert (rows of 2 and 7 KiB)
+// took 0.68x the time at one row, 0.52x at two (bench/README.md, "Few-row expert calls").
+// Longer rows share each x load among 4 rows. A call of 2 used to pass over the weights once
+// per token (4 x 3 tiles); tile_n now takes both at once. Prefill (over 8 tokens) keeps 4 x 3.
+template <class K>
+RowsFn avx512_tiles(size_t tokens, size_t row_bytes) {
+  const bool shared = row_bytes >= detail::kSharedRowBytes;
+  if (tokens == 1) return shared ? tiled<K, 4, 1> : tiled<K, 1, 1>;
+  return shared || tokens > 8 ? tiled<K, 4, 3> : tiled<K, 1, 8>;
+}
+
 // x with each `width` columns' evens first, then their odds (what the SIMD bf16 kernels read).
 std::vector<float> split_even_odd(const float* x, size_t tokens, size_t cols, size_t width) {
   std::vector<float> split(tokens * cols);
@@ -292,7 +327,7 @@ void linear_bf16(const float* x, size_t tokens, const uint16_t* w, size_t rows, 
   if (detail::use_avx512() && cols % 32 == 0) {
     const std::vector<float> split = split_even_odd(x, tokens, cols, 32);
     d.x = split.data();
-    return run(tokens == 1 ? tiled<Avx512<Avx512Bf16>, 4, 1> : tiled<Avx512<Avx512Bf16>, 4, 3>, d, threads);
+    return run(avx512_tiles<Avx512<Avx512Bf16>>(tokens, cols * 2), d, threads);
   }
   if (detail::use_avx2() && cols % 16 == 0) {
     const std::vector<float> split = split_even_odd(x, tokens, cols, 16);
@@ -311,11 +346,8 @@ void linear_bf16(const float* x, size_t tokens, const uint16_t* w, size_t rows, 
 void linear_f32(const float* x, size_t tokens, const float* w, size_t rows, size_t cols, float* out, int threads) {
   const Dense d{x, w, tokens, rows, cols, out};
 #ifdef MOEEDGE_X86
-  const bool shared = cols * 4 >= detail::kSharedRowBytes;  // one token: as for bf16 on AVX2
-  if (detail::use_avx512()) {
-    if (tokens > 1) return run(tiled<Avx512<Avx512F32>, 4, 3>, d, threads);
-    return run(shared ? tiled<Avx512<Avx512F32>, 4, 1> : tiled<Avx512<Avx512F32>, 1, 1>, d, threads);
-  }
+  const bool shared = cols * 4 >= detail::kSharedRowBytes;  // one token on AVX2: as for bf16
+  if (detail::use_avx512()) return run(avx512_tiles<Avx512<Avx512F32>>(tokens, cols * 4), d, threads);
   if (detail::use_avx2()) {
     if (tokens > 1) return run(tiled<Avx2<Avx2F32>, 3, 2>, d, threads);
     return run(shared ? tiled<Avx2<Avx2F32>, 4, 1> : tiled<Avx2<Avx2F32>, 1, 1>, d, threads);

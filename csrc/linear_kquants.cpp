@@ -282,14 +282,17 @@ MOEEDGE_AVX2 inline __m256i pair_dot(const __m256i* w, const int16_t* xq) {
   return _mm256_hadd_epi32(_mm256_add_epi32(d[0], d[1]), _mm256_add_epi32(d[2], d[3]));
 }
 
-// Row r times tokens t0 .. t0 + nt - 1. kNt: nt known at compile time (1: decode, where the
-// per-token sums then stay in registers), or 0 for nt.
+// Row r times tokens t0 .. t0 + nt - 1. kNt: nt known at compile time (up to kFewTokens:
+// the per-token sums then stay in registers, where a runtime count keeps them in memory), or
+// 0 for nt (more would spill AVX2's 16 registers).
+constexpr size_t kFewTokens = 4;
 template <class Format, size_t kNt>
 MOEEDGE_AVX2 void row_tile(const QuantX& x, const uint8_t* row, size_t t0, size_t nt, float* out, size_t rows,
                            size_t r) {
   if (kNt) nt = kNt;
-  __m256 acc[kTile];
-  __m256i half[kTile], sums[kTile][2];  // hadd of pairs 0 and 1 (then 2 and 3) of a group, per token
+  constexpr size_t kMost = kNt ? kNt : kTile;
+  __m256 acc[kMost];
+  __m256i half[kMost], sums[kMost][2];  // hadd of pairs 0 and 1 (then 2 and 3) of a group, per token
   for (size_t t = 0; t < nt; ++t) acc[t] = _mm256_setzero_ps();
   for (size_t g = 0; g < (x.blocks + 7) / 8; ++g) {
     const uint8_t* group = row + g * Format::kGroupBytes;
@@ -318,16 +321,22 @@ MOEEDGE_AVX2 void row_tile(const QuantX& x, const uint8_t* row, size_t t0, size_
   for (size_t t = 0; t < nt; ++t) out[(t0 + t) * rows + r] = detail::hsum(acc[t]);
 }
 
+// row_tile for the n tokens from t0 on: n known at compile time up to NT.
+template <class Format, size_t NT>
+MOEEDGE_AVX2 void row_tile_n(size_t n, const QuantX& x, const uint8_t* row, size_t t0, float* out, size_t rows,
+                             size_t r) {
+  if (n > NT) return row_tile<Format, 0>(x, row, t0, n, out, rows, r);
+  if constexpr (NT > 1)
+    if (n < NT) return row_tile_n<Format, NT - 1>(n, x, row, t0, out, rows, r);
+  row_tile<Format, NT>(x, row, t0, NT, out, rows, r);
+}
+
 template <class Format>
 MOEEDGE_AVX2 void rows_avx2(const QuantX& x, const uint8_t* w, size_t row_bytes, float* out, size_t rows, size_t begin,
                             size_t end) {
-  for (size_t r = begin; r < end; ++r) {
-    for (size_t t0 = 0; t0 < x.tokens; t0 += kTile) {
-      const size_t nt = std::min(kTile, x.tokens - t0);
-      if (nt == 1) row_tile<Format, 1>(x, w + r * row_bytes, t0, nt, out, rows, r);
-      else row_tile<Format, 0>(x, w + r * row_bytes, t0, nt, out, rows, r);
-    }
-  }
+  for (size_t r = begin; r < end; ++r)
+    for (size_t t0 = 0; t0 < x.tokens; t0 += kTile)
+      row_tile_n<Format, kFewTokens>(std::min(kTile, x.tokens - t0), x, w + r * row_bytes, t0, out, rows, r);
 }
 
 MOEEDGE_AVX2 void q4_0_avx2(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {

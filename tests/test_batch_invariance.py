@@ -32,12 +32,13 @@ from moeedge import _core
 from moeedge.formats.group_quant import QUANTS, quantize
 from moeedge.kernels import QuantTensor, linear
 
-TOKENS = [1, 2, 3, 7, 16, 17, 64, 129]
+TOKENS = [1, 2, 3, 4, 7, 8, 16, 17, 64, 129]  # up to 8: one pass with a tile as wide as the call
 ROWS = 45  # not a multiple of any row block: every tile shape and tail occurs
 # (format, in): rows over 1024 wide are cut into K chunks when many tokens share them;
 # 1000 and 2311 are not whole SIMD steps (bf16 then takes the portable kernel, fp32 adds
-# its last columns one by one); 2336 is 73 blocks of 32, not whole groups of 8 or 2.
-CASES = [("bf16", 2304), ("bf16", 1000), ("f32", 2311), ("f32", 256), ("q8_0", 2336), ("q4_0", 2336),
+# its last columns one by one); 2336 is 73 blocks of 32, not whole groups of 8 or 2; rows
+# under 4 KiB (bf16 1024, f32 256) are read one at a time, longer ones 4 at a time.
+CASES = [("bf16", 2304), ("bf16", 1024), ("bf16", 1000), ("f32", 2311), ("f32", 256), ("q8_0", 2336), ("q4_0", 2336),
          ("q4_k", 2304), ("q5_k", 2304), ("q6_k", 2304), ("int8_g32", 2336), ("int4_g64", 2336)]
 
 
