@@ -2,7 +2,7 @@
 static plan in hindsight (docs/controller.md, "Scenarios").
 
     python bench/controller_scenarios.py --ladder DIR [SOURCE] [--scenarios 1,2,3] [--segment 64] \
-        [--max-kl 0.003] [--json OUT.json] [--plot OUT.png]
+        [--max-kl 0.003] [--repeats 3] [--json OUT.json] [--plot OUT.png]
 
 1. the expert cache's share of the budget drops to a third mid-decode, then comes back
    (model.set_budget). The share is what the budget gives beyond the fixed cost, dense
@@ -22,6 +22,8 @@ at each segment), the budget and the plan in force. A segment's tok/s is its tok
 their seconds, switch transients included. Then, for each segment's conditions, every
 plan on the planner's frontier at that segment's budget is run alone the same way
 (SEGMENT tokens after WARM tokens that fill the cache) and the best is the comparison.
+Runs alternate (adaptive, then the static plans, in reverse order every other round),
+--repeats rounds; each figure is a median.
 """
 from __future__ import annotations
 
@@ -50,6 +52,12 @@ def segments(scenario: int) -> list[dict]:
     return {1: [{"cache": 1.0}, {"cache": 1 / 3}, {"cache": 1.0}],
             2: [{"cache": 0.5}, {"cache": 0.5, "read_bps": SLOW_DISK}, {"cache": 0.5}],
             3: [{"cache": 0.5, "prompt": LONG_PROMPT}, {"cache": 0.5}]}[scenario]
+
+
+def cache_bytes(share: float, every: int, borrow: int, least: int) -> int:
+    """The decode cache's bytes at a share of every expert: never below what the lossless
+    plan needs (the prefill's borrowed bytes and one layer's top-k experts)."""
+    return max(int(share * every), borrow + least)
 
 
 # --- the worker: one run, in its own process and cgroup -----------------------------
@@ -90,7 +98,7 @@ def worker(args) -> None:
     segs = spec["segments"]
 
     def budget_of(seg) -> int:
-        return committed + model.plan.prefill_borrow_bytes + int(seg["cache"] * every)
+        return committed + cache_bytes(seg["cache"], every, model.plan.prefill_borrow_bytes, spec["least"])
 
     def enter(i: int) -> None:
         seg = segs[i]
@@ -181,47 +189,60 @@ def per_segment(records: list[dict]) -> list[dict]:
     return out
 
 
-def stored_bytes(source) -> int:
-    """The cache slots of every expert as stored: what the segments' shares are of."""
+def stored_bytes(source) -> tuple[int, int]:
+    """The cache slots of every expert as stored (what the segments' shares are of), and
+    of one layer's top-k (the least the lossless plan needs beside the prefill's bytes)."""
     from moeedge._core import ExpertStore
     from moeedge.formats.open import open_checkpoint
 
     ckpt = open_checkpoint(source)
     store = ExpertStore(ckpt.files, ckpt.expert_ranges, direct_io=True)
-    return sum(store.slot_bytes(k) for k in store.keys())
+    slots = [store.slot_bytes(k) for k in store.keys()]
+    return sum(slots), ckpt.config.top_k * max(slots)
 
 
-def frontier(source, ladder: str, cache_share: float, max_kl: float, every: int) -> list[list[str]]:
+def frontier(source, ladder: str, cache_share: float, max_kl: float, every: int, least: int) -> list[list[str]]:
     """Every plan on the planner's frontier within max_kl, the expert cache at this share of all experts."""
     probe = plan_source(source, "2GiB", max_kl, ladder, max_context=MAX_CONTEXT)
     m = probe.memory
-    budget = m.budget_bytes - m.expert_cache_bytes + m.prefill_borrow_bytes + int(cache_share * every)
+    budget = m.budget_bytes - m.expert_cache_bytes + cache_bytes(cache_share, every, m.prefill_borrow_bytes, least)
     sp = plan_source(source, budget, max_kl, ladder, max_context=MAX_CONTEXT)
     return [p.variants for p in sp.choice.frontier if p.kl <= max_kl]
 
 
 def scenario(args, n: int, tmp: Path) -> dict:
+    """The adaptive run and every segment's static plans, args.repeats times alternating; medians."""
     segs = segments(n)
     n_layers = len(json.loads((Path(args.ladder) / "manifest.json").read_text())["layers"])
     base = {"source": args.source, "ladder": args.ladder, "max_kl": args.max_kl, "segments": segs,
-            "every": stored_bytes(args.source)}
-    adaptive = run({**base, "adaptive": True, "start": ["stored"] * n_layers}, args.segment, tmp)
-    rows = per_segment(adaptive["records"])
-    for row, seg in zip(rows, segs):
-        statics = []
-        for variants in frontier(args.source, args.ladder, seg["cache"], args.max_kl, base["every"]):
-            r = run({**base, "adaptive": False, "max_kl": 0.0, "variants": variants, "segments": [seg]},
+            **dict(zip(("every", "least"), stored_bytes(args.source)))}
+    statics = [(i, v) for i, seg in enumerate(segs)
+               for v in frontier(args.source, args.ladder, seg["cache"], args.max_kl, base["every"], base["least"])]
+    adaptive_runs, static_tok_s = [], {k: [] for k in range(len(statics))}
+    for rep in range(args.repeats):
+        adaptive_runs.append(run({**base, "adaptive": True, "start": ["stored"] * n_layers}, args.segment, tmp))
+        for k in (range(len(statics)) if rep % 2 == 0 else reversed(range(len(statics)))):
+            i, variants = statics[k]
+            r = run({**base, "adaptive": False, "max_kl": 0.0, "variants": variants, "segments": [segs[i]]},
                     args.segment, tmp)
-            statics.append({"variants": variants, "tok_s": per_segment(r["records"])[0]["tok_s"],
-                            "oom_kills": r["oom_kills"]})
-        best = max(statics, key=lambda s: s["tok_s"])
-        row.update(conditions=seg, statics=statics, best_static=best, ratio=row["tok_s"] / best["tok_s"])
-        print(f"scenario {n} segment {row['segment']} {seg}: adaptive {row['tok_s']:.1f} tok/s "
-              f"({'; '.join(row['plans'])}), best static {best['tok_s']:.1f} ({','.join(best['variants'])}), "
-              f"ratio {row['ratio']:.2f}, cgroup peak {row['cgroup_peak_bytes'] / 2**20:.1f} MiB "
-              f"/ budget {row['budget_bytes'] / 2**20:.1f} MiB", flush=True)
-    return {"scenario": n, "segments": rows, "records": adaptive["records"], "oom_kills": adaptive["oom_kills"],
-            "switches": adaptive["stats"].get("adaptive", {}).get("switches", [])}
+            static_tok_s[k].append(per_segment(r["records"])[0]["tok_s"])
+    runs = [per_segment(r["records"]) for r in adaptive_runs]
+    rows = runs[0]
+    for i, (row, seg) in enumerate(zip(rows, segs)):
+        mine = [{"variants": v, "tok_s": statistics.median(static_tok_s[k]), "runs": static_tok_s[k]}
+                for k, (j, v) in enumerate(statics) if j == i]
+        best = max(mine, key=lambda s: s["tok_s"])
+        row.update(conditions=seg, statics=mine, best_static=best, runs=[r[i]["tok_s"] for r in runs],
+                   tok_s=statistics.median(r[i]["tok_s"] for r in runs),
+                   cgroup_peak_bytes=max(r[i]["cgroup_peak_bytes"] for r in runs))
+        row["ratio"] = row["tok_s"] / best["tok_s"]
+        print(f"scenario {n} segment {i} {seg}: adaptive {row['tok_s']:.1f} tok/s ({'; '.join(row['plans'])}), "
+              f"best static {best['tok_s']:.1f} ({','.join(best['variants'])}), ratio {row['ratio']:.2f}, "
+              f"cgroup peak {row['cgroup_peak_bytes'] / 2**20:.1f} MiB / budget {row['budget_bytes'] / 2**20:.1f} MiB",
+              flush=True)
+    return {"scenario": n, "segments": rows, "records": adaptive_runs[0]["records"],
+            "oom_kills": sum(r["oom_kills"] for r in adaptive_runs),
+            "switches": [r["stats"].get("adaptive", {}).get("switches", []) for r in adaptive_runs]}
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -258,6 +279,7 @@ def main() -> None:
     p.add_argument("--ladder")
     p.add_argument("--scenarios", default="1,2,3")
     p.add_argument("--segment", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-kl", type=float, default=0.003)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)

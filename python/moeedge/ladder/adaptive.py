@@ -37,7 +37,8 @@ from moeedge.runtime.measure import is_smallest, rss_bytes
 
 OBSERVE_EVERY_S = 0.25
 LONG_PROMPT = 64
-BUDGET_STEP = 0.02  # an "auto" budget that moves less than this share is taken as unchanged
+BUDGET_STEP = 0.02
+BPS_STEP = 2 ** 0.5  # an "auto" budget that moves less than this share is taken as unchanged
 
 
 @dataclass
@@ -119,10 +120,11 @@ class Adaptive:
                          min(reads, self.cache_bytes(cond.budget_bytes)))
 
     def best(self, cond: Conditions) -> Candidate:
-        """The planner's plan under cond within max_kl (the bandwidth in ~10% steps, memoized)."""
-        key = (self.cache_bytes(cond.budget_bytes), round(math.log(max(cond.read_bps, 1.0)) * 10), cond.phase)
+        """The planner's plan under cond within max_kl, memoized with the bandwidth in steps of
+        BPS_STEP (the planner takes a fraction of a second: it runs on the token path)."""
+        key = (self.cache_bytes(cond.budget_bytes), round(math.log(max(cond.read_bps, 1.0), BPS_STEP)), cond.phase)
         if key not in self._points:
-            bps = math.exp(key[1] / 10)
+            bps = BPS_STEP ** key[1]
             c = choose(self.options, key[0], replace(self.setup.machine, read_bps=bps), self.curve, self.top_k,
                        self.model.plan.prefill_chunk, self.setup.max_kl)
             chosen = c.chosen

@@ -69,6 +69,7 @@ class ExpertAccess:
         self.dtype = dtype
         self.slot = max(cache.store.slot_bytes(k) for k in cache.store.keys())
         self._ffns: dict[int, ExpertFfn | None] = {}  # id(parts) -> its native FFN
+        self._every: tuple | None = None  # (layer_variants, their keys, their slot bytes)
 
     def key(self, layer: int, expert: int) -> int:
         """The expert's cache key in the representation its layer is read in."""
@@ -86,10 +87,24 @@ class ExpertAccess:
             self._ffns[id(parts)] = native_ffn(parts)
         return self._ffns[id(parts)]
 
+    def every_key(self) -> list[int]:
+        """Every expert's key in the representation its layer is read in now (worked out
+        again after a live switch changes layer_variants)."""
+        state = tuple(sorted(self.layer_variants.items()))
+        if self._every is None or self._every[0] != state:
+            store = self.cache.store
+            keys = current_keys(store.keys(), self.layer_variants)
+            self._every = (state, keys, sum(map(store.slot_bytes, keys)))
+        return self._every[1]
+
     def current_bytes(self) -> int:
         """The slot bytes of every expert in the representation its layer is read in now."""
-        store = self.cache.store
-        return sum(store.slot_bytes(k) for k in current_keys(store.keys(), self.layer_variants))
+        self.every_key()
+        return self._every[2]
+
+    def holds_all(self) -> bool:
+        """The cache's budget (which can change at run time) holds every expert read now."""
+        return self.cache.budget_bytes >= self.current_bytes()
 
     def buffer(self, layer: int, expert: int) -> ExpertBuffer:
         """The expert's bytes, pinned while referenced."""
