@@ -5,12 +5,14 @@ oscillating disk switches nothing, and max_kl=0 stays lossless."""
 from __future__ import annotations
 
 import itertools
+import json
 import time
 
 import moeedge
 import pytest
 import torch
 from moeedge import BudgetError
+from moeedge.cli import main
 from moeedge.keys import ExpertKey, VariantKey
 from moeedge.ladder.cost import Machine
 from moeedge.ladder.switch import switch_variants
@@ -152,3 +154,22 @@ def test_adaptive_without_a_ladder_says_how_to_build_one(tiny, tmp_path, monkeyp
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(ValueError, match="build it with `moeedge ladder"):
         moeedge.load(tiny, memory_budget="2GiB", adaptive=True)
+
+
+def test_run_adaptive_cli(tiny, ladder, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(start(ladder)))
+    assert main(["run", str(tiny), "--adaptive", "--max-kl", "0.5", "--plan", str(plan), "--memory-budget", "2GiB",
+                 "--prompt", "hello", "--max-new-tokens", "4", "--temperature", "0", "--json"]) == 0
+    a = json.loads(capsys.readouterr().out)["stats"]["adaptive"]
+    assert a["max_kl"] == 0.5 and a["variants"] == ["stored"] * 3 and a["ladder"] == str(ladder)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-kl", "0.1"], "--max-kl is the adaptive controller's tolerance: give --adaptive too"),
+    (["--adaptive", "--max-kl", "-1"], "--max-kl must be at least 0"),
+])
+def test_adaptive_cli_bad_input_is_one_line_and_exit_2(tiny, capsys, args, message):
+    assert main(["run", str(tiny), *args, "--prompt", "hello"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
