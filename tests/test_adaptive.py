@@ -16,6 +16,7 @@ from moeedge.cli import main
 from moeedge.keys import ExpertKey, VariantKey
 from moeedge.ladder.cost import Machine
 from moeedge.ladder.switch import switch_variants
+from moeedge.runtime import pressure
 from test_ladder import ladder, tiny  # noqa: F401 (fixtures: the tiny Mixtral and its ladder)
 
 PROMPT = list(range(3, 40))
@@ -116,6 +117,25 @@ def test_an_oscillating_disk_causes_no_switch(tiny, ladder, monkeypatch):
         monkeypatch.setattr(model.adaptive, "read_bps", lambda: next(flips))
         list(model.stream_ids(PROMPT, max_new_tokens=60, temperature=0))
         assert model.stats()["adaptive"]["switches"] == before
+
+
+def test_an_auto_budget_follows_the_cgroups_reading(tiny, ladder, monkeypatch):
+    # the reading's sources (cgroup files, PSI) are tested in tests/test_pressure.py; here what
+    # the running model does with it: a fall switches at once, a rise under pressure is held
+    with moeedge.load(tiny, memory_budget="auto", adaptive=True, max_kl=10.0, plan=start(ladder)) as model:
+        assert model.adaptive.auto
+        low, psi = small_budget(model, 3), [None]
+        monkeypatch.setattr(pressure, "reading", lambda **_: pressure.Reading(low, low + (64 << 20), 0, psi[0], "t"))
+        list(model.stream_ids(PROMPT, max_new_tokens=3, temperature=0))
+        a = model.stats()["adaptive"]
+        assert model.plan.budget_bytes == low and "budget fell" in a["switches"][0]["reason"]
+        assert a["pressure"]["budget_bytes"] == low and a["auto"]
+        psi[0], low = 50.0, low * 2  # more room, but the machine is under memory pressure: held
+        list(model.stream_ids(PROMPT, max_new_tokens=3, temperature=0))
+        assert model.plan.budget_bytes == low // 2
+        psi[0] = 0.0
+        list(model.stream_ids(PROMPT, max_new_tokens=3, temperature=0))
+        assert model.plan.budget_bytes == low
 
 
 def test_max_kl_0_stays_lossless_through_a_budget_drop(tiny, ladder):

@@ -90,7 +90,8 @@ class Adaptive:
         variants = list(plan.expert_variants) or ["stored"] * self.n_layers
         start = Conditions(plan.budget_bytes, setup.machine.read_bps)
         self.controller = Controller(self.best, self.candidate, self.candidate(variants, start),
-                                     since=time.monotonic(), read_bps=setup.machine.read_bps)
+                                     since=time.monotonic(), read_bps=setup.machine.read_bps,
+                                     budget_seen=plan.budget_bytes)
         self.switches: list[dict] = []
 
     # --- the planner under conditions ---------------------------------------------
