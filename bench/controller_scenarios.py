@@ -245,6 +245,22 @@ def scenario(args, n: int, tmp: Path) -> dict:
             "switches": [r["stats"].get("adaptive", {}).get("switches", []) for r in adaptive_runs]}
 
 
+def table(results: list[dict]) -> str:
+    """The markdown table of a run's JSON (--table), process and cgroup peaks per segment."""
+    lines = ["| scenario | segment | adaptive tok/s (plans in force) | best static tok/s (plan) | ratio | "
+             "process peak / budget | cgroup peak | OOM kills |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for res in results:
+        for row in res["segments"]:
+            i = row["segment"]
+            rss = max(r["rss_bytes"] for r in res["records"] if r["segment"] == i)
+            cond = ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in row["conditions"].items())
+            lines.append(f"| {res['scenario']} | {i}: {cond} | {row['tok_s']:.1f} ({'; '.join(row['plans'])}) | "
+                         f"{row['best_static']['tok_s']:.1f} ({','.join(row['best_static']['variants'])}) | "
+                         f"{row['ratio']:.2f} | {rss / 2**20:.1f} / {row['budget_bytes'] / 2**20:.1f} MiB | "
+                         f"{row['cgroup_peak_bytes'] / 2**20:.1f} MiB | {res['oom_kills']} |")
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -283,11 +299,14 @@ def main() -> None:
     p.add_argument("--max-kl", type=float, default=0.003)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
+    p.add_argument("--table", default=None, help="print the table of a JSON this script wrote, and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.table:
+        return print(table(json.loads(Path(args.table).read_text())))
     if not args.ladder:
         p.error("--ladder is required")
     if args.segment < 64:
