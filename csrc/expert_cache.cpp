@@ -311,6 +311,19 @@ void ExpertCache::set_budget(uint64_t budget_bytes) {
   while (stats_.resident_bytes > budget_bytes_) evict(pick_victim(), freed);
 }
 
+uint64_t ExpertCache::drop(const std::vector<uint64_t>& keys) {
+  Freed freed;  // declared before the lock: the pages are unmapped after it is released
+  std::lock_guard<std::mutex> lk(mu_);
+  uint64_t bytes = 0;
+  for (uint64_t key : keys) {
+    auto it = entries_.find(key);
+    if (it == entries_.end() || it->second->state != Entry::State::Ready || it->second->pins != 0) continue;
+    bytes += it->second->reserved_bytes;
+    evict(it->second.get(), freed);
+  }
+  return bytes;
+}
+
 void ExpertCache::set_scores(const std::vector<std::pair<uint64_t, double>>& scores) {
   std::lock_guard<std::mutex> lk(mu_);
   for (const auto& [key, score] : scores) scores_[key] = score;

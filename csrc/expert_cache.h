@@ -105,6 +105,8 @@ class ExpertCache : public std::enable_shared_from_this<ExpertCache> {
   size_t prefetch(const std::vector<uint64_t>& keys, int64_t priority);
   size_t cancel_prefetches(const std::vector<uint64_t>* keys);  // nullptr: all
   void set_budget(uint64_t budget_bytes);
+  // Evict these keys now where ready and unpinned (a representation no longer read); bytes freed.
+  uint64_t drop(const std::vector<uint64_t>& keys);
   void set_scores(const std::vector<std::pair<uint64_t, double>>& scores);
   bool contains(uint64_t key) const;
   std::vector<uint64_t> resident_keys() const;

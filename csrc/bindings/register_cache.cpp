@@ -108,6 +108,14 @@ void def_expert_cache(py::module_& m) {
           },
           py::arg("budget_bytes"))
       .def(
+          "drop",
+          [](ExpertCache& cache, const py::iterable& keys) {
+            auto k = to_keys(keys);
+            py::gil_scoped_release release;  // eviction unmaps pages
+            return cache.drop(k);
+          },
+          py::arg("keys"), "Evict these keys now where ready and unpinned; the bytes freed.")
+      .def(
           "set_scores",
           [](ExpertCache& cache, const py::dict& scores) {
             std::vector<std::pair<uint64_t, double>> v;

@@ -227,6 +227,10 @@ class ExpertCache:
         """Change the budget. Shrinking evicts unpinned entries until the
         resident bytes fit; if pinned and loading entries alone exceed it,
         raises BudgetError and leaves the budget as it was."""
+    def drop(self, keys: Iterable[int]) -> int:
+        """Evict these keys now where resident, ready and unpinned (a representation no
+        longer read: moeedge.ladder.switch); keys absent, loading or pinned are left. Returns
+        the bytes freed."""
     def set_scores(self, scores: Mapping[int, float]) -> None:
         """Per-key priority for the "score" policy (lowest is evicted first)."""
     def contains(self, key: int) -> bool:

@@ -18,7 +18,7 @@ from moeedge.formats.open import open_checkpoint
 from moeedge.models.family import dense_weights, open_tokenizer, plan_for, resolve_policy, runner_class
 from moeedge.models.runner import Prediction, Recorder, Runner
 from moeedge.runtime.embedding import embedding_on_disk
-from moeedge.runtime.experts import ExpertAccess
+from moeedge.runtime.experts import ExpertAccess, current_keys
 from moeedge.runtime.measure import rss_bytes
 from moeedge.runtime.plan import MemoryPlan, expert_budget, measured, prefill_borrow
 from moeedge.runtime.sampling import Sampler, SamplingParams, resolve_sampling
@@ -53,6 +53,7 @@ class MoeModel(TextGeneration):
         self.budget_changes: list[dict] = []
         self.speculator = None  # moeedge.speculative.Speculator, where load() has a draft
         self.draft_note: str | None = None  # the draft's path, or why there is none
+        self.adaptive = None  # moeedge.ladder.adaptive.Adaptive, where load(adaptive=True)
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     @contextlib.contextmanager
@@ -78,7 +79,11 @@ class MoeModel(TextGeneration):
 
         if self.speculator is not None:  # its draft lends and takes back cache bytes of its own
             raise ValueError("set_budget with a speculative draft loaded is not supported yet: load without draft=")
-        self._pending_plan = replanned(self, budget)
+        if self.adaptive is not None:  # the controller applies it, with the plan it calls for
+            self.adaptive.request(budget)
+            self._pending_plan = replanned(self, self.adaptive.budget, self.adaptive.smallest_slot)
+        else:
+            self._pending_plan = replanned(self, budget)
         if self._lock.acquire(blocking=False):
             try:
                 self._apply_budget()
@@ -88,7 +93,9 @@ class MoeModel(TextGeneration):
 
     def _apply_budget(self) -> None:
         plan, self._pending_plan = self._pending_plan, None
-        if plan is not None:
+        if self.adaptive is not None:
+            self.adaptive.between_tokens()
+        elif plan is not None:
             from moeedge.ladder.live import apply
 
             self.budget_changes.append(apply(self, plan))
@@ -131,6 +138,8 @@ class MoeModel(TextGeneration):
             return
         with self._turn() as seq:
             history = list(ids)
+            if self.adaptive is not None:
+                self.adaptive.before_prompt(len(ids))
             logits = self._prompt(seq, history)
             if self.speculator is not None:
                 yield from self.speculator.stream(self, seq, history, logits, sampler, max_new_tokens, eos)
@@ -229,6 +238,7 @@ class MoeModel(TextGeneration):
                          "expert_cache_bytes": cache["resident_bytes"], "process_bytes": rss_bytes()},
             "plan": self.plan.as_dict(),
             "budget_changes": list(self.budget_changes),
+            **({"adaptive": self.adaptive.stats()} if self.adaptive is not None else {}),
         }
 
     def close(self) -> None:
@@ -274,7 +284,7 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
          threads: int | None = None, n_sequences: int = 1, plan: str | os.PathLike | dict | None = None,
          peers: list[str] | None = None, peer_deadline: float = 1.0,
          peer_identity: str | os.PathLike | None = None,
-         draft: str | os.PathLike | None = None) -> MoeModel:
+         draft: str | os.PathLike | None = None, adaptive: bool = False, max_kl: float = 0.0) -> MoeModel:
     """Open a checkpoint and plan it into memory_budget (the whole process's memory).
 
     source: a Hugging Face directory, a .gguf file, a hub repo id ("org/name",
@@ -300,15 +310,27 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
     client's key file (made if missing), so that peers can allow its peer id (`moeedge peer-id
     PATH` prints it). draft: speculative decoding's draft model (moeedge.draft): "auto" (a
     one-expert-per-layer variant beside the checkpoint or in moeedge's cache, if any), a
-    variant's directory, or None (off); planned into the budget."""
+    variant's directory, or None (off); planned into the budget. adaptive: re-plan each
+    MoE layer's variant between tokens as the budget (set_budget, or "auto"'s cgroup and
+    pressure), the disk's bandwidth and the input change, within max_kl (nats per token;
+    0: lossless), from plan's ladder or the source's default one (docs/controller.md)."""
     fixed = rss_bytes()  # measured before anything of the model is read
     _check_settings(device, max_context, lookahead, io_threads, threads, n_sequences)
     if threads is not None:
         set_kernel_threads(threads)
         torch.set_num_threads(threads)
     ckpt = open_checkpoint(source)
-    variants = None
-    if plan is not None:
+    variants = setup = None
+    if max_kl and not adaptive:
+        raise ValueError("max_kl is the adaptive controller's tolerance: load with adaptive=True (a fixed plan's "
+                         "tolerance is `moeedge plan --max-kl`)")
+    if adaptive:
+        from moeedge.ladder.adaptive import prepare
+
+        if draft is not None:
+            raise ValueError("adaptive=True with a speculative draft is not supported yet: load without draft=")
+        ckpt, variants, setup = prepare(ckpt, plan, max_kl)
+    elif plan is not None:
         from moeedge.ladder.compose import apply_plan
 
         ckpt, variants = apply_plan(ckpt, plan)
@@ -332,7 +354,8 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
             memory = replace(memory, expert_variants=tuple(variants))
         policy = resolve_policy(policy, runner_cls)
         # "predicted" is the native "score" policy, its scores set before each layer
-        cache = ExpertCache(store, expert_budget(memory, sum(store.slot_bytes(k) for k in store.keys())),
+        cache = ExpertCache(store, expert_budget(memory, sum(map(store.slot_bytes, current_keys(store.keys(),
+                                                                                  ckpt.layer_variants)))),
                             "score" if policy == "predicted" else policy, io_threads or 2)
         dense = dense_weights(ckpt, runner_cls, dtype, on_disk)
         experts = ExpertAccess(cache, ckpt.expert_parts, None if runner_cls.mixed_precision else dtype,
@@ -350,6 +373,10 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
         model = MoeModel(ckpt, memory, cache, runner, tokenizer, policy)
         model.draft_note = None if draft is None else draft_note
         model.settle_memory()
+        if setup is not None:
+            from moeedge.ladder.adaptive import Adaptive
+
+            model.adaptive = Adaptive(model, setup, memory_budget)
         if draft_ckpt is not None:
             model.speculator = Speculator(load_draft(ckpt, draft_ckpt, dense, max_context, dtype))
     except BaseException:

@@ -105,7 +105,25 @@ def _load(args: argparse.Namespace):
                 policy=args.policy, prefetch=args.prefetch, predictor=args.predictor, lookahead=args.lookahead,
                 threads=args.threads, plan=args.plan,
                 peers=args.peer, peer_deadline=args.peer_deadline, peer_identity=args.peer_identity,
-                draft=getattr(args, "draft", None))
+                draft=getattr(args, "draft", None), **_adaptive(args))
+
+
+def _adaptive(args: argparse.Namespace) -> dict:
+    if not hasattr(args, "adaptive"):
+        return {}
+    if args.max_kl is not None and not args.adaptive:
+        raise UsageError("--max-kl is the adaptive controller's tolerance: give --adaptive too")
+    if args.max_kl is not None and not args.max_kl >= 0:
+        raise UsageError(f"--max-kl must be at least 0, got {args.max_kl}")
+    return {"adaptive": args.adaptive, "max_kl": args.max_kl or 0.0}
+
+
+def _adaptive_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adaptive", action="store_true",
+                   help="re-plan each MoE layer's variant between tokens as the budget, the disk and the input "
+                        "change (the source's ladder, or --plan's; docs/controller.md)")
+    p.add_argument("--max-kl", type=float, default=None,
+                   help="with --adaptive: the KL per token (nats) a plan may cost; default 0: lossless")
 
 
 def _draft_option(p: argparse.ArgumentParser) -> None:
@@ -232,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate text from a prompt")
     _model_options(run)
     _draft_option(run)
+    _adaptive_options(run)
     run.add_argument("--prompt", required=True)
     _sampling_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object with the text and stats()")
@@ -240,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive conversation")
     _model_options(chat)
     _draft_option(chat)
+    _adaptive_options(chat)
     _sampling_options(chat)
     chat.add_argument("--system", default=None, help="a system message that starts the conversation")
     chat.set_defaults(run=_cmd_chat)

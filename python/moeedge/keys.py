@@ -60,3 +60,11 @@ class VariantKey(NamedTuple):
 def expert_key(layer: int, expert: int, variant: int = 0) -> int:
     """The packed cache key of an expert in a representation (0: as stored, its ExpertKey)."""
     return ExpertKey(layer, expert).packed if variant == 0 else VariantKey(layer, expert, variant).packed
+
+
+def split_key(key: int) -> tuple[int, int, int]:
+    """(layer, expert, variant) of a packed ExpertKey or VariantKey (variant 0: as stored)."""
+    if not 0 <= key < 1 << 64:
+        raise ValueError(f"expert key out of range: {key}")
+    variant = key >> _VARIANT_SHIFT
+    return (key >> 32) & (_U16 - 1 if variant else _U32 - 1), key & (_U32 - 1), variant

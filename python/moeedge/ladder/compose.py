@@ -37,17 +37,36 @@ def check_assignment(manifest: dict, n_layers: int, variants: list[str]) -> None
                              f"run `moeedge ladder` again to resume it)")
 
 
-def compose(ckpt: Checkpoint, directory: str | Path, variants: list[str]) -> Checkpoint:
-    """ckpt read with MoE layer i in variants[i] ("stored": as it is)."""
-    directory = Path(directory)
+def _open(ckpt: Checkpoint, directory: Path, variants: list[str]) -> dict:
     manifest = pack.read_manifest(directory)
     if manifest is None:
         raise ValueError(f"{directory}: no ladder here (no {pack.MANIFEST}); build one with `moeedge ladder`")
     pack.check_source(manifest, ckpt, directory)
-    cfg = ckpt.config
-    if not isinstance(cfg, DecoderConfig):
+    if not isinstance(ckpt.config, DecoderConfig):
         raise ValueError(f"{ckpt.source}: plans of variants are for decoder-only models")
-    check_assignment(manifest, len(cfg.moe_layers), variants)
+    check_assignment(manifest, len(ckpt.config.moe_layers), variants)
+    return manifest
+
+
+def _variant_ranges(ckpt: Checkpoint, directory: Path, manifest: dict, files: list, layer: int, name: str):
+    """{VariantKey: byte ranges} and {VariantKey: layout} of one layer in one variant, its
+    file appended to files."""
+    path = str(directory / pack.layer_file(layer, name))
+    files.append(path)
+    tensors = tensor_table([Path(path)])
+    bits = manifest["layers"][str(layer)]["variants"][name]["bits"]
+    ranges, layouts = {}, {}
+    for e in range(ckpt.config.n_experts):
+        key = VariantKey(layer, e, LOADABLE[name]).packed
+        ranges[key], layouts[key], _ = quant_expert(ckpt.config, tensors, {path: len(files) - 1}, layer, e,
+                                                    bits[e], GROUP)
+    return ranges, layouts
+
+
+def compose(ckpt: Checkpoint, directory: str | Path, variants: list[str]) -> Checkpoint:
+    """ckpt read with MoE layer i in variants[i] ("stored": as it is)."""
+    directory = Path(directory)
+    manifest = _open(ckpt, directory, variants)
     if all(v == "stored" for v in variants):
         return ckpt
     files = list(ckpt.files)
@@ -56,25 +75,39 @@ def compose(ckpt: Checkpoint, directory: str | Path, variants: list[str]) -> Che
     for layer, name in enumerate(variants):
         if name == "stored":
             continue
-        path = str(directory / pack.layer_file(layer, name))
-        files.append(path)
-        tensors = tensor_table([Path(path)])
-        index = {path: len(files) - 1}
-        bits = manifest["layers"][str(layer)]["variants"][name]["bits"]
-        vid = LOADABLE[name]
-        every = {}
-        for e in range(cfg.n_experts):
+        for e in range(ckpt.config.n_experts):
             old = ExpertKey(layer, e).packed
             ranges.pop(old, None)
             layouts.pop(old, None)
-            key = VariantKey(layer, e, vid).packed
-            ranges[key], every[key], _ = quant_expert(cfg, tensors, index, layer, e, bits[e], GROUP)
+        new_ranges, every = _variant_ranges(ckpt, directory, manifest, files, layer, name)
+        ranges.update(new_ranges)
         common = list(Counter(tuple(v) for v in every.values()).most_common(1)[0][0])
         parts[layer] = common
         layouts.update((k, v) for k, v in every.items() if v != common)
-        layer_variants[layer] = vid
+        layer_variants[layer] = LOADABLE[name]
     return replace(ckpt, files=files, expert_ranges=ranges, expert_parts=parts, expert_layouts=layouts,
                    layer_variants=layer_variants)
+
+
+def compose_all(ckpt: Checkpoint, directory: str | Path, variants: list[str]) -> tuple[Checkpoint, list[list[str]]]:
+    """ckpt with every loadable variant the ladder built of every layer in its store, each
+    under its own keys with its own layout, read in variants[i] for now: a plan switches by
+    changing layer_variants (moeedge.ladder.switch). Also each layer's variants."""
+    directory = Path(directory)
+    manifest = _open(ckpt, directory, variants)
+    files, ranges, layouts = list(ckpt.files), dict(ckpt.expert_ranges), dict(ckpt.expert_layouts)
+    same: dict[tuple, list] = {}  # equal layouts shared: one native FFN each (ExpertAccess.ffn)
+    available = []
+    for layer in range(len(ckpt.config.moe_layers)):
+        built = manifest["layers"][str(layer)]["variants"]
+        names = ["stored"] + [n for n in LOADABLE if n != "stored" and n in built]
+        for name in names[1:]:
+            new_ranges, every = _variant_ranges(ckpt, directory, manifest, files, layer, name)
+            ranges.update(new_ranges)
+            layouts.update((k, same.setdefault(tuple(v), v)) for k, v in every.items())
+        available.append(names)
+    chosen = {layer: LOADABLE[name] for layer, name in enumerate(variants) if name != "stored"}
+    return replace(ckpt, files=files, expert_ranges=ranges, expert_layouts=layouts, layer_variants=chosen), available
 
 
 def read_plan(plan) -> tuple[Path, list[str]]:

@@ -21,12 +21,14 @@ from moeedge.runtime.plan import MemoryPlan, expert_budget, shrink_cache
 from moeedge.units import format_bytes
 
 
-def replanned(model, budget: int | str) -> MemoryPlan:
-    """The model's memory plan at this budget; BudgetError naming the smallest workable one."""
+def replanned(model, budget: int | str, slot: int | None = None) -> MemoryPlan:
+    """The model's memory plan at this budget; BudgetError naming the smallest workable one.
+    slot: the largest expert slot the cache must hold top-k of (default the store's
+    largest; an adaptive model's smallest plan's, moeedge.ladder.adaptive)."""
     b = resolve_budget(budget)
     old = model.plan
     committed = old.budget_bytes - old.expert_cache_bytes
-    least = old.prefill_borrow_bytes + model.config.top_k * model.runner.experts.slot
+    least = old.prefill_borrow_bytes + model.config.top_k * (slot or model.runner.experts.slot)
     if b - committed < least:
         raise BudgetError(f"memory budget {format_bytes(b)} is below the smallest workable budget "
                           f"{format_bytes(committed + least)} for this loaded model ({committed + least} bytes: "
@@ -39,8 +41,7 @@ def apply(model, plan: MemoryPlan) -> dict:
     """Resize the expert cache to the plan (evicting first on a shrink); what changed."""
     cache = model.cache
     before = cache.budget_bytes
-    store = cache.store
-    target = expert_budget(plan, sum(store.slot_bytes(k) for k in store.keys()))
+    target = expert_budget(plan, model.runner.experts.current_bytes())
     if target < before:
         shrink_cache(cache, target)
     else:

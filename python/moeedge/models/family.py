@@ -12,6 +12,7 @@ from moeedge.models.decoder import DecoderMoE
 from moeedge.models.runner import Runner
 from moeedge.models.switch import SwitchMoE
 from moeedge.runtime.embedding import EMBEDDING, DiskEmbedding
+from moeedge.runtime.experts import current_keys
 from moeedge.runtime.measure import is_smallest, resolve_budget
 from moeedge.runtime.plan import MemoryPlan, plan_checkpoint
 from moeedge.tokenizer import Tokenizer
@@ -29,7 +30,7 @@ def plan_for(ckpt: Checkpoint, store: ExpertStore, budget: int | str, fixed: int
     """This checkpoint's memory plan in budget (bytes, "4GiB", "auto", or "min": the smallest
     workable); on_disk: the embedding table left in its file (embedding_on_disk), if any."""
     runner = runner_class(ckpt.config)
-    slot = max(store.slot_bytes(k) for k in store.keys())
+    slot = max(store.slot_bytes(k) for k in current_keys(store.keys(), ckpt.layer_variants))
     left = on_disk.info.nbytes if on_disk is not None else 0
 
     def plan(b: int) -> MemoryPlan:

@@ -6,7 +6,7 @@ import torch
 from moeedge._core import ExpertBuffer, ExpertCache, ExpertFfn
 from moeedge.expert_tensor import expert_view
 from moeedge.formats.checkpoint import ExpertPart
-from moeedge.keys import expert_key
+from moeedge.keys import expert_key, split_key
 from moeedge.formats.quant_tensor import QuantTensor
 from moeedge.kernels import native_format
 
@@ -49,6 +49,12 @@ def native_ffn(parts: list[ExpertPart]) -> ExpertFfn | None:
     return ExpertFfn(*specs)
 
 
+def current_keys(keys, layer_variants: dict[int, int]) -> list[int]:
+    """Of a store's keys, those of each layer's representation now (an adaptive model's
+    store holds every variant; the rest are not read)."""
+    return [k for k in keys if split_key(k)[2] == layer_variants.get(split_key(k)[0], 0)]
+
+
 class ExpertAccess:
     """Get, prefetch and ask residency of experts by (MoE layer, expert)."""
 
@@ -56,12 +62,14 @@ class ExpertAccess:
                  expert_layouts: dict[int, list[ExpertPart]] | None = None,
                  layer_variants: dict[int, int] | None = None):
         self.cache = cache
-        self.layer_variants = layer_variants or {}  # MoE layer -> its representation (moeedge.ladder)
+        # MoE layer -> its representation (moeedge.ladder); changed in place by a live switch
+        self.layer_variants = layer_variants if layer_variants is not None else {}
         self.parts = parts  # layer -> the layout of its experts
         self.expert_layouts = expert_layouts or {}  # cache key -> parts, where an expert differs
         self.dtype = dtype
         self.slot = max(cache.store.slot_bytes(k) for k in cache.store.keys())
         self._ffns: dict[int, ExpertFfn | None] = {}  # id(parts) -> its native FFN
+        self._every: tuple | None = None  # (layer_variants, their keys, their slot bytes)
 
     def key(self, layer: int, expert: int) -> int:
         """The expert's cache key in the representation its layer is read in."""
@@ -78,6 +86,25 @@ class ExpertAccess:
         if id(parts) not in self._ffns:
             self._ffns[id(parts)] = native_ffn(parts)
         return self._ffns[id(parts)]
+
+    def every_key(self) -> list[int]:
+        """Every expert's key in the representation its layer is read in now (worked out
+        again after a live switch changes layer_variants)."""
+        state = tuple(sorted(self.layer_variants.items()))
+        if self._every is None or self._every[0] != state:
+            store = self.cache.store
+            keys = current_keys(store.keys(), self.layer_variants)
+            self._every = (state, keys, sum(map(store.slot_bytes, keys)))
+        return self._every[1]
+
+    def current_bytes(self) -> int:
+        """The slot bytes of every expert in the representation its layer is read in now."""
+        self.every_key()
+        return self._every[2]
+
+    def holds_all(self) -> bool:
+        """The cache's budget (which can change at run time) holds every expert read now."""
+        return self.cache.budget_bytes >= self.current_bytes()
 
     def buffer(self, layer: int, expert: int) -> ExpertBuffer:
         """The expert's bytes, pinned while referenced."""

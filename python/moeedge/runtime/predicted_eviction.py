@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from moeedge._core import ExpertCache
-from moeedge.keys import ExpertKey
+from moeedge.keys import ExpertKey, split_key
 from moeedge.policies import PICK_RATE_ALPHA as ALPHA
 from moeedge.policies import PREDICTED_DISCOUNT as DISCOUNT
 from moeedge.policies import later_visits
@@ -27,7 +27,6 @@ class PredictedEviction:
         self.p = pick_rate.double().clone()           # [L, E] chance a token picks each expert
         self.q = torch.full((n_layers, n_experts), -1.0, dtype=torch.float64)  # this token's guesses
         self.later = later_visits(n_layers)  # every visit after the next
-        self.key_of = {self.key(layer, e): (layer, e) for layer in range(n_layers) for e in range(n_experts)}
 
     def on_step(self, layer: int, picked: list[int], guesses: dict[int, torch.Tensor], learn: bool = True) -> None:
         """Layer `layer` is about to get `picked`; guesses: target layer -> [E] chances.
@@ -57,8 +56,9 @@ class PredictedEviction:
         self.p[layer] = (1.0 - ALPHA) * self.p[layer] + ALPHA * used
 
     def _worth(self, key: int) -> float:
-        layer, e = self.key_of[key]
-        return self.worth[layer][e]
+        layer, e, _ = split_key(key)
+        # a representation its layer is no longer read in (a live switch left it): first out
+        return self.worth[layer][e] if key == self.key(layer, e) else -1.0
 
     def worth_reading(self, wanted: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Of the (layer, expert) guesses in `wanted` (most wanted first), those worth reading

@@ -91,7 +91,6 @@ class Prefetcher:
         self.pending: dict[int, list[int]] = {}   # target layer -> the guessed experts read early
         self.guessed = [0] * lookahead            # per lookahead: experts guessed that were then needed ...
         self.needed = [0] * lookahead             # ... out of the experts needed
-        self.total = len(experts.cache.store.keys())
         self.cost = ReadCost(experts.cache)
         # Per tenth of chance, guesses that came true and guesses made, this run; started at
         # the bin's middle as if two guesses had been seen, so that few observations move it little.
@@ -207,11 +206,11 @@ class Prefetcher:
                 self.experts.prefetch(layer + 1, read, priority=0)
 
     def _holds_all(self) -> bool:
-        if self.experts.capacity < self.total:  # the budget can shrink at run time
+        if not self.experts.holds_all():  # the budget can shrink at run time
             self.settled = False
         elif not self.settled:
             # Read every expert not yet resident behind the demand reads, once.
-            self.experts.cache.prefetch(list(self.experts.cache.store.keys()), -1)
+            self.experts.cache.prefetch(self.experts.every_key(), -1)
             self.pending.clear()
             self.guesses.clear()
             self.settled = True
