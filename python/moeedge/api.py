@@ -76,8 +76,6 @@ class MoeModel(TextGeneration):
         generation's next token (moeedge.ladder.live). Returns the new memory plan."""
         from moeedge.ladder.live import replanned
 
-        if self.speculator is not None:  # its draft lends and takes back cache bytes of its own
-            raise ValueError("set_budget with a speculative draft loaded is not supported yet: load without draft=")
         self._pending_plan = replanned(self, budget)
         if self._lock.acquire(blocking=False):
             try:

@@ -150,6 +150,7 @@ class Speculator:
             left = max_new_tokens - emitted
             if left == 0:
                 return
+            model._apply_budget()  # a set_budget waiting: between two tokens, as plain decoding applies it
             k = min(self.chooser.choose(), left - 1)
             start = time.perf_counter()
             reads = self._bytes_read(model)
@@ -157,6 +158,8 @@ class Speculator:
                 if not self.lent:  # with the draft's expert bytes: plain decoding as it would be without a draft
                     store = model.cache.store
                     self.lent = self.draft.lend(model.cache, sum(store.slot_bytes(k_) for k_ in store.keys()))
+                    # a probe reads the draft's experts back and the full model's cache loses as many
+                    self.chooser.switch_cost = 2 * self.lent * self._read_seconds_per_byte(model)
                 with torch.inference_mode():
                     logits = model.runner.step([(seq, torch.tensor([token]))])[0][-1]
                 out = [sampler.choose(logits, history)]
@@ -177,7 +180,7 @@ class Speculator:
                 end = time.perf_counter()
                 # a catch-up after plain steps is the probe's price, not a draft step's
                 caught = self.counts["catch_up_seconds"] - caught_before
-                self.chooser.observe_round(k, len(out) - 1, mid - start - caught, end - mid)
+                self.chooser.observe_round(k, len(out) - 1, mid - start - caught, end - mid, end - start)
                 self._count_round(k, len(out) - 1, mid - start, end - mid)
                 seconds = end - start
                 # the draft ran drafted[:k-1]: what the target kept of them stays, the rest goes
@@ -196,6 +199,12 @@ class Speculator:
                 if emitted == max_new_tokens:
                     return
             token = out[-1]
+
+    def _read_seconds_per_byte(self, model) -> float:
+        """Both caches' measured read time per byte (the draft's own experts read at load count)."""
+        a, b = model.cache.stats(), self.draft.cache.stats()
+        read = a["bytes_read"] + b["bytes_read"]
+        return (a["read_seconds"] + b["read_seconds"]) / read if read else 0.0
 
     def _bytes_read(self, model) -> int:
         return model.cache.stats()["bytes_read"] + self.draft.cache.stats()["bytes_read"]

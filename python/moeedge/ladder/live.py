@@ -41,6 +41,8 @@ def apply(model, plan: MemoryPlan) -> dict:
     before = cache.budget_bytes
     store = cache.store
     target = expert_budget(plan, sum(store.slot_bytes(k) for k in store.keys()))
+    if model.speculator is not None:  # the bytes its draft lends while drafting is off stay lent
+        target += model.speculator.lent
     if target < before:
         shrink_cache(cache, target)
     else:
