@@ -100,7 +100,7 @@ def run(model, prompt_ids: list[list[int]], n: int, fresh: bool = False) -> dict
                    recall=spec.stats()["draft_pick_recall"])
     prediction = after.get("prediction")
     if prediction:
-        out["predictor_recall"] = prediction["prediction_recall"][0]  # the next layer's experts, one ahead
+        out["predictor_recall"] = (prediction["prediction_recall"] or [None])[0]  # the next layer, one ahead
     return out
 
 
