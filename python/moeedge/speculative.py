@@ -158,8 +158,8 @@ class Speculator:
                 if not self.lent:  # with the draft's expert bytes: plain decoding as it would be without a draft
                     store = model.cache.store
                     self.lent = self.draft.lend(model.cache, sum(store.slot_bytes(k_) for k_ in store.keys()))
-                    # a probe reads the draft's experts back and the full model's cache loses as many
-                    self.chooser.switch_cost = 2 * self.lent * self._read_seconds_per_byte(model)
+                # a probe reads the draft's experts back and the full model's cache loses as many
+                self.chooser.switch_cost = 2 * self.lent * self._read_seconds_per_byte(model)
                 with torch.inference_mode():
                     logits = model.runner.step([(seq, torch.tensor([token]))])[0][-1]
                 out = [sampler.choose(logits, history)]
