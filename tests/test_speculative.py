@@ -76,7 +76,9 @@ def test_greedy_output_is_plain_greedy_decoding(family_pair, budget, k):
     spec, stats = generate(src, draft, budget, k=k)
     assert spec == plain
     s = stats["speculative"]
-    assert s["draft"] == str(draft) and s["rounds"] > 0 and 0 <= s["acceptance_rate"] <= 1
+    assert s["draft"] == str(draft)
+    # adapting, a round is drafted only once it can be afforded (spec_choice): on timings, so maybe not here
+    assert (s["rounds"] > 0 and 0 <= s["acceptance_rate"] <= 1) or (k is None and s["acceptance_rate"] is None)
     assert s["kept_tokens"] == stats["generated_tokens"] == plain_stats["generated_tokens"]
     # the predictor saw the kept tokens only, as plain decoding showed them
     assert stats["prediction"] == plain_stats["prediction"]

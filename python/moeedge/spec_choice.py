@@ -6,7 +6,8 @@ expected tokens per second is highest, from what this run measures:
   a round of k yields E(k) = (1 - a^(k+1)) / (1 - a) tokens in k c_d + c_v(k + 1) seconds.
 
 k = 0 (plain decoding) when no k beats 1 / c_1 by MARGIN. Trying costs: a round that does
-not pay, and, under a limit, the draft's experts read back into memory (switch_cost). So
+not pay, the draft catching up on the tokens it has not run, and, under a limit, its experts
+read back into memory (switch_cost, priced by the speculator). So
 drafting is bounded by what it has actually cost: every round's whole wall time (catch-up
 and read-back included) against what plain steps would have taken for its tokens adds to a
 running loss (a paying round lowers it), and a round is drafted only while that loss stays
