@@ -117,9 +117,10 @@ def budget_for(model_dir: str, fraction: float) -> tuple[int, int]:
 def measure(args, fraction: float, draft: str, prompt_ids) -> dict:
     budget, slot = budget_for(args.model, fraction) if fraction < 1 else ("64GiB", None)
     models = {"plain": moeedge.load(args.model, memory_budget=budget, max_context=512),
-              "spec": moeedge.load(args.model, memory_budget=budget, max_context=512, draft=draft),
-              f"spec_k{args.k}": moeedge.load(args.model, memory_budget=budget, max_context=512, draft=draft)}
-    models[f"spec_k{args.k}"].speculator.chooser.fixed = args.k
+              "spec": moeedge.load(args.model, memory_budget=budget, max_context=512, draft=draft)}
+    if args.k:
+        models[f"spec_k{args.k}"] = moeedge.load(args.model, memory_budget=budget, max_context=512, draft=draft)
+        models[f"spec_k{args.k}"].speculator.chooser.fixed = args.k
     if fraction < 1:
         # Each load plans from the process's resident memory, which the models loaded before
         # inflate: set the caches as separate processes with this budget would get them, the
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=24, help="tokens per prompt per run")
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--k", type=int, default=2, help="the fixed k measured beside the adaptive one")
+    p.add_argument("--k", type=int, default=2, help="the fixed k measured beside the adaptive one (0: none)")
     p.add_argument("--fresh", action="store_true",
                    help="k adapting starts from nothing at every generation (else it learns across them)")
     p.add_argument("--trace", default=None, help="a routing trace (moeedge trace) for the predictions")
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if fraction == 1.0 and draft == args.draft:
             resident = out
         results = [r for r in results if (r["fraction"], r["draft"]) != (fraction, draft)]
-        if experts is not None and resident is not None:
+        if experts is not None and resident is not None and f"spec_k{args.k}" in resident:
             out["predicted"] = predict(out, resident, experts, args.k)
         out["seconds"] = round(time.time() - started)
         results.append(out)
