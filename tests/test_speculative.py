@@ -173,11 +173,14 @@ def test_while_off_the_draft_lends_its_expert_bytes(family_pair):
         all_bytes = sum(model.cache.store.slot_bytes(k) for k in model.cache.store.keys())
         for key in d.cache.store.keys():
             d.cache.get(key)  # read, no longer pending
-        lent = d.lend(model.cache, all_bytes)
-        assert lent == d.expert_bytes and model.cache.budget_bytes == before + lent
-        assert d.cache.stats()["resident_bytes"] == 0
+        kv = d.runner.k_cache.shape
+        lent = d.lend(model.cache, all_bytes)  # its experts, KV cache and steps' buffers: what the plan gave it
+        assert lent == d.expert_bytes + d.reserve_bytes and model.cache.budget_bytes == before + lent
+        assert 0 < d.reserve_bytes and lent == model.plan.draft_bytes  # (a merged draft has no dense of its own)
+        assert d.cache.stats()["resident_bytes"] == 0 and d.runner.k_cache.numel() == 0
         d.take_back(model.cache, lent)
         assert model.cache.budget_bytes == before and d.cache.budget_bytes == d.expert_bytes
+        assert d.runner.k_cache.shape == kv
         assert d.lend(model.cache, before) == 0  # the full model's cache holds every expert already
 
 

@@ -331,7 +331,7 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
         model = MoeModel(ckpt, memory, cache, runner, tokenizer, policy)
         model.draft_note = None if draft is None else draft_note
         if draft_ckpt is not None:
-            model.speculator = Speculator(load_draft(ckpt, draft_ckpt, dense, max_context, dtype))
+            model.speculator = Speculator(load_draft(ckpt, draft_ckpt, dense, max_context, dtype, extra))
     except BaseException:
         if cache is not None:
             cache.close()

@@ -161,6 +161,8 @@ class Speculator:
                 if not self.lent:  # with the draft's expert bytes: plain decoding as it would be without a draft
                     store = model.cache.store
                     self.lent = self.draft.lend(model.cache, sum(store.slot_bytes(k_) for k_ in store.keys()))
+                    if self.lent:  # its KV went too: the next probe catches up on everything
+                        self.draft.runner.truncate(self.seq, 0)
                 self.chooser.switch_cost = self._switch_cost(model, len(history))
                 with torch.inference_mode():
                     logits = model.runner.step([(seq, torch.tensor([token]))])[0][-1]
