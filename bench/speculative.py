@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 import moeedge
-from moeedge.spec_choice import expected_tokens
+from moeedge.spec_choice import KChooser, expected_tokens
 
 PROMPTS = ["def fibonacci(n):\n    ", "import os\nimport sys\n\n\ndef main(", "class Stack:\n    def __init__(self",
            "    for i, line in enumerate(", "# read the file and count the words\n"]
@@ -73,12 +73,20 @@ def lru_reads(experts: np.ndarray, capacity: int, k: int = 0, accept: float = 0.
     return {"reads_per_token": reads / t, "computed_per_token": computed / t, "passes_per_token": n_passes / t}
 
 
-def run(model, prompt_ids: list[list[int]], n: int) -> dict:
+def generate(model, ids: list[int], n: int, fresh: bool) -> list[int]:
+    """One greedy generation; fresh: k adapting starts from nothing (what a new process knows)."""
+    spec = model.speculator
+    if fresh and spec is not None and spec.chooser.fixed is None:
+        spec.chooser = KChooser(spec.chooser.k_max)
+    return list(model.stream_ids(ids, n, temperature=0.0))
+
+
+def run(model, prompt_ids: list[list[int]], n: int, fresh: bool = False) -> dict:
     """Greedy generations of n tokens from each prompt: tokens, decode tokens/s, bytes read."""
     before = model.stats()
     spec = model.speculator
     counts = dict(spec.counts) if spec else None
-    tokens = [list(model.stream_ids(ids, n, temperature=0.0)) for ids in prompt_ids]
+    tokens = [generate(model, ids, n, fresh) for ids in prompt_ids]
     after = model.stats()
     gen = after["generated_tokens"] - before["generated_tokens"]
     out = {"tokens": tokens, "tok_s": gen / (after["decode_seconds"] - before["decode_seconds"]), "generated": gen,
@@ -92,7 +100,7 @@ def run(model, prompt_ids: list[list[int]], n: int) -> dict:
                    recall=spec.stats()["draft_pick_recall"])
     prediction = after.get("prediction")
     if prediction:
-        out["predictor_recall"] = prediction["prediction_recall"]
+        out["predictor_recall"] = (prediction["prediction_recall"] or [None])[0]  # the next layer, one ahead
     return out
 
 
@@ -109,9 +117,10 @@ def budget_for(model_dir: str, fraction: float) -> tuple[int, int]:
 def measure(args, fraction: float, draft: str, prompt_ids) -> dict:
     budget, slot = budget_for(args.model, fraction) if fraction < 1 else ("64GiB", None)
     models = {"plain": moeedge.load(args.model, memory_budget=budget, max_context=512),
-              "spec": moeedge.load(args.model, memory_budget=budget, max_context=512, draft=draft),
-              f"spec_k{args.k}": moeedge.load(args.model, memory_budget=budget, max_context=512, draft=draft)}
-    models[f"spec_k{args.k}"].speculator.chooser.fixed = args.k
+              "spec": moeedge.load(args.model, memory_budget=budget, max_context=512, draft=draft)}
+    if args.k:
+        models[f"spec_k{args.k}"] = moeedge.load(args.model, memory_budget=budget, max_context=512, draft=draft)
+        models[f"spec_k{args.k}"].speculator.chooser.fixed = args.k
     if fraction < 1:
         # Each load plans from the process's resident memory, which the models loaded before
         # inflate: set the caches as separate processes with this budget would get them, the
@@ -126,7 +135,7 @@ def measure(args, fraction: float, draft: str, prompt_ids) -> dict:
         names = list(models)
         for rep in range(args.reps):
             for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate who goes first
-                got[name].append(run(models[name], prompt_ids, args.tokens))
+                got[name].append(run(models[name], prompt_ids, args.tokens, args.fresh))
                 print(f"  {fraction} {name}: {got[name][-1]['tok_s']:.3f} tok/s", file=sys.stderr, flush=True)
         same = all(r["tokens"] == got["plain"][0]["tokens"] for runs in got.values() for r in runs)
         caches = {name: m.cache.budget_bytes for name, m in models.items()}
@@ -176,8 +185,8 @@ def cpu() -> str:
 def table(report: dict) -> str:
     """The results as a markdown table (--show)."""
     rows = ["| experts cached | draft | mode | tok/s (median) | runs | x plain | reads/token | acceptance "
-            "| tokens/pass | draft-pick recall | predicted tok/s | predicted reads/token |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| tokens/pass | draft-pick recall | predictor recall (next layer) | predicted tok/s | predicted reads/token |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         pred = r.get("predicted") or {}
         for mode in [m for m in r if m == "plain" or m.startswith("spec")]:
@@ -190,7 +199,8 @@ def table(report: dict) -> str:
             rows.append(f"| {r['fraction']:g} ({r['cache_experts'][mode]}) | {Path(r['draft']).name} | {mode} "
                         f"| {f(m['tok_s'])} | {', '.join(f(v) for v in m['tok_s_runs'])} "
                         f"| {f(m['tok_s'] / r['plain']['tok_s'])} | {f(m['reads_per_token'])} | {f(m['acceptance'])} "
-                        f"| {f(m['tokens_per_pass'])} | {f(m['recall'])} | {f(tok)} | {f(guess.get('reads_per_token'))} |")
+                        f"| {f(m['tokens_per_pass'])} | {f(m['recall'])} | {f(m.get('predictor_recall'))} | {f(tok)} "
+                        f"| {f(guess.get('reads_per_token'))} |")
     return "\n".join(rows)
 
 
@@ -206,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=24, help="tokens per prompt per run")
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--k", type=int, default=2, help="the fixed k measured beside the adaptive one")
+    p.add_argument("--k", type=int, default=2, help="the fixed k measured beside the adaptive one (0: none)")
+    p.add_argument("--fresh", action="store_true",
+                   help="k adapting starts from nothing at every generation (else it learns across them)")
     p.add_argument("--trace", default=None, help="a routing trace (moeedge trace) for the predictions")
     p.add_argument("--resident-from", default=None,
                    help="a previous output whose fully resident run (with --draft) gives the costs for predictions")
@@ -231,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if fraction == 1.0 and draft == args.draft:
             resident = out
         results = [r for r in results if (r["fraction"], r["draft"]) != (fraction, draft)]
-        if experts is not None and resident is not None:
+        if experts is not None and resident is not None and f"spec_k{args.k}" in resident:
             out["predicted"] = predict(out, resident, experts, args.k)
         out["seconds"] = round(time.time() - started)
         results.append(out)

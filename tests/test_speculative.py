@@ -76,7 +76,9 @@ def test_greedy_output_is_plain_greedy_decoding(family_pair, budget, k):
     spec, stats = generate(src, draft, budget, k=k)
     assert spec == plain
     s = stats["speculative"]
-    assert s["draft"] == str(draft) and s["rounds"] > 0 and 0 <= s["acceptance_rate"] <= 1
+    assert s["draft"] == str(draft)
+    # adapting, a round is drafted only once it can be afforded (spec_choice): on timings, so maybe not here
+    assert (s["rounds"] > 0 and 0 <= s["acceptance_rate"] <= 1) or (k is None and s["acceptance_rate"] is None)
     assert s["kept_tokens"] == stats["generated_tokens"] == plain_stats["generated_tokens"]
     # the predictor saw the kept tokens only, as plain decoding showed them
     assert stats["prediction"] == plain_stats["prediction"]
@@ -120,9 +122,9 @@ def test_the_plan_counts_the_draft(family_pair):
         assert p.expert_cache_bytes == base.expert_cache_bytes - p.draft_bytes
         # the same dense tensors, not copies
         assert all(d.runner.w[n] is model.runner.w[n] for n in d.runner.w)
-        with pytest.raises(ValueError, match="speculative draft"):  # not yet: the draft lends cache bytes
-            model.set_budget("512MiB")
-        assert model.plan == p
+        # a new budget keeps the draft's share: the expert cache gets the difference
+        assert model.set_budget("512MiB").expert_cache_bytes == p.expert_cache_bytes - (512 << 20)
+        assert model.plan.draft_bytes == p.draft_bytes  # (tests/test_speculative_budget.py: between tokens)
 
 
 def test_auto_finds_a_variant_beside_the_checkpoint(family_pair, tmp_path):
@@ -171,11 +173,14 @@ def test_while_off_the_draft_lends_its_expert_bytes(family_pair):
         all_bytes = sum(model.cache.store.slot_bytes(k) for k in model.cache.store.keys())
         for key in d.cache.store.keys():
             d.cache.get(key)  # read, no longer pending
-        lent = d.lend(model.cache, all_bytes)
-        assert lent == d.expert_bytes and model.cache.budget_bytes == before + lent
-        assert d.cache.stats()["resident_bytes"] == 0
+        kv = d.runner.k_cache.shape
+        lent = d.lend(model.cache, all_bytes)  # its experts, KV cache and steps' buffers: what the plan gave it
+        assert lent == d.expert_bytes + d.reserve_bytes and model.cache.budget_bytes == before + lent
+        assert 0 < d.reserve_bytes and lent == model.plan.draft_bytes  # (a merged draft has no dense of its own)
+        assert d.cache.stats()["resident_bytes"] == 0 and d.runner.k_cache.numel() == 0
         d.take_back(model.cache, lent)
         assert model.cache.budget_bytes == before and d.cache.budget_bytes == d.expert_bytes
+        assert d.runner.k_cache.shape == kv
         assert d.lend(model.cache, before) == 0  # the full model's cache holds every expert already
 
 

@@ -77,8 +77,6 @@ class MoeModel(TextGeneration):
         generation's next token (moeedge.ladder.live). Returns the new memory plan."""
         from moeedge.ladder.live import replanned
 
-        if self.speculator is not None:  # its draft lends and takes back cache bytes of its own
-            raise ValueError("set_budget with a speculative draft loaded is not supported yet: load without draft=")
         if self.adaptive is not None:  # the controller applies it, with the plan it calls for
             self.adaptive.request(budget)
             self._pending_plan = replanned(self, self.adaptive.budget, self.adaptive.smallest_slot)
@@ -378,7 +376,7 @@ def load(source: str | os.PathLike | None = None, *, memory_budget: int | str = 
 
             model.adaptive = Adaptive(model, setup, memory_budget)
         if draft_ckpt is not None:
-            model.speculator = Speculator(load_draft(ckpt, draft_ckpt, dense, max_context, dtype))
+            model.speculator = Speculator(load_draft(ckpt, draft_ckpt, dense, max_context, dtype, extra))
     except BaseException:
         if cache is not None:
             cache.close()

@@ -141,23 +141,31 @@ class Draft:
     runner: DecoderMoE
     cache: ExpertCache
     expert_bytes: int
+    reserve_bytes: int = 0  # the plan's other bytes for the draft that lending frees: its KV, its steps' buffers
 
     def lend(self, cache: ExpertCache, all_bytes: int) -> int:
         """While drafting is off, the full model's cache (holding less than its all_bytes of
-        experts) gets the bytes of the draft's experts, which are let go: the bytes lent, 0
-        where it would not help or the draft's experts are busy."""
+        experts) gets the bytes of the draft's experts and its KV cache and steps' buffers, which
+        are let go (the caller cuts the draft's sequences back to nothing first): the bytes lent,
+        0 where it would not help or the draft's experts are busy."""
         if cache.budget_bytes >= all_bytes:
             return 0
         try:
             self.cache.set_budget(1)
         except BudgetError:  # still being read
             return 0
-        cache.set_budget(cache.budget_bytes + self.expert_bytes)
-        return self.expert_bytes
+        self.kv_shape = tuple(self.runner.k_cache.shape)
+        self.runner.k_cache = self.runner.v_cache = torch.empty(0, dtype=self.runner.k_cache.dtype)
+        lent = self.expert_bytes + self.reserve_bytes
+        cache.set_budget(cache.budget_bytes + lent)
+        return lent
 
     def take_back(self, cache: ExpertCache, lent: int) -> None:
-        """The bytes lent come back and the draft's experts are read again."""
+        """The bytes lent come back first, then the KV cache, and the draft's experts are read again."""
         shrink_cache(cache, cache.budget_bytes - lent)
+        if self.runner.k_cache.numel() == 0:
+            self.runner.k_cache = torch.zeros(self.kv_shape, dtype=self.runner.k_cache.dtype)
+            self.runner.v_cache = torch.zeros(self.kv_shape, dtype=self.runner.v_cache.dtype)
         self.cache.set_budget(self.expert_bytes)
         self.cache.prefetch(list(self.cache.store.keys()), -1)
 
@@ -166,7 +174,8 @@ class Draft:
 
 
 def load_draft(target: Checkpoint, draft: Checkpoint, target_dense: dict, max_context: int, dtype: torch.dtype,
-               io_threads: int = 1) -> Draft:
+               planned: int, io_threads: int = 1) -> Draft:
+    """The draft, loaded (planned: the plan's bytes for it, draft_bytes())."""
     store = ExpertStore(draft.files, draft.expert_ranges, direct_io=False)
     keys = store.keys()
     total = sum(store.slot_bytes(k) for k in keys)
@@ -182,7 +191,8 @@ def load_draft(target: Checkpoint, draft: Checkpoint, target_dense: dict, max_co
     except BaseException:
         cache.close()
         raise
-    return Draft(str(draft.source), runner, cache, total)
+    own = sum(dense[n].nbytes for n in own_dense_names(target, draft))
+    return Draft(str(draft.source), runner, cache, total, planned - total - own)
 
 
 class DraftPicks:

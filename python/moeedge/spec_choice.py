@@ -5,9 +5,16 @@ expected tokens per second is highest, from what this run measures:
   c_d  seconds per draft step,  c_v(n)  seconds per verify pass of n tokens,  c_1  per plain step;
   a round of k yields E(k) = (1 - a^(k+1)) / (1 - a) tokens in k c_d + c_v(k + 1) seconds.
 
-k = 0 (plain decoding) when no k beats 1 / c_1 by MARGIN; then every PROBE tokens one
-round of at most PROBE_K drafts is tried to re-measure, PROBE doubling while
-it keeps not paying, so that being off costs at most a few percent.
+k = 0 (plain decoding) when no k beats 1 / c_1 by MARGIN. Trying costs: a round that does
+not pay, the draft catching up on the tokens it has not run, and, under a limit, its experts
+read back into memory (switch_cost, priced by the speculator). So
+drafting is bounded by what it has actually cost: every round's whole wall time (catch-up
+and read-back included) against what plain steps would have taken for its tokens adds to a
+running loss (a paying round lowers it), and a round is drafted only while that loss stays
+within ALLOW of the plain time of every token so far, a probe only once the room left covers
+its predicted price. A run that never pays thus loses about ALLOW, never much more than one
+round beyond it, however short; probes also wait PROBE plain tokens, doubling while they
+keep not paying, up to PROBE_MAX.
 """
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ PROBE = 32       # plain tokens before a round is drafted again, doubling up to 
 PROBE_MAX = 1024
 WARM = 8         # plain steps measured before the first drafted round
 PROBE_K = 2      # a probe drafts at most this many: it only re-measures
+ALLOW = 0.04     # the share of plain decoding's time that trying may lose
+GUESS = 1.0      # before any round, a round is guessed to lose this many plain steps
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -30,11 +39,11 @@ def expected_tokens(a: float, k: int) -> float:
 
 
 class KChooser:
-    def __init__(self, k_max: int = 6, k_start: int = 2):
+    def __init__(self, k_max: int = 6, k_start: int = 1):
         if not 1 <= k_max <= 16:
             raise ValueError(f"k_max must be from 1 to 16, got {k_max}")
         self.k_max = k_max
-        self.k_start = min(k_start, k_max)
+        self.k_start = min(k_start, k_max)  # the first round: the cheapest, where nothing is known yet
         self.k = 0                        # the first step is plain: it measures c_1
         self.kept = self.trials = 0.0     # decayed: drafted tokens kept, and tokens tried
         self.draft_cost: float | None = None
@@ -43,12 +52,22 @@ class KChooser:
         self.plain_since = 0              # plain steps since the last drafted round
         self.probe = PROBE
         self.fixed: int | None = None     # a k to use whatever is measured (benchmarks, tests)
+        self.tokens = 0                   # every token observed, plain or drafted
+        self.loss = 0.0                   # seconds drafted rounds took beyond plain steps (< 0: gained)
+        self.switch_cost = 0.0            # seconds a probe costs beyond its round (set by the speculator)
 
     @property
     def acceptance(self) -> float | None:
         return self.kept / self.trials if self.trials else None
 
-    def observe_round(self, k: int, kept: int, draft_seconds: float, verify_seconds: float) -> None:
+    def observe_round(self, k: int, kept: int, draft_seconds: float, verify_seconds: float,
+                      total_seconds: float | None = None) -> None:
+        """A drafted round: k drafts, `kept` of them kept; total_seconds: its whole wall time
+        (a catch-up and reading the draft's experts back included; default draft + verify)."""
+        total = draft_seconds + verify_seconds if total_seconds is None else total_seconds
+        if self.plain_cost is not None:
+            self.loss += total - (kept + 1) * self.plain_cost
+        self.tokens += kept + 1
         self.kept = DECAY * self.kept + kept
         self.trials = DECAY * self.trials + kept + (kept < k)  # geometric: trials stop at the rejection
         self.draft_cost = _ema(self.draft_cost, draft_seconds / k)
@@ -63,6 +82,7 @@ class KChooser:
         self.plain_cost = _ema(self.plain_cost, seconds)
         self.verify_cost[1] = self.plain_cost
         self.plain_since += 1
+        self.tokens += 1
         self._update()
 
     def verify(self, n: int) -> float | None:
@@ -89,6 +109,19 @@ class KChooser:
             return None
         return expected_tokens(a, k) / max(1e-9, k * self.draft_cost + v)
 
+    def room(self) -> float:
+        """Seconds drafting may still lose: ALLOW of the plain time of every token so far, less
+        what drafted rounds have lost (plus what they gained)."""
+        return ALLOW * self.tokens * (self.plain_cost or 0.0) - self.loss
+
+    def probe_price(self, k: int) -> float:
+        """Predicted seconds a probe round of k loses against plain steps (its switch included)."""
+        rate = self.rate(k)
+        if rate is None:
+            return self.switch_cost + GUESS * self.plain_cost
+        seconds = expected_tokens(self.acceptance, k) / rate
+        return self.switch_cost + max(0.0, seconds - expected_tokens(self.acceptance, k) * self.plain_cost)
+
     def best(self) -> int:
         """The drafted k of highest expected rate (the current one where nothing is known)."""
         rates = {k: self.rate(k) for k in range(1, self.k_max + 1)}
@@ -100,11 +133,11 @@ class KChooser:
         if plain is None:  # nothing to compare with yet: the next step is a plain one
             self.k = 0
             return
-        if self.acceptance is None:  # never drafted yet: try, once plain decoding is measured
-            self.k = self.k_start if self.plain_since >= WARM else 0
+        if self.acceptance is None:  # never drafted yet: try, once plain decoding is measured and it can be afforded
+            self.k = self.k_start if self.plain_since >= WARM and self.room() >= self.probe_price(self.k_start) else 0
             return
         k = self.best()
-        if (self.rate(k) or 0.0) > MARGIN * plain:
+        if (self.rate(k) or 0.0) > MARGIN * plain and self.room() >= 0.0:
             self.k, self.probe = k, PROBE
         else:  # off; choose() drafts a probe round every `probe` plain steps
             self.k = 0
@@ -112,11 +145,14 @@ class KChooser:
     def choose(self) -> int:
         if self.fixed is not None:
             return self.fixed
-        if self.k == 0 and self.plain_cost is not None and self.plain_since >= self.probe:
-            return min(PROBE_K, self.best())  # a probe: its round re-measures acceptance and costs
+        if self.k == 0 and self.acceptance is not None and self.plain_since >= self.probe:
+            k = min(PROBE_K, self.best())
+            if self.room() >= self.probe_price(k):
+                return k  # a probe: its round re-measures acceptance and costs
         return self.k
 
     def stats(self) -> dict:
         return {"acceptance_estimate": round(self.acceptance, 4) if self.acceptance is not None else None,
                 "draft_step_seconds": self.draft_cost, "verify_pass_seconds": dict(sorted(self.verify_cost.items())),
-                "plain_step_seconds": self.plain_cost}
+                "plain_step_seconds": self.plain_cost, "drafting_loss_seconds": round(self.loss, 4),
+                "switch_seconds": self.switch_cost}

@@ -65,6 +65,7 @@ class Speculator:
         self.recall = {"hit": 0, "needed": 0}  # the draft's router picks vs the full model's
         self.picks = DraftPicks(draft.runner)
         self.lent = 0  # the draft's expert bytes lent to the full model's cache while drafting is off
+        self.catch_up_token_seconds: float | None = None  # the draft's catch-up, measured, per token
 
     # -- the draft's side --------------------------------------------------------------
     def _catch_up(self, history: list[int], chunk: int) -> torch.Tensor:
@@ -84,7 +85,9 @@ class Speculator:
         start, behind = time.perf_counter(), len(history) - len(self.seq.ids)
         if behind > 2:  # more than a round leaves (the last token, and the last draft if all were kept)
             self._catch_up(history[:-1], min(chunk, NATIVE_MAX_TOKENS))
-            self.counts["catch_up_seconds"] += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.counts["catch_up_seconds"] += seconds
+            self.catch_up_token_seconds = seconds / (behind - 1)
         runner.recorder = self.picks
         try:
             logits = self._catch_up(history, chunk)  # the first draft step
@@ -150,6 +153,7 @@ class Speculator:
             left = max_new_tokens - emitted
             if left == 0:
                 return
+            model._apply_budget()  # a set_budget waiting: between two tokens, as plain decoding applies it
             k = min(self.chooser.choose(), left - 1)
             start = time.perf_counter()
             reads = self._bytes_read(model)
@@ -157,6 +161,9 @@ class Speculator:
                 if not self.lent:  # with the draft's expert bytes: plain decoding as it would be without a draft
                     store = model.cache.store
                     self.lent = self.draft.lend(model.cache, sum(store.slot_bytes(k_) for k_ in store.keys()))
+                    if self.lent:  # its KV went too: the next probe catches up on everything
+                        self.draft.runner.truncate(self.seq, 0)
+                self.chooser.switch_cost = self._switch_cost(model, len(history))
                 with torch.inference_mode():
                     logits = model.runner.step([(seq, torch.tensor([token]))])[0][-1]
                 out = [sampler.choose(logits, history)]
@@ -177,7 +184,7 @@ class Speculator:
                 end = time.perf_counter()
                 # a catch-up after plain steps is the probe's price, not a draft step's
                 caught = self.counts["catch_up_seconds"] - caught_before
-                self.chooser.observe_round(k, len(out) - 1, mid - start - caught, end - mid)
+                self.chooser.observe_round(k, len(out) - 1, mid - start - caught, end - mid, end - start)
                 self._count_round(k, len(out) - 1, mid - start, end - mid)
                 seconds = end - start
                 # the draft ran drafted[:k-1]: what the target kept of them stays, the rest goes
@@ -196,6 +203,21 @@ class Speculator:
                 if emitted == max_new_tokens:
                     return
             token = out[-1]
+
+    def _switch_cost(self, model, n: int) -> float:
+        """Seconds a probe would pay beyond its round, at n tokens of history: the draft runs the
+        tokens it has not seen (until measured, guessed at a quarter of a plain step each), and
+        where its experts are lent, reads them back while the full model's cache loses as many."""
+        per_token = self.catch_up_token_seconds
+        if per_token is None:
+            per_token = (self.chooser.plain_cost or 0.0) / 4
+        return max(0, n - len(self.seq.ids) - 1) * per_token + 2 * self.lent * self._read_seconds_per_byte(model)
+
+    def _read_seconds_per_byte(self, model) -> float:
+        """Both caches' measured read time per byte (the draft's own experts read at load count)."""
+        a, b = model.cache.stats(), self.draft.cache.stats()
+        read = a["bytes_read"] + b["bytes_read"]
+        return (a["read_seconds"] + b["read_seconds"]) / read if read else 0.0
 
     def _bytes_read(self, model) -> int:
         return model.cache.stats()["bytes_read"] + self.draft.cache.stats()["bytes_read"]

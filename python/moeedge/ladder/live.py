@@ -42,6 +42,8 @@ def apply(model, plan: MemoryPlan) -> dict:
     cache = model.cache
     before = cache.budget_bytes
     target = expert_budget(plan, model.runner.experts.current_bytes())
+    if model.speculator is not None:  # the bytes its draft lends while drafting is off stay lent
+        target += model.speculator.lent
     if target < before:
         shrink_cache(cache, target)
     else:

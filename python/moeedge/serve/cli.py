@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 
+from moeedge.serve.speculative import add_draft_argument, refuse_draft
 from moeedge.units import parse_bytes
 
 PROBE = [{"role": "user", "content": "Hello"}]
@@ -46,11 +47,13 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="compute threads (default: every CPU this process may run on)")
     from moeedge.peers.cli import add_peer_client_options
     add_peer_client_options(p)   # decode steps of several sequences call peers too (docs/peers.md)
+    add_draft_argument(p)
     p.set_defaults(run=run_serve)
     return p
 
 
 def _check(args: argparse.Namespace) -> dict:
+    refuse_draft(args.draft)
     if args.max_context < 1:
         raise _Usage(f"--max-context must be positive, got {args.max_context}")
     if not 1 <= args.max_batch <= 256:
