@@ -24,9 +24,8 @@ def prompt_both_ways(model, ids: list[int]) -> tuple:
     for spans in (True, False):
         seq = runner.new_sequence()
         before = cache.stats()["misses"]
-        if spans:
-            logits, ran = runner.prompt(seq, ids, CHUNK)
-            assert ran == len(ids)
+        if spans:  # the tiny model's experts are too small for runner.prompt to take spans: one by hand
+            logits = runner.step([(seq, torch.tensor(ids))], chunk=CHUNK)[0][-1]
         else:
             for i in range(0, len(ids), CHUNK):
                 logits = runner.step([(seq, torch.tensor(ids[i:i + CHUNK]))])[0][-1]
@@ -41,7 +40,6 @@ def test_a_span_gives_the_chunks_bits_and_reads_each_expert_once(tmp_path, famil
     make_decoder(tmp_path, family, seed=4, dtype=torch.bfloat16)
     with moeedge.load(tmp_path, predictor=None, max_context=128, n_sequences=3) as model:
         model.plan = replace(model.plan, prefill_chunk=CHUNK)
-        assert prefill_span(model.config, 128, CHUNK) >= len(PROMPT)  # one span: the whole prompt
         (span_logits, span_keys, span_misses), (chunk_logits, chunk_keys, chunk_misses) = \
             prompt_both_ways(model, PROMPT)
     assert torch.equal(span_logits, chunk_logits)
@@ -52,10 +50,10 @@ def test_a_span_gives_the_chunks_bits_and_reads_each_expert_once(tmp_path, famil
 
 
 def test_the_span_is_whole_chunks_within_its_bytes_and_the_context():
-    class Cfg:
-        top_k, hidden = 2, 4096
+    class Cfg:  # Mixtral-8x7B
+        top_k, hidden, n_experts, expert_intermediate, moe_layers = 2, 4096, 8, 14336, range(32)
     assert prefill_span(Cfg, 4096, 128) == 512  # 64 MiB of (5 + 2) x 4096 floats a row
     assert prefill_span(Cfg, 300, 128) == 300
     assert prefill_span(Cfg, 4096, 16) == 128  # at most 8 chunks
-    Cfg.hidden = 1 << 20
-    assert prefill_span(Cfg, 4096, 16) == 16  # never below one chunk
+    Cfg.expert_intermediate = 8
+    assert prefill_span(Cfg, 4096, 16) == 16  # small experts: never more than an eighth of them, nor below a chunk

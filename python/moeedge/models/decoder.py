@@ -46,8 +46,13 @@ def span_row_bytes(cfg: DecoderConfig) -> int:
 
 
 def prefill_span(cfg: DecoderConfig, max_context: int, chunk: int) -> int:
-    """Prompt tokens per layer-by-layer pass, a whole number of chunks."""
-    chunks = max(1, min(PREFILL_SPAN_CHUNKS, PREFILL_SPAN_BYTES // (span_row_bytes(cfg) * chunk)))
+    """Prompt tokens per layer-by-layer pass, a whole number of chunks. Its rows never take
+    more than an eighth of the experts' bytes (at 4 bits a weight, the least a format
+    stores): a span saves expert reads, and where every expert is small enough to stay
+    cached there is nothing to save."""
+    experts = len(cfg.moe_layers) * cfg.n_experts * 3 * cfg.hidden * cfg.expert_intermediate // 2
+    allowed = min(PREFILL_SPAN_BYTES, experts // 8)
+    chunks = max(1, min(PREFILL_SPAN_CHUNKS, allowed // (span_row_bytes(cfg) * chunk)))
     return max(1, min(max_context, chunk * chunks))
 
 
@@ -130,7 +135,8 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         ffn = min(chunk, ffn_rows(cfg)) * 4 * widest * 4
         largest = max(widest, cfg.vocab, cfg.n_heads * cfg.head_dim) * cfg.hidden * 4
         converted = min(CONVERT_BLOCK_BYTES, largest) if chunk > NATIVE_MAX_TOKENS else 0
-        span = prefill_span(cfg, max_context, chunk) * span_row_bytes(cfg) if chunk > 1 else 0
+        # the chunk's own rows are in per_token; the span's further tokens add theirs
+        span = (prefill_span(cfg, max_context, chunk) - chunk) * span_row_bytes(cfg) if chunk > 1 else 0
         return chunk * per_token * 4 + ffn + converted + span
 
     # -- sequences ---------------------------------------------------------------------
