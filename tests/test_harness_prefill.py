@@ -34,6 +34,11 @@ def test_a_prefill_cell_takes_its_prompt_and_room_for_it(tmp_path):
     settings, models = matrix.read_config(config)
     decode, prefill = matrix.plan(models, info=None)
     assert decode.prompt_tokens is None and prefill.prompt_tokens == 512
+    assert matrix.select_cells([decode, prefill], "decode") == [decode]
+    assert matrix.select_cells([decode, prefill], "prefill") == [prefill]
+    assert matrix.select_cells([decode, prefill], "all") == [decode, prefill]
+    with pytest.raises(ValueError, match="cells 'some' is not one of all, decode, prefill"):
+        matrix.select_cells([decode], "some")
     assert matrix.for_run(settings, decode) == settings
     cell = matrix.for_run(settings, prefill)
     assert (cell.prompt_tokens, cell.max_context, cell.tokens) == (512, 520, 8)

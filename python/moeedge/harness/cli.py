@@ -15,6 +15,8 @@ def add_bench_parsers(bench_sub) -> None:
     m.add_argument("--results", default="bench/results", help="where records go (default bench/results)")
     m.add_argument("--models", default=None, help="comma-separated model names of the config to run")
     m.add_argument("--engines", default=None, help="comma-separated engines to run")
+    m.add_argument("--cells", choices=("all", "decode", "prefill"), default="all",
+                   help="only the decode cells, or only the prefill cells (a model's prefill_tokens; default all)")
     m.add_argument("--dry-run", action="store_true", help="list the runs and which are recorded already")
     add_quiet(m)
     m.set_defaults(run=_cmd_matrix)
@@ -44,7 +46,7 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
 
     try:
         records = main_loop(Path(args.config), Path(args.results), _names(args.models), _names(args.engines),
-                            dry_run=args.dry_run, progress=not args.quiet)
+                            dry_run=args.dry_run, progress=not args.quiet, cells=args.cells)
     except CgroupUnavailable as e:
         print(f"moeedge bench matrix: {e}", file=sys.stderr)
         return 2

@@ -254,8 +254,16 @@ def probe_disk(run: Run) -> float:
     return bandwidth
 
 
+def select_cells(runs: list[Run], cells: str) -> list[Run]:
+    """The decode cells, the prefill cells (a model's prefill_tokens), or all."""
+    if cells not in ("all", "decode", "prefill"):
+        raise ValueError(f"cells {cells!r} is not one of all, decode, prefill")
+    return [r for r in runs if cells == "all" or (r.prompt_tokens is None) == (cells == "decode")]
+
+
 def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
-              only_engines: list[str] | None = None, dry_run: bool = False, progress: bool = True) -> list[dict]:
+              only_engines: list[str] | None = None, dry_run: bool = False, progress: bool = True,
+              cells: str = "all") -> list[dict]:
     """Run what is missing of the matrix; the records of every run (old and new) in order."""
     from moeedge.harness.machine import load_or_measure
 
@@ -264,7 +272,7 @@ def main_loop(config: Path, results: Path, only_models: list[str] | None = None,
     for m in models:
         m.engines = [e for e in m.engines if only_engines is None or e in only_engines]
     info = Facts(settings.max_context)
-    runs = plan(models, info)
+    runs = select_cells(plan(models, info), cells)
     head = commit()
     if dry_run:
         for run in runs:
