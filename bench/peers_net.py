@@ -19,11 +19,14 @@ def sh(*cmd: str) -> None:
 
 
 class Link:
-    """Namespaces a and b, addresses 10.77.0.1 and 10.77.0.2, each end's egress shaped."""
+    """Namespaces a and b, addresses 10.77.0.1 and 10.77.0.2, each end's egress shaped. tbf
+    queues queue_ms of traffic beyond its burst and drops the rest: a shallow queue makes TCP
+    lose packets on a transfer larger than it, and slows that transfer by more than its size."""
 
-    def __init__(self, rate_mbit: float, tag: str | None = None, min_burst: int = 32 << 10):
+    def __init__(self, rate_mbit: float, tag: str | None = None, min_burst: int = 32 << 10, queue_ms: int = 50):
         self.tag = tag or uuid.uuid4().hex[:6]
         self.min_burst = min_burst
+        self.queue_ms = queue_ms
         self.ns = [f"mea{self.tag}", f"meb{self.tag}"]
         self.addr = ["10.77.0.1", "10.77.0.2"]
         for ns in self.ns:
@@ -44,7 +47,7 @@ class Link:
         burst = max(self.min_burst, int(rate_mbit * 1e6 / 8 / 100))
         for ns, dev in zip(self.ns, self.devs):
             sh("ip", "netns", "exec", ns, "tc", "qdisc", verb, "dev", dev, "root", "tbf", "rate",
-               f"{rate_mbit}mbit", "burst", str(burst), "latency", "50ms")
+               f"{rate_mbit}mbit", "burst", str(burst), "latency", f"{self.queue_ms}ms")
         self.rate_mbit = rate_mbit
 
     def close(self) -> None:

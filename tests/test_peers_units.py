@@ -85,15 +85,27 @@ def test_the_bandwidth_probe_grows_until_a_transfer_is_long_and_bounds_a_link_th
     monkeypatch.setattr(probe, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
     sizes = []
 
-    async def link(pad, timeout):  # 1 MB/s past a 40 KiB burst, as tbf: a full bucket, then the rate
+    async def link(pad, timeout):  # 1 MB/s past a 40 KiB burst, as tbf; each call also costs 50 ms
         sizes.append(pad)
         burst = max(0, (40 << 10) - sum(sizes[:-1]))
-        clock.now += max(0, pad - burst) / 1e6
+        clock.now += 0.05 + max(0, pad - burst) / 1e6
 
     bps, spent, sent = asyncio.run(probe.sustained_bandwidth(link, 0.0, 10.0))
-    # 256 KiB: the first to take 0.2 s; then timed again, from an empty bucket
-    assert sizes == [4 << 10, 8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 256 << 10]
+    # 256 KiB: the first to take 0.2 s beyond the round trip; then 128 and 256 KiB from an
+    # empty bucket, whose difference is the rate whatever each call's fixed cost
+    assert sizes == [4 << 10, 8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 128 << 10, 256 << 10]
     assert bps == pytest.approx(1e6) and sent == sum(sizes) and spent == pytest.approx(clock.now)
+
+    sizes.clear()
+
+    async def deep(pad, timeout):  # 100 KB/s past a bucket that holds every call below the largest
+        sizes.append(pad)
+        burst = max(0, (1 << 20) - (4 << 10) - sum(sizes[:-1]))  # 4 KiB .. 512 KiB
+        clock.now += 0.05 + max(0, pad - burst) / 1e5
+
+    bps, _, _ = asyncio.run(probe.sustained_bandwidth(deep, 0.0, 100.0))
+    # the largest size stopped the growth: timed with half of it
+    assert sizes[-3:] == [probe.MAX_BYTES, probe.MAX_BYTES // 2, probe.MAX_BYTES] and bps == pytest.approx(1e5)
 
     async def stuck(pad, timeout):
         raise asyncio.TimeoutError
