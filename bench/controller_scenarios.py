@@ -39,6 +39,7 @@ from moeedge.cgroup import run_limited
 from moeedge.ladder.plan_source import plan_source
 from moeedge.read_throttle import ReadThrottle, disk_of
 from moeedge.runtime.measure import memory_cgroup
+from moeedge.runtime.plan import budget_for_cache
 
 WARM = 16
 LONG_PROMPT = 512
@@ -92,13 +93,13 @@ def worker(args) -> None:
         plan = {"ladder": spec["ladder"], "variants": spec["start"]}
     model = moeedge.load(spec["source"], memory_budget="2GiB", max_context=MAX_CONTEXT, plan=plan,
                          adaptive=adaptive, max_kl=spec["max_kl"])
-    committed, every = model.plan.budget_bytes - model.plan.expert_cache_bytes, spec["every"]
+    loaded, every = model.plan, spec["every"]
     peak, usage = cgroup_file("memory.max_usage_in_bytes"), cgroup_file("memory.usage_in_bytes")
     records, out = [], []
     segs = spec["segments"]
 
     def budget_of(seg) -> int:
-        return committed + cache_bytes(seg["cache"], every, model.plan.prefill_borrow_bytes, spec["least"])
+        return budget_for_cache(loaded, cache_bytes(seg["cache"], every, model.plan.prefill_borrow_bytes, spec["least"]))
 
     def enter(i: int) -> None:
         seg = segs[i]
@@ -205,7 +206,7 @@ def frontier(source, ladder: str, cache_share: float, max_kl: float, every: int,
     """Every plan on the planner's frontier within max_kl, the expert cache at this share of all experts."""
     probe = plan_source(source, "2GiB", max_kl, ladder, max_context=MAX_CONTEXT)
     m = probe.memory
-    budget = m.budget_bytes - m.expert_cache_bytes + cache_bytes(cache_share, every, m.prefill_borrow_bytes, least)
+    budget = budget_for_cache(m, cache_bytes(cache_share, every, m.prefill_borrow_bytes, least))
     sp = plan_source(source, budget, max_kl, ladder, max_context=MAX_CONTEXT)
     return [p.variants for p in sp.choice.frontier if p.kl <= max_kl]
 

@@ -22,6 +22,31 @@ def rss_mib() -> dict:
                 if k in ("RssAnon", "RssFile", "VmPTE")}
 
 
+def cgroup_mib() -> dict:
+    """What this process's memory cgroup is charged: in all, by the kernel (v1's kmem: page
+    tables, slab), and as page cache."""
+    from moeedge.runtime.measure import memory_cgroup
+
+    found = memory_cgroup()
+    if found is None:
+        return {}
+    d, version = found
+    names = {"cg_usage": "memory.current", "cg_kmem": None} if version == 2 else \
+        {"cg_usage": "memory.usage_in_bytes", "cg_kmem": "memory.kmem.usage_in_bytes"}
+    out = {}
+    for key, name in names.items():
+        try:
+            out[key + "_mib"] = int((d / name).read_text()) >> 20 if name else None
+        except (OSError, ValueError):
+            out[key + "_mib"] = None
+    try:
+        stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines())
+        out["cg_cache_mib"] = int(stat.get("cache", stat.get("file", 0))) >> 20
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 def child(source: str, budget: int, prompt_tokens: int, tokens: int) -> None:
     import moeedge
     from moeedge.decode_measures import prompt_ids
@@ -32,7 +57,7 @@ def child(source: str, budget: int, prompt_tokens: int, tokens: int) -> None:
     def sample():
         while True:
             s = model.cache.stats()
-            print(json.dumps({"s": round(time.time() - start, 1), **rss_mib(), "cache_mib": s["resident_bytes"] >> 20,
+            print(json.dumps({"s": round(time.time() - start, 1), **rss_mib(), **cgroup_mib(), "cache_mib": s["resident_bytes"] >> 20,
                               "cache_budget_mib": s["budget_bytes"] >> 20}), flush=True)
             time.sleep(2)
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 import moeedge
+from moeedge.runtime.plan import budget_for_cache
 from moeedge.spec_choice import KChooser, expected_tokens
 
 PROMPTS = ["def fibonacci(n):\n    ", "import os\nimport sys\n\n\ndef main(", "class Stack:\n    def __init__(self",
@@ -110,8 +111,8 @@ def budget_for(model_dir: str, fraction: float) -> tuple[int, int]:
         store = m.cache.store
         slot = store.slot_bytes(store.keys()[0])
         total = sum(store.slot_bytes(k) for k in store.keys())
-        committed = m.plan.budget_bytes - m.plan.expert_cache_bytes
-    return committed + int(fraction * total) + (m.plan.prefill_borrow_bytes if fraction < 1 else 0), slot
+        budget = budget_for_cache(m.plan, int(fraction * total) + (m.plan.prefill_borrow_bytes if fraction < 1 else 0))
+    return budget, slot
 
 
 def measure(args, fraction: float, draft: str, prompt_ids) -> dict:

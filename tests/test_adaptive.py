@@ -17,6 +17,7 @@ from moeedge.keys import ExpertKey, VariantKey
 from moeedge.ladder.cost import Machine
 from moeedge.ladder.switch import switch_variants
 from moeedge.runtime import pressure
+from moeedge.runtime.plan import budget_for_cache
 from test_ladder import ladder, tiny  # noqa: F401 (fixtures: the tiny Mixtral and its ladder)
 
 PROMPT = list(range(3, 40))
@@ -38,7 +39,7 @@ def start(ladder, variants=("stored",) * 3) -> dict:
 
 def small_budget(model, stored_slots: int) -> int:
     p = model.plan
-    return p.budget_bytes - p.expert_cache_bytes + p.prefill_borrow_bytes + stored_slots * model.runner.experts.slot
+    return budget_for_cache(p, p.prefill_borrow_bytes + stored_slots * model.runner.experts.slot)
 
 
 def test_a_switched_model_equals_one_loaded_with_that_plan(tiny, ladder):

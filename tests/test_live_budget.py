@@ -5,6 +5,7 @@ import moeedge
 import pytest
 import torch
 from moeedge import BudgetError
+from moeedge.runtime.plan import budget_for_cache
 from tiny_checkpoints import make_tiny_mixtral
 
 
@@ -16,7 +17,7 @@ def tiny(tmp_path_factory):
 def small_budget(model, experts: int) -> int:
     """The budget whose expert cache holds `experts` slots beside the prefill's buffers."""
     p = model.plan
-    return p.budget_bytes - p.expert_cache_bytes + p.prefill_borrow_bytes + experts * model.runner.experts.slot
+    return budget_for_cache(p, p.prefill_borrow_bytes + experts * model.runner.experts.slot)
 
 
 def test_a_shrink_evicts_at_once_and_a_grow_raises_the_cache(tiny):

@@ -10,6 +10,7 @@ import torch
 import moeedge
 from moeedge import BudgetError
 from moeedge.aggregate.pipeline import aggregate
+from moeedge.runtime.plan import budget_for_cache
 from tiny_checkpoints import make_decoder, write_tokenizer
 
 PROMPT = torch.randint(3, 160, (12,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -29,7 +30,7 @@ def small_budget(model, experts: int) -> int:
     """The budget whose expert cache holds `experts` slots beside the prefill's buffers (the draft's
     bytes are part of what the plan committed at load)."""
     p = model.plan
-    return p.budget_bytes - p.expert_cache_bytes + p.prefill_borrow_bytes + experts * model.runner.experts.slot
+    return budget_for_cache(p, p.prefill_borrow_bytes + experts * model.runner.experts.slot)
 
 
 def within(model) -> None:

@@ -34,6 +34,7 @@ from moeedge.keys import expert_key
 from moeedge.ladder.variants import LOADABLE
 from moeedge.runtime import pressure
 from moeedge.runtime.measure import is_smallest, rss_bytes
+from moeedge.runtime.plan import kernel_reserve, least_budget
 
 OBSERVE_EVERY_S = 0.25
 LONG_PROMPT = 64
@@ -79,7 +80,7 @@ class Adaptive:
                                   for e in range(cfg.n_experts)) for o in row} for layer, row in enumerate(self.options)]
         self.curve = Curve.of(policy_curve(setup.ladder, setup.manifest, model.policy))
         plan = model.plan
-        self.committed = plan.budget_bytes - plan.expert_cache_bytes
+        self.committed = plan.budget_bytes - plan.expert_cache_bytes - plan.kernel_bytes  # none scale with it
         self.smallest_slot = max(min(row.values()) for row in self.slot)
         self.auto = isinstance(memory_budget, str) and memory_budget.strip().lower() == "auto"
         self.budget = plan.budget_bytes  # in force (or requested, until the next token applies it)
@@ -96,7 +97,7 @@ class Adaptive:
 
     # --- the planner under conditions ---------------------------------------------
     def cache_bytes(self, budget: int) -> int:
-        return budget - self.committed
+        return budget - self.committed - kernel_reserve(budget)
 
     def point(self, variants: tuple[str, ...], cond: Conditions):
         plan = tuple(self.by_name[layer][name] for layer, name in enumerate(variants))
@@ -112,8 +113,8 @@ class Adaptive:
     def candidate(self, variants: list[str], cond: Conditions) -> Candidate:
         p = self.point(tuple(variants), cond)
         kl = sum(self.by_name[layer][name].kl for layer, name in enumerate(variants))
-        needs = self.committed + self.model.plan.prefill_borrow_bytes + self.top_k * max(
-            self.slot[layer][name] for layer, name in enumerate(variants))
+        needs = least_budget(self.committed + self.model.plan.prefill_borrow_bytes + self.top_k * max(
+            self.slot[layer][name] for layer, name in enumerate(variants)))
         current = self.model.plan.expert_variants or ("stored",) * self.n_layers
         reads = sum(sum(self.by_name[layer][name].expert_bytes) for layer, name in enumerate(variants)
                     if name != current[layer])
@@ -151,7 +152,7 @@ class Adaptive:
         if not self.auto:
             return self.budget
         r = self.pressure = pressure.reading(rss=rss_bytes())
-        least = self.committed + self.model.plan.prefill_borrow_bytes + self.top_k * self.smallest_slot
+        least = least_budget(self.committed + self.model.plan.prefill_borrow_bytes + self.top_k * self.smallest_slot)
         b = max(least, r.budget_bytes)
         held = r.pressure is not None and r.pressure > pressure.PRESSURE_HOLD
         if abs(b - self.budget) < BUDGET_STEP * self.budget or (held and b > self.budget):

@@ -29,6 +29,12 @@ FIXED_JITTER_BYTES = 8 << 20
 # chunks each read the experts they route to that the cache could not keep, so a tight
 # budget trades prefill speed for fitting at all.
 PREFILL_CHUNKS = (128, 64, 32, 16)
+# What the kernel charges the cgroup for this process beyond its resident pages: page tables,
+# 8 bytes for each 4 KiB page held (1/512 of the budget: VmPTE was 32 MiB at 16 GiB), and as
+# much again for its other charges (slab, kernel stacks, socket buffers). Without it a plan
+# filled a 16 GiB limit to the byte and full-size Mixtral's 512-token prefill was OOM-killed
+# (bench/README.md; bench/memory_watch.py samples these).
+KERNEL_SHARE = 256
 # How long a prefill waits for guesses being read to let go of the bytes it borrows.
 BORROW_WAIT_SECONDS = 30
 
@@ -62,6 +68,7 @@ class MemoryPlan:
     prefill_borrow_bytes: int = 0
     n_sequences: int = 1      # KV slots: sequences decoded together
     draft_bytes: int = 0      # a resident draft model's weights and KV (speculative decoding)
+    kernel_bytes: int = 0     # charged by the kernel beyond resident pages (kernel_reserve)
     # Per MoE layer, the representation its experts are read in ("" for as stored).
     expert_variants: tuple[str, ...] = ()
 
@@ -73,21 +80,42 @@ class MemoryPlan:
                          for k, v in asdict(self).items())
 
 
+def kernel_reserve(budget_bytes: int) -> int:
+    """What the kernel charges a process of this budget beyond its resident pages (KERNEL_SHARE)."""
+    return budget_bytes // KERNEL_SHARE
+
+
+def least_budget(resident_bytes: int) -> int:
+    """The smallest budget that holds resident_bytes beside its own kernel_reserve."""
+    b = max(0, resident_bytes * KERNEL_SHARE // (KERNEL_SHARE - 1) - 2)
+    while b - kernel_reserve(b) < resident_bytes:
+        b += 1
+    return b
+
+
+def budget_for_cache(plan: MemoryPlan, cache_bytes: int) -> int:
+    """The budget at which this plan's expert cache would be cache_bytes (all else the same)."""
+    return least_budget(plan.budget_bytes - plan.expert_cache_bytes - plan.kernel_bytes + cache_bytes)
+
+
 def split_budget(budget_bytes: int, fixed_bytes: int, dense_bytes: int, kv_cache_bytes: int, buffer_bytes: int,
                  min_expert_bytes: int, prefill_chunk: int = 0, draft_bytes: int = 0) -> MemoryPlan:
     """Split the budget; BudgetError with every number when it is below the smallest workable one."""
     committed = fixed_bytes + dense_bytes + kv_cache_bytes + buffer_bytes + draft_bytes
-    minimum = committed + min_expert_bytes + FIXED_JITTER_BYTES
-    if budget_bytes < committed + min_expert_bytes:
+    least = least_budget(committed + min_expert_bytes)
+    minimum = least + FIXED_JITTER_BYTES
+    kernel = kernel_reserve(budget_bytes)
+    if budget_bytes < committed + kernel + min_expert_bytes:
         draft = f" + draft model {format_bytes(draft_bytes)}" if draft_bytes else ""
         raise BudgetError(
             f"memory budget {format_bytes(budget_bytes)} is below the smallest workable budget "
             f"{format_bytes(minimum)} ({minimum} bytes): fixed cost {format_bytes(fixed_bytes)} + dense weights "
             f"{format_bytes(dense_bytes)} + KV cache {format_bytes(kv_cache_bytes)} + buffers "
-            f"{format_bytes(buffer_bytes)}{draft} + one MoE layer's top-k experts {format_bytes(min_expert_bytes)}; "
-            f"a smaller max_context shrinks the KV cache")
+            f"{format_bytes(buffer_bytes)}{draft} + page tables and kernel {format_bytes(kernel_reserve(least))} + "
+            f"one MoE layer's top-k experts {format_bytes(min_expert_bytes)}; a smaller max_context shrinks the KV cache")
     return MemoryPlan(budget_bytes, fixed_bytes, dense_bytes, kv_cache_bytes, buffer_bytes,
-                      budget_bytes - committed, minimum, prefill_chunk, draft_bytes=draft_bytes)
+                      budget_bytes - committed - kernel, minimum, prefill_chunk, draft_bytes=draft_bytes,
+                      kernel_bytes=kernel)
 
 
 def buffer_bytes(runner: type[Needs], cfg, max_context: int, chunk: int) -> int:
