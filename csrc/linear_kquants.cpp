@@ -10,8 +10,8 @@
 // With |q| <= 32 and |x| <= 32767 the sums over 16 weights stay below 2**24: exact in
 // int32 and when converted to float, where the scales are applied.
 //
-// Each row's blocks are unpacked once and used by up to kTile tokens, so a call with
-// T <= kTile tokens reads the weights once.
+// Tokens go through in passes whose int16 x fits in L2 (rows_avx2), so a call reads the weights
+// from memory once per pass: once for up to 32 tokens of a 4096-wide matrix.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -32,7 +32,6 @@ using detail::load_u16;
 using detail::QuantX;
 using detail::quantize_x;
 
-constexpr size_t kTile = 16;    // tokens per pass over a row
 
 // sum of w[i] * x[i] over weights 2*first .. 2*(first+count)-1 of a block: w in natural
 // order, xq evens then odds.
@@ -282,17 +281,15 @@ MOEEDGE_AVX2 inline __m256i pair_dot(const __m256i* w, const int16_t* xq) {
   return _mm256_hadd_epi32(_mm256_add_epi32(d[0], d[1]), _mm256_add_epi32(d[2], d[3]));
 }
 
-// Row r times tokens t0 .. t0 + nt - 1. kNt: nt known at compile time (up to kFewTokens:
-// the per-token sums then stay in registers, where a runtime count keeps them in memory), or
-// 0 for nt (more would spill AVX2's 16 registers).
+// Row r times tokens t0 .. t0 + kNt - 1: the count known at compile time, up to kFewTokens, so
+// the per-token sums stay in registers (a runtime count kept them in memory; more tokens would
+// spill AVX2's 16 registers).
 constexpr size_t kFewTokens = 4;
 template <class Format, size_t kNt>
-MOEEDGE_AVX2 void row_tile(const QuantX& x, const uint8_t* row, size_t t0, size_t nt, float* out, size_t rows,
-                           size_t r) {
-  if (kNt) nt = kNt;
-  constexpr size_t kMost = kNt ? kNt : kTile;
-  __m256 acc[kMost];
-  __m256i half[kMost], sums[kMost][2];  // hadd of pairs 0 and 1 (then 2 and 3) of a group, per token
+MOEEDGE_AVX2 void row_tile(const QuantX& x, const uint8_t* row, size_t t0, float* out, size_t rows, size_t r) {
+  constexpr size_t nt = kNt;
+  __m256 acc[kNt];
+  __m256i half[kNt], sums[kNt][2];  // hadd of pairs 0 and 1 (then 2 and 3) of a group, per token
   for (size_t t = 0; t < nt; ++t) acc[t] = _mm256_setzero_ps();
   for (size_t g = 0; g < (x.blocks + 7) / 8; ++g) {
     const uint8_t* group = row + g * Format::kGroupBytes;
@@ -325,18 +322,27 @@ MOEEDGE_AVX2 void row_tile(const QuantX& x, const uint8_t* row, size_t t0, size_
 template <class Format, size_t NT>
 MOEEDGE_AVX2 void row_tile_n(size_t n, const QuantX& x, const uint8_t* row, size_t t0, float* out, size_t rows,
                              size_t r) {
-  if (n > NT) return row_tile<Format, 0>(x, row, t0, n, out, rows, r);
   if constexpr (NT > 1)
     if (n < NT) return row_tile_n<Format, NT - 1>(n, x, row, t0, out, rows, r);
-  row_tile<Format, NT>(x, row, t0, NT, out, rows, r);
+  row_tile<Format, NT>(x, row, t0, out, rows, r);
 }
+
+// Tokens per pass over this thread's rows: their int16 x (kXPassBytes of it) stays in L2 while
+// the rows pass by, and each row's bytes stay in L1 while its tokens go through kFewTokens at a
+// time, their sums in registers. Each row streaming every token's x, 16 tokens at a time
+// with their sums in memory, ran at a tenth of ggml's speed at 128 tokens (bench/ggml_compare.py).
+constexpr size_t kXPassBytes = 256 << 10;
 
 template <class Format>
 MOEEDGE_AVX2 void rows_avx2(const QuantX& x, const uint8_t* w, size_t row_bytes, float* out, size_t rows, size_t begin,
                             size_t end) {
-  for (size_t r = begin; r < end; ++r)
-    for (size_t t0 = 0; t0 < x.tokens; t0 += kTile)
-      row_tile_n<Format, kFewTokens>(std::min(kTile, x.tokens - t0), x, w + r * row_bytes, t0, out, rows, r);
+  const size_t pass = std::max(kFewTokens, kXPassBytes / (x.stride * kXBlock * sizeof(int16_t)));
+  for (size_t p0 = 0; p0 < x.tokens; p0 += pass) {
+    const size_t p1 = std::min(x.tokens, p0 + pass);
+    for (size_t r = begin; r < end; ++r)
+      for (size_t t0 = p0; t0 < p1; t0 += kFewTokens)
+        row_tile_n<Format, kFewTokens>(std::min(kFewTokens, p1 - t0), x, w + r * row_bytes, t0, out, rows, r);
+  }
 }
 
 MOEEDGE_AVX2 void q4_0_avx2(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end) {
