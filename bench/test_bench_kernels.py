@@ -94,7 +94,8 @@ def simd(request):
     _core.linear_force_path("")
 
 
-@pytest.mark.parametrize("tokens", [1, 4, 16], ids=["tg1", "tg4", "tg16"])  # 4: a batched step, a verify pass
+# 4: a batched step, a verify pass; 128: a prefill chunk (moeedge.runtime.plan.PREFILL_CHUNKS)
+@pytest.mark.parametrize("tokens", [1, 4, 16, 128], ids=["tg1", "tg4", "tg16", "pf128"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_matvec_expert_formats(benchmark, measured, simd, fmt, tokens):
     """One 14336x4096 expert matrix times T tokens' activations through moeedge.kernels.linear,
