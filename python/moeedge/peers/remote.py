@@ -2,9 +2,10 @@
 
 DecoderFFN calls dispatch(moe_layer, {expert: rows}) for the experts not resident here,
 before it computes the resident ones; each expert whose call is cheaper than reading it from
-disk and computing it here (moeedge.peers.cost) goes to the cheapest live peer that holds it. A peer's rows go in
-requests of at most its max_rows; a prompt's rows (pieces: each chunk's share of an expert's
-rows) go chunk by chunk, so that the first chunk's come back first and the next layer can
+disk and computing it here (moeedge.peers.cost; DecoderFFN times what it computes here,
+computed_here) goes to the cheapest live peer that holds it. A peer's rows go in requests of
+at most its max_rows; a prompt's rows (pieces: each chunk's share of an expert's rows) go
+chunk by chunk, so that the first chunk's come back first and the next layer can
 start on that chunk while the peer computes the others. A call that fails or misses the
 deadline gives None, and DecoderFFN computes that expert here; outputs are summed in expert
 order wherever they were computed, so they do not depend on where an expert ran."""
