@@ -57,7 +57,7 @@ def load_trace(spec: str, scale: float, start: int, seconds: float, rtt: str,
 def link_record(remote) -> dict:
     link = remote.client.links[0]
     return {"alive": link.alive, "rtt_s": link.cost.rtt_s, "bandwidth_bps": link.cost.bandwidth_bps,
-            "service_s": link.cost.service_s, "disk_bps": remote.disk_bps}
+            "service_s": link.cost.service_s, "disk_bps": remote.disk_bps, "local_s": remote.local.seconds(1)}
 
 
 def client(args: argparse.Namespace) -> None:

@@ -54,13 +54,15 @@ def binned(tokens: list[dict], key: str) -> list[dict]:
 
 def crossover_mbit(tokens: list[dict], results: dict) -> float | None:
     """The bandwidth below which the cost model reads from disk, at the median measured round
-    trip, service time and disk bandwidth (None: the round trip alone is dearer than a read)."""
+    trip, service time, disk bandwidth and compute here of one row (runs before it was
+    measured: none; None: the round trip alone is dearer than a read)."""
     from moeedge.peers.cost import transfer_bytes
 
     links = [t["link"] for t in tokens]
     rtt, service = (statistics.median(x[k] for x in links) for k in ("rtt_s", "service_s"))
     disk_s = results["expert_bytes"] / statistics.median(x["disk_bps"] for x in links)
-    room = disk_s - rtt - service
+    local = [x["local_s"] for x in links if x.get("local_s") is not None]
+    room = disk_s + (statistics.median(local) if local else 0.0) - rtt - service
     return transfer_bytes(1, results["hidden"]) / room * 8 / 1e6 if room > 0 else None
 
 

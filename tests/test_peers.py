@@ -106,9 +106,58 @@ def test_a_link_unused_for_a_while_gets_one_call_to_measure_it_again(tiny, peer,
     from moeedge.peers import client as client_module
 
     monkeypatch.setattr(remote_module, "disk_bandwidth", lambda stats: 1e15)  # the disk always cheaper
+    monkeypatch.setattr(remote_module.LocalCompute, "seconds", lambda self, rows: 0.0)  # and the compute here
     monkeypatch.setattr(client_module, "EXPLORE_S", 0.0)  # every link always unused for long enough
     _, stats = with_peer(tiny, peer)
     assert stats["explored"] > 0 and stats["sent"] == stats["explored"]  # one a dispatch, no more
+
+
+def test_the_decoder_times_the_experts_it_computes_here_for_the_cost_model(tiny, peer, monkeypatch):
+    seen = []  # (rows, seconds) of each expert computed here
+    computed_here = remote_module.RemoteExperts.computed_here
+
+    def record(self, rows, seconds):
+        seen.append((rows, seconds))
+        computed_here(self, rows, seconds)
+
+    monkeypatch.setattr(remote_module.RemoteExperts, "computed_here", record)
+    with moeedge.load(tiny, memory_budget="min", n_sequences=2, peers=[peer.address]) as m:
+        offloaded(m)
+        seqs = [m.sequence, m.runner.new_sequence()]
+        for s, p in zip(seqs, [PROMPT, PROMPT[:12]]):  # prompts: an expert's rows at once
+            m.runner.step([(s, torch.tensor(p))])
+        assert any(rows > 1 for rows, _ in seen)
+        marks = [len(seen)]
+        m.runner.step([(s, torch.tensor([5])) for s in seqs])  # two sequences' tokens apart
+        marks.append(len(seen))
+        m.runner.step([(seqs[0], torch.tensor([6]))])  # one token
+        marks.append(len(seen))
+        local = m.stats()["peers"]["local_compute_s"]
+    assert marks[0] < marks[1] < marks[2]
+    assert all(rows <= 2 for rows, _ in seen[marks[0]:]) and all(rows == 1 for rows, _ in seen[marks[1]:])
+    assert local["timed"] == len(seen) and local["per_call"] + local["per_row"] > 0
+
+
+def test_an_expert_whose_compute_here_costs_more_than_a_call_goes_to_the_peer(tiny, peer, monkeypatch):
+    from moeedge.peers import client as client_module
+    from moeedge.peers.remote import RemoteExperts
+
+    monkeypatch.setattr(remote_module, "disk_bandwidth", lambda stats: 1e15)  # the read alone: nothing
+    monkeypatch.setattr(client_module, "EXPLORE_S", 3600.0)  # no call only to measure the link
+    ckpt = open_checkpoint(tiny)
+    client = PeerClient([peer.address], model_id(ckpt), ckpt.config.hidden, deadline_s=10)
+    try:
+        with moeedge.load(tiny, memory_budget="min") as m:
+            remote = RemoteExperts(client, m.runner.experts, ckpt.config.hidden)
+            x = torch.randn(1, ckpt.config.hidden, generator=torch.Generator().manual_seed(1))
+            remote.computed_here(1, 1e-6)  # computed here in a microsecond: read here
+            assert remote.dispatch(1, {2: x}) == {} and remote.counters["read_here"] == 1
+            remote.computed_here(1, 1e4)  # a compute here dearer than any call
+            calls = remote.dispatch(1, {2: x})
+            assert list(calls) == [2] and torch.equal(calls[2].result(), expert_rows(m.runner.experts, 1, 2, x))
+            assert remote.counters["sent"] == 1 and remote.counters["explored"] == 0
+    finally:
+        client.close()
 
 
 def test_several_sequences_decoded_together_with_a_peer_equal_each_alone(tiny, peer, remote_preferred):

@@ -4,6 +4,8 @@ expert order so that the result does not depend on what happened to be cached.
 Shapes: T = rows in this step, H = hidden, E = experts, K = top-k."""
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -41,17 +43,24 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def expert_rows(experts: ExpertAccess, moe_layer: int, e: int, xs: torch.Tensor) -> torch.Tensor:
+def expert_rows(experts: ExpertAccess, moe_layer: int, e: int, xs: torch.Tensor,
+                timed: Callable[[torch.Tensor, float], None] | None = None) -> torch.Tensor:
     """Expert e's output for fp32 rows xs [N, H], unscaled, each row's bits independent of the
     others (the batch-invariant kernels): what _moe_rows computes, and what a peer computes
-    for a remote call (moeedge.peers)."""
+    for a remote call (moeedge.peers). timed(xs, start): told when the compute began
+    (time.perf_counter), once the expert's bytes were in memory (a read is not its compute)."""
     ffn = experts.ffn(moe_layer, e)
     if ffn is not None:  # one native call (moeedge._core.ExpertFfn)
-        y = torch.empty_like(xs)
-        ffn(xs.numpy(), experts.buffer(moe_layer, e), y.numpy(), 1.0)
-        return y
-    ew = experts.get(moe_layer, e)
-    return linear(swiglu(linear(xs, ew["gate"]), linear(xs, ew["up"])), ew["down"])
+        y, buf = torch.empty_like(xs), experts.buffer(moe_layer, e)
+        start = time.perf_counter()
+        ffn(xs.numpy(), buf, y.numpy(), 1.0)
+    else:
+        ew = experts.get(moe_layer, e)
+        start = time.perf_counter()
+        y = linear(swiglu(linear(xs, ew["gate"]), linear(xs, ew["up"])), ew["down"])
+    if timed is not None:
+        timed(xs, start)
+    return y
 
 
 def widest_ffn(cfg: DecoderConfig) -> int:
@@ -216,15 +225,26 @@ class DecoderFFN:
             out = out + outputs[e]
         return out
 
+    def _timed(self, xs: torch.Tensor, start: float) -> None:
+        """An expert computed here for rows xs since start (time.perf_counter(), its bytes in
+        memory already): with peers, the cost model charges this to an expert read from disk.
+        Only fp32 rows: the only ones a peer is sent (_moe)."""
+        if self.remote is not None and xs.dtype == torch.float32:
+            self.remote.computed_here(xs.shape[0], time.perf_counter() - start)
+
     def _expert_token(self, x: torch.Tensor, moe_layer: int, e: int, gate: float,
                       top_w: torch.Tensor) -> torch.Tensor:
         ffn = self.experts.ffn(moe_layer, e) if x.dtype == torch.float32 == top_w.dtype else None
         if ffn is not None:  # one native call (moeedge._core.ExpertFfn)
-            out = torch.empty_like(x)
-            ffn(x.numpy(), self.experts.buffer(moe_layer, e), out.numpy(), gate)
+            out, buf = torch.empty_like(x), self.experts.buffer(moe_layer, e)  # (a read is not timed)
+            start = time.perf_counter()
+            ffn(x.numpy(), buf, out.numpy(), gate)
+            self._timed(x, start)
             return out
         ew = self.experts.get(moe_layer, e)
+        start = time.perf_counter()
         y = linear(swiglu(linear(x, ew["gate"]), linear(x, ew["up"])), ew["down"])
+        self._timed(x, start)
         return y.mul_(gate) if y.dtype == top_w.dtype else (y * top_w.new_tensor(gate)).to(x.dtype)
 
     def _moe_rows(self, x: torch.Tensor, moe_layer: int, chosen: list[int], missing: list[int],
@@ -250,7 +270,7 @@ class DecoderFFN:
             if y is not None:
                 pass
             elif x.dtype == torch.float32 == top_w.dtype:
-                y = expert_rows(self.experts, moe_layer, e, xs)
+                y = expert_rows(self.experts, moe_layer, e, xs, self._timed)
             else:
                 ew = self.experts.get(moe_layer, e)
                 y = linear(swiglu(linear(xs, ew["gate"]), linear(xs, ew["up"])), ew["down"])
@@ -277,7 +297,10 @@ class DecoderFFN:
             tokens = torch.where(picked.any(dim=-1))[0]
             ew = self.experts.get(moe_layer, e)
             if base is None:
-                y = self._mlp(x[tokens], ew["gate"], ew["up"], ew["down"])
+                xs = x[tokens]
+                start = time.perf_counter()
+                y = self._mlp(xs, ew["gate"], ew["up"], ew["down"])
+                self._timed(xs, start)
             elif shared_base:
                 y = self._lowrank_mlp(x[tokens], products[0][tokens], products[1][tokens], base[2], ew)
             else:

@@ -2,9 +2,10 @@
 
 DecoderFFN calls dispatch(moe_layer, {expert: rows}) for the experts not resident here,
 before it computes the resident ones; each expert whose call is cheaper than reading it from
-disk (moeedge.peers.cost) goes to the cheapest live peer that holds it. A peer's rows go in
-requests of at most its max_rows; a prompt's rows (pieces: each chunk's share of an expert's
-rows) go chunk by chunk, so that the first chunk's come back first and the next layer can
+disk and computing it here (moeedge.peers.cost; DecoderFFN times what it computes here,
+computed_here) goes to the cheapest live peer that holds it. A peer's rows go in requests of
+at most its max_rows; a prompt's rows (pieces: each chunk's share of an expert's rows) go
+chunk by chunk, so that the first chunk's come back first and the next layer can
 start on that chunk while the peer computes the others. A call that fails or misses the
 deadline gives None, and DecoderFFN computes that expert here; outputs are summed in expert
 order wherever they were computed, so they do not depend on where an expert ran."""
@@ -17,7 +18,7 @@ import torch
 
 from moeedge.keys import ExpertKey
 from moeedge.peers.client import PeerClient
-from moeedge.peers.cost import choose, disk_bandwidth
+from moeedge.peers.cost import LocalCompute, choose, disk_bandwidth
 from moeedge.peers.helpers_memory import helper_bytes
 from moeedge.peers.names import model_id
 from moeedge.runtime.experts import ExpertAccess
@@ -60,6 +61,7 @@ class RemoteExperts:
         self.client, self.experts, self.hidden = client, experts, hidden
         self.disk_bps = disk_bandwidth({})
         self.dispatches = 0
+        self.local = LocalCompute()  # this device's compute of an expert, timed by DecoderFFN
         self.counters = {"sent": 0, "read_here": 0, "computed_here_after_failure": 0, "prompt_rows_sent": 0,
                          "explored": 0}
 
@@ -74,7 +76,7 @@ class RemoteExperts:
         for e, rows in offered.items():
             links = {link.name: link.cost for link in self.client.links if link.alive and link.holds(moe_layer, e)}
             size = self.experts.cache.store.slot_bytes(ExpertKey(moe_layer, e).packed)
-            where = choose(False, size, self.disk_bps, links, rows.shape[0], self.hidden)
+            where = choose(False, size, self.disk_bps, links, rows.shape[0], self.hidden, self.local)
             stale = [link.name for link in self.client.links if link.name in links and self.client.stale(link)]
             if where == "disk" and stale and stale[0] not in plan:
                 where = stale[0]  # one call to a link unused for a while: its service time measured again
@@ -112,8 +114,16 @@ class RemoteExperts:
                 self.counters["prompt_rows_sent"] += sum(offered[e].shape[0] for e in experts)
         return calls
 
+    def computed_here(self, rows: int, seconds: float) -> None:
+        """DecoderFFN's timing of one expert it computed for rows rows (its bytes in memory
+        already): what the cost model charges an expert read from disk besides the read."""
+        self.local.observe(rows, seconds)
+
     def stats(self) -> dict:
-        return {**self.counters, "disk_bps": self.disk_bps, "deadline_s": self.client.deadline_s,
+        parts = self.local.parts() or (None, None)
+        local = {"per_call": parts[0], "per_row": parts[1], "timed": self.local.timed}
+        return {**self.counters, "disk_bps": self.disk_bps, "local_compute_s": local,
+                "deadline_s": self.client.deadline_s,
                 "peers": [{"address": link.address, "alive": link.alive, "held": sum(map(len, link.held.values())),
                            "rtt_s": link.cost.rtt_s, "bandwidth_bps": link.cost.bandwidth_bps,
                            "service_s": link.cost.service_s, "last_error": link.last_error, **link.stats}
