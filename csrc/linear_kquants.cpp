@@ -327,16 +327,12 @@ MOEEDGE_AVX2 void row_tile_n(size_t n, const QuantX& x, const uint8_t* row, size
   row_tile<Format, NT>(x, row, t0, out, rows, r);
 }
 
-// Tokens per pass over this thread's rows: their int16 x (kXPassBytes of it) stays in L2 while
-// the rows pass by, and each row's bytes stay in L1 while its tokens go through kFewTokens at a
-// time, their sums in registers. Each row streaming every token's x, 16 tokens at a time
-// with their sums in memory, ran at a tenth of ggml's speed at 128 tokens (bench/ggml_compare.py).
-constexpr size_t kXPassBytes = 256 << 10;
-
+// Tokens in passes (detail::tokens_per_pass): each row's bytes stay in L1 while its tokens go
+// through kFewTokens at a time, their sums in registers.
 template <class Format>
 MOEEDGE_AVX2 void rows_avx2(const QuantX& x, const uint8_t* w, size_t row_bytes, float* out, size_t rows, size_t begin,
                             size_t end) {
-  const size_t pass = std::max(kFewTokens, kXPassBytes / (x.stride * kXBlock * sizeof(int16_t)));
+  const size_t pass = detail::tokens_per_pass(x, kFewTokens);
   for (size_t p0 = 0; p0 < x.tokens; p0 += pass) {
     const size_t p1 = std::min(x.tokens, p0 + pass);
     for (size_t r = begin; r < end; ++r)
