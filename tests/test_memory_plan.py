@@ -83,6 +83,24 @@ def test_a_tight_budget_takes_a_smaller_prefill_chunk(tiny):
         plan(smallest - 1)
 
 
+def test_the_plan_leaves_room_for_page_tables_and_the_kernel(tiny):
+    """What the kernel charges the cgroup beyond resident pages grows with the budget (page
+    tables: 8 bytes a 4 KiB page): a 16 GiB plan that filled the limit to the byte was
+    OOM-killed at full size. Every byte of the budget is accounted for, the reserve included."""
+    ckpt = open_checkpoint(tiny)
+    store = ExpertStore(ckpt.files, ckpt.expert_ranges)
+    for budget in (1 << 30, 16 << 30):
+        p = plan_for(ckpt, store, budget, 200 << 20, 256, torch.float32, embedding_on_disk(ckpt))
+        assert p.kernel_bytes >= budget // 512
+        assert (p.fixed_bytes + p.dense_bytes + p.kv_cache_bytes + p.buffer_bytes + p.draft_bytes + p.kernel_bytes
+                + p.expert_cache_bytes == budget)
+    # the smallest workable budget holds its own reserve too
+    smallest = p.min_budget_bytes - FIXED_JITTER_BYTES
+    plan_for(ckpt, store, smallest, 200 << 20, 256, torch.float32, embedding_on_disk(ckpt))
+    with pytest.raises(BudgetError, match="page tables and kernel"):
+        plan_for(ckpt, store, smallest - 1, 200 << 20, 256, torch.float32, embedding_on_disk(ckpt))
+
+
 def test_a_prompt_borrows_its_activations_from_the_expert_cache(tiny):
     with moeedge.load(tiny, predictor=None) as roomy:  # the budget holds every expert: nothing lent
         expected = list(roomy.stream_ids(PROMPT, max_new_tokens=4, temperature=0))
