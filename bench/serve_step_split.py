@@ -112,8 +112,10 @@ def main(argv=None) -> int:
         ratios = {}
         if len(modes) > 1:  # each round's pair of cells ran side by side: the median of their ratios
             for n in streams:
-                ratios[n] = statistics.median(a["step_s"] / b["step_s"]
-                                              for a, b in zip(cells[n, modes[0]], cells[n, modes[1]]))
+                each = [a["step_s"] / b["step_s"] for a, b in zip(cells[n, modes[0]], cells[n, modes[1]])]
+                ratios[n] = statistics.median(each)
+                print(f"N={n}: {modes[0]} / {modes[1]} by round: " + " ".join(f"{x:.3f}" for x in each),
+                      file=sys.stderr)
                 print(f"N={n}: {modes[0]} / {modes[1]} step time, median of rounds: {ratios[n]:.3f}", file=sys.stderr)
     return report({"source": args.source, "cpu": cpu_name(), "commit": commit(), "steps": args.steps, "dense_bytes": dense,
                    "expert_bytes": expert_bytes, "rows": rows, "step_ratio": ratios}, args.json)
