@@ -5,6 +5,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "linear.h"
 #include "linear_impl.h"
@@ -96,8 +97,14 @@ float exp_shifted(float* p, size_t n, float shift) {
   return exp_shifted_scalar(p, n, shift);
 }
 
-void multiply(const DenseMatrix& m, const float* x, float* out, int threads) {
-  linear_stored(x, 1, m.data, m.layout, out, threads);
+// rows x [rows, cols] -> out [rows, m.rows]: each row the same bits whatever `rows` is (linear.h).
+void multiply(const DenseMatrix& m, const float* x, size_t rows, float* out, int threads) {
+  linear_stored(x, rows, m.data, m.layout, out, threads);
+}
+
+bool same_matrix(const DenseMatrix& a, const DenseMatrix& b) {
+  return a.data == b.data && a.layout.format == b.layout.format && a.layout.rows == b.layout.rows &&
+         a.layout.cols == b.layout.cols && a.layout.group == b.layout.group;
 }
 
 void add_bias(float* x, const std::vector<float>& bias) {
@@ -158,37 +165,112 @@ AttentionStep::AttentionStep(const AttentionShape& shape, AttentionWeights weigh
   check_vector(w_.k_norm, "k_norm", kvd, false);
 }
 
+void AttentionStep::check_position(size_t pos) const {
+  if (pos >= shape_.capacity)
+    throw std::out_of_range("position " + std::to_string(pos) + " is past the KV cache's " +
+                            std::to_string(shape_.capacity));
+}
+
 void AttentionStep::run(float* h, size_t pos, const float* cos, const float* sin, float* post, float* logits,
                         int threads) const {
   const AttentionShape& s = shape_;
-  if (pos >= s.capacity)
-    throw std::out_of_range("position " + std::to_string(pos) + " is past the KV cache's " +
-                            std::to_string(s.capacity));
+  check_position(pos);
   const size_t qd = s.heads * s.head_dim, kvd = s.kv_heads * s.head_dim;
   std::vector<float> n(s.hidden), q(qd), attn(qd);
+  rms_norm(h, w_.in_norm.data(), s.hidden, s.eps, n.data());
+  project(n.data(), 1, q.data(), k_cache_ + pos * kvd, v_cache_ + pos * kvd, threads);
+  finish_row(q.data(), pos, cos, sin, attn.data(), threads);
+  close(h, attn.data(), 1, post, logits, threads);
+}
+
+void AttentionStep::run_rows(const std::vector<const AttentionStep*>& steps, float* h, const size_t* pos,
+                             const float* cos, const float* sin, float* post, float* logits, int threads) {
+  if (steps.empty()) throw std::invalid_argument("no steps: run_rows needs one per row");
+  for (size_t i = 0; i < steps.size(); ++i) {
+    if (!steps[i]) throw std::invalid_argument("step " + std::to_string(i) + " is missing");
+    steps[i]->check_position(pos[i]);
+  }
+  const AttentionStep& first = *steps[0];
+  for (size_t i = 1; i < steps.size(); ++i) first.check_same_layer(*steps[i], i);
+  const AttentionShape& s = first.shape_;
+  const size_t rows = steps.size(), qd = s.heads * s.head_dim, kvd = s.kv_heads * s.head_dim;
+  std::vector<float> n(rows * s.hidden), q(rows * qd), k(rows * kvd), v(rows * kvd), attn(rows * qd);
+  for (size_t r = 0; r < rows; ++r)
+    rms_norm(h + r * s.hidden, first.w_.in_norm.data(), s.hidden, s.eps, n.data() + r * s.hidden);
+  first.project(n.data(), rows, q.data(), k.data(), v.data(), threads);
+  for (size_t r = 0; r < rows; ++r) {  // each row's k and v into its own slot, then as run goes on
+    const AttentionStep& step = *steps[r];
+    std::copy_n(k.data() + r * kvd, kvd, step.k_cache_ + pos[r] * kvd);
+    std::copy_n(v.data() + r * kvd, kvd, step.v_cache_ + pos[r] * kvd);
+    step.finish_row(q.data() + r * qd, pos[r], cos + r * s.head_dim, sin + r * s.head_dim, attn.data() + r * qd,
+                    threads);
+  }
+  first.close(h, attn.data(), rows, post, logits, threads);
+}
+
+void AttentionStep::check_same_layer(const AttentionStep& other, size_t index) const {
+  const AttentionShape &a = shape_, &b = other.shape_;
+  const std::string which = "step " + std::to_string(index);
+  const auto describe = [](const AttentionShape& x) {
+    return "hidden " + std::to_string(x.hidden) + ", " + std::to_string(x.heads) + " heads (" +
+           std::to_string(x.kv_heads) + " KV) of " + std::to_string(x.head_dim);
+  };
+  if (a.hidden != b.hidden || a.heads != b.heads || a.kv_heads != b.kv_heads || a.head_dim != b.head_dim)
+    throw std::invalid_argument(which + " has " + describe(b) + ", step 0 " + describe(a) +
+                                ": the steps must be one layer's");
+  const auto differs = [&](const char* what) {
+    return std::invalid_argument(which + "'s " + what + " is not step 0's: the steps must be one layer's");
+  };
+  if (a.eps != b.eps || a.clip != b.clip) throw differs("eps or clip");
+  using W = AttentionWeights;
+  const std::pair<DenseMatrix W::*, const char*> matrices[] = {
+      {&W::q, "q_proj"}, {&W::k, "k_proj"}, {&W::v, "v_proj"}, {&W::o, "o_proj"}, {&W::router, "router"}};
+  for (const auto& [m, name] : matrices)
+    if (!same_matrix(w_.*m, other.w_.*m)) throw differs(name);
+  const std::pair<std::vector<float> W::*, const char*> vectors[] = {
+      {&W::in_norm, "input_layernorm"}, {&W::post_norm, "post_attention_layernorm"}, {&W::q_bias, "q_proj.bias"},
+      {&W::k_bias, "k_proj.bias"},      {&W::v_bias, "v_proj.bias"},                 {&W::q_norm, "q_norm"},
+      {&W::k_norm, "k_norm"}};
+  for (const auto& [v, name] : vectors)
+    if (w_.*v != other.w_.*v) throw differs(name);
+}
+
+void AttentionStep::project(const float* n, size_t rows, float* q, float* k, float* v, int threads) const {
+  multiply(w_.q, n, rows, q, threads);
+  multiply(w_.k, n, rows, k, threads);
+  multiply(w_.v, n, rows, v, threads);
+}
+
+// k and v of the row are at pos in the cache already.
+void AttentionStep::finish_row(float* q, size_t pos, const float* cos, const float* sin, float* attn,
+                               int threads) const {
+  const AttentionShape& s = shape_;
+  const size_t qd = s.heads * s.head_dim, kvd = s.kv_heads * s.head_dim;
   float* k = k_cache_ + pos * kvd;
   float* v = v_cache_ + pos * kvd;
-  rms_norm(h, w_.in_norm.data(), s.hidden, s.eps, n.data());
-  multiply(w_.q, n.data(), q.data(), threads);
-  multiply(w_.k, n.data(), k, threads);
-  multiply(w_.v, n.data(), v, threads);
-  add_bias(q.data(), w_.q_bias);
+  add_bias(q, w_.q_bias);
   add_bias(k, w_.k_bias);
   add_bias(v, w_.v_bias);
-  if (!w_.q_norm.empty()) rms_norm(q.data(), w_.q_norm.data(), qd, s.eps, q.data());
+  if (!w_.q_norm.empty()) rms_norm(q, w_.q_norm.data(), qd, s.eps, q);
   if (!w_.k_norm.empty()) rms_norm(k, w_.k_norm.data(), kvd, s.eps, k);
   if (s.clip > 0.f) {
-    clip(q.data(), qd, s.clip);
+    clip(q, qd, s.clip);
     clip(k, kvd, s.clip);
     clip(v, kvd, s.clip);
   }
-  rotate(q.data(), s.heads, s.head_dim, cos, sin);
+  rotate(q, s.heads, s.head_dim, cos, sin);
   rotate(k, s.kv_heads, s.head_dim, cos, sin);
-  attend(q.data(), pos + 1, attn.data(), threads);
-  multiply(w_.o, attn.data(), n.data(), threads);
-  for (size_t i = 0; i < s.hidden; ++i) h[i] += n[i];
-  rms_norm(h, w_.post_norm.data(), s.hidden, s.eps, post);
-  if (w_.router.present()) multiply(w_.router, post, logits, threads);
+  attend(q, pos + 1, attn, threads);
+}
+
+void AttentionStep::close(float* h, const float* attn, size_t rows, float* post, float* logits, int threads) const {
+  const size_t hidden = shape_.hidden;
+  std::vector<float> out(rows * hidden);
+  multiply(w_.o, attn, rows, out.data(), threads);
+  for (size_t i = 0; i < rows * hidden; ++i) h[i] += out[i];
+  for (size_t r = 0; r < rows; ++r)
+    rms_norm(h + r * hidden, w_.post_norm.data(), hidden, shape_.eps, post + r * hidden);
+  if (w_.router.present()) multiply(w_.router, post, rows, logits, threads);
 }
 
 void AttentionStep::attend(const float* q, size_t positions, float* out, int threads) const {

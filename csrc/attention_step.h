@@ -51,10 +51,26 @@ class AttentionStep {
   // without a router). std::out_of_range if pos >= capacity.
   void run(float* h, size_t pos, const float* cos, const float* sin, float* post, float* logits, int threads) const;
 
+  // One token of each of several sequences through this layer at once: steps[i] is the
+  // layer's step on row i's KV slot, all with the same weights (std::invalid_argument naming
+  // the first that differs: another layer's, or another model's). h [rows, hidden] in place;
+  // pos [rows]; cos, sin [rows, head_dim]; post [rows, hidden]; logits [rows, router rows].
+  // The q/k/v, o and router products read each weight once for all rows, and row i gets the
+  // bits steps[i]->run would give it (the kernels are batch-invariant); nothing is written
+  // unless every position fits (std::out_of_range).
+  static void run_rows(const std::vector<const AttentionStep*>& steps, float* h, const size_t* pos,
+                       const float* cos, const float* sin, float* post, float* logits, int threads);
+
   const AttentionShape& shape() const { return shape_; }
   size_t router_rows() const { return w_.router.present() ? w_.router.layout.rows : 0; }
 
  private:
+  // The pieces of run, each over `rows` rows where it multiplies by a weight (run_rows).
+  void check_position(size_t pos) const;
+  void check_same_layer(const AttentionStep& other, size_t index) const;
+  void project(const float* n, size_t rows, float* q, float* k, float* v, int threads) const;
+  void finish_row(float* q, size_t pos, const float* cos, const float* sin, float* attn, int threads) const;
+  void close(float* h, const float* attn, size_t rows, float* post, float* logits, int threads) const;
   void attend(const float* q, size_t positions, float* out, int threads) const;
 
   AttentionShape shape_;

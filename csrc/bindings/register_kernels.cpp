@@ -302,7 +302,46 @@ void def_attention_step(py::module_& m) {
             b.step->run(hp, pos, cp, sp, pp, lp, threads);
           },
           py::arg("h"), py::arg("pos"), py::arg("cos"), py::arg("sin"), py::arg("post"), py::arg("logits") = py::none(),
-          py::arg("threads") = 0);
+          py::arg("threads") = 0)
+      .def_static(
+          "rows",
+          [](const std::vector<const BoundAttention*>& bound, const py::buffer& h, const std::vector<size_t>& pos,
+             const py::buffer& cos, const py::buffer& sin, const py::buffer& post, const py::object& logits,
+             int threads) {
+            std::vector<const AttentionStep*> steps;
+            for (const BoundAttention* b : bound) {
+              if (!b) throw std::invalid_argument("step " + std::to_string(steps.size()) + " is None");
+              steps.push_back(b->step.get());
+            }
+            if (steps.empty()) throw std::invalid_argument("rows needs one step per row, got none");
+            if (pos.size() != steps.size())
+              throw std::invalid_argument(std::to_string(steps.size()) + " steps but " + std::to_string(pos.size()) +
+                                          " positions: one of each per row");
+            const AttentionShape& s = steps[0]->shape();
+            const size_t n = steps.size();
+            const auto rows_of = [n](const char* what, size_t width) {
+              return std::string(what) + " ([" + std::to_string(n) + " rows, " + std::to_string(width) + "])";
+            };
+            float* hp = floats(h, n * s.hidden, true, rows_of("h", s.hidden));
+            const float* cp = floats(cos, n * s.head_dim, false, rows_of("cos", s.head_dim));
+            const float* sp = floats(sin, n * s.head_dim, false, rows_of("sin", s.head_dim));
+            float* pp = floats(post, n * s.hidden, true, rows_of("post", s.hidden));
+            float* lp = nullptr;
+            if (steps[0]->router_rows() > 0) {
+              if (logits.is_none()) throw std::invalid_argument("this layer has a router: logits are needed");
+              lp = floats(logits.cast<py::buffer>(), n * steps[0]->router_rows(), true,
+                          rows_of("logits", steps[0]->router_rows()));
+            }
+            py::gil_scoped_release release;
+            KernelBusy busy;
+            AttentionStep::run_rows(steps, hp, pos.data(), cp, sp, pp, lp, threads);
+          },
+          py::arg("steps"), py::arg("h"), py::arg("pos"), py::arg("cos"), py::arg("sin"), py::arg("post"),
+          py::arg("logits") = py::none(), py::arg("threads") = 0,
+          "One token of each of several sequences through one layer's attention block in one call: steps[i] is "
+          "the layer's AttentionStep on row i's KV slot (all with the same weights), h float32 [N, hidden] in "
+          "place, pos N positions, cos and sin [N, head_dim], post [N, hidden], logits [N, router rows]. Each "
+          "weight is read once for all rows; row i gets the bits steps[i](...) alone would give it.");
 }
 
 // out = x @ w.T with w [rows, cols] of `W` (bf16 as 2-byte items, or fp32) read as stored.

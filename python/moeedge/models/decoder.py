@@ -9,7 +9,8 @@ sequence's one-token step runs each layer's attention block as one native call
 remain for several tokens and for weights the kernels do not take as stored.
 
 A step takes several sequences (moeedge.models.runner): attention runs per sequence on
-its own KV slot, the feed-forward blocks on all their rows at once.
+its own KV slot (one token of each: one native call a layer for all of them, each weight
+read once), the feed-forward blocks on all their rows at once.
 Shapes: T = tokens in this step, H = hidden, S = cached positions.
 """
 from __future__ import annotations
@@ -75,6 +76,9 @@ class DecoderMoE(DecoderFFN, SlotSequences):
     encoder_decoder = False  # prompts encoded apart from the decoder's tokens
     policies = RUNTIME_POLICIES
     default_policy = "predicted"  # the best measured (README, Expert prediction)
+    # Several one-token segments' attention as one native call a layer (False: one call per
+    # segment, bench/serve_step_split.py's comparison)
+    attention_rows = True
 
     def __init__(self, cfg: DecoderConfig, dense: dict[str, torch.Tensor], experts: ExpertAccess,
                  max_context: int, dtype: torch.dtype, prediction: Prediction | None = None, n_sequences: int = 1):
@@ -312,6 +316,9 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         ropes = [(rope, tuple(t.reshape(-1).contiguous().numpy() for t in rope) if n == 1 else None)
                  for rope, (_, _, n) in zip(ropes, segments)]
         apart = len(segments) > 1 and all(n == 1 for _, _, n in segments)  # each row as if alone
+        # one token of each of several sequences: a layer's native steps as one call (_attention_rows)
+        rows_rope = tuple(torch.cat([rope[i] for rope, _ in ropes]).reshape(len(segments), -1).numpy()
+                          for i in (0, 1)) if apart else None
         self.segment_rows = [n for _, _, n in segments]
         ends = torch.tensor(self.segment_rows).cumsum(0).tolist()
         bounds = list(zip([0, *ends[:-1]], ends))
@@ -321,6 +328,8 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         for layer in range(cfg.n_layers):
             if len(segments) == 1:
                 h, x, logits = self._attention_block(add_rows(h, ffn, 0, len(h)), layer, segments[0][:2], ropes[0])
+            elif apart and self.attention_rows and all(self.steps[seq.slot][layer] is not None for seq, *_ in segments):
+                h, x, logits = self._attention_rows(add_rows(h, ffn, 0, len(h)), layer, segments, rows_rope)
             else:
                 parts = [self._attention_block(add_rows(h, ffn, a, b), layer, segment[:2], rope)
                          for (a, b), segment, rope in zip(bounds, segments, ropes)]
@@ -340,6 +349,18 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         if check:
             check_finite(out, "the final norm and output projection")
         return [out] if len(batch) == 1 else list(out.split(sizes))
+
+    def _attention_rows(self, h: torch.Tensor, layer: int, segments, rope: tuple):
+        """One token of each of several sequences (segments) through a layer's attention block
+        as one native call: each attention weight read once for all the rows, each row the bits
+        its own step would give it. rope: cos and sin as numpy [rows, D]."""
+        steps = [self.steps[seq.slot][layer] for seq, _, _ in segments]
+        h = h.contiguous()
+        x = torch.empty_like(h)
+        logits = torch.empty(len(h), steps[0].router_rows) if steps[0].router_rows else None
+        _core.AttentionStep.rows(steps, h.numpy(), [start for _, start, _ in segments], *rope, x.numpy(),
+                                 None if logits is None else logits.numpy())
+        return h, x, logits
 
     def _attention_block(self, h: torch.Tensor, layer: int, segment: tuple[Sequence, int], ropes):
         """One sequence's rows, from position `start`, through a layer's attention block: (h after
