@@ -13,8 +13,8 @@
 // |x| <= 32767 keep a lane below 2**24, exact in int32 and when converted to float, where
 // the block's scale (its group's weight scale times x's block scale) is applied.
 //
-// Tokens go through in passes whose int16 x fits in L2 (detail::tokens_per_pass), so a call
-// reads the weights from memory once per pass.
+// Each row's blocks are unpacked once and used by up to kTile tokens, so a call with
+// T <= kTile tokens reads the weights once.
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -238,16 +238,12 @@ MOEEDGE_AVX2 void row_tile(const QuantX& x, const Matrix& m, size_t r, const flo
 template <int Bits>
 MOEEDGE_AVX2 void rows_avx2(const QuantX& x, const Matrix& m, float* out, size_t rows, size_t begin, size_t end) {
   std::vector<float> ds(x.blocks);
-  const size_t pass = detail::tokens_per_pass(x, kTile);
-  for (size_t p0 = 0; p0 < x.tokens; p0 += pass) {
-    const size_t p1 = std::min(x.tokens, p0 + pass);
-    for (size_t r = begin; r < end; ++r) {
-      block_scales_avx2(m, r, x.blocks, ds.data());
-      for (size_t t0 = p0; t0 < p1; t0 += kTile) {
-        const size_t nt = std::min(kTile, p1 - t0);
-        if (nt == 1) row_tile<Bits, 1>(x, m, r, ds.data(), t0, nt, out, rows);
-        else row_tile<Bits, 0>(x, m, r, ds.data(), t0, nt, out, rows);
-      }
+  for (size_t r = begin; r < end; ++r) {
+    block_scales_avx2(m, r, x.blocks, ds.data());
+    for (size_t t0 = 0; t0 < x.tokens; t0 += kTile) {
+      const size_t nt = std::min(kTile, x.tokens - t0);
+      if (nt == 1) row_tile<Bits, 1>(x, m, r, ds.data(), t0, nt, out, rows);
+      else row_tile<Bits, 0>(x, m, r, ds.data(), t0, nt, out, rows);
     }
   }
 }
@@ -399,14 +395,10 @@ template <int Bits>
 MOEEDGE_AVX512VNNI void rows_avx512(const QuantX& x, const Matrix& m, float* out, size_t rows, size_t begin,
                                     size_t end) {
   std::vector<float> ds(x.stride);  // zero past x.blocks, as x's scales are
-  const size_t pass = detail::tokens_per_pass(x, kTile512);
-  for (size_t p0 = 0; p0 < x.tokens; p0 += pass) {
-    const size_t p1 = std::min(x.tokens, p0 + pass);
-    for (size_t r = begin; r < end; ++r) {
-      block_scales_avx2(m, r, x.blocks, ds.data());
-      for (size_t t0 = p0; t0 < p1; t0 += kTile512)
-        row_avx512_n<Bits, kTile512>(std::min(kTile512, p1 - t0), x, m, r, ds.data(), t0, out, rows);
-    }
+  for (size_t r = begin; r < end; ++r) {
+    block_scales_avx2(m, r, x.blocks, ds.data());
+    for (size_t t0 = 0; t0 < x.tokens; t0 += kTile512)
+      row_avx512_n<Bits, kTile512>(std::min(kTile512, x.tokens - t0), x, m, r, ds.data(), t0, out, rows);
   }
 }
 #endif
