@@ -32,7 +32,6 @@ using detail::load_u16;
 using detail::QuantX;
 using detail::quantize_x;
 
-
 // sum of w[i] * x[i] over weights 2*first .. 2*(first+count)-1 of a block: w in natural
 // order, xq evens then odds.
 inline int32_t dot_pairs(const int8_t* w, const int16_t* xq, int first, int count) {
@@ -327,12 +326,18 @@ MOEEDGE_AVX2 void row_tile_n(size_t n, const QuantX& x, const uint8_t* row, size
   row_tile<Format, NT>(x, row, t0, out, rows, r);
 }
 
-// Tokens in passes (detail::tokens_per_pass): each row's bytes stay in L1 while its tokens go
-// through kFewTokens at a time, their sums in registers.
+// Tokens in passes whose int16 x fits in kXPassBytes (L2): each row then reads its tokens' x from
+// L2, not memory (each row streaming every token's x ran Q4_K at a tenth of ggml's speed at 128
+// tokens: bench/ggml_compare.py), and the weights are read from memory once per pass. Within a
+// pass each row's bytes stay in L1 while its tokens go through kFewTokens at a time, their sums
+// in registers.
+constexpr size_t kXPassBytes = 256 << 10;
+
 template <class Format>
 MOEEDGE_AVX2 void rows_avx2(const QuantX& x, const uint8_t* w, size_t row_bytes, float* out, size_t rows, size_t begin,
                             size_t end) {
-  const size_t pass = detail::tokens_per_pass(x, kFewTokens);
+  const size_t fit = kXPassBytes / (x.stride * kXBlock * sizeof(int16_t));
+  const size_t pass = std::max(kFewTokens, fit / kFewTokens * kFewTokens);
   for (size_t p0 = 0; p0 < x.tokens; p0 += pass) {
     const size_t p1 = std::min(x.tokens, p0 + pass);
     for (size_t r = begin; r < end; ++r)

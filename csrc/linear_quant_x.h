@@ -26,16 +26,6 @@ struct QuantX {
   const float* sums(size_t t, size_t b) const { return sum.data() + t * stride + b; }
 };
 
-// Tokens per pass of a kernel over its rows: as many as whose int16 x fits in kXPassBytes (L2),
-// a multiple of `tile` (at least one tile). Each row then reads its tokens' x from L2, not
-// memory, and the weights are read from memory once per pass: at 128 tokens, each row
-// streaming every token's x ran Q4_K at a tenth of ggml's speed (bench/ggml_compare.py).
-constexpr size_t kXPassBytes = 256 << 10;
-inline size_t tokens_per_pass(const QuantX& x, size_t tile) {
-  const size_t fit = kXPassBytes / (x.stride * kXBlock * sizeof(int16_t));
-  return fit < tile ? tile : fit / tile * tile;
-}
-
 // cols must be a multiple of 32.
 QuantX quantize_x(const float* x, size_t tokens, size_t cols);
 

@@ -80,7 +80,7 @@ class Adaptive:
                                   for e in range(cfg.n_experts)) for o in row} for layer, row in enumerate(self.options)]
         self.curve = Curve.of(policy_curve(setup.ladder, setup.manifest, model.policy))
         plan = model.plan
-        self.committed = plan.budget_bytes - plan.expert_cache_bytes - plan.kernel_bytes  # none scale with it
+        self.committed = plan.committed_bytes
         self.smallest_slot = max(min(row.values()) for row in self.slot)
         self.auto = isinstance(memory_budget, str) and memory_budget.strip().lower() == "auto"
         self.budget = plan.budget_bytes  # in force (or requested, until the next token applies it)

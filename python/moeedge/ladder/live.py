@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from moeedge._core import BudgetError
 from moeedge.runtime.measure import resolve_budget
-from moeedge.runtime.plan import MemoryPlan, expert_budget, kernel_reserve, shrink_cache
+from moeedge.runtime.plan import MemoryPlan, expert_budget, kernel_reserve, least_budget, shrink_cache
 from moeedge.units import format_bytes
 
 
@@ -27,14 +27,15 @@ def replanned(model, budget: int | str, slot: int | None = None) -> MemoryPlan:
     largest; an adaptive model's smallest plan's, moeedge.ladder.adaptive)."""
     b = resolve_budget(budget)
     old = model.plan
-    committed = old.budget_bytes - old.expert_cache_bytes - old.kernel_bytes + kernel_reserve(b)
     least = old.prefill_borrow_bytes + model.config.top_k * (slot or model.runner.experts.slot)
-    if b - committed < least:
+    cache = b - old.committed_bytes - kernel_reserve(b)
+    if cache < least:
+        smallest = least_budget(old.committed_bytes + least)
         raise BudgetError(f"memory budget {format_bytes(b)} is below the smallest workable budget "
-                          f"{format_bytes(committed + least)} for this loaded model ({committed + least} bytes: "
-                          f"{format_bytes(committed)} committed at load, and one layer's top-k experts beside "
-                          f"the prefill's buffers)")
-    return replace(old, budget_bytes=b, expert_cache_bytes=b - committed, kernel_bytes=kernel_reserve(b))
+                          f"{format_bytes(smallest)} for this loaded model ({smallest} bytes: "
+                          f"{format_bytes(old.committed_bytes)} committed at load, the kernel's share, and one "
+                          f"layer's top-k experts beside the prefill's buffers)")
+    return replace(old, budget_bytes=b, expert_cache_bytes=cache, kernel_bytes=kernel_reserve(b))
 
 
 def apply(model, plan: MemoryPlan) -> dict:

@@ -72,6 +72,12 @@ class MemoryPlan:
     # Per MoE layer, the representation its experts are read in ("" for as stored).
     expert_variants: tuple[str, ...] = ()
 
+    @property
+    def committed_bytes(self) -> int:
+        """What the plan holds outside the expert cache that does not scale with the budget
+        (all but the kernel's share): the same at any budget of this loaded model."""
+        return self.budget_bytes - self.expert_cache_bytes - self.kernel_bytes
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -95,7 +101,7 @@ def least_budget(resident_bytes: int) -> int:
 
 def budget_for_cache(plan: MemoryPlan, cache_bytes: int) -> int:
     """The budget at which this plan's expert cache would be cache_bytes (all else the same)."""
-    return least_budget(plan.budget_bytes - plan.expert_cache_bytes - plan.kernel_bytes + cache_bytes)
+    return least_budget(plan.committed_bytes + cache_bytes)
 
 
 def split_budget(budget_bytes: int, fixed_bytes: int, dense_bytes: int, kv_cache_bytes: int, buffer_bytes: int,
