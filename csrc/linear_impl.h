@@ -45,6 +45,17 @@ inline uint16_t load_u16(const uint8_t* p) {
   return v;
 }
 
+// Q4_K's 12 scale bytes -> the 6-bit scales and mins of its 8 sub-blocks, byte j of each
+// for sub-block j (ggml's get_scale_min_k4, on 4 bytes at a time; little-endian).
+inline void q4_k_scales(const uint8_t* s, uint64_t& sc, uint64_t& m) {
+  uint32_t a, b, c;  // bytes 0-3: low 6 bits scales 0-3, top 2 bits the high bits of scales 4-7; 4-7 the same for mins
+  std::memcpy(&a, s, 4);
+  std::memcpy(&b, s + 4, 4);
+  std::memcpy(&c, s + 8, 4);  // low nibbles: low 4 bits of scales 4-7; high nibbles: of mins 4-7
+  sc = (a & 0x3f3f3f3fu) | uint64_t{(c & 0x0f0f0f0fu) | ((a >> 2) & 0x30303030u)} << 32;
+  m = (b & 0x3f3f3f3fu) | uint64_t{((c >> 4) & 0x0f0f0f0fu) | ((b >> 2) & 0x30303030u)} << 32;
+}
+
 // fn(begin, end) over all rows, split across the kernel pool when the matrix is big enough.
 template <class Fn>
 void for_rows(size_t rows, size_t cols, int threads, const Fn& fn) {

@@ -30,6 +30,7 @@ using detail::half_to_float;
 using detail::kXBlock;
 using detail::load_u16;
 using detail::QuantX;
+using detail::q4_k_scales;
 using detail::quantize_x;
 
 // sum of w[i] * x[i] over weights 2*first .. 2*(first+count)-1 of a block: w in natural
@@ -38,17 +39,6 @@ inline int32_t dot_pairs(const int8_t* w, const int16_t* xq, int first, int coun
   int32_t s = 0;
   for (int i = first; i < first + count; ++i) s += w[2 * i] * xq[i] + w[2 * i + 1] * xq[16 + i];
   return s;
-}
-
-// Q4_K's 12 scale bytes -> the 6-bit scales and mins of its 8 sub-blocks, byte j of each
-// for sub-block j (ggml's get_scale_min_k4, on 4 bytes at a time; little-endian).
-void q4_k_scales(const uint8_t* s, uint64_t& sc, uint64_t& m) {
-  uint32_t a, b, c;  // bytes 0-3: low 6 bits scales 0-3, top 2 bits the high bits of scales 4-7; 4-7 the same for mins
-  std::memcpy(&a, s, 4);
-  std::memcpy(&b, s + 4, 4);
-  std::memcpy(&c, s + 8, 4);  // low nibbles: low 4 bits of scales 4-7; high nibbles: of mins 4-7
-  sc = (a & 0x3f3f3f3fu) | uint64_t{(c & 0x0f0f0f0fu) | ((a >> 2) & 0x30303030u)} << 32;
-  m = (b & 0x3f3f3f3fu) | uint64_t{((c >> 4) & 0x0f0f0f0fu) | ((b >> 2) & 0x30303030u)} << 32;
 }
 
 using KernelFn = void (*)(const QuantX& x, const uint8_t* w, float* out, size_t rows, size_t begin, size_t end);

@@ -29,4 +29,21 @@ struct QuantX {
 // cols must be a multiple of 32.
 QuantX quantize_x(const float* x, size_t tokens, size_t cols);
 
+// x [tokens, cols] rounded to int16 per 256 values (a K-quant super-block), in natural order:
+// x[i] ~= scale * q[i], scale = max|x| over the 256 / 32767, which moves x[i] by at most
+// 0.51 scale; with each 32 values' exact fp32 sum (Q4_K's and Q5_K's mins use it).
+struct QuantX256 {
+  size_t tokens = 0, supers = 0;  // supers: cols / 256
+  std::vector<int16_t> q;         // [tokens, supers, 256]
+  std::vector<float> scales;      // [tokens, supers]; NaN where the 256 hold NaN or inf
+  std::vector<float> sum;         // [tokens, supers, 8]
+
+  const int16_t* block(size_t t, size_t s) const { return q.data() + (t * supers + s) * 256; }
+  const float* scale(size_t t, size_t s) const { return scales.data() + t * supers + s; }
+  const float* sums(size_t t, size_t s) const { return sum.data() + (t * supers + s) * 8; }
+};
+
+// cols must be a multiple of 256.
+QuantX256 quantize_x256(const float* x, size_t tokens, size_t cols);
+
 }  // namespace moeedge::detail

@@ -71,22 +71,37 @@ def kernel_threads():
     _core.set_kernel_threads(0)
 
 
-@pytest.mark.parametrize("threads", [1, 0])  # 0: every CPU, rows split across them
-@pytest.mark.parametrize("fmt, cols", CASES)
-def test_a_row_has_the_same_bits_in_any_batch(path, fmt, cols, threads, kernel_threads):
+# The prompt kernels (kernels.PROMPT_QUANTS): 18 super-blocks, a whole chunk of 16 and a
+# part of one (csrc/linear_kquants_x256.cpp), and one super-block.
+PROMPT_CASES = [("q4_k", 4608), ("q5_k", 4608), ("q6_k", 4608), ("q6_k", 256)]
+
+
+def check_rows_alone(fmt: str, cols: int, threads: int, kernel_threads, prompt: bool = False) -> None:
     rng = np.random.default_rng(cols)
     w, _ = weight(fmt, ROWS, cols, rng)
     gen = torch.Generator().manual_seed(cols)
     x = torch.randn(max(TOKENS), cols, generator=gen)
     kernel_threads(1)
-    alone = torch.cat([linear(x[i:i + 1], w) for i in range(len(x))])
+    alone = torch.cat([linear(x[i:i + 1], w, prompt=prompt) for i in range(len(x))])
     kernel_threads(threads)
     for tokens in TOKENS:
-        assert_same_bits(linear(x[:tokens], w), alone[:tokens], f"{tokens} rows")
+        assert_same_bits(linear(x[:tokens], w, prompt=prompt), alone[:tokens], f"{tokens} rows")
         for k in sorted({0, tokens // 2, tokens - 1}):  # row k among other rows of another scale
             others = torch.randn(tokens, cols, generator=gen) * 7
             others[k] = x[k]
-            assert_same_bits(linear(others, w)[k:k + 1], alone[k:k + 1], f"row {k} of {tokens} others")
+            assert_same_bits(linear(others, w, prompt=prompt)[k:k + 1], alone[k:k + 1], f"row {k} of {tokens} others")
+
+
+@pytest.mark.parametrize("threads", [1, 0])  # 0: every CPU, rows split across them
+@pytest.mark.parametrize("fmt, cols", CASES)
+def test_a_row_has_the_same_bits_in_any_batch(path, fmt, cols, threads, kernel_threads):
+    check_rows_alone(fmt, cols, threads, kernel_threads)
+
+
+@pytest.mark.parametrize("threads", [1, 0])
+@pytest.mark.parametrize("fmt, cols", PROMPT_CASES)
+def test_a_prompt_row_has_the_same_bits_in_any_batch(path, fmt, cols, threads, kernel_threads):
+    check_rows_alone(fmt, cols, threads, kernel_threads, prompt=True)
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "f32"])

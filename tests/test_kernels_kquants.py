@@ -2,8 +2,9 @@
 as torch dequantizes them (itself checked bit for bit against gguf's reference in
 test_gguf.py), on the AVX2 path and the portable one.
 
-The kernels round x to int16 per 32 values (csrc/linear.h), which moves each x[i] by at
-most 0.51 s, s = max|x| over its block / 32767; so an output may differ from the exact
+The kernels round x to int16 per block (csrc/linear.h: 32 values; the prompt kernels, named
+*_x256 here, 256), which moves each x[i] by at most 0.51 s, s = max|x| over its
+block / 32767; so an output may differ from the exact
 product by at most sum_i |a[i]| * 0.51 s(i), with a = w except for Q4_K and Q5_K (d * sc * q: its
 mins dmin * m go through the exact sum of x), plus fp32 rounding: one rounding per scale
 product and per sum of 16-weight partials, at most (cols / 16 + 40) * 2**-24 of the sum of
@@ -24,7 +25,18 @@ from conftest import kernel_path
 
 QUANTS = ("q4_0", "q4_k", "q5_k", "q6_k")
 KERNELS = {"q4_0": _core.linear_q4_0, "q4_k": _core.linear_q4_k, "q5_k": _core.linear_q5_k,
-           "q6_k": _core.linear_q6_k}
+           "q6_k": _core.linear_q6_k, "q4_k_x256": _core.linear_q4_k_x256,
+           "q5_k_x256": _core.linear_q5_k_x256, "q6_k_x256": _core.linear_q6_k_x256}
+NAMES = tuple(KERNELS)  # kernel names: a quant, or a quant's prompt kernel (_x256)
+
+
+def quant_of(name: str) -> str:
+    return name.removesuffix("_x256")
+
+
+def x_block(name: str) -> int:
+    """Values of x per int16 scale."""
+    return 256 if name.endswith("_x256") else 32
 
 
 
@@ -42,36 +54,37 @@ def mins(quant: str, raw: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return -dequantize(blocks.reshape(-1), quant, shape, torch.float32)
 
 
-def error_bound(quant: str, raw: torch.Tensor, x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """[T, rows] what the module docstring allows."""
+def error_bound(quant: str, raw: torch.Tensor, x: torch.Tensor, rows: int, cols: int, block: int = 32) -> torch.Tensor:
+    """[T, rows] what the module docstring allows; block: values of x per int16 scale."""
     w = dequantize(raw, quant, (rows, cols), torch.float64)
     m = mins(quant, raw, (rows, cols)).double()
     a = (w + m).abs()                                                  # the part multiplied by int16 x
-    step = x.double().abs().view(len(x), -1, 32).amax(-1) / 32767     # [T, cols / 32]
-    rounding = a @ (0.51 * step.repeat_interleave(32, dim=1)).T       # [rows, T]
+    step = x.double().abs().view(len(x), -1, block).amax(-1) / 32767  # [T, cols / block]
+    rounding = a @ (0.51 * step.repeat_interleave(block, dim=1)).T    # [rows, T]
     terms = (a + m.abs()) @ x.double().abs().T
     return (rounding + (cols / 16 + 40) * 2.0 ** -24 * terms).T.float()
 
 
-def run(quant: str, x: torch.Tensor, raw: torch.Tensor, rows: int, threads: int = 0) -> torch.Tensor:
+def run(name: str, x: torch.Tensor, raw: torch.Tensor, rows: int, threads: int = 0) -> torch.Tensor:
     out = torch.empty(len(x), rows)
-    KERNELS[quant](x.numpy(), raw.numpy(), out.numpy(), threads)
+    KERNELS[name](x.numpy(), raw.numpy(), out.numpy(), threads)
     return out
 
 
 SHAPES = [(1, 7, 256), (3, 33, 512), (16, 300, 1024), (3, 5, 1280)]  # (tokens, rows, cols); 300 x 1024 is threaded
 
 
-@pytest.mark.parametrize("tokens, rows, cols", SHAPES)
-@pytest.mark.parametrize("quant", QUANTS)
-def test_matches_float64_on_the_dequantized_weights(path, quant, tokens, rows, cols):
+@pytest.mark.parametrize("tokens, rows, cols", SHAPES + [(9, 21, 4608)])  # 4608: a chunk of 16 super-blocks and 2
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_float64_on_the_dequantized_weights(path, name, tokens, rows, cols):
+    quant = quant_of(name)
     raw = weights(quant, rows, cols, seed=rows + cols)
     x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
     x[0, :32] *= 50  # one block with a large activation: its rounding step is 50x the others'
-    got = run(quant, x, raw, rows)
+    got = run(name, x, raw, rows)
     want = (x.double() @ dequantize(raw, quant, (rows, cols), torch.float64).T).float()
-    excess = (got - want).abs() - error_bound(quant, raw, x, rows, cols)
-    assert excess.max() <= 0, f"{quant} {path}: {excess.max():.3g} over the bound"
+    excess = (got - want).abs() - error_bound(quant, raw, x, rows, cols, x_block(name))
+    assert excess.max() <= 0, f"{name} {path}: {excess.max():.3g} over the bound"
 
 
 @pytest.mark.parametrize("cols", [32, 96, 288])  # 1, 3 and 9 blocks: groups of 8 that end inside a row
@@ -82,39 +95,49 @@ def test_q4_0_rows_that_are_not_whole_256_weight_groups(path, cols):
     assert ((run("q4_0", x, raw, 9) - want).abs() <= error_bound("q4_0", raw, x, 9, cols)).all()
 
 
-@pytest.mark.parametrize("quant", QUANTS)
-def test_paths_agree_within_float_rounding(quant):
+@pytest.mark.parametrize("name", NAMES)
+def test_paths_agree_within_float_rounding(name):
     # Both paths round x the same way and sum the same integers: only float rounding differs.
-    rows, cols = 64, 2048
+    quant, rows, cols = quant_of(name), 64, 2048
     raw = weights(quant, rows, cols, seed=1)
     x = torch.randn(5, cols, generator=torch.Generator().manual_seed(1))
     outs = []
-    for name in _core.linear_paths():
-        with kernel_path(name):
-            outs.append(run(quant, x, raw, rows))
+    for path in _core.linear_paths():
+        with kernel_path(path):
+            outs.append(run(name, x, raw, rows))
     w, m = dequantize(raw, quant, (rows, cols), torch.float64), mins(quant, raw, (rows, cols)).double()
     terms = ((w + m).abs() + m.abs()) @ x.double().abs().T
     for out in outs[1:]:
         assert ((out - outs[0]).abs() <= 2 * (cols / 16 + 40) * 2.0 ** -24 * terms.T.float()).all()
 
 
-@pytest.mark.parametrize("quant", QUANTS)
-def test_thread_count_does_not_change_the_result(quant):
+@pytest.mark.parametrize("name", NAMES)
+def test_thread_count_does_not_change_the_result(name):
     rows, cols = 301, 512  # odd rows, split unevenly
-    raw = weights(quant, rows, cols, seed=2)
+    raw = weights(quant_of(name), rows, cols, seed=2)
     x = torch.randn(3, cols, generator=torch.Generator().manual_seed(2))
-    one = run(quant, x, raw, rows, threads=1)
+    one = run(name, x, raw, rows, threads=1)
     for threads in (2, 3, 0):
-        assert torch.equal(run(quant, x, raw, rows, threads=threads), one), threads
+        assert torch.equal(run(name, x, raw, rows, threads=threads), one), threads
 
 
-@pytest.mark.parametrize("quant", QUANTS)
-def test_non_finite_activations_give_nan_not_garbage(quant):
-    raw = weights(quant, 4, 256)
-    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("name", NAMES)
+def test_non_finite_activations_give_nan_not_garbage(name):
+    raw = weights(quant_of(name), 4, 256)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3))
     x[1, 40] = float("inf")
-    out = run(quant, x, raw, 4)
-    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
+    x[2, 200] = float("nan")
+    out = run(name, x, raw, 4)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1:]).all()
+
+
+@pytest.mark.parametrize("quant", ["q4_k", "q5_k", "q6_k"])
+def test_a_prompt_takes_the_prompt_kernels(quant):
+    raw = weights(quant, 24, 512, seed=6)
+    w = QuantTensor(raw, quant, (24, 512))
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(linear(x, w, prompt=True), run(f"{quant}_x256", x, raw, 24))
+    assert torch.equal(linear(x, w), run(quant, x, raw, 24))
 
 
 @pytest.mark.parametrize("quant", QUANTS)

@@ -394,6 +394,9 @@ void register_kernels(py::module_& m) {
   def_quant_linear(m, "linear_q4_k", "Q4_K", kQKBlock, kQ4KBlockBytes, &linear_q4_k);
   def_quant_linear(m, "linear_q5_k", "Q5_K", kQKBlock, kQ5KBlockBytes, &linear_q5_k);
   def_quant_linear(m, "linear_q6_k", "Q6_K", kQKBlock, kQ6KBlockBytes, &linear_q6_k);
+  def_quant_linear(m, "linear_q4_k_x256", "Q4_K", kQKBlock, kQ4KBlockBytes, &linear_q4_k_x256);
+  def_quant_linear(m, "linear_q5_k_x256", "Q5_K", kQKBlock, kQ5KBlockBytes, &linear_q5_k_x256);
+  def_quant_linear(m, "linear_q6_k_x256", "Q6_K", kQKBlock, kQ6KBlockBytes, &linear_q6_k_x256);
   def_group_linear(m, "linear_int8", 8, &linear_int8);
   def_group_linear(m, "linear_int4", 4, &linear_int4);
   m.def("linear_path", &linear_path, "The path the kernels take now: 'scalar', 'avx2' or 'avx512'.");

@@ -55,6 +55,17 @@ def linear_q6_k(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
     """w: GGUF Q6_K super-blocks, rows * cols / 256 * 210 bytes; cols % 256 == 0. x is
     rounded to int16 per 32 values, as for linear_q4_0."""
 
+def linear_q4_k_x256(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
+    """linear_q4_k for a prompt: x rounded to int16 per 256 values, about twice as fast from
+    16 tokens on and half as fast at one (csrc/linear.h); batch invariant, not bit-equal
+    to linear_q4_k."""
+
+def linear_q5_k_x256(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
+    """linear_q5_k for a prompt, as linear_q4_k_x256."""
+
+def linear_q6_k_x256(x: Buffer, w: Buffer, out: Buffer, threads: int = 0) -> None:
+    """linear_q6_k for a prompt, as linear_q4_k_x256."""
+
 def linear_int8(x: Buffer, qweight: Buffer, scales: Buffer, out: Buffer, group: int, threads: int = 0) -> None:
     """moeedge's group-wise int8 (moeedge.formats.group_quant): qweight rows * cols bytes
     (q in -127..127), scales fp16 [rows, ceil(cols / group)]; weight = scale * q. group and

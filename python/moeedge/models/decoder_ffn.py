@@ -89,6 +89,10 @@ class DecoderFFN:
     held: list | None
     segment_rows: list[int] | None = None  # the current step's chunks' rows (a prompt span's)
     pass_guesses: dict[int, set[int]] | None  # a verify pass's draft picks per MoE layer (moeedge.speculative)
+    # While a prompt is read (Decoder.prompt): its feed-forward products take the prompt
+    # kernels (moeedge.kernels.PROMPT_QUANTS), twice as fast at many tokens; a decode step's
+    # never do, so that it keeps the one-token kernels' bits in any batch.
+    in_prompt: bool = False
 
     def router_weight(self, moe_layer: int) -> torch.Tensor:
         """The router's weight [E, H] of a MoE layer (its outputs are the checkpoint's E experts)."""
@@ -98,7 +102,11 @@ class DecoderFFN:
         return f"model.layers.{layer}.{'block_sparse_moe' if self.cfg.family == 'mixtral' else 'mlp'}.gate.weight"
 
     def _mlp(self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        return by_rows(lambda rows: linear(swiglu(linear(rows, gate), linear(rows, up)), down), x, self.rows)
+        p = self.in_prompt
+
+        def block(rows: torch.Tensor) -> torch.Tensor:
+            return linear(swiglu(linear(rows, gate, prompt=p), linear(rows, up, prompt=p)), down, prompt=p)
+        return by_rows(block, x, self.rows)
 
     @staticmethod
     def _lowrank_mlp(x: torch.Tensor, gate_base: torch.Tensor, up_base: torch.Tensor, down_base: torch.Tensor,
