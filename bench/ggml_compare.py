@@ -132,6 +132,8 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--prompt", action="store_true",
+                    help="moeedge's prompt kernels where a format has one (Q4_K, Q5_K, Q6_K: x rounded per 256)")
     ap.add_argument("--tokens", default="1,16")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rows", type=int, default=14336)
@@ -237,7 +239,8 @@ def run_cases(args, formats, tokens_list, threads_list, modes, lib: Path, includ
             w_file = tmp / f"w_{fmt}.bin"
             w.tofile(w_file)
             w_arg = w.view(np.int16).reshape(args.rows, args.cols) if fmt == "bf16" else w
-            fn = getattr(core, f"linear_{fmt}")
+            fn = getattr(core, f"linear_{fmt}_x256" if args.prompt and hasattr(core, f"linear_{fmt}_x256")
+                         else f"linear_{fmt}")
             dense = reference(fmt, w, args.rows, args.cols)
             expected = {t: xs[t].astype(np.float64) @ dense.T for t in tokens_list}
             del dense
@@ -270,7 +273,7 @@ def main() -> int:
           "diff = max|ggml - moeedge| / max|moeedge|; err = max|engine - float64 reference| / max|reference|.")
     if args.json:
         meta = {"rows": args.rows, "cols": args.cols, "reps": args.reps, "rounds": args.rounds, "tol": args.tol,
-                "lib": str(lib), "include": str(include), "moeedge_path": _core.linear_path(),
+                "lib": str(lib), "include": str(include), "moeedge_path": _core.linear_path(), "prompt_kernels": args.prompt,
                 "cpu_features": _core.cpu_features(), "machine": platform.node(), "cpus": os.cpu_count(),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")

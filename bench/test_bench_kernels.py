@@ -136,3 +136,25 @@ def test_matvec_expert_formats(benchmark, measured, simd, fmt, tokens):
         if f"{base}_t{tokens}_{simd}" in measured:
             benchmark.extra_info[f"speedup_vs_{base}"] = measured[f"{base}_t{tokens}_{simd}"] / seconds
     benchmark.extra_info["path"] = _core.linear_path()
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 128], ids=["tg1", "tg16", "pf128"])
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q6_k"])
+def test_matvec_prompt_kernels(benchmark, measured, simd, fmt, tokens):
+    """The same matrix through the prompt kernels (moeedge.kernels.PROMPT_QUANTS, x rounded per
+    256 values), which a prompt's products take: speedup over the decode kernels' time above."""
+    from moeedge.formats.gguf_quants import dequantize
+    from moeedge.formats.quant_tensor import QuantTensor
+
+    benchmark.group = f"matvec_expert_{EXPERT_ROWS}x{EXPERT_COLS}_t{tokens}_{simd}"
+    rows, cols = EXPERT_ROWS, EXPERT_COLS
+    x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+    raw = _gguf_blocks(fmt, rows, cols)
+    w = QuantTensor(raw, fmt, (rows, cols))
+    expected = F.linear(x.double(), dequantize(raw, fmt, (rows, cols), torch.float64)).float()
+    out = benchmark(lambda: linear(x, w, prompt=True))
+    torch.testing.assert_close(out, expected, atol=1e-3 * expected.abs().max().item(), rtol=1e-3)
+    seconds = benchmark.stats["median"]
+    benchmark.extra_info["gb_per_s"] = raw.numel() / seconds / 1e9
+    if f"{fmt}_t{tokens}_{simd}" in measured:
+        benchmark.extra_info["speedup_vs_decode_kernel"] = measured[f"{fmt}_t{tokens}_{simd}"] / seconds
