@@ -185,6 +185,17 @@ std::shared_ptr<ExpertCache::Entry> ExpertCache::find_or_admit(uint64_t key, uin
         queued_.erase(q);
         ++stats_.prefetch_late;
       }
+      if (!freed.empty()) {
+        // Unmap what was evicted before the read begins: an evicted slab of another size
+        // (recycle takes only equal ones) held through the read of the new one put an expert
+        // over the budget, and full-size Mixtral's 8 GiB prefill was OOM-killed. Pinned, the
+        // entry stays while the lock is let go; others who want it wait for it to land.
+        ++e->pins;
+        lk.unlock();
+        freed.clear();
+        lk.lock();
+        --e->pins;
+      }
       demand_.push_back(e);
       work_cv_.notify_one();
       pause_cv_.notify_all();  // a prefetch being read gives way to it

@@ -22,6 +22,12 @@ class Slab {
   uint8_t* data() const { return data_; }
   size_t bytes() const { return bytes_; }
 
+  // Bytes of every slab mapped now in this process, and the most since reset_peak() (which
+  // sets it to now): what the expert caches hold in memory, evicted slabs not yet unmapped included.
+  static size_t mapped_bytes();
+  static size_t peak_bytes();
+  static void reset_peak();
+
  private:
   uint8_t* data_ = nullptr;
   size_t bytes_ = 0;

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import EXPERT_BYTES, run_bounded
+from conftest import EXPERT_BYTES, PAGE, key, open_store, run_bounded, write_file
+from moeedge import _core
 from moeedge import BudgetError
 from moeedge.expert_tensor import expert_view
 
@@ -123,6 +124,27 @@ def test_same_key_held_twice_is_pinned_once(eight, make_cache):
     assert bytes(b2) == eight.expected(a)
     del b2
     assert cache.stats()["pinned_bytes"] == 0
+
+
+# --------------------------------------------------------------------------- mapped memory
+
+def test_an_evicted_expert_is_unmapped_before_the_read_it_makes_room_for(tmp_path, make_cache):
+    """Experts of two sizes and a budget for one: the evicted one's pages go back before the
+    other's read begins, so the slabs mapped never hold both (an expert over the budget was
+    full-size Mixtral's OOM kill at 8 GiB: its Q4_K and Q6_K experts differ in size)."""
+    small, large = 3 * PAGE, 5 * PAGE
+    path = tmp_path / "two.bin"
+    content = write_file(path, small + large + 7, seed=5)
+    a, b = key(1, 0), key(1, 1)
+    store = open_store([str(path)], {a: [(0, 0, small)], b: [(0, small, large)]})
+    cache = make_cache(store, store.slot_bytes(b))
+    assert bytes(cache.get(a)) == content[:small]
+    mapped, _ = _core.slab_bytes()
+    _core.reset_slab_peak()
+    assert bytes(cache.get(b)) == content[small:small + large]
+    assert cache.resident_keys() == [b]
+    _, peak = _core.slab_bytes()
+    assert peak == mapped - store.slot_bytes(a) + store.slot_bytes(b), "both slabs were mapped at once"
 
 
 # --------------------------------------------------------------------------- set_budget

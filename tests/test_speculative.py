@@ -120,7 +120,8 @@ def test_the_plan_counts_the_draft(family_pair):
         steps = (type(d.runner).activation_bytes(d.runner.cfg, 96, NATIVE_MAX_TOKENS)
                  - type(d.runner).activation_bytes(d.runner.cfg, 96, 1))
         assert p.draft_bytes == experts + kv + steps
-        assert p.expert_cache_bytes == base.expert_cache_bytes - p.draft_bytes
+        # each load measures the process's fixed cost anew (they may differ by a page or two)
+        assert p.expert_cache_bytes == base.expert_cache_bytes - p.draft_bytes - (p.fixed_bytes - base.fixed_bytes)
         # the same dense tensors, not copies
         assert all(d.runner.w[n] is model.runner.w[n] for n in d.runner.w)
         # a new budget keeps the draft's share: the expert cache gets the difference

@@ -1,6 +1,7 @@
 #include <pybind11/stl.h>
 
 #include "expert_cache.h"
+#include "slab.h"
 #include "register.h"
 
 namespace py = pybind11;
@@ -148,6 +149,10 @@ void def_expert_cache(py::module_& m) {
 void register_cache(py::module_& m) {
   def_expert_buffer(m);
   def_expert_cache(m);
+  m.def(
+      "slab_bytes", [] { return py::make_tuple(Slab::mapped_bytes(), Slab::peak_bytes()); },
+      "(mapped, peak): bytes of expert slabs mapped in this process now, and the most since reset_slab_peak().");
+  m.def("reset_slab_peak", &Slab::reset_peak, "Start slab_bytes()'s peak from what is mapped now.");
 }
 
 }  // namespace moeedge

@@ -270,3 +270,10 @@ class ExpertCache:
         RuntimeError. Buffers already handed out stay valid."""
     def __enter__(self) -> ExpertCache: ...
     def __exit__(self, *exc: object) -> None: ...
+
+def slab_bytes() -> tuple[int, int]:
+    """(mapped, peak): bytes of expert slabs mapped in this process now, and the most since
+    reset_slab_peak()."""
+
+def reset_slab_peak() -> None:
+    """Start slab_bytes()'s peak from what is mapped now."""
