@@ -51,8 +51,11 @@ def llama_logits(python: str, path: Path, ids: list[int]) -> torch.Tensor:
     return torch.tensor(json.loads(out.stdout.strip().splitlines()[-1])["logits"])
 
 
-def moeedge_logits(path: Path, ids: list[int]) -> torch.Tensor:
+def moeedge_logits(path: Path, ids: list[int], prompt_kernels: bool = False) -> torch.Tensor:
+    """prompt_kernels: every position's products as a prompt's take them (the K-quants' prompt
+    kernels, moeedge.kernels.PROMPT_QUANTS), rather than as a decode step's."""
     with moeedge.load(path, memory_budget="auto", threads=2) as model:
+        model.runner.in_prompt = prompt_kernels
         return model.logits(torch.tensor(ids))
 
 
@@ -76,15 +79,18 @@ def main(argv: list[str] | None = None) -> int:
         ids = prompt_ids(SIZES[args.size][-1], args.prompt_tokens)
         exact = moeedge_logits(exact_file, ids)
         ours = moeedge_logits(quantized, ids)
+        ours_prompt = moeedge_logits(quantized, ids, prompt_kernels=True)
         theirs = llama_logits(args.llama_python, quantized, ids)
         theirs_exact = llama_logits(args.llama_python, exact_file, ids)
     print(f"{args.size} {args.layers or SIZES[args.size][2]} layers {args.ftype}, prompt {ids}")
     print("relative error against the exact model, per prompt position")
     print(f"  moeedge   on {args.ftype:7}: {relative(ours, exact)}")
+    print(f"  moeedge   on {args.ftype:7}, prompt kernels: {relative(ours_prompt, exact)}")
     print(f"  llama.cpp on {args.ftype:7}: {relative(theirs, exact)}")
     print(f"  llama.cpp on the F32 twin: {relative(theirs_exact, exact)}")
     print(f"greedy next tokens: exact {exact.argmax(-1).tolist()}")
     print(f"                    moeedge {ours.argmax(-1).tolist()}")
+    print(f"   moeedge, prompt kernels {ours_prompt.argmax(-1).tolist()}")
     print(f"                    llama.cpp {theirs.argmax(-1).tolist()}")
     return 0
 

@@ -20,7 +20,7 @@ import gguf_fixtures as gf
 from moeedge import _core
 from moeedge.formats.gguf_quants import BLOCKS, dequantize
 from moeedge.formats.quant_tensor import QuantTensor
-from moeedge.kernels import linear
+from moeedge.kernels import linear, prompt_kernels_pay
 from conftest import kernel_path
 
 QUANTS = ("q4_0", "q4_k", "q5_k", "q6_k")
@@ -132,11 +132,13 @@ def test_non_finite_activations_give_nan_not_garbage(name):
 
 
 @pytest.mark.parametrize("quant", ["q4_k", "q5_k", "q6_k"])
-def test_a_prompt_takes_the_prompt_kernels(quant):
+def test_a_prompt_takes_the_prompt_kernels_where_they_pay(path, quant):
     raw = weights(quant, 24, 512, seed=6)
     w = QuantTensor(raw, quant, (24, 512))
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(6))
-    assert torch.equal(linear(x, w, prompt=True), run(f"{quant}_x256", x, raw, 24))
+    pay = prompt_kernels_pay()
+    assert pay == (path == "avx512" and _core.cpu_features()["avx512vnni"])
+    assert torch.equal(linear(x, w, prompt=True), run(f"{quant}_x256" if pay else quant, x, raw, 24))
     assert torch.equal(linear(x, w), run(quant, x, raw, 24))
 
 

@@ -30,6 +30,14 @@ NATIVE_QUANTS = {"q8_0": _core.linear_q8_0, "q4_0": _core.linear_q4_0, "q4_k": _
 # kernels above: a prompt's products may take them (its result depends only on the prompt),
 # never a decode step's, which must equal the one-token kernels whatever the batch.
 PROMPT_QUANTS = {"q4_k": _core.linear_q4_k_x256, "q5_k": _core.linear_q5_k_x256, "q6_k": _core.linear_q6_k_x256}
+# They pay where AVX-512 VNNI multiplies their int16 pairs (1.5-1.9x the decode kernels from 16
+# tokens on, 2 threads); with AVX2 alone they ran at 0.77-0.96x (bench/README.md, "Prompt kernels").
+_VNNI = _core.cpu_features().get("avx512vnni", False)
+
+
+def prompt_kernels_pay() -> bool:
+    """Whether a prompt takes PROMPT_QUANTS on the path the kernels take now."""
+    return _VNNI and _core.linear_path() == "avx512"
 # moeedge's group-wise formats (moeedge.formats.group_quant): bits -> kernel, which takes
 # the qweight and scales bytes apart and rounds x as the K-quant kernels do.
 GROUP_KERNELS = {8: _core.linear_int8, 4: _core.linear_int4}
@@ -78,7 +86,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | 
         out = linear(x.reshape(-1, x.shape[-1]), w, bias, prompt)
         return out.reshape(*x.shape[:-1], out.shape[-1])
     if isinstance(w, QuantTensor):
-        native = (prompt and PROMPT_QUANTS.get(w.quant)) or NATIVE_QUANTS.get(w.quant)
+        native = (prompt and prompt_kernels_pay() and PROMPT_QUANTS.get(w.quant)) or NATIVE_QUANTS.get(w.quant)
         if native and x.dtype == torch.float32 and x.dim() == 2:
             out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
             native(x.contiguous().numpy(), w.raw.numpy(), out.numpy())
