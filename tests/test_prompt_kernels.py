@@ -52,3 +52,33 @@ def test_the_prompt_kernels_keep_the_model_close_to_its_dequantized_twin(tmp_pat
             with model._turn() as seq:
                 last[name], _ = model.runner.prompt(seq, ids, model.plan.prefill_chunk)
     assert (last["quantized"] - last["dequantized"]).abs().max() <= 3e-3
+
+
+def prefetches(model, monkeypatch) -> list:
+    """(MoE layer, experts, priority) of every prefetch the decoder asks for."""
+    calls = []
+    real = model.runner.experts.prefetch
+
+    def spy(layer, experts, priority=0):
+        calls.append((layer, list(experts), priority))
+        return real(layer, experts, priority)
+    monkeypatch.setattr(model.runner.experts, "prefetch", spy)
+    return calls
+
+
+@pytest.mark.parametrize("prompt_tokens, ahead", [(12, True), (4, False)])
+def test_a_long_prompt_reads_the_next_layers_experts_ahead(tmp_path, monkeypatch, prompt_tokens, ahead):
+    """12 rows route 24 times to 4 experts (at least NEXT_LAYER_ROUTES each on average): the
+    second MoE layer's experts are asked for while the first computes, behind its own reads;
+    4 rows (8 routes) are too few to guess that every expert will be wanted."""
+    path, _ = gf.quantized_mixtral(tmp_path, "q4_k")
+    with moeedge.load(path, memory_budget="8GiB") as model:
+        calls = prefetches(model, monkeypatch)
+        ids = list(range(1, prompt_tokens + 1))
+        list(model.stream_ids(ids, max_new_tokens=1, temperature=0))
+        first_of_layer_1 = next(i for i, (layer, _, p) in enumerate(calls) if layer == 1 and p == 1)
+        early = [c for c in calls[:first_of_layer_1] if c[0] == 1]
+    if ahead:
+        assert early and early[0][2] == 0 and set(early[0][1]) == set(range(4))
+    else:
+        assert early == []
