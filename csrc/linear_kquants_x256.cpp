@@ -1,6 +1,7 @@
 // GGUF Q4_K, Q5_K and Q6_K multiplied as stored, for many tokens at a time: the prompt
-// kernels (linear.h). About twice the decode kernels' speed from 16 tokens on, half of it at one
-// token (bench/README.md, "Prompt kernels"), so a prompt takes these and a decode step the others.
+// kernels (linear.h). With AVX-512 VNNI 1.5-1.9x the decode kernels' speed from 16 tokens on,
+// about half of it at one token (bench/README.md, "Prompt kernels"), so a prompt takes these and
+// a decode step the others; with AVX2 alone they do not pay (moeedge.kernels.prompt_kernels_pay).
 //
 // x is rounded to int16 per 256 values, one scale per K-quant super-block (QuantX256), and
 // each super-block's weights are unpacked to int16 with their sub-block scale already
@@ -9,8 +10,8 @@
 // products (4096 * 32767 * 16 < 2**31), and float arithmetic comes once per super-block
 // (d * dx, and the mins, which go through the exact fp32 sums of x per 32). Folding the
 // sub-block scales into the weights is what lets many tokens share one unpacked row: the
-// inner loop is one multiply-add instruction per 16 or 32 products (the per-32 scales of
-// x this replaced needed a float conversion and a scale for every 32).
+// inner loop is one multiply-add instruction per 16 or 32 products (the decode kernels' per-32
+// scales of x need a float conversion and a scale for every 32 products).
 //
 // Rows go through a chunk of kChunkSupers super-blocks at a time: up to kRows rows of the
 // chunk unpacked into a buffer (in L1/L2), then tokens kTokens at a time multiply them with

@@ -25,12 +25,14 @@ class FakeRunner(SlotSequences):
     def __init__(self, n: int):
         self.slots = SlotPool(n)
         self.log: list[list[tuple[int, int]]] = []
+        self.reading: list[bool] = []  # in_prompt at each step
         self.go = threading.Event()
         self.go.set()
 
     def step(self, batch, all_logits=False):
         assert self.go.wait(WAIT_S)
         self.log.append([(seq.slot, len(tokens)) for seq, tokens in batch])
+        self.reading.append(self.in_prompt)
         out = []
         for seq, tokens in batch:
             seq.ids.extend(int(t) for t in tokens)
@@ -106,6 +108,9 @@ def test_prefill_chunks_interleave_with_decode_steps_and_decoders_step_together(
     between = log[chunks[0] + 1:chunks[-1]]
     assert any(len(step) == 1 and step[0][1] == 1 for step in between), log   # A kept decoding
     assert any(len(step) == 2 and all(n == 1 for _, n in step) for step in log), log   # both in one step
+    # prefill chunks read a prompt (they may take the prompt kernels); decode steps never do
+    assert [model.runner.reading[i] for i in chunks] == [True] * 3
+    assert not any(r for i, r in enumerate(model.runner.reading) if len(log[i]) > 1 or log[i][0][1] == 1)
 
 
 def test_greedy_tokens_follow_the_logits(engines):

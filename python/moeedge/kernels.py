@@ -25,8 +25,8 @@ CONVERT_BLOCK_BYTES = 8 << 20
 # values first (error bound in csrc/linear.h).
 NATIVE_QUANTS = {"q8_0": _core.linear_q8_0, "q4_0": _core.linear_q4_0, "q4_k": _core.linear_q4_k,
                  "q5_k": _core.linear_q5_k, "q6_k": _core.linear_q6_k}
-# The prompt kernels (csrc/linear.h): the K-quants with x rounded per 256 values, about twice
-# as fast from 16 tokens on and half as fast at one. Batch invariant, but not bit-equal to the
+# The prompt kernels (csrc/linear.h): the K-quants with x rounded per 256 values, faster from
+# 16 tokens on and about half as fast at one. Batch invariant, but not bit-equal to the
 # kernels above: a prompt's products may take them (its result depends only on the prompt),
 # never a decode step's, which must equal the one-token kernels whatever the batch.
 PROMPT_QUANTS = {"q4_k": _core.linear_q4_k_x256, "q5_k": _core.linear_q5_k_x256, "q6_k": _core.linear_q6_k_x256}

@@ -148,12 +148,9 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         common = common_prefix(seq.ids, ids)
         self.truncate(seq, common)
         logits, span = None, prefill_span(self.cfg, self.max_context, chunk)
-        self.in_prompt = True
-        try:
+        with self.reading_prompt():
             for i in range(common, len(ids), span):
                 logits = self.step([(seq, torch.tensor(ids[i:i + span]))], chunk=chunk)[0]
-        finally:
-            self.in_prompt = False
         return logits[-1], len(ids) - common
 
     def score(self, seq: Sequence, ids: torch.Tensor, chunk: int, decoder_ids=None) -> torch.Tensor:

@@ -95,8 +95,8 @@ class DecoderFFN:
     held: list | None
     segment_rows: list[int] | None = None  # the current step's chunks' rows (a prompt span's)
     pass_guesses: dict[int, set[int]] | None  # a verify pass's draft picks per MoE layer (moeedge.speculative)
-    # While a prompt is read (Decoder.prompt): its feed-forward products take the prompt
-    # kernels (moeedge.kernels.PROMPT_QUANTS), twice as fast at many tokens; a decode step's
+    # While a prompt is read (SlotSequences.reading_prompt): its feed-forward products take the
+    # prompt kernels (moeedge.kernels.PROMPT_QUANTS), faster at many tokens; a decode step's
     # never do, so that it keeps the one-token kernels' bits in any batch.
     in_prompt: bool = False
 

@@ -9,6 +9,7 @@ positions past len(seq.ids) may hold anything, and are written again before they
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -81,9 +82,22 @@ class SlotPool:
 
 
 class SlotSequences:
-    """new_sequence, truncate and free as both runners keep them: a SlotPool in self.slots."""
+    """new_sequence, truncate and free as both runners keep them: a SlotPool in self.slots;
+    and reading_prompt."""
 
     slots: SlotPool
+    # True while the steps read a prompt (reading_prompt): a runner may then take faster
+    # kernels whose rows are not bit-equal to a decode step's (DecoderFFN: the prompt kernels).
+    in_prompt: bool = False
+
+    @contextlib.contextmanager
+    def reading_prompt(self):
+        """The steps inside read a prompt, none of them a decode step."""
+        self.in_prompt = True
+        try:
+            yield
+        finally:
+            self.in_prompt = False
 
     def new_sequence(self) -> Sequence:
         return self.slots.take()
@@ -153,6 +167,10 @@ class Runner(Protocol):
     def prompt(self, seq: Sequence, ids: list[int], chunk: int) -> tuple[torch.Tensor, int]:
         """Logits [V] after ids, which replace what seq held (a shared prefix is kept: a chat's
         earlier turns), read `chunk` tokens a step; and how many tokens were run."""
+
+    def reading_prompt(self) -> contextlib.AbstractContextManager:
+        """Steps inside read a prompt (a server's prefill chunk): they may take faster kernels
+        whose rows are not bit-equal to a decode step's (prompt does this itself)."""
 
     # -- prediction and the rest -------------------------------------------------------
     def prediction_stats(self) -> dict | None:

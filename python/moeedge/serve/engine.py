@@ -207,7 +207,7 @@ class Engine:
         chunk = job.ids[job.done:job.done + self.model.plan.prefill_chunk]
         start = time.perf_counter()
         try:
-            with prefill_borrow(self.model.cache, self.model.plan):
+            with prefill_borrow(self.model.cache, self.model.plan), self.runner.reading_prompt():
                 logits = self.runner.step([(job.seq, torch.tensor(chunk))])[0][-1]
         except Exception as e:  # an expert read that failed, NaN logits: this request ends, the server goes on
             self._finish(job, None, f"{type(e).__name__}: {e}")
