@@ -55,8 +55,10 @@ def moeedge_logits(path: Path, ids: list[int], prompt_kernels: bool = False) -> 
     """prompt_kernels: every position's products as a prompt's take them (the K-quants' prompt
     kernels, moeedge.kernels.PROMPT_QUANTS), rather than as a decode step's."""
     with moeedge.load(path, memory_budget="auto", threads=2) as model:
-        model.runner.in_prompt = prompt_kernels
-        return model.logits(torch.tensor(ids))
+        if not prompt_kernels:
+            return model.logits(torch.tensor(ids))
+        with model.runner.reading_prompt():
+            return model.logits(torch.tensor(ids))
 
 
 def relative(a: torch.Tensor, exact: torch.Tensor) -> str:

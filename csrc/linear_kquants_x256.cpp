@@ -89,21 +89,17 @@ void q6_k_unpack(const uint8_t* block, Unpacked& u) {
 }
 
 using UnpackFn = void (*)(const uint8_t* block, Unpacked& u);
-struct Format {
-  size_t block_bytes;
-  UnpackFn unpack;
-};
 
 // --------------------------------------------------------------------------- portable
 
 // Rows [begin, end) times every token, a super-block at a time.
-void rows_scalar(const Format& f, const QuantX256& x, const uint8_t* w, float* out, size_t rows, size_t begin,
-                 size_t end) {
+void rows_scalar(size_t block_bytes, UnpackFn unpack, const QuantX256& x, const uint8_t* w, float* out,
+                 size_t rows, size_t begin, size_t end) {
   Unpacked u;
   for (size_t r = begin; r < end; ++r) {
     for (size_t t = 0; t < x.tokens; ++t) out[t * rows + r] = 0.f;
     for (size_t s = 0; s < x.supers; ++s) {
-      f.unpack(w + (r * x.supers + s) * f.block_bytes, u);
+      unpack(w + (r * x.supers + s) * block_bytes, u);
       for (size_t t = 0; t < x.tokens; ++t) {
         const int16_t* xq = x.block(t, s);
         int64_t dot = 0;
@@ -185,7 +181,8 @@ MOEEDGE_AVX2 inline void q6_k_bytes(const uint8_t* block, int n, __m256i* q) {
   q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m0f), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30));
   q[1] = _mm256_or_si256(_mm256_and_si256(ql1, m0f), _mm256_and_si256(_mm256_slli_epi16(h, 2), m30));
   q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m0f), _mm256_and_si256(h, m30));
-  q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m0f), _mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
+  q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m0f),
+                         _mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
 }
 
 MOEEDGE_AVX2 void q6_k_unpack_avx2(const uint8_t* block, Unpacked& u) {
@@ -227,7 +224,8 @@ MOEEDGE_AVX512VNNI void q6_k_unpack_avx512(const uint8_t* block, Unpacked& u) {
   u.d = _cvtsh_ss(load_u16(block + 208));
   _mm256_store_ps(u.mins, _mm256_setzero_ps());
   // 16-bit lane i: scale i (int8), for weights 16i .. 16i + 15
-  const __m512i scales = _mm512_cvtepi8_epi16(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192))));
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192));
+  const __m512i scales = _mm512_cvtepi8_epi16(_mm256_castsi128_si256(bytes));
   const __m512i bias = _mm512_set1_epi16(32);
   const __m512i halves = _mm512_set_epi16(1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
                                           0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -354,12 +352,11 @@ TileFn tile_for(Simd simd, size_t rows, size_t tokens) {
 // unpacked once per pass; within a pass kRows rows x kTokens tokens at a time.
 constexpr size_t kXPassBytes = 256 << 10;
 
-void rows_simd(Simd simd, const Format& f, const QuantX256& x, const uint8_t* w, float* out, size_t rows,
-               size_t begin, size_t end) {
+void rows_simd(Simd simd, size_t block_bytes, UnpackFn unpack, const QuantX256& x, const uint8_t* w, float* out,
+               size_t rows, size_t begin, size_t end) {
   std::vector<Unpacked> buffer(kRows * kChunkSupers);
   const size_t chunk_bytes = std::min(x.supers, kChunkSupers) * kQKBlock * sizeof(int16_t);
   const size_t pass = std::max(kTokens, kXPassBytes / chunk_bytes / kTokens * kTokens);
-  const UnpackFn unpack = f.unpack;
   for (size_t p0 = 0; p0 < x.tokens; p0 += pass) {
     const size_t p1 = std::min(x.tokens, p0 + pass);
     for (size_t s0 = 0; s0 < x.supers; s0 += kChunkSupers) {
@@ -369,7 +366,7 @@ void rows_simd(Simd simd, const Format& f, const QuantX256& x, const uint8_t* w,
         const Unpacked* u[kRows];
         for (size_t r = 0; r < nr; ++r) {
           Unpacked* row = buffer.data() + r * kChunkSupers;
-          for (size_t s = 0; s < count; ++s) unpack(w + ((r0 + r) * x.supers + s0 + s) * f.block_bytes, row[s]);
+          for (size_t s = 0; s < count; ++s) unpack(w + ((r0 + r) * x.supers + s0 + s) * block_bytes, row[s]);
           u[r] = row;
         }
         for (size_t t0 = p0; t0 < p1; t0 += kTokens) {
@@ -382,8 +379,10 @@ void rows_simd(Simd simd, const Format& f, const QuantX256& x, const uint8_t* w,
 }
 #endif
 
+// A format: its super-block's bytes, and its unpacking on each path (all give the same w').
 struct Kernel {
-  Format scalar, simd, avx512;
+  size_t block_bytes;
+  UnpackFn scalar, avx2, avx512;
 };
 
 void run(const Kernel& k, const float* x, size_t tokens, const uint8_t* w, size_t rows, size_t cols, float* out,
@@ -392,28 +391,27 @@ void run(const Kernel& k, const float* x, size_t tokens, const uint8_t* w, size_
 #ifdef MOEEDGE_X86
   if (detail::use_avx2()) {
     const Simd simd = detail::use_avx512() && detail::has_avx512vnni() ? Simd::avx512_vnni : Simd::avx2;
-    const Format& f = simd == Simd::avx2 ? k.simd : k.avx512;
-    detail::for_rows(rows, cols, threads,
-                     [&](size_t begin, size_t end) { rows_simd(simd, f, qx, w, out, rows, begin, end); });
+    const UnpackFn unpack = simd == Simd::avx2 ? k.avx2 : k.avx512;
+    detail::for_rows(rows, cols, threads, [&](size_t begin, size_t end) {
+      rows_simd(simd, k.block_bytes, unpack, qx, w, out, rows, begin, end);
+    });
     return;
   }
 #endif
   detail::for_rows(rows, cols, threads,
-                   [&](size_t begin, size_t end) { rows_scalar(k.scalar, qx, w, out, rows, begin, end); });
+                   [&](size_t begin, size_t end) {
+                     rows_scalar(k.block_bytes, k.scalar, qx, w, out, rows, begin, end);
+                   });
 }
 
 #ifdef MOEEDGE_X86
-const Kernel kQ4K{{kQ4KBlockBytes, q4_5_k_unpack<false>},
-                  {kQ4KBlockBytes, q4_5_k_unpack_avx2<false>},
-                  {kQ4KBlockBytes, q4_5_k_unpack_avx512<false>}};
-const Kernel kQ5K{{kQ5KBlockBytes, q4_5_k_unpack<true>},
-                  {kQ5KBlockBytes, q4_5_k_unpack_avx2<true>},
-                  {kQ5KBlockBytes, q4_5_k_unpack_avx512<true>}};
-const Kernel kQ6K{{kQ6KBlockBytes, q6_k_unpack}, {kQ6KBlockBytes, q6_k_unpack_avx2}, {kQ6KBlockBytes, q6_k_unpack_avx512}};
+const Kernel kQ4K{kQ4KBlockBytes, q4_5_k_unpack<false>, q4_5_k_unpack_avx2<false>, q4_5_k_unpack_avx512<false>};
+const Kernel kQ5K{kQ5KBlockBytes, q4_5_k_unpack<true>, q4_5_k_unpack_avx2<true>, q4_5_k_unpack_avx512<true>};
+const Kernel kQ6K{kQ6KBlockBytes, q6_k_unpack, q6_k_unpack_avx2, q6_k_unpack_avx512};
 #else
-const Kernel kQ4K{{kQ4KBlockBytes, q4_5_k_unpack<false>}};
-const Kernel kQ5K{{kQ5KBlockBytes, q4_5_k_unpack<true>}};
-const Kernel kQ6K{{kQ6KBlockBytes, q6_k_unpack}};
+const Kernel kQ4K{kQ4KBlockBytes, q4_5_k_unpack<false>};
+const Kernel kQ5K{kQ5KBlockBytes, q4_5_k_unpack<true>};
+const Kernel kQ6K{kQ6KBlockBytes, q6_k_unpack};
 #endif
 
 }  // namespace
