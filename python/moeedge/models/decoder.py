@@ -207,10 +207,10 @@ class DecoderMoE(DecoderFFN, SlotSequences):
     def _attention(self, x: torch.Tensor, layer: int, slot: int, start: int,
                    rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         cfg, w, T = self.cfg, self.w, x.shape[0]
-        p = f"model.layers.{layer}.self_attn."
-        q = linear(x, w[p + "q_proj.weight"], w.get(p + "q_proj.bias"))
-        k = linear(x, w[p + "k_proj.weight"], w.get(p + "k_proj.bias"))
-        v = linear(x, w[p + "v_proj.weight"], w.get(p + "v_proj.bias"))
+        p, pr = f"model.layers.{layer}.self_attn.", self.in_prompt
+        q = linear(x, w[p + "q_proj.weight"], w.get(p + "q_proj.bias"), prompt=pr)
+        k = linear(x, w[p + "k_proj.weight"], w.get(p + "k_proj.bias"), prompt=pr)
+        v = linear(x, w[p + "v_proj.weight"], w.get(p + "v_proj.bias"), prompt=pr)
         if p + "q_norm.weight" in w:  # OLMoE normalises the whole projections
             q = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_eps)
             k = rms_norm(k, w[p + "k_norm.weight"], cfg.rms_eps)
@@ -236,7 +236,7 @@ class DecoderMoE(DecoderFFN, SlotSequences):
             out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, vals, attn_mask=mask,
                                                  enable_gqa=cfg.n_heads != cfg.n_kv_heads)  # [H, T, D]
             out = out.transpose(0, 1)
-        return linear(out.reshape(T, cfg.n_heads * cfg.head_dim), w[p + "o_proj.weight"])
+        return linear(out.reshape(T, cfg.n_heads * cfg.head_dim), w[p + "o_proj.weight"], prompt=pr)
 
     def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         """One token's attention, q [1, H, D] over keys and values [KVH, S, D]: each KV head's
