@@ -104,7 +104,7 @@ void rows_scalar(size_t block_bytes, UnpackFn unpack, const QuantX256& x, const 
         const int16_t* xq = x.block(t, s);
         int64_t dot = 0;
         for (size_t i = 0; i < kQKBlock; ++i) dot += int32_t{u.w[i]} * xq[i];
-        float acc = static_cast<float>(dot) * u.d * *x.scale(t, s);
+        float acc = static_cast<float>(dot) * (u.d * *x.scale(t, s));
         for (int j = 0; j < 8; ++j) acc -= u.mins[j] * x.sums(t, s)[j];
         out[t * rows + r] += acc;
       }
@@ -243,7 +243,7 @@ MOEEDGE_AVX512VNNI void q6_k_unpack_avx512(const uint8_t* block, Unpacked& u) {
 // Tokens t0 .. t0 + kT - 1 times rows u[0..kR) over a chunk of `count` super-blocks from s0;
 // out (first chunk) or out + (later ones) each (row, token)'s sum. Same operations per
 // output whatever kR and kT are.
-template <size_t kR, size_t kT>
+template <size_t kR, size_t kT, bool kMins>
 MOEEDGE_AVX2 void tile_avx2(const Unpacked* const* u, const QuantX256& x, size_t t0, size_t s0, size_t count,
                             bool first, float* out, size_t rows, size_t r0) {
   __m256 acc[kR][kT];
@@ -268,11 +268,12 @@ MOEEDGE_AVX2 void tile_avx2(const Unpacked* const* u, const QuantX256& x, size_t
       }
     }
     for (size_t r = 0; r < kR; ++r) {
-      const __m256 d = _mm256_set1_ps(u[r][s].d), mins = _mm256_load_ps(u[r][s].mins);
+      const float d = u[r][s].d;
       for (size_t t = 0; t < kT; ++t) {
         const __m256 dot = _mm256_add_ps(_mm256_cvtepi32_ps(even[r][t]), _mm256_cvtepi32_ps(odd[r][t]));
-        const __m256 a = _mm256_fmadd_ps(_mm256_mul_ps(dot, d), _mm256_set1_ps(*x.scale(t0 + t, s0 + s)), acc[r][t]);
-        acc[r][t] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(x.sums(t0 + t, s0 + s)), a);
+        acc[r][t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(d * *x.scale(t0 + t, s0 + s)), acc[r][t]);
+        if (kMins)
+          acc[r][t] = _mm256_fnmadd_ps(_mm256_load_ps(u[r][s].mins), _mm256_loadu_ps(x.sums(t0 + t, s0 + s)), acc[r][t]);
       }
     }
   }
@@ -285,7 +286,7 @@ MOEEDGE_AVX2 void tile_avx2(const Unpacked* const* u, const QuantX256& x, size_t
 
 // tile_avx2 in zmm with VNNI: 32 products an instruction (dpwssd), 16 a lane at most.
 // (AVX-512 without VNNI takes tile_avx2: no instruction here may be one such a CPU lacks.)
-template <size_t kR, size_t kT>
+template <size_t kR, size_t kT, bool kMins>
 MOEEDGE_AVX512VNNI void tile_avx512(const Unpacked* const* u, const QuantX256& x, size_t t0, size_t s0, size_t count,
                                     bool first, float* out, size_t rows, size_t r0) {
   __m512 acc[kR][kT];
@@ -305,11 +306,13 @@ MOEEDGE_AVX512VNNI void tile_avx512(const Unpacked* const* u, const QuantX256& x
       }
     }
     for (size_t r = 0; r < kR; ++r) {
-      const __m512 d = _mm512_set1_ps(u[r][s].d), mins = _mm512_zextps256_ps512(_mm256_load_ps(u[r][s].mins));
+      const float d = u[r][s].d;
       for (size_t t = 0; t < kT; ++t) {
-        const __m512 a = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[r][t]), d),
-                                         _mm512_set1_ps(*x.scale(t0 + t, s0 + s)), acc[r][t]);
-        acc[r][t] = _mm512_fnmadd_ps(mins, _mm512_zextps256_ps512(_mm256_loadu_ps(x.sums(t0 + t, s0 + s))), a);
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), _mm512_set1_ps(d * *x.scale(t0 + t, s0 + s)),
+                                    acc[r][t]);
+        if (kMins)
+          acc[r][t] = _mm512_fnmadd_ps(_mm512_zextps256_ps512(_mm256_load_ps(u[r][s].mins)),
+                                       _mm512_zextps256_ps512(_mm256_loadu_ps(x.sums(t0 + t, s0 + s))), acc[r][t]);
       }
     }
   }
@@ -325,26 +328,28 @@ using TileFn = void (*)(const Unpacked* const*, const QuantX256&, size_t, size_t
 enum class Simd { avx2, avx512_vnni };
 
 template <size_t kR, size_t kT>
-TileFn tile_for(Simd simd) {
-  return simd == Simd::avx2 ? tile_avx2<kR, kT> : tile_avx512<kR, kT>;
+TileFn tile_for(Simd simd, bool mins) {
+  if (simd == Simd::avx2) return mins ? tile_avx2<kR, kT, true> : tile_avx2<kR, kT, false>;
+  return mins ? tile_avx512<kR, kT, true> : tile_avx512<kR, kT, false>;
 }
 
 template <size_t kR>
-TileFn tile_for(Simd simd, size_t tokens) {
+TileFn tile_for(Simd simd, bool mins, size_t tokens) {
   switch (tokens) {
-    case 1: return tile_for<kR, 1>(simd);
-    case 2: return tile_for<kR, 2>(simd);
-    case 3: return tile_for<kR, 3>(simd);
-    default: return tile_for<kR, 4>(simd);
+    case 1: return tile_for<kR, 1>(simd, mins);
+    case 2: return tile_for<kR, 2>(simd, mins);
+    case 3: return tile_for<kR, 3>(simd, mins);
+    default: return tile_for<kR, 4>(simd, mins);
   }
 }
 
-TileFn tile_for(Simd simd, size_t rows, size_t tokens) {
+// mins: whether the format has them (Q4_K, Q5_K); Q6_K's are zero and its tiles skip them.
+TileFn tile_for(Simd simd, bool mins, size_t rows, size_t tokens) {
   switch (rows) {
-    case 1: return tile_for<1>(simd, tokens);
-    case 2: return tile_for<2>(simd, tokens);
-    case 3: return tile_for<3>(simd, tokens);
-    default: return tile_for<4>(simd, tokens);
+    case 1: return tile_for<1>(simd, mins, tokens);
+    case 2: return tile_for<2>(simd, mins, tokens);
+    case 3: return tile_for<3>(simd, mins, tokens);
+    default: return tile_for<4>(simd, mins, tokens);
   }
 }
 
@@ -352,7 +357,7 @@ TileFn tile_for(Simd simd, size_t rows, size_t tokens) {
 // unpacked once per pass; within a pass kRows rows x kTokens tokens at a time.
 constexpr size_t kXPassBytes = 256 << 10;
 
-void rows_simd(Simd simd, size_t block_bytes, UnpackFn unpack, const QuantX256& x, const uint8_t* w, float* out,
+void rows_simd(Simd simd, bool mins, size_t block_bytes, UnpackFn unpack, const QuantX256& x, const uint8_t* w, float* out,
                size_t rows, size_t begin, size_t end) {
   std::vector<Unpacked> buffer(kRows * kChunkSupers);
   const size_t chunk_bytes = std::min(x.supers, kChunkSupers) * kQKBlock * sizeof(int16_t);
@@ -371,7 +376,7 @@ void rows_simd(Simd simd, size_t block_bytes, UnpackFn unpack, const QuantX256& 
         }
         for (size_t t0 = p0; t0 < p1; t0 += kTokens) {
           const size_t nt = std::min(kTokens, p1 - t0);
-          tile_for(simd, nr, nt)(u, x, t0, s0, count, s0 == 0, out, rows, r0);
+          tile_for(simd, mins, nr, nt)(u, x, t0, s0, count, s0 == 0, out, rows, r0);
         }
       }
     }
@@ -382,6 +387,7 @@ void rows_simd(Simd simd, size_t block_bytes, UnpackFn unpack, const QuantX256& 
 // A format: its super-block's bytes, and its unpacking on each path (all give the same w').
 struct Kernel {
   size_t block_bytes;
+  bool mins;  // dmin * m per 32 weights (Q4_K, Q5_K); none in Q6_K
   UnpackFn scalar, avx2, avx512;
 };
 
@@ -393,7 +399,7 @@ void run(const Kernel& k, const float* x, size_t tokens, const uint8_t* w, size_
     const Simd simd = detail::use_avx512() && detail::has_avx512vnni() ? Simd::avx512_vnni : Simd::avx2;
     const UnpackFn unpack = simd == Simd::avx2 ? k.avx2 : k.avx512;
     detail::for_rows(rows, cols, threads, [&](size_t begin, size_t end) {
-      rows_simd(simd, k.block_bytes, unpack, qx, w, out, rows, begin, end);
+      rows_simd(simd, k.mins, k.block_bytes, unpack, qx, w, out, rows, begin, end);
     });
     return;
   }
@@ -405,13 +411,13 @@ void run(const Kernel& k, const float* x, size_t tokens, const uint8_t* w, size_
 }
 
 #ifdef MOEEDGE_X86
-const Kernel kQ4K{kQ4KBlockBytes, q4_5_k_unpack<false>, q4_5_k_unpack_avx2<false>, q4_5_k_unpack_avx512<false>};
-const Kernel kQ5K{kQ5KBlockBytes, q4_5_k_unpack<true>, q4_5_k_unpack_avx2<true>, q4_5_k_unpack_avx512<true>};
-const Kernel kQ6K{kQ6KBlockBytes, q6_k_unpack, q6_k_unpack_avx2, q6_k_unpack_avx512};
+const Kernel kQ4K{kQ4KBlockBytes, true, q4_5_k_unpack<false>, q4_5_k_unpack_avx2<false>, q4_5_k_unpack_avx512<false>};
+const Kernel kQ5K{kQ5KBlockBytes, true, q4_5_k_unpack<true>, q4_5_k_unpack_avx2<true>, q4_5_k_unpack_avx512<true>};
+const Kernel kQ6K{kQ6KBlockBytes, false, q6_k_unpack, q6_k_unpack_avx2, q6_k_unpack_avx512};
 #else
-const Kernel kQ4K{kQ4KBlockBytes, q4_5_k_unpack<false>};
-const Kernel kQ5K{kQ5KBlockBytes, q4_5_k_unpack<true>};
-const Kernel kQ6K{kQ6KBlockBytes, q6_k_unpack};
+const Kernel kQ4K{kQ4KBlockBytes, true, q4_5_k_unpack<false>};
+const Kernel kQ5K{kQ5KBlockBytes, true, q4_5_k_unpack<true>};
+const Kernel kQ6K{kQ6KBlockBytes, false, q6_k_unpack};
 #endif
 
 }  // namespace
