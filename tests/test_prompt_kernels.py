@@ -4,6 +4,8 @@ the one-token kernels' bits in any batch (test_batch_invariance.py), a prompt's 
 has to depend on the prompt."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -68,17 +70,40 @@ def prefetches(model, monkeypatch) -> list:
 
 @pytest.mark.parametrize("prompt_tokens, ahead", [(12, True), (4, False)])
 def test_a_long_prompt_reads_the_next_layers_experts_ahead(tmp_path, monkeypatch, prompt_tokens, ahead):
-    """12 rows route 24 times to 4 experts (at least NEXT_LAYER_ROUTES each on average): the
-    second MoE layer's experts are asked for while the first computes, behind its own reads;
-    4 rows (8 routes) are too few to guess that every expert will be wanted."""
+    """12 rows route 24 times to 4 experts (at least NEXT_LAYER_ROUTES each on average): both MoE
+    layers' experts are asked for before the first computes, the first layer's first (priority
+    0, then -1), behind nothing; 4 rows (8 routes) are too few to guess that every expert will
+    be wanted, and each layer reads what its routing asks for."""
     path, _ = gf.quantized_mixtral(tmp_path, "q4_k")
     with moeedge.load(path, memory_budget="8GiB") as model:
         calls = prefetches(model, monkeypatch)
         ids = list(range(1, prompt_tokens + 1))
         list(model.stream_ids(ids, max_new_tokens=1, temperature=0))
-        first_of_layer_1 = next(i for i, (layer, _, p) in enumerate(calls) if layer == 1 and p == 1)
-        early = [c for c in calls[:first_of_layer_1] if c[0] == 1]
+        own = next(i for i, (layer, _, p) in enumerate(calls) if layer == 0 and p == 1)  # layer 0's routing
+        early = calls[:own]
     if ahead:
-        assert early and early[0][2] == 0 and set(early[0][1]) == set(range(4))
+        assert [(layer, set(experts), p) for layer, experts, p in early] == [(0, set(range(4)), 0),
+                                                                              (1, set(range(4)), -1)]
     else:
         assert early == []
+
+
+def test_the_read_ahead_is_one_layer_where_the_cache_holds_two_to_four(tmp_path, monkeypatch):
+    """Deeper read-ahead needs room for the layers being read and two more: a cache of 4 of 8
+    layers' experts reads one layer ahead, so that a guess never evicts an expert of the
+    layer computing; one of 5 reads READ_AHEAD_LAYERS ahead, one of 1 none."""
+    path, _ = gf.quantized_mixtral(tmp_path, "q4_k")
+    with moeedge.load(path, memory_budget="8GiB") as model:
+        runner = model.runner
+        monkeypatch.setattr(runner, "cfg", dataclasses.replace(runner.cfg, moe_layers=list(range(8))))
+        n, asked = runner.cfg.n_experts, []
+        monkeypatch.setattr(runner.experts, "resident", lambda layer, e: False)
+        monkeypatch.setattr(runner.experts, "prefetch", lambda layer, experts, priority=0: asked.append((layer, priority)))
+        for layers, expected in [(1, []), (4, [(3, 0)]), (5, [(3, 0), (4, -1), (5, -2)])]:
+            monkeypatch.setattr(type(runner.experts), "capacity", property(lambda self, k=layers: k * n))
+            asked.clear()
+            runner.read_ahead(2, 12)
+            assert asked == expected, layers
+        asked.clear()
+        runner.read_ahead(6, 12)  # near the last layer: only the layers there are
+        assert asked == [(7, 0)]

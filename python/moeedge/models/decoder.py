@@ -157,8 +157,9 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         if decoder_ids is not None:
             raise ValueError("decoder_input_ids is for encoder-decoder models; this one is decoder-only")
         self.truncate(seq, 0)
-        return torch.cat([self.step([(seq, ids[i:i + chunk])], all_logits=True)[0]
-                          for i in range(0, len(ids), chunk)])
+        with self.reading_prompt():  # every position is a prompt's: the prompt kernels are faster
+            return torch.cat([self.step([(seq, ids[i:i + chunk])], all_logits=True)[0]
+                              for i in range(0, len(ids), chunk)])
 
     # -- prediction --------------------------------------------------------------------
     def prediction_stats(self) -> dict | None:
@@ -326,6 +327,8 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         # the last feed-forward output, added to h a segment at a time: a SpanFFN still waiting
         # on a peer hands a segment its rows as they come back (pipelined prefill)
         ffn = None
+        if self.in_prompt and self.held is None and self.remote is None:  # the first MoE layers' experts
+            self.read_ahead(-1, len(tokens))
         for layer in range(cfg.n_layers):
             if len(segments) == 1:
                 h, x, logits = self._attention_block(add_rows(h, ffn, 0, len(h)), layer, segments[0][:2], ropes[0])

@@ -24,10 +24,14 @@ from moeedge.runtime.experts import ExpertAccess
 FFN_ACTIVATION_BYTES = 8 << 20
 
 
-# A prompt span's next MoE layer is read ahead when its rows route at least this many times
+# A prompt span's next MoE layers are read ahead when its rows route at least this many times
 # per expert: with uniform routing an expert is then left unused with probability about
 # (1 - 1/E)**(4E), under 2% (8 experts: 1%; 64: 1.7%).
 NEXT_LAYER_ROUTES = 4
+# How many MoE layers a prompt span reads ahead of the one computing, where the cache holds
+# them and two layers more (bench/README.md, "Where the prompt's time goes": one layer ahead
+# left the disk idle while the first layers computed slower, filling the cache).
+READ_AHEAD_LAYERS = 3
 
 
 def by_rows(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -183,7 +187,7 @@ class DecoderFFN:
                 calls = self._dispatch_prompt(x, moe_layer, missing, top_i)
         self.experts.prefetch(moe_layer, [e for e in missing if e not in calls], priority=1)
         if self.in_prompt and self.held is None and self.remote is None:
-            self._prefetch_next_layer(moe_layer, x.shape[0])
+            self.read_ahead(moe_layer, x.shape[0])
         if x.shape[0] == 1 and layer not in self.base:
             out = self._moe_token(x, moe_layer, chosen, missing, top_w, top_i, calls)
         elif apart and layer not in self.base:
@@ -197,18 +201,22 @@ class DecoderFFN:
             out = out + torch.sigmoid(linear(x, self.w[p + "shared_expert_gate.weight"])) * shared
         return out
 
-    def _prefetch_next_layer(self, moe_layer: int, rows: int) -> None:
+    def read_ahead(self, moe_layer: int, rows: int) -> None:
         """A prompt span that routes this many rows will want nearly every expert of the next
-        MoE layer too: read them while this layer computes, behind this layer's own reads (else
-        the disk waits for the next layer's routing, and a cold 512-token prefill of full-size
-        Mixtral was bound by reads and computing one after the other). Only where the cache
-        holds both layers' experts, so that the guesses evict nothing this layer still needs."""
-        nxt, n = moe_layer + 1, self.cfg.n_experts
-        if nxt >= len(self.cfg.moe_layers) or rows * self.cfg.top_k < NEXT_LAYER_ROUTES * n:
+        MoE layers too (after moe_layer; -1: from the first): read them while this layer
+        computes, behind this layer's own reads, the nearer first (else the disk waits for the
+        next layer's routing, and a cold 512-token prefill of full-size Mixtral was bound by
+        reads and computing one after the other). One layer ahead where the cache holds two to
+        four layers' experts, READ_AHEAD_LAYERS where it holds that many and two more (or the
+        whole model), so that the guesses evict nothing a layer being computed still needs."""
+        n = self.cfg.n_experts
+        if rows * self.cfg.top_k < NEXT_LAYER_ROUTES * n:
             return
-        if self.experts.capacity < 2 * n:
-            return
-        self.experts.prefetch(nxt, [e for e in range(n) if not self.experts.resident(nxt, e)], priority=0)
+        layers, total = self.experts.capacity // n, len(self.cfg.moe_layers)
+        depth = READ_AHEAD_LAYERS if layers >= total or layers >= READ_AHEAD_LAYERS + 2 else min(1, layers - 1)
+        for nxt in range(moe_layer + 1, min(total, moe_layer + 1 + depth)):
+            self.experts.prefetch(nxt, [e for e in range(n) if not self.experts.resident(nxt, e)],
+                                  priority=moe_layer - nxt + 1)  # the nearest layer first
 
     def _dispatch_prompt(self, x: torch.Tensor, moe_layer: int, missing: list[int], top_i: torch.Tensor) -> dict:
         """The missing experts' rows of a prompt span, each cut at the span's chunk ends
