@@ -52,13 +52,19 @@ def llama_logits(python: str, path: Path, ids: list[int]) -> torch.Tensor:
 
 
 def moeedge_logits(path: Path, ids: list[int], prompt_kernels: bool = False) -> torch.Tensor:
-    """prompt_kernels: every position's products as a prompt's take them (the K-quants' prompt
-    kernels, moeedge.kernels.PROMPT_QUANTS), rather than as a decode step's."""
-    with moeedge.load(path, memory_budget="auto", threads=2) as model:
-        if not prompt_kernels:
+    """Every position's logits as logits() computes them (a prompt's: the K-quants' products
+    through the prompt kernels, moeedge.kernels.PROMPT_QUANTS), or with prompt_kernels False
+    through the decode kernels, as a decode step's."""
+    import moeedge.kernels as kernels
+
+    pay = kernels.prompt_kernels_pay
+    if not prompt_kernels:
+        kernels.prompt_kernels_pay = lambda: False
+    try:
+        with moeedge.load(path, memory_budget="auto", threads=2) as model:
             return model.logits(torch.tensor(ids))
-        with model.runner.reading_prompt():
-            return model.logits(torch.tensor(ids))
+    finally:
+        kernels.prompt_kernels_pay = pay
 
 
 def relative(a: torch.Tensor, exact: torch.Tensor) -> str:
