@@ -15,6 +15,7 @@ import pytest
 from moeedge.cgroup import CgroupUnavailable, run_limited
 from moeedge.harness import matrix
 from moeedge.harness.bound import capacity_experts, physical_bound, shortfall, touched_bytes_per_token
+from moeedge.harness.machine import cpu, same_machine
 from moeedge.harness.report import load_records, plot, table
 from moeedge.runtime.plan import FIXED_JITTER_BYTES
 
@@ -187,7 +188,8 @@ def _machine(tmp_path: Path) -> None:
     """Facts for this host, so that the test does not measure the disk (a 1 GiB file)."""
     (tmp_path / "results").mkdir(exist_ok=True)
     (tmp_path / "results" / "machine.json").write_text(json.dumps({
-        "host": socket.gethostname(), "threads": 2, "disk_bytes_per_s": 1e9, "matvec_bytes_per_s": 1e10}))
+        "host": socket.gethostname(), "cpu": cpu(), "threads": 2, "disk_bytes_per_s": 1e9,
+        "matvec_bytes_per_s": 1e10}))
 
 
 @needs_cgroup
@@ -277,3 +279,15 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
         r = subprocess.run([sys.executable, "-m", "moeedge.cli", *argv], capture_output=True, text=True)
         assert r.returncode == 2, r.stderr
         assert "Traceback" not in r.stderr and str(tmp_path) in r.stderr
+
+
+def test_saved_machine_facts_from_another_cpu_are_not_this_machines():
+    """Every virtual machine here is named "vm": facts measured on an Intel host must not bound
+    runs on an AMD one (the matrix measures again instead)."""
+    here = {"host": socket.gethostname(), "threads": 2, "cpu": cpu()}
+    assert same_machine(here, 2)
+    assert not same_machine({**here, "threads": 1}, 2)
+    assert not same_machine({**here, "cpu": {**cpu(), "model": "Some Other CPU @ 1.00GHz"}}, 2)
+    if cpu()["flags"]:
+        assert not same_machine({**here, "cpu": {**cpu(), "flags": []}}, 2)
+    assert not same_machine({"host": socket.gethostname(), "threads": 2}, 2)  # saved before the CPU was

@@ -14,6 +14,7 @@ import pytest
 from moeedge.decode_measures import prompt_ids
 from moeedge.harness import matrix
 from moeedge.harness.engines import Run, command
+from moeedge.harness.machine import cpu
 from moeedge.harness.llama_build import check_native, compiled_features, cpu_flags, describe, missing_features
 
 PORTABLE = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 | OPENMP = 1 |"
@@ -65,7 +66,8 @@ def test_the_matrix_refuses_llama_cpp_runs_on_a_build_not_made_for_this_cpu(tmp_
         pytest.skip("this CPU has none of the instruction sets the harness checks")
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "machine.json").write_text(json.dumps({
-        "host": socket.gethostname(), "threads": 2, "disk_bytes_per_s": 1e9, "matvec_bytes_per_s": 1e10}))
+        "host": socket.gethostname(), "cpu": cpu(), "threads": 2, "disk_bytes_per_s": 1e9,
+        "matvec_bytes_per_s": 1e10}))
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"\0" * 100)
     config = tmp_path / "m.toml"

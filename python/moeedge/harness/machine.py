@@ -130,11 +130,18 @@ def measure(directory: Path, threads: int) -> dict:
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def same_machine(saved: dict, threads: int) -> bool:
+    """Whether facts saved earlier describe this machine at this thread count. The host name
+    alone does not tell (every virtual machine here is "vm", on Intel and AMD hosts alike): the
+    CPU's model, flags and cores must match too."""
+    return saved.get("host") == socket.gethostname() and saved.get("threads") == threads and saved.get("cpu") == cpu()
+
+
 def load_or_measure(path: Path, directory: Path, threads: int) -> dict:
-    """The facts saved at path for this host and thread count, or measured now and saved."""
+    """The facts saved at path for this machine and thread count, or measured now and saved."""
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("host") == socket.gethostname() and saved.get("threads") == threads:
+        if same_machine(saved, threads):
             return saved
     # In a child process: torch, imported here, would stay mapped for the whole matrix (versions()).
 
