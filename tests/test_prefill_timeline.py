@@ -7,6 +7,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
+from moeedge import _core
 from moeedge.default_model import default_model_path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "prefill_timeline.py"
@@ -19,7 +23,16 @@ def load_script():
     return module
 
 
-def test_the_timeline_has_a_row_per_layer_and_totals_that_add_up(capsys):
+@pytest.fixture
+def restore_threads():
+    """load(threads=N) sets the process's kernel and torch threads: put them back for the tests after."""
+    torch_threads = torch.get_num_threads()
+    yield
+    _core.set_kernel_threads(0)
+    torch.set_num_threads(torch_threads)
+
+
+def test_the_timeline_has_a_row_per_layer_and_totals_that_add_up(capsys, restore_threads):
     timeline = load_script()
     args = argparse.Namespace(source=str(default_model_path()), limit=1 << 30, prompt_tokens=48, threads=1)
     timeline.child(args)
