@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def child(args) -> None:
@@ -46,8 +47,8 @@ def child(args) -> None:
     for _ in model.stream_ids(prompt_ids(model.config.vocab, args.prompt_tokens), max_new_tokens=1,
                               temperature=0):
         mark("token", -1)
-    print(json.dumps({"events": events, "threads": thread_times(), "stats": {k: v for k, v in model.stats().items()
-                                                  if isinstance(v, (int, float, str))}}))
+    stats = {k: v for k, v in model.stats().items() if isinstance(v, (int, float, str))}
+    print(json.dumps({"events": events, "threads": thread_times(), "stats": stats}))
 
 
 def thread_times() -> list[tuple[str, float, float]]:
@@ -56,7 +57,7 @@ def thread_times() -> list[tuple[str, float, float]]:
     out = []
     for tid in os.listdir("/proc/self/task"):
         try:
-            stat = open(f"/proc/self/task/{tid}/stat").read()
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
         except OSError:
             continue
         name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
@@ -64,29 +65,24 @@ def thread_times() -> list[tuple[str, float, float]]:
     return sorted(out, key=lambda t: -(t[1] + t[2]))
 
 
+def span(prev: tuple, begin: tuple, done: tuple) -> list[float]:
+    """From the event before (prev) to done, experts computing from begin: attention, experts,
+    disk busy and idle, kernels, waits, CPU user and system seconds, and GB read."""
+    wall, busy = done[2] - prev[2], done[3] - prev[3]
+    return [begin[2] - prev[2], done[2] - begin[2], busy, wall - busy, done[5] - prev[5], done[6] - prev[6],
+            done[7] - prev[7], done[8] - prev[8], (done[4] - prev[4]) / 1e9]
+
+
 def table(events: list) -> str:
     rows = ["| layer | attention s | experts s | disk busy s | disk idle s | kernels s | waited s | CPU user s "
             "| CPU system s | GB read |", "|---|---|---|---|---|---|---|---|---|---|"]
-    t0, bytes0 = events[0][2], events[0][4]
-    prev = events[0]
-    totals = [0.0] * 8
-    for i in range(1, len(events) - 1, 2):
-        begin, done = events[i], events[i + 1]
-        attention = begin[2] - prev[2]
-        span = done[2] - prev[2]
-        busy = done[3] - prev[3]
-        figures = [attention, done[2] - begin[2], busy, span - busy, done[5] - prev[5], done[6] - prev[6],
-                   done[7] - prev[7], done[8] - prev[8]]
-        totals = [a + b for a, b in zip(totals, figures)]
-        rows.append(f"| {begin[1]} | " + " | ".join(f"{v:.2f}" for v in figures) + f" | {(done[4] - prev[4]) / 1e9:.2f} |")
-        prev = done
-    end = events[-1]
-    tail = [end[2] - prev[2], 0.0, end[3] - prev[3], (end[2] - prev[2]) - (end[3] - prev[3]), end[5] - prev[5],
-            end[6] - prev[6], end[7] - prev[7], end[8] - prev[8]]
-    totals = [a + b for a, b in zip(totals, tail)]
-    rows.append("| head | " + " | ".join(f"{v:.2f}" for v in tail) + f" | {(end[4] - prev[4]) / 1e9:.2f} |")
-    rows.append("| all | " + " | ".join(f"{v:.2f}" for v in totals) + f" | {(end[4] - bytes0) / 1e9:.2f} |")
-    rows.append(f"\nprompt: {end[2] - t0:.2f} s")
+    spans = [(str(begin[1]), span(prev, begin, done))
+             for prev, begin, done in zip(events[:-1:2], events[1:-1:2], events[2::2])]
+    end, last = events[-1], events[-2]
+    spans.append(("head", span(last, end, end)))  # the final norm and the output projection
+    spans.append(("all", [sum(column) for column in zip(*(figures for _, figures in spans))]))
+    rows += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in figures) + " |" for name, figures in spans]
+    rows.append(f"\nprompt: {end[2] - events[0][2]:.2f} s")
     return "\n".join(rows)
 
 

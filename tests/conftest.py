@@ -274,3 +274,18 @@ def chat_model(tmp_path_factory):
     make_decoder(directory, "mixtral", seed=4)
     write_tokenizer(directory)
     return directory
+
+
+# --------------------------------------------------------------------------- threads
+
+@pytest.fixture
+def restore_threads():
+    """load(threads=N) sets the process's kernel and torch threads: put them back for the tests after."""
+    import torch
+
+    from moeedge import _core
+
+    torch_threads = torch.get_num_threads()
+    yield
+    _core.set_kernel_threads(0)
+    torch.set_num_threads(torch_threads)

@@ -7,10 +7,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
-import torch
-
-from moeedge import _core
 from moeedge.default_model import default_model_path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "prefill_timeline.py"
@@ -21,15 +17,6 @@ def load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-def restore_threads():
-    """load(threads=N) sets the process's kernel and torch threads: put them back for the tests after."""
-    torch_threads = torch.get_num_threads()
-    yield
-    _core.set_kernel_threads(0)
-    torch.set_num_threads(torch_threads)
 
 
 def test_the_timeline_has_a_row_per_layer_and_totals_that_add_up(capsys, restore_threads):
@@ -46,8 +33,8 @@ def test_the_timeline_has_a_row_per_layer_and_totals_that_add_up(capsys, restore
     table = timeline.table(events).splitlines()
     rows = [line for line in table if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == layers
-    total = next(line for line in table if line.startswith("| all"))
-    figures = [float(v) for v in total.strip("|").split("|")[1:]]
-    attention, experts = figures[0], figures[1]
-    prompt = float(table[-1].split()[1])
-    assert 0 < attention + experts <= prompt + 1e-6
+    assert any(line.startswith("| all") for line in table)
+    # the sums from the events themselves: the table's figures are rounded to 10 ms
+    spans = [timeline.span(*trio) for trio in zip(events[:-1:2], events[1:-1:2], events[2::2])]
+    attention_and_experts = sum(figures[0] + figures[1] for figures in spans)
+    assert 0 < attention_and_experts <= events[-1][2] - events[0][2]

@@ -95,6 +95,7 @@ def test_the_read_ahead_is_one_layer_where_the_cache_holds_two_to_four(tmp_path,
     path, _ = gf.quantized_mixtral(tmp_path, "q4_k")
     with moeedge.load(path, memory_budget="8GiB") as model:
         runner = model.runner
+        monkeypatch.setattr(runner, "in_prompt", True)
         monkeypatch.setattr(runner, "cfg", dataclasses.replace(runner.cfg, moe_layers=list(range(8))))
         n, asked = runner.cfg.n_experts, []
         monkeypatch.setattr(runner.experts, "resident", lambda layer, e: False)

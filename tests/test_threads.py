@@ -16,14 +16,6 @@ from moeedge import _core
 from moeedge.cli import main
 
 
-@pytest.fixture
-def restore_threads():
-    torch_threads = torch.get_num_threads()
-    yield
-    _core.set_kernel_threads(0)
-    torch.set_num_threads(torch_threads)
-
-
 def test_the_pool_is_the_affinity_mask():
     """A process pinned to one CPU (as taskset or a cpuset pins it) gets one kernel thread."""
     cpu = min(os.sched_getaffinity(0))

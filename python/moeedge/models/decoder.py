@@ -327,8 +327,7 @@ class DecoderMoE(DecoderFFN, SlotSequences):
         # the last feed-forward output, added to h a segment at a time: a SpanFFN still waiting
         # on a peer hands a segment its rows as they come back (pipelined prefill)
         ffn = None
-        if self.in_prompt and self.held is None and self.remote is None:  # the first MoE layers' experts
-            self.read_ahead(-1, len(tokens))
+        self.read_ahead(-1, len(tokens))  # a prompt's first MoE layers' experts
         for layer in range(cfg.n_layers):
             if len(segments) == 1:
                 h, x, logits = self._attention_block(add_rows(h, ffn, 0, len(h)), layer, segments[0][:2], ropes[0])

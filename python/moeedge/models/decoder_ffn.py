@@ -186,8 +186,7 @@ class DecoderFFN:
             elif self.held is None:  # a prompt's rows, chunk by chunk (moeedge.models.span_ffn)
                 calls = self._dispatch_prompt(x, moe_layer, missing, top_i)
         self.experts.prefetch(moe_layer, [e for e in missing if e not in calls], priority=1)
-        if self.in_prompt and self.held is None and self.remote is None:
-            self.read_ahead(moe_layer, x.shape[0])
+        self.read_ahead(moe_layer, x.shape[0])
         if x.shape[0] == 1 and layer not in self.base:
             out = self._moe_token(x, moe_layer, chosen, missing, top_w, top_i, calls)
         elif apart and layer not in self.base:
@@ -208,12 +207,15 @@ class DecoderFFN:
         next layer's routing, and a cold 512-token prefill of full-size Mixtral was bound by
         reads and computing one after the other). One layer ahead where the cache holds two to
         four layers' experts, READ_AHEAD_LAYERS where it holds that many and two more (or the
-        whole model), so that the guesses evict nothing a layer being computed still needs."""
+        whole model), so that the guesses evict nothing a layer being computed still needs.
+        Only in a prompt, not in an exact step (held) or with peers (remote)."""
         n = self.cfg.n_experts
+        if not self.in_prompt or self.held is not None or self.remote is not None:
+            return
         if rows * self.cfg.top_k < NEXT_LAYER_ROUTES * n:
             return
         layers, total = self.experts.capacity // n, len(self.cfg.moe_layers)
-        depth = READ_AHEAD_LAYERS if layers >= total or layers >= READ_AHEAD_LAYERS + 2 else min(1, layers - 1)
+        depth = READ_AHEAD_LAYERS if layers >= total or layers >= READ_AHEAD_LAYERS + 2 else int(layers >= 2)
         for nxt in range(moe_layer + 1, min(total, moe_layer + 1 + depth)):
             self.experts.prefetch(nxt, [e for e in range(n) if not self.experts.resident(nxt, e)],
                                   priority=moe_layer - nxt + 1)  # the nearest layer first
